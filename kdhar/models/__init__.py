@@ -1,0 +1,5 @@
+"""Video classifiers: C3D-BN, R3D-18, MC3-18, R(2+1)D-18 and a small student, all with a width knob."""
+
+from kdhar.models.registry import MODELS, ClassifierHead, VideoClassifier, build_model, count_params, describe
+
+__all__ = ["MODELS", "ClassifierHead", "VideoClassifier", "build_model", "count_params", "describe"]

@@ -1,0 +1,121 @@
+"""Model registry: one name -> builder dict, the shared classifier wrapper and a size/FLOP probe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kdhar.models.c3d import c3d_features
+from kdhar.models.resnet3d import mc3_18_features, r2plus1d_18_features, r3d_18_features
+from kdhar.models.small import tiny3d_features
+
+
+class ClassifierHead(nn.Module):
+    """Global average pooling over (T, H, W), dropout, then a linear layer to logits."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        # A mean rather than AdaptiveAvgPool3d: its backward is deterministic on CUDA.
+        pooled = features.mean(dim=(2, 3, 4))
+        return self.fc(self.dropout(pooled))
+
+
+class VideoClassifier(nn.Module):
+    """A feature trunk plus `ClassifierHead`; `forward(x) = head(forward_features(x))`.
+
+    Inputs are (N, 3, T, H, W); every trunk handles any T, H, W >= 1.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_channels: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ClassifierHead(feature_channels, num_classes, dropout)
+        self.num_classes = num_classes
+        # torchvision's video ResNet initialisation, applied to every architecture alike.
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Returns the last feature map, (N, C, T', H', W')."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+Builder = Callable[[int, int, float], VideoClassifier]
+
+
+def _builder(trunk: Callable[[int], nn.Module]) -> Builder:
+    def build(num_classes: int, width: int = 64, dropout: float = 0.5) -> VideoClassifier:
+        backbone = trunk(width)
+        return VideoClassifier(backbone, backbone.out_channels, num_classes, dropout)
+
+    return build
+
+
+MODELS: dict[str, Builder] = {
+    "c3d": _builder(c3d_features),
+    "r3d_18": _builder(r3d_18_features),
+    "mc3_18": _builder(mc3_18_features),
+    "r2plus1d_18": _builder(r2plus1d_18_features),
+    "tiny3d": _builder(tiny3d_features),
+}
+
+
+def build_model(name: str, num_classes: int, width: int = 64, dropout: float = 0.5) -> VideoClassifier:
+    """Builds a registered architecture.
+
+    Args:
+        name: a key of `MODELS`.
+        num_classes: size of the logit vector.
+        width: base channel count (64 is the published size; every layer scales with it).
+        dropout: dropout probability before the final linear layer.
+
+    Raises:
+        ValueError: unknown name, or a non-positive width / class count, or dropout outside [0, 1).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    if width < 1:
+        raise ValueError(f"model width must be >= 1, got {width}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return MODELS[name](num_classes, width, dropout)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(name: str, num_classes: int, width: int, clip_len: int, crop: int) -> dict[str, int]:
+    """Parameter count and forward FLOPs for one (3, clip_len, crop, crop) clip.
+
+    The model is built on the meta device, so this costs no memory or compute even at full size.
+    """
+    with torch.device("meta"):
+        model = build_model(name, num_classes, width=width).eval()
+        x = torch.empty(1, 3, clip_len, crop, crop)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return {"params": count_params(model), "flops": int(counter.get_total_flops())}
