@@ -1,0 +1,89 @@
+"""Atomic checkpoint files holding everything a resume needs, as plain types and tensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Writes `state` to `path` so that `path` always holds a complete checkpoint.
+
+    The state goes to a temporary file in the same directory, is flushed to disk, read back with
+    `weights_only=True` (so a state that could not be resumed is rejected now, not at resume time),
+    and only then renamed over `path`. A failure at any point leaves the previous file untouched.
+
+    Raises:
+        CheckpointError: `state` holds something other than plain types and tensors.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            # mmap: only the pickled structure is checked, the tensor bytes are not read again.
+            torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{path}: not saved, the state cannot be loaded with weights_only=True ({_reason(e)}); "
+                "store only plain types and tensors"
+            ) from e
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Persist the rename itself, so a power cut cannot bring back the old directory entry.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint written by `save_checkpoint` (with `weights_only=True`).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, or holds non-plain objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint, truncated or corrupt ({_reason(e)}); delete it to start afresh"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of training state, found {type(state).__name__}")
+    return state
+
+
+def _reason(error: BaseException) -> str:
+    # torch's weights_only errors are paragraphs of advice; keep only the part that names the cause.
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it contains a {found.group(1)} object"
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if found:
+        return f"not a torch checkpoint: {found.group(1).strip()}"
+    first_line = text.strip().splitlines()[0] if text.strip() else "no details"
+    return f"{type(error).__name__}: {first_line}"

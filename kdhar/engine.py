@@ -1,0 +1,336 @@
+"""Training and evaluation loops, learning-rate schedules, seeding and RNG state.
+
+There is no tracking import here: per-step metrics leave through a `log(metrics, step)` callback,
+so the loops run (and are tested) without MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import Tensor, nn
+from tqdm import tqdm
+
+LogFn = Callable[[dict[str, float], int], None]
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def resolve_amp_dtype(device: torch.device | str, amp_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype to use, or None for full precision.
+
+    None picks the device default: bfloat16 on CUDA (no loss scaling needed), full precision on CPU.
+    """
+    if amp_dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    if amp_dtype == torch.float32:
+        return None
+    if amp_dtype == torch.float16:
+        raise ValueError("amp dtype float16 needs loss scaling, which this engine does not do; use bfloat16")
+    return amp_dtype
+
+
+def _inputs(batch: Mapping[str, Any], device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    # non_blocking only overlaps the copy when the loader pinned the memory; otherwise it is a no-op.
+    x = batch["clip"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    y = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
+    extra = {}
+    if "teacher_logits" in batch:
+        extra["teacher_logits"] = torch.as_tensor(batch["teacher_logits"]).to(device, non_blocking=True)
+    return x, y, extra
+
+
+def train_step(
+    step: nn.Module,
+    batch: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """One optimisation step on one batch.
+
+    Returns:
+        The step's detached losses (every "*loss" entry), "correct" (top-1 hits) and "clips", as
+        tensors on `device` so that no GPU synchronisation happens here.
+    """
+    device = torch.device(device)
+    dtype = resolve_amp_dtype(device, amp_dtype)
+    x, y, extra = _inputs(batch, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = step(x, y, **extra)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    result = {k: v.detach() for k, v in out.items() if k.endswith("loss")}
+    result["correct"] = (out["output"].detach().argmax(dim=1) == y).sum()
+    result["clips"] = torch.tensor(y.shape[0], device=device)
+    return result
+
+
+def train_one_epoch(
+    step: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    log: LogFn | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    epoch: int = 0,
+    log_every: int = 10,
+) -> dict[str, float]:
+    """Trains `step` for one pass over `loader`.
+
+    Args:
+        step: a step module (`SupervisedStep`, `KDStep`, ...) already on `device`.
+        loader: yields dicts with "clip" (N, 3, T, H, W), "label" (N,), and optionally "skipped"
+            (bad samples dropped by the collate function) and "teacher_logits" (a logit cache).
+        optimizer: optimises the step's parameters.
+        device: where the batches go.
+        scheduler: stepped after every optimisation step.
+        log: called as `log(metrics, global_step)` every `log_every` steps with the window's mean
+            losses ("batch_loss", ...) and the learning rate used.
+        amp_dtype: autocast dtype; None means bfloat16 on CUDA and full precision on CPU.
+        progress: show a tqdm bar (only when stderr is a terminal).
+        epoch: numbers the bar and the global step passed to `log`.
+        log_every: steps between `log` calls and progress-bar updates.
+
+    Returns:
+        Clip-weighted means of every loss the step returns, "acc" (train top-1), "clips",
+        "clips_per_s", "seconds" and "skipped".
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite.
+    """
+    device = torch.device(device)
+    step.train()
+    if device.type == "cuda":
+        step.to(memory_format=torch.channels_last_3d)
+    steps_per_epoch = len(loader) if isinstance(loader, Sized) else None
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress or not sys.stderr.isatty())
+    totals: dict[str, Tensor] = {}
+    window: dict[str, Tensor] = {}
+    skipped = 0
+    start = window_start = time.perf_counter()
+    i = -1
+    for i, batch in enumerate(loader):
+        lr = optimizer.param_groups[0]["lr"]
+        result = train_step(step, batch, optimizer, device, amp_dtype)
+        if scheduler is not None:
+            scheduler.step()
+        skipped += int(batch.get("skipped", 0))
+        clips = result.pop("clips")
+        weighted = {k: v * clips for k, v in result.items() if k != "correct"}
+        weighted.update(correct=result["correct"], clips=clips)
+        for acc in (totals, window):
+            for k, v in weighted.items():
+                acc[k] = acc[k] + v if k in acc else v
+        bar.update(1)
+        if (i + 1) % log_every == 0:
+            means = _window_means(window, epoch, i)
+            clips_per_s = float(window["clips"]) / (time.perf_counter() - window_start)
+            bar.set_postfix(loss=f"{means['loss']:.3f}", clips_s=f"{clips_per_s:.1f}")
+            if log is not None:
+                global_step = epoch * steps_per_epoch + i + 1 if steps_per_epoch else i + 1
+                log({f"batch_{k}": v for k, v in means.items()} | {"lr": lr}, global_step)
+            window, window_start = {}, time.perf_counter()
+    bar.close()
+    if i < 0:
+        raise ValueError("the training loader yielded no batches: check the dataset size and batch size")
+    means = _window_means(totals, epoch, i)  # the .item() calls also wait for queued GPU work
+    seconds = time.perf_counter() - start
+    n = int(totals["clips"])
+    return means | {
+        "acc": float(totals["correct"]) / n,
+        "clips": n,
+        "clips_per_s": n / seconds,
+        "seconds": seconds,
+        "skipped": skipped,
+    }
+
+
+def _window_means(sums: dict[str, Tensor], epoch: int, i: int) -> dict[str, float]:
+    n = float(sums["clips"])
+    means = {k: float(v) / n for k, v in sums.items() if k.endswith("loss")}
+    if not math.isfinite(means["loss"]):
+        raise FloatingPointError(
+            f"training loss became {means['loss']} by epoch {epoch} step {i + 1}: lower the learning rate"
+        )
+    return means
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    device: torch.device | str,
+    num_classes: int,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Clip- and video-level accuracy of `model` on `loader`.
+
+    A video's score is the mean of its clips' softmax scores; clips belong to the same video when
+    their `batch["index"]` is equal.
+
+    Returns:
+        "clip_top1", "clip_top5" (top-k with k = min(5, num_classes)), "video_top1",
+        "mean_class_acc" (video level, over classes that have test videos), "loss" (clip-level
+        mean CE), "confusion" (video level, int ndarray [true, predicted]), "per_class" (a list of
+        {"class", "precision", "recall", "f1", "support"} at video level), "clips", "videos",
+        "skipped".
+    """
+    device = torch.device(device)
+    dtype = resolve_amp_dtype(device, amp_dtype)
+    model.eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last_3d)
+    k = min(5, num_classes)
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    topk = torch.zeros((), device=device, dtype=torch.long)
+    probs, labels, indices = [], [], []
+    skipped = 0
+    for batch in loader:
+        x, y, _ = _inputs(batch, device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x).float()
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"model produces {logits.shape[1]} logits but num_classes is {num_classes}")
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        best = logits.topk(k, dim=1).indices
+        top1 += (best[:, 0] == y).sum()
+        topk += (best == y[:, None]).any(dim=1).sum()
+        probs.append(logits.softmax(dim=1).cpu())
+        labels.append(y.cpu())
+        indices.append(torch.as_tensor(batch["index"]).cpu())
+        skipped += int(batch.get("skipped", 0))
+    if not probs:
+        raise ValueError("the evaluation loader yielded no batches: check the dataset")
+    clip_probs = torch.cat(probs).double().numpy()
+    clip_labels = torch.cat(labels).numpy()
+    videos, inverse = np.unique(torch.cat(indices).numpy(), return_inverse=True)
+    n_clips = len(clip_labels)
+
+    video_scores = np.zeros((len(videos), num_classes))
+    np.add.at(video_scores, inverse, clip_probs)
+    video_scores /= np.bincount(inverse)[:, None]
+    video_labels = np.empty(len(videos), dtype=clip_labels.dtype)
+    video_labels[inverse] = clip_labels
+    mismatch = np.flatnonzero(video_labels[inverse] != clip_labels)
+    if mismatch.size:
+        raise ValueError(f"clips of video index {videos[inverse[mismatch[0]]]} carry different labels")
+    video_pred = video_scores.argmax(axis=1)
+
+    classes = list(range(num_classes))
+    confusion = confusion_matrix(video_labels, video_pred, labels=classes)
+    support = confusion.sum(axis=1)
+    present = support > 0
+    mean_class_acc = float((confusion.diagonal()[present] / support[present]).mean())
+    precision, recall, f1, sup = precision_recall_fscore_support(
+        video_labels, video_pred, labels=classes, zero_division=0
+    )
+    per_class = [
+        {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for c, p, r, f, s in zip(classes, precision, recall, f1, sup)
+    ]
+    return {
+        "clip_top1": float(top1) / n_clips,
+        "clip_top5": float(topk) / n_clips,
+        "video_top1": float((video_pred == video_labels).mean()),
+        "mean_class_acc": mean_class_acc,
+        "loss": float(loss_sum) / n_clips,
+        "confusion": confusion,
+        "per_class": per_class,
+        "clips": n_clips,
+        "videos": len(videos),
+        "skipped": skipped,
+    }
+
+
+def get_lr(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
+    """Learning rate after `step` of `total_steps` optimisation steps.
+
+    cosine: half a cosine from base_lr to 0; step: x0.1 at 50 % and again at 75 % of training;
+    constant: base_lr. There is no warm-up: the paper's recipe (SGD, lr 1e-2, batch-normalised
+    networks) trains stably without one.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    progress = min(max(step, 0), total_steps) / total_steps
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return base_lr * 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration scheduler that scales each group's initial lr by `get_lr(step, ...)`."""
+    get_lr(0, total_steps, 1.0, schedule)  # fail now on a bad name, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: get_lr(s, total_steps, 1.0, schedule))
+
+
+def set_determinism(seed: int, deterministic: bool) -> str:
+    """Seeds Python, NumPy and torch (all devices) and selects deterministic kernels if asked.
+
+    Returns:
+        A note on what remains non-deterministic, worth recording with the run.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if not deterministic:
+        torch.use_deterministic_algorithms(False)
+        return "non-deterministic kernels allowed (cuDNN autotuning on): repeated runs differ slightly"
+    # cuBLAS reads this when it initialises; harmless on CPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: 3D max-pool backward has no deterministic CUDA kernel, and failing would rule out C3D.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        return (
+            "deterministic kernels except max_pool3d backward on CUDA (C3D, tiny3d), which has none: "
+            "their runs can differ in the last bits"
+        )
+    return "deterministic kernels on CPU: repeated runs match for the same thread count and torch build"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as plain lists/ints/bytes (weights_only-safe)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": bytes(torch.get_rng_state().numpy()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores states captured by `rng_state()`."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
