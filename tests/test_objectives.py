@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdhar.models import build_model
+from kdhar.objectives import KDStep, SupervisedStep
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'network' whose logits are a trainable table indexed by the first pixel of each clip."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x[:, 0, 0, 0, 0].long()]
+
+
+def hand_kd(student: list[list[float]], teacher: list[list[float]], tau: float) -> float:
+    """tau^2 * mean over the batch of sum_c p_c (log p_c - log q_c), softmax written out by hand."""
+
+    def softmax(row):
+        exps = [math.exp(v / tau) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    total = 0.0
+    for s_row, t_row in zip(student, teacher):
+        p, q = softmax(t_row), softmax(s_row)
+        total += sum(pc * (math.log(pc) - math.log(qc)) for pc, qc in zip(p, q))
+    return tau * tau * total / len(student)
+
+
+def index_clips(n: int) -> torch.Tensor:
+    x = torch.zeros(n, 3, 1, 1, 1)
+    x[:, 0, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
+    return x
+
+
+STUDENT = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+TEACHER = torch.tensor([[1.0, 0.0, -1.0], [0.5, -0.5, 4.0], [3.0, 0.0, -3.0], [1.0, 2.0, 3.0]])
+LABELS = torch.tensor([0, 2, 1, 2])
+
+
+@pytest.mark.parametrize("tau,lam", [(1.0, 1.0), (4.0, 0.5), (2.5, 3.0)])
+def test_kd_loss_matches_hand_formula(tau, lam):
+    step = KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), tau=tau, lam=lam)
+    out = step(index_clips(4), LABELS)
+    expected_kd = hand_kd(STUDENT.tolist(), TEACHER.tolist(), tau)
+    expected_ce = -sum(
+        math.log(math.exp(row[y]) / sum(math.exp(v) for v in row)) for row, y in zip(STUDENT.tolist(), LABELS.tolist())
+    ) / 4
+    assert out["kd_loss"].item() == pytest.approx(expected_kd, rel=1e-5)
+    assert out["task_loss"].item() == pytest.approx(expected_ce, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(expected_ce + lam * expected_kd, rel=1e-5)
+    torch.testing.assert_close(out["output"], STUDENT)
+
+
+def test_lambda_zero_equals_plain_cross_entropy():
+    x = index_clips(4)
+    kd = KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), tau=4.0, lam=0.0)(x, LABELS)
+    plain = SupervisedStep(FixedLogits(STUDENT))(x, LABELS)
+    assert kd["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)
+    assert kd["kd_loss"].item() > 0
+
+
+def test_identical_logits_give_zero_kd_term():
+    out = KDStep(FixedLogits(STUDENT), FixedLogits(STUDENT), tau=4.0, lam=1.0)(index_clips(4), LABELS)
+    assert out["kd_loss"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out["loss"].item() == pytest.approx(out["task_loss"].item(), rel=1e-6)
+
+
+def test_teacher_is_frozen_and_outside_the_step():
+    student = build_model("tiny3d", num_classes=4, width=4)
+    teacher = build_model("c3d", num_classes=4, width=4)
+    step = KDStep(student, teacher, tau=4.0, lam=1.0)
+    step_params = {id(p) for p in step.parameters()}
+    assert step_params == {id(p) for p in student.parameters()}
+    assert not any(id(p) in step_params for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in step.state_dict())
+
+    step.train()
+    assert step.student.training and not teacher.training
+    before = [p.clone() for p in teacher.parameters()]
+    x, y = torch.randn(2, 3, 4, 16, 16), torch.tensor([0, 3])
+    step(x, y)["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    # In eval mode the teacher's BatchNorm running statistics are not updated either.
+    for b, p in zip(before, teacher.parameters()):
+        torch.testing.assert_close(b, p)
+    assert int(teacher.backbone.layers[0][1].num_batches_tracked) == 0
+
+
+def test_to_moves_the_unregistered_teacher():
+    teacher = build_model("tiny3d", num_classes=4, width=4)
+    KDStep(build_model("tiny3d", num_classes=4, width=4), teacher).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+
+
+def test_cached_logits_give_the_same_loss_as_the_live_teacher():
+    torch.manual_seed(0)
+    student = build_model("tiny3d", num_classes=5, width=4, dropout=0.0)
+    teacher = build_model("c3d", num_classes=5, width=4)
+    step = KDStep(student, teacher, tau=3.0, lam=0.7).eval()
+    x, y = torch.randn(3, 3, 4, 16, 16), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        cached = teacher(x)
+    live = step(x, y)
+    from_cache = step(x, y, teacher_logits=cached)
+    torch.testing.assert_close(live["loss"], from_cache["loss"])
+    torch.testing.assert_close(live["kd_loss"], from_cache["kd_loss"])
+    assert live["kd_loss"].item() > 0
+
+
+def test_cached_logits_of_the_wrong_width_are_rejected():
+    step = KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER))
+    with pytest.raises(ValueError, match="same classes"):
+        step(index_clips(4), LABELS, teacher_logits=torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("tau,lam,match", [(0.0, 1.0, "tau"), (-1.0, 1.0, "tau"), (4.0, -0.1, "lam")])
+def test_bad_tau_or_lambda_raises(tau, lam, match):
+    with pytest.raises(ValueError, match=match):
+        KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), tau=tau, lam=lam)
+
+
+def test_supervised_step_is_cross_entropy():
+    out = SupervisedStep(FixedLogits(STUDENT))(index_clips(4), LABELS)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(STUDENT, LABELS))
+    assert set(out) == {"loss", "output", "task_loss"}
