@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (set up + run the main job on the embedded default) and
+# `make test` (set up + run the test suite). Both create .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/kdhar demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_kd_step.py
+
+clean:
+	rm -rf $(VENV) data/synthetic mlflow.db mlartifacts mlruns optuna.db runs

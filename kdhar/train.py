@@ -1,0 +1,313 @@
+"""One training run, end to end: data, model, objective, engine, checkpoints and tracking.
+
+Every entry point (train_teacher, distill, finetune, each tuning trial, each grid cell) goes through
+`run_training`, so they all log, checkpoint and resume the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kdhar import tracking
+from kdhar.checkpoint import load_checkpoint, save_checkpoint
+from kdhar.config import RunConfig
+from kdhar.data.dataset import VideoClipDataset, make_loader
+from kdhar.data.index import DatasetIndex, fingerprint, load_index
+from kdhar.data.subsets import class_balanced_subset, group_holdout
+from kdhar.engine import evaluate, make_scheduler, rng_state, set_determinism, set_rng_state, train_one_epoch
+from kdhar.models import build_model
+from kdhar.objectives import KDStep, SupervisedStep
+from kdhar.plots import confusion_figure, curves_figure
+
+# The paper reports accuracy after 50, 150 and 200 of 200 epochs; we keep the same fractions of any run.
+STAGES = {"early": 0.25, "mid": 0.75, "late": 1.0}
+
+
+class StopTraining(Exception):
+    """Raised by an epoch callback to end a run early (e.g. a pruned tuning trial)."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    final: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped: str | None = None
+    model_uri: str | None = None
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher and where it came from."""
+
+    model: torch.nn.Module
+    uri: str
+    classes: list[str]
+    arch: str | None = None
+    run_id: str | None = None
+
+
+def stage_epochs(epochs: int) -> dict[str, int]:
+    """1-based epoch at which each paper stage is read off (early/mid/late)."""
+    return {name: max(1, math.ceil(frac * epochs)) for name, frac in STAGES.items()}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name and name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
+    """Identifies a run's configuration, so a grid can skip cells that already finished."""
+    payload = json.dumps({**cfg.params(), "teacher": teacher, "init": init}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train: DatasetIndex
+    val: DatasetIndex | None
+    test: DatasetIndex
+    fingerprint: str
+    missing: int
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Train (class-balanced fraction), validation (held-out training groups) and test indexes."""
+    d = cfg.data
+    train_full = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing)
+    test = load_index(d.dataset, d.root, d.split, "test", on_missing=d.on_missing)
+    train_samples, val_samples = train_full.samples, []
+    if d.val_fraction > 0:
+        train_samples, val_samples = group_holdout(train_full.samples, d.val_fraction, cfg.optim.seed)
+    train_samples = class_balanced_subset(train_samples, d.fraction, cfg.optim.seed)
+    return Splits(
+        classes=list(train_full.classes),
+        train=dataclasses.replace(train_full, samples=train_samples),
+        val=dataclasses.replace(train_full, samples=val_samples) if val_samples else None,
+        test=test,
+        fingerprint=fingerprint(train_full),
+        missing=train_full.missing + test.missing,
+    )
+
+
+def check_same_classes(source: str, classes: list[str], dataset_classes: list[str]) -> None:
+    """Refuses a model whose class set differs from the dataset's (before any training)."""
+    if list(classes) != list(dataset_classes):
+        raise ValueError(
+            f"{source} was trained on {len(classes)} classes ({', '.join(classes[:3])}, ...) but the "
+            f"dataset has {len(dataset_classes)} ({', '.join(dataset_classes[:3])}, ...); use a model "
+            "trained on the same class set"
+        )
+
+
+def _epoch_metrics(prefix: str, result: dict[str, Any]) -> dict[str, float]:
+    keys = ("clip_top1", "clip_top5", "video_top1", "mean_class_acc", "loss")
+    return {f"{prefix}_{k}": float(result[k]) for k in keys if k in result}
+
+
+def run_training(
+    cfg: RunConfig,
+    *,
+    role: str,
+    experiment: str,
+    teacher: Teacher | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    run_name: str | None = None,
+    resume: str | None = None,
+    workdir: str | Path = "runs",
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+    register: bool = True,
+    teacher_logits: Callable[[dict[str, Any]], torch.Tensor] | None = None,
+    num_views: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Trains one model and logs everything to the tracking store.
+
+    Args:
+        cfg: the run's configuration.
+        role: "teacher", "student" or "finetune"; a tag used by reports and teacher lookup.
+        experiment: MLflow experiment name.
+        teacher: a frozen teacher for logit distillation, or None to train from labels only.
+        init_state: weights to start from (classifier weights of a different shape are skipped).
+        resume: a checkpoint path to continue from; the same MLflow run is re-opened.
+        epoch_callback: called after each epoch with its metrics; may raise StopTraining.
+        teacher_logits: maps a batch to cached teacher logits (see kdhar.cache); None runs the teacher.
+        num_views: replay only this many augmented views per video (needed by a logit cache).
+    """
+    dev = pick_device(device)
+    det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
+    splits = load_splits(cfg)
+    if teacher is not None:
+        check_same_classes(f"teacher {teacher.uri}", teacher.classes, splits.classes)
+    num_classes = len(splits.classes)
+    clip, optim = cfg.clip, cfg.optim
+
+    train_ds = VideoClipDataset(
+        splits.train, clip, train=True, seed=optim.seed, on_bad=cfg.data.on_bad, num_views=num_views
+    )
+    eval_sets = {"test": VideoClipDataset(splits.test, clip, train=False, on_bad=cfg.data.on_bad)}
+    if splits.val is not None:
+        eval_sets["val"] = VideoClipDataset(splits.val, clip, train=False, on_bad=cfg.data.on_bad)
+    pin = dev.type == "cuda"
+    workers = cfg.data.num_workers
+    train_loader = make_loader(train_ds, optim.batch_size, shuffle=True, num_workers=workers, seed=optim.seed, pin_memory=pin)
+    eval_loaders = {
+        name: make_loader(ds, optim.batch_size, shuffle=False, num_workers=workers, seed=optim.seed, pin_memory=pin)
+        for name, ds in eval_sets.items()
+    }
+
+    model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+    if init_state is not None:
+        load_compatible(model, init_state)
+    model.to(dev)
+    if teacher is not None:
+        teacher.model.to(dev)
+        step: torch.nn.Module = KDStep(model, teacher.model, tau=cfg.kd.tau, lam=cfg.kd.lam)
+    else:
+        step = SupervisedStep(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
+    steps_per_epoch = max(1, len(train_loader))
+    scheduler = make_scheduler(optimizer, optim.schedule, optim.epochs * steps_per_epoch)
+
+    start_epoch, history, run_id = 0, [], None
+    if resume:
+        state = load_checkpoint(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
+        set_rng_state(state["rng"])
+
+    run_tags = {
+        "role": role,
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.dataset,
+        "dataset_fingerprint": splits.fingerprint,
+        "config_hash": config_hash(cfg, teacher.uri if teacher else None, None),
+        "fraction": str(cfg.data.fraction),
+        "seed": str(optim.seed),
+        "teacher_arch": (teacher.arch or "unknown") if teacher else "none",
+        **(tags or {}),
+    }
+    git = tracking.git_commit()
+    if git:
+        run_tags["git_commit"] = git
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    stages = stage_epochs(optim.epochs)
+
+    with tracking.RunTracker(
+        experiment, run_name=run_name, tags=run_tags, resume_run_id=run_id, parent_run_id=parent_run_id
+    ) as tracker:
+        run_id = tracker.run_id
+        if not resume:
+            params = {**cfg.params(), "role": role, "device": str(dev), "num_classes": num_classes}
+            params.update({"train_videos": len(splits.train.samples), "test_videos": len(splits.test.samples)})
+            params["val_videos"] = len(splits.val.samples) if splits.val else 0
+            if teacher is not None:
+                params.update({"teacher.uri": teacher.uri, "teacher.run_id": teacher.run_id or "", "teacher.arch": teacher.arch or ""})
+            tracker.log_params(params)
+            tracker.log_dict({"classes": splits.classes}, "classes.json")
+            tracker.log_dict(cfg.params() | {"determinism": det_note}, "config.json")
+            if splits.missing:
+                tracker.log_metrics({"missing_videos": splits.missing}, step=0)
+        ckpt_path = Path(workdir) / "checkpoints" / run_id / "last.pt"
+        stopped: str | None = None
+        for epoch in range(start_epoch, optim.epochs):
+            train_ds.set_epoch(epoch)
+            batches = train_loader if teacher_logits is None else _with_cached_logits(train_loader, teacher_logits)
+            stats = train_one_epoch(
+                step, batches, optimizer, dev, scheduler=scheduler, amp_dtype=amp, progress=progress, epoch=epoch
+            )
+            metrics = {f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            for name, loader in eval_loaders.items():
+                metrics.update(_epoch_metrics(name, evaluate(model, loader, dev, num_classes)))
+            done = epoch + 1
+            for stage, at in stages.items():
+                if done == at:
+                    metrics[f"acc_{stage}"] = metrics["test_video_top1"]
+            history.append({"epoch": done, **metrics})
+            tracker.log_metrics(metrics, step=done)
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": done,
+                    "history": history,
+                    "rng": rng_state(),
+                    "run_id": run_id,
+                    "classes": splits.classes,
+                    "arch": cfg.model.arch,
+                    "config": {k: _plain(v) for k, v in cfg.params().items()},
+                },
+            )
+            if epoch_callback is not None:
+                try:
+                    epoch_callback(done, metrics)
+                except StopTraining as exc:
+                    stopped = str(exc) or "stopped"
+                    tracker.set_tags({"stopped_early": stopped})
+                    break
+
+        final = _finish(tracker, model, eval_loaders["test"], dev, num_classes, splits, history, cfg, role, register, clip)
+        return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=final.pop("_model_uri", None))
+
+
+def _finish(tracker, model, test_loader, dev, num_classes, splits, history, cfg, role, register, clip) -> dict:
+    """Final evaluation, plots, reports and the logged (registered) model."""
+    result = evaluate(model, test_loader, dev, num_classes)
+    final = _epoch_metrics("final_test", result)
+    best_val = max((h.get("val_video_top1", float("nan")) for h in history), default=float("nan"))
+    if not math.isnan(best_val):
+        final["best_val_video_top1"] = best_val
+    tracker.log_metrics(final, step=len(history))
+    tracker.log_figure(confusion_figure(result["confusion"], splits.classes), "confusion_matrix.png")
+    tracker.log_figure(curves_figure(history), "learning_curves.png")
+    tracker.log_dict({"per_class": result["per_class"], "classes": splits.classes}, "per_class_report.json")
+    model.eval().cpu()
+    example = np.zeros((1, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
+    registered = f"kdhar-{role}-{cfg.model.arch}" if register else None
+    info = tracker.log_model(model, "model", input_example=example, registered_name=registered)
+    if registered and info.get("version") is not None:
+        tracker.promote_champion(registered, info["version"], "final_test_video_top1", splits.fingerprint)
+    final["_model_uri"] = info.get("model_uri")
+    return final
+
+
+def _with_cached_logits(loader, lookup: Callable[[dict[str, Any]], torch.Tensor]):
+    for batch in loader:
+        batch["teacher_logits"] = lookup(batch)
+        yield batch
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Loads matching weights; tensors whose shape differs (a new classifier) are skipped and returned."""
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped
