@@ -1,0 +1,71 @@
+"""Teacher-logit cache: the teacher's outputs for a fixed set of replayable training views.
+
+Tuning runs dozens of students against one teacher on the same data. Each training item's view
+(clip start, crop box, flip, colour draw) is a pure function of (seed, view, index), so the teacher
+can score every (view, index) once; a student trained with `num_views=V` then replays exactly those
+views and looks its teacher logits up instead of running the teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdhar.checkpoint import load_checkpoint, save_checkpoint
+from kdhar.config import RunConfig
+from kdhar.data.dataset import VideoClipDataset, make_loader
+from kdhar.train import Teacher, load_splits, pick_device
+
+
+@dataclass
+class TeacherLogitCache:
+    key: str
+    logits: torch.Tensor  # (views, videos, classes), float32 on the CPU
+
+    def lookup(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.logits[batch["view"], batch["index"]]
+
+    @classmethod
+    def build(
+        cls, teacher: Teacher, cfg: RunConfig, views: int, device: str | None = None, cache_dir: str | Path = "runs/cache"
+    ) -> "TeacherLogitCache":
+        """Loads the cache for this teacher/data/view set, computing and saving it on first use."""
+        splits = load_splits(cfg)
+        ident = {
+            "teacher": teacher.uri,
+            "teacher_run": teacher.run_id,
+            "videos": [str(s.path) for s in splits.train.samples],
+            "clip": cfg.params(),
+            "views": views,
+        }
+        ident["clip"] = {k: v for k, v in ident["clip"].items() if k.startswith(("clip.", "optim.seed", "data."))}
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"teacher-logits-{key}.pt"
+        if path.exists():
+            return cls(key=key, logits=load_checkpoint(path)["logits"])
+        logits = compute_logits(teacher.model, splits.train, cfg, views, pick_device(device))
+        save_checkpoint(path, {"logits": logits, "key": key})
+        return cls(key=key, logits=logits)
+
+
+@torch.inference_mode()
+def compute_logits(model: torch.nn.Module, index, cfg: RunConfig, views: int, device: torch.device) -> torch.Tensor:
+    ds = VideoClipDataset(index, cfg.clip, train=True, seed=cfg.optim.seed, on_bad=cfg.data.on_bad, num_views=views)
+    model = model.to(device).eval()
+    out: torch.Tensor | None = None
+    for view in range(views):
+        ds.set_epoch(view)
+        loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=cfg.optim.seed, pin_memory=False, drop_last=False)
+        for batch in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(batch["clip"].to(device)).float().cpu()
+            if out is None:
+                out = torch.zeros(views, len(ds), logits.shape[1])
+            out[batch["view"], batch["index"]] = logits
+    assert out is not None, "empty training set"
+    return out

@@ -1,0 +1,310 @@
+"""The `kdhar` command. Each command maps MLproject parameters 1:1 to options; logic lives elsewhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kdhar import config as C
+
+DEFAULT_ROOT = "data/synthetic/ucf101"
+DEFAULT_HMDB_ROOT = "data/synthetic/hmdb51"
+
+
+class UserError(click.ClickException):
+    """A mistake in the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kdhar.data.index import MissingVideosError
+    from kdhar.data.video import VideoError
+    from kdhar.tracking import TrackingUnavailableError
+
+    return (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingUnavailableError)
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one-line errors (KDHAR_DEBUG=1 shows tracebacks)."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("KDHAR_DEBUG") or not isinstance(exc, _user_errors()):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+def cli() -> None:
+    """Knowledge distillation for video action recognition."""
+
+
+# ---------------------------------------------------------------- shared options
+class _Optional(click.ParamType):
+    """int/float where "" means "not given": MLproject passes every parameter, empty or not."""
+
+    def __init__(self, kind: type):
+        self.kind, self.name = kind, kind.__name__
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, self.kind):
+            return value
+        text = str(value).strip()
+        if text in ("", "None"):
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if self.kind is int:
+            if not number.is_integer():
+                self.fail(f"{value!r} is not a whole number", param, ctx)
+            return int(number)
+        return number
+
+
+INT, FLOAT = _Optional(int), _Optional(float)
+
+
+def _text(value: str | None) -> str | None:
+    return value if value not in (None, "", "None") else None
+
+
+def run_options(fn):
+    """Options shared by every training command (MLproject parameters of the same names)."""
+    opts = [
+        click.option("--dataset", default="ucf101", show_default=True, help="ucf101 | hmdb51 | folder"),
+        click.option("--root", default=DEFAULT_ROOT, show_default=True, help="dataset root; the default is generated on first use"),
+        click.option("--split", default=1, show_default=True, type=INT),
+        click.option("--fraction", default=1.0, show_default=True, type=FLOAT, help="class-balanced share of training videos, in (0, 1]"),
+        click.option("--size", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]), help="cpu: small clips/widths/epochs; paper: Table 1"),
+        click.option("--epochs", type=INT, default=None, help="overrides the size preset"),
+        click.option("--lr", type=FLOAT, default=None),
+        click.option("--batch-size", type=INT, default=None),
+        click.option("--width", type=INT, default=None, help="base channel count (64 = published size)"),
+        click.option("--clip-len", type=INT, default=None),
+        click.option("--frame-interval", type=INT, default=None),
+        click.option("--crop", type=INT, default=None),
+        click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
+        click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None),
+        click.option("--seed", type=INT, default=0, show_default=True),
+        click.option("--num-workers", type=INT, default=2, show_default=True),
+        click.option("--on-missing", type=click.Choice(["error", "skip"]), default="error", show_default=True),
+        click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True),
+        click.option("--experiment", default="kdhar", show_default=True, help="MLflow experiment name"),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_config(arch: str, opts: dict[str, Any], tau: float | None = None, lam: float | None = None) -> C.RunConfig:
+    """Defaults -> size preset -> explicit options."""
+    if not 0 < opts["fraction"] <= 1:
+        raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
+    base = C.RunConfig()
+    preset = C.CPU_PRESET if opts["size"] == "cpu" else {}
+    clip = C.with_overrides(base.clip, **preset.get("clip", {}))
+    clip = C.with_overrides(clip, clip_len=opts["clip_len"], frame_interval=opts["frame_interval"], crop=opts["crop"], test_clips=opts["test_clips"])
+    if opts["crop"] is not None and opts["size"] == "cpu":
+        # keep the CPU preset's resize/crop ratio when only the crop is changed
+        clip = C.with_overrides(clip, resize=(round(opts["crop"] * 8 / 7), round(opts["crop"] * 8 / 7 * 4 / 3)))
+    model = C.with_overrides(C.with_overrides(base.model, **preset.get("model", {})), arch=arch, width=opts["width"])
+    optim = C.with_overrides(base.optim, **preset.get("optim", {}))
+    optim = C.with_overrides(optim, epochs=opts["epochs"], lr=opts["lr"], batch_size=opts["batch_size"], schedule=opts["schedule"], seed=opts["seed"])
+    data = C.DataConfig(
+        dataset=opts["dataset"], root=opts["root"], split=opts["split"], fraction=opts["fraction"],
+        on_missing=opts["on_missing"], on_bad=opts["on_bad"], num_workers=opts["num_workers"],
+    )
+    kd = C.with_overrides(base.kd, tau=tau, lam=lam)
+    if kd.tau <= 0:
+        raise UserError(f"--tau {kd.tau} must be > 0 (the paper uses 4)")
+    if kd.lam < 0:
+        raise UserError(f"--lam {kd.lam} must be >= 0 (0 trains from labels only)")
+    return C.RunConfig(data=data, clip=clip, model=model, optim=optim, kd=kd)
+
+
+def ensure_data(root: str) -> None:
+    """Generates the embedded synthetic datasets on first use of the default root."""
+    if Path(root).exists() or root not in (DEFAULT_ROOT, DEFAULT_HMDB_ROOT):
+        if not Path(root).exists():
+            raise UserError(f"dataset root {root} does not exist; check --root (or omit it to use the synthetic default)")
+        return
+    click.echo(f"{root} not found: generating the synthetic datasets (once)", err=True)
+    _synth(Path(DEFAULT_ROOT).parent, layout="both", spec_kw={})
+
+
+def _synth(out: Path, layout: str, spec_kw: dict[str, Any], workers: int = 2) -> None:
+    from kdhar.data import synthetic
+
+    spec = synthetic.SynthSpec(**{k: v for k, v in spec_kw.items() if v is not None})
+    layouts = ["ucf101", "hmdb51"] if layout == "both" else [layout]
+    for name in layouts:
+        with _bar(f"synth {name}") as bar:
+            ds = synthetic.generate(out / name, layout=name, spec=spec, workers=workers, on_progress=bar)
+        click.echo(f"wrote {ds.num_videos} videos, {len(ds.classes)} classes -> {ds.root}")
+
+
+class _bar:
+    """A click progress bar usable as an on_progress(done, total) callback."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.done = label, None, 0
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- data
+@cli.group()
+def data() -> None:
+    """Generate and check datasets."""
+
+
+@data.command("synth")
+@click.option("--out", default="data/synthetic", show_default=True, type=click.Path(path_type=Path))
+@click.option("--layout", default="both", show_default=True, type=click.Choice(["ucf101", "hmdb51", "both"]))
+@click.option("--classes", "num_classes", type=INT, default=None)
+@click.option("--groups", type=INT, default=None)
+@click.option("--clips-per-group", type=INT, default=None)
+@click.option("--frames", type=INT, default=None)
+@click.option("--difficulty", type=FLOAT, default=None, help="0 (easy) .. 1 (hard)")
+@click.option("--seed", type=INT, default=None)
+@click.option("--workers", type=int, default=2, show_default=True)
+def data_synth(out, layout, num_classes, groups, clips_per_group, frames, difficulty, seed, workers) -> None:
+    """Write synthetic action videos (real encoded AVIs) with UCF101/HMDB51 split files."""
+    _synth(out, layout, dict(num_classes=num_classes, groups=groups, clips_per_group=clips_per_group, frames=frames, difficulty=difficulty, seed=seed), workers)
+
+
+@data.command("check")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--dataset", default="ucf101", show_default=True)
+@click.option("--split", default=1, show_default=True, type=INT)
+@click.option("--workers", default=2, show_default=True, type=int)
+def data_check(root, dataset, split, workers) -> None:
+    """Decode every listed video and report counts per class and every bad file."""
+    from kdhar.data.check import check_dataset, format_report
+
+    if not root.exists():
+        raise UserError(f"dataset root {root} does not exist")
+    report = check_dataset(root, dataset, split, workers)
+    click.echo(format_report(report))
+    if report.bad:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- models
+@cli.command("models")
+@click.option("--width", default=8, show_default=True)
+@click.option("--clip-len", default=8, show_default=True)
+@click.option("--crop", default=56, show_default=True)
+@click.option("--num-classes", default=101, show_default=True)
+def models_cmd(width, clip_len, crop, num_classes) -> None:
+    """Parameters and forward FLOPs per clip of every registered model."""
+    from kdhar.models import MODELS, describe
+
+    click.echo(f"input 3x{clip_len}x{crop}x{crop}, width {width}, {num_classes} classes")
+    click.echo(f"{'model':<14}{'params':>12}{'GFLOPs/clip':>14}")
+    for name in MODELS:
+        d = describe(name, num_classes, width, clip_len, crop)
+        click.echo(f"{name:<14}{d['params']:>12,}{d['flops'] / 1e9:>14.3f}")
+
+
+# ---------------------------------------------------------------- training
+@cli.command("train-teacher")
+@click.option("--arch", default="c3d", show_default=True)
+@run_options
+def train_teacher(arch: str, **opts) -> None:
+    """Train a teacher from labels; registered as kdhar-teacher-<arch>."""
+    from kdhar.train import run_training
+
+    cfg = build_config(arch, opts)
+    ensure_data(cfg.data.root)
+    res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"])
+    _print_result(res)
+
+
+@cli.command("distill")
+@click.option("--teacher", default="c3d", show_default=True, help="arch name (its champion), models:/ or runs:/ URI, checkpoint path, or none")
+@click.option("--student", default="tiny3d", show_default=True)
+@click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)")
+@click.option("--lam", type=FLOAT, default=None, help="weight of the KD term (default 1)")
+@click.option("--init", default=None, help="checkpoint or model URI to start the student from")
+@click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayable views")
+@run_options
+def distill(teacher: str, student: str, tau, lam, init, cache_teacher, **opts) -> None:
+    """Distil a teacher into a student (teacher=none: the paired scratch run)."""
+    from kdhar import distill as D
+
+    cfg = build_config(student, opts, tau=tau, lam=lam)
+    ensure_data(cfg.data.root)
+    res = D.distill(
+        cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
+        device=opts["device"], cache_teacher=cache_teacher,
+    )
+    _print_result(res)
+
+
+@cli.command("finetune")
+@click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to transfer")
+@run_options
+def finetune_cmd(model_uri: str, **opts) -> None:
+    """Fine-tune a logged model on another dataset (its classifier is replaced)."""
+    from kdhar.finetune import finetune
+
+    cfg = build_config("c3d", opts)  # the architecture and width come from the source model
+    ensure_data(cfg.data.root)
+    res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"])
+    _print_result(res)
+
+
+@cli.command("evaluate")
+@click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to score")
+@run_options
+def evaluate_cmd(model_uri: str, **opts) -> None:
+    """Score a logged model on a dataset's test split (clip/video accuracy)."""
+    from kdhar.evaluation import evaluate_model
+
+    cfg = build_config("c3d", opts)
+    ensure_data(cfg.data.root)
+    metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"])
+    click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _print_result(res) -> None:
+    shown = {k: v for k, v in res.final.items() if isinstance(v, float)}
+    click.echo(f"run {res.run_id}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+    if res.model_uri:
+        click.echo(f"model: {res.model_uri}")
+
+
+if __name__ == "__main__":
+    main()

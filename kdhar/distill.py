@@ -1,0 +1,145 @@
+"""Knowledge distillation runs: teacher resolution, the KD/scratch pairing and the logit cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from kdhar import tracking
+from kdhar.checkpoint import load_checkpoint
+from kdhar.config import RunConfig
+from kdhar.data.index import fingerprint, load_index
+from kdhar.models import MODELS, build_model
+from kdhar.train import RunResult, Teacher, check_same_classes, config_hash, run_training
+
+# How many augmented views of each training video the logit cache holds; epoch e replays view e % N.
+CACHE_VIEWS = 4
+
+
+def pair_key(cfg: RunConfig) -> str:
+    """Same for a KD run and its scratch twin: the configuration without the teacher and KD weights."""
+    params = {k: v for k, v in cfg.params().items() if not k.startswith("kd.")}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_command(arch: str) -> str:
+    return f"mlflow run . -e train_teacher -P arch={arch} --env-manager local"
+
+
+def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | str = "cpu") -> Teacher | None:
+    """Turns the `teacher` parameter into a frozen model.
+
+    Accepts `none`, an architecture name (its `champion` for this dataset), a `models:/` or `runs:/`
+    URI, or a checkpoint path written by kdhar.
+    """
+    if spec.lower() == "none":
+        return None
+    if spec.startswith(("models:/", "runs:/")):
+        return _teacher_from_uri(spec, device)
+    path = Path(spec)
+    if path.suffix in (".pt", ".pth", ".ckpt") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+        state = load_checkpoint(path)
+        width = int(state["config"].get("model.width", 64))
+        model = build_model(state["arch"], len(state["classes"]), width=width)
+        model.load_state_dict(state["model"])
+        return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"], run_id=state.get("run_id"))
+    if spec in MODELS:
+        uri = tracking.champion_uri(f"kdhar-teacher-{spec}", dataset_fingerprint)
+        if uri is None:
+            raise ValueError(
+                f"no trained {spec} teacher found for this dataset (fingerprint {dataset_fingerprint}); "
+                f"train one first: {train_command(spec)}"
+            )
+        return _teacher_from_uri(uri, device)
+    raise ValueError(
+        f"teacher '{spec}' is not an architecture ({', '.join(MODELS)}), a models:/ or runs:/ URI, "
+        "an existing checkpoint path, or 'none'"
+    )
+
+
+def _teacher_from_uri(uri: str, device) -> Teacher:
+    model = tracking.load_model(uri, device)
+    run_id = tracking.model_run_id(uri)
+    classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
+    arch = tracking.run_tags(run_id).get("arch")
+    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id)
+
+
+def distill(
+    cfg: RunConfig,
+    *,
+    teacher: str,
+    experiment: str,
+    init: str | None = None,
+    resume: str | None = None,
+    device: str | None = None,
+    cache_teacher: bool = False,
+    parent_run_id: str | None = None,
+    epoch_callback=None,
+    register: bool = True,
+    progress: bool = True,
+    extra_tags: dict[str, str] | None = None,
+) -> RunResult:
+    """One student run: KD from `teacher`, or from scratch when teacher is "none"."""
+    train_index = load_index(cfg.data.dataset, cfg.data.root, cfg.data.split, "train", on_missing=cfg.data.on_missing)
+    t = resolve_teacher(teacher, fingerprint(train_index))
+    if t is not None:  # refuse a mismatched teacher before any work (the logit cache included)
+        check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)
+    init_state = load_init(init) if init else None
+    tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg), "teacher_spec": teacher, **(extra_tags or {})}
+    lookup = None
+    if t is not None and cache_teacher:
+        from kdhar.cache import TeacherLogitCache
+
+        cache = TeacherLogitCache.build(t, cfg, views=CACHE_VIEWS, device=device)
+        lookup = cache.lookup
+        tags["teacher_cache"] = cache.key
+    res = run_training(
+        cfg,
+        role="student",
+        experiment=experiment,
+        teacher=t,
+        init_state=init_state,
+        resume=resume,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        epoch_callback=epoch_callback,
+        register=register,
+        teacher_logits=lookup,
+        num_views=CACHE_VIEWS if lookup else None,
+        device=device,
+        progress=progress,
+    )
+    if t is not None:
+        record_epochs_to_scratch(experiment, res, tags["pair_key"])
+    return res
+
+
+def record_epochs_to_scratch(experiment: str, res: RunResult, key: str) -> None:
+    """Logs the first epoch at which a KD run reached its scratch twin's final accuracy, if the twin exists."""
+    twins = tracking.find_runs(experiment, f"tags.pair_key = '{key}' and tags.teacher_arch = 'none' and attributes.status = 'FINISHED'")
+    if not twins:
+        return
+    target = twins[0]["metrics"].get("final_test_video_top1")
+    if target is None:
+        return
+    reached = next((h["epoch"] for h in res.history if h.get("test_video_top1", -1) >= target), None)
+    tracking.log_metrics_to(res.run_id, {"scratch_final_acc": target, "epochs_to_scratch_acc": reached if reached is not None else -1})
+
+
+def load_init(spec: str) -> dict[str, torch.Tensor]:
+    """Weights to start from: a kdhar checkpoint or a logged model URI."""
+    if spec.startswith(("models:/", "runs:/")):
+        return tracking.load_model(spec, "cpu").state_dict()
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--init {spec}: no such checkpoint or model URI")
+    return load_checkpoint(path)["model"]
+
+
+__all__ = ["distill", "resolve_teacher", "pair_key", "config_hash"]

@@ -1,0 +1,60 @@
+"""Transfer: start from a logged model, replace its classifier for the new dataset, train and evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kdhar import tracking
+from kdhar.config import RunConfig
+from kdhar.distill import load_init
+from kdhar.train import RunResult, run_training
+
+
+def source_info(model_uri: str) -> dict[str, str]:
+    """Architecture, width and lineage of a logged model, read from the run that logged it."""
+    if not model_uri.startswith(("models:/", "runs:/")):
+        raise ValueError(f"--model {model_uri}: expected a models:/ or runs:/ URI of a logged kdhar model")
+    run_id = tracking.model_run_id(model_uri)
+    tags = tracking.run_tags(run_id)
+    params = tracking.run_params(run_id)
+    return {
+        "run_id": run_id,
+        "arch": tags.get("arch", ""),
+        "width": params.get("model.width", "64"),
+        "teacher_arch": tags.get("teacher_arch", "none"),
+        "role": tags.get("role", ""),
+    }
+
+
+def finetune(
+    model_uri: str,
+    cfg: RunConfig,
+    *,
+    experiment: str,
+    tags: dict[str, str] | None = None,
+    resume: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Fine-tunes `model_uri` on `cfg`'s dataset; the architecture and width come from the source model."""
+    src = source_info(model_uri)
+    model_cfg = dataclasses.replace(cfg.model, arch=src["arch"], width=int(float(src["width"])))
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    run_tags = {
+        "source_model": model_uri,
+        "source_run": src["run_id"],
+        "source_role": src["role"],
+        "source_teacher_arch": src["teacher_arch"],
+        "student_arch": src["arch"],
+        **(tags or {}),
+    }
+    return run_training(
+        cfg,
+        role="finetune",
+        experiment=experiment,
+        init_state=load_init(model_uri),
+        resume=resume,
+        tags=run_tags,
+        device=device,
+        progress=progress,
+    )
