@@ -1,0 +1,573 @@
+"""Optuna search over the distillation temperature tau and weight lam.
+
+Every trial is one ordinary `kdhar.distill.distill` run (same data, logging and checkpoints as the
+`distill` command) with `cfg.kd` replaced by the trial's values, recorded as an MLflow run nested
+under one parent run per study. The objective is the best per-epoch validation video accuracy
+(held-out training groups), never the test split, so tuning cannot leak into the reported figures.
+
+Several workers may share one study through a server database (PostgreSQL): heartbeats mark a
+killed worker's trial FAIL, a retry of it is queued for the survivors, and `reconcile` ends the
+killed trial's MLflow run so it does not stay RUNNING.
+
+This is the only module that imports optuna.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from kdhar import tracking
+from kdhar.config import KDConfig, RunConfig
+from kdhar.train import StopTraining
+
+# SQLite rather than a journal file: Optuna's heartbeats only work with an RDB storage, so a
+# single worker that was killed gets its stale trial failed and retried on the next run; it is
+# also what optuna-dashboard and `mlflow.db` users already know. SQLite locks badly under
+# concurrent writers: several workers need a server database (postgresql://...).
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+OBJECTIVE = "val_video_top1"  # per-epoch metric logged by kdhar.train for the held-out groups
+PRUNERS = ("median", "hyperband", "none")
+# A killed worker's trial is failed once its heartbeat is older than the grace period; a trial is
+# retried at most this many times, so a configuration that kills its worker every time stops.
+MAX_RETRY = 2
+# How long a worker joining a study waits for the creating worker to finish setting it up.
+SETUP_WAIT_S = 30.0
+
+# Tags that link an MLflow run to its study and trial.
+TAG_STUDY = "optuna_study"
+TAG_TRIAL = "optuna_trial_number"
+TAG_STATE = "optuna_state"
+TAG_RETRY_OF = "optuna_retry_of"
+
+# Study user attributes written by the worker that creates the study.
+ATTR_SPACE = "search_space"
+ATTR_OBJECTIVE = "objective"
+ATTR_EXPERIMENT = "mlflow_experiment"
+ATTR_PARENT = "mlflow_parent_run_id"
+
+
+class StorageUnavailableError(ConnectionError, ValueError):
+    """The Optuna storage URL is malformed or its database cannot be reached."""
+
+
+# ---------------------------------------------------------------------------- search space
+@dataclass(frozen=True)
+class ParamRange:
+    low: float
+    high: float
+    log: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.low:g}:{self.high:g}" + (":log" if self.log else "")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges for tau and lam.
+
+    The student loss is CE + lam * tau^2 * KL. The tau^2 factor keeps the soft term's gradient about
+    as large as the cross-entropy's whatever the temperature, so lam reads directly as the weight of
+    the teacher against the labels:
+    - tau in [1, 20], log scale: 1 is the teacher's raw softmax; with tens of classes, past ~20 the
+      softened targets are almost uniform and carry no ranking. Its effect is multiplicative, hence log.
+    - lam in [0.1, 2], linear: below ~0.1 the soft term is an order of magnitude weaker than CE and
+      the run is a scratch run in disguise (the paired `teacher=none` run measures that already);
+      at 2 the teacher already outweighs the labels two to one. The paper's lam = 1 sits inside.
+    """
+
+    tau: ParamRange = ParamRange(1.0, 20.0, log=True)
+    lam: ParamRange = ParamRange(0.1, 2.0)
+
+    def __str__(self) -> str:
+        return f"tau={self.tau},lam={self.lam}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> SearchSpace:
+        """Parses "tau=1:20:log,lam=0:2"; parameters left out keep their defaults.
+
+        Raises:
+            ValueError: naming the part that is an unknown parameter, bad syntax or an empty range.
+        """
+        space = cls()
+        if text is None or not text.strip():
+            return space
+        seen: set[str] = set()
+        for part in text.split(","):
+            name, sep, rng = part.strip().partition("=")
+            name = name.strip()
+            if not sep:
+                raise ValueError(f"search space part '{part}' is not name=low:high[:log] (e.g. tau=1:20:log)")
+            if name not in ("tau", "lam"):
+                raise ValueError(f"search space part '{part}': unknown parameter '{name}'; tunable: tau, lam")
+            if name in seen:
+                raise ValueError(f"search space part '{part}': {name} is given twice")
+            seen.add(name)
+            space = dataclasses.replace(space, **{name: _parse_range(name, rng.strip(), part)})
+        return space
+
+
+def _parse_range(name: str, text: str, part: str) -> ParamRange:
+    fields = text.split(":")
+    if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in ("log", "linear")):
+        raise ValueError(f"search space part '{part}' is not {name}=low:high[:log|linear] (e.g. {name}=1:20:log)")
+    try:
+        low, high = float(fields[0]), float(fields[1])
+    except ValueError:
+        raise ValueError(f"search space part '{part}': bounds must be numbers") from None
+    log = len(fields) == 3 and fields[2] == "log"
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise ValueError(f"search space part '{part}' is an empty range: low must be below high")
+    if name == "tau" and low <= 0:
+        raise ValueError(f"search space part '{part}': the temperature must stay above 0")
+    if name == "lam" and low < 0:
+        raise ValueError(f"search space part '{part}': the KD weight cannot be negative")
+    if log and low <= 0:
+        raise ValueError(f"search space part '{part}': a log range needs low > 0")
+    return ParamRange(low, high, log)
+
+
+def _suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[float, float]:
+    tau = trial.suggest_float("tau", space.tau.low, space.tau.high, log=space.tau.log)
+    lam = trial.suggest_float("lam", space.lam.low, space.lam.high, log=space.lam.log)
+    return tau, lam
+
+
+# ---------------------------------------------------------------------------- storage
+def mask_url(url: str) -> str:
+    """The storage URL with its password replaced by ***, safe to log."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: int | None = None) -> RDBStorage:
+    """Opens (creating the tables if needed) the study database at `url` (None: ./optuna.db).
+
+    Heartbeats every `heartbeat_interval` seconds let other workers fail a trial whose worker died
+    (no heartbeat for `grace_period`, default twice the interval) and queue a retry of it.
+
+    Raises:
+        StorageUnavailableError: the URL is malformed or its database cannot be reached.
+    """
+    url = url or DEFAULT_STORAGE
+    shown = mask_url(url)
+    with warnings.catch_warnings():
+        # heartbeat_interval is flagged experimental; it is the documented way to survive dead workers
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+        except sqlalchemy.exc.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
+            raise StorageUnavailableError(
+                f"cannot reach the Optuna storage {shown}: {reason}; check that the database server is "
+                "running and the URL (host, port, user, database) is right"
+            ) from None
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:
+            raise StorageUnavailableError(
+                f"Optuna storage '{shown}' is not a usable database URL ({exc}); use e.g. "
+                f"{DEFAULT_STORAGE} or postgresql://user@host:5432/optuna"
+            ) from None
+
+
+def dashboard_command(storage: str | None) -> str:
+    """The shell command that opens optuna-dashboard on this storage."""
+    return f"optuna-dashboard {storage or DEFAULT_STORAGE}"
+
+
+def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    """median | hyperband | none, sized for runs of `max_epochs` epochs."""
+    if name == "median":
+        # Accuracy after a single epoch is mostly noise: compare trials from the second epoch on,
+        # and only once a few complete trials give a median worth trusting.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner '{name}' is unknown; use one of {', '.join(PRUNERS)}")
+
+
+# ---------------------------------------------------------------------------- tuning
+def tune(
+    cfg: RunConfig,
+    *,
+    teacher: str,
+    n_trials: int,
+    study_name: str | None = None,
+    storage: str | None = None,
+    space: SearchSpace | None = None,
+    pruner: str = "median",
+    experiment: str = "kdhar",
+    seed: int = 0,
+    cache_teacher: bool = False,
+    device: str | None = None,
+    heartbeat_interval: int = 60,
+    grace_period: int | None = None,
+) -> dict[str, Any]:
+    """Runs trials of a study until it holds `n_trials` finished or running trials.
+
+    Re-running the same command continues the study; several workers started with the same
+    arguments share the budget. Everything the user can get wrong is checked before any trial.
+
+    Args:
+        cfg: the student run's configuration; `cfg.kd` is replaced per trial.
+        teacher: as for `distill` (architecture, models:/ or runs:/ URI, checkpoint path).
+        n_trials: the study's total budget, trials of earlier runs and other workers included.
+        study_name: defaults to "kd-<student>-<teacher>".
+        storage: a database URL; None is ./optuna.db (one worker). Use postgresql:// for several.
+        space: tau/lam ranges (`SearchSpace.parse`).
+        pruner: "median", "hyperband" or "none"; prunes on per-epoch validation accuracy.
+        experiment: MLflow experiment of the parent and trial runs.
+        seed: sampler seed; trial k samples with seed + k, so reruns and workers differ reproducibly.
+        cache_teacher: reuse teacher logits across trials (see kdhar.cache).
+        device: torch device name, or None for the best available.
+        heartbeat_interval: seconds between a running trial's heartbeats.
+        grace_period: seconds without a heartbeat before a trial counts as dead (default 2x interval).
+
+    Returns:
+        A summary: study name, storage (password masked), trial counts, best value and params,
+        total epochs trained, parent run id and the dashboard command.
+    """
+    from kdhar.distill import distill, resolve_teacher
+    from kdhar.train import load_splits
+
+    if n_trials < 1:
+        raise ValueError(f"n_trials {n_trials} must be at least 1")
+    space = space or SearchSpace()
+    if cfg.data.val_fraction <= 0:
+        raise ValueError("tuning needs a validation split: set data.val_fraction above 0 (the test split is never tuned on)")
+    splits = load_splits(cfg)
+    if splits.val is None:
+        raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
+    if resolve_teacher(teacher, splits.fingerprint, device or "cpu") is None:
+        raise ValueError("tuning tau/lam needs a teacher; teacher=none has no distillation term to tune")
+    study_name = study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}"
+    pruner_obj = make_pruner(pruner, cfg.optim.epochs)
+    st = make_storage(storage, heartbeat_interval, grace_period)
+    shown = mask_url(storage or DEFAULT_STORAGE)
+    study, parent_id = _open_study(
+        st, study_name, space, experiment, pruner_obj,
+        params={"study_name": study_name, "storage": shown, "sampler": f"TPESampler(seed={seed}+trial)",
+                "search_space": str(space), "pruner": pruner, "objective": OBJECTIVE, "teacher": teacher,
+                "student": cfg.model.arch},
+    )
+    _absorb_project_run(experiment, study_name, parent_id)
+    reconcile_study(study)
+
+    def objective(trial: optuna.Trial) -> float:
+        # A fresh sampler seeded by trial number: a resumed study and concurrent workers draw
+        # distinct points (one shared seed would repeat them), yet a rerun draws the same ones.
+        study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
+        tau, lam = _suggest(trial, space)
+        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING"}
+        retry_of = _retried_number(study, trial.number)
+        if retry_of is not None:
+            tags[TAG_RETRY_OF] = str(retry_of)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            trial.report(metrics[OBJECTIVE], epoch)
+            if trial.should_prune():
+                raise StopTraining("pruned")
+
+        try:
+            res = distill(
+                dataclasses.replace(cfg, kd=KDConfig(tau=tau, lam=lam)),
+                teacher=teacher, experiment=experiment, parent_run_id=parent_id, epoch_callback=on_epoch,
+                register=False, cache_teacher=cache_teacher, progress=False, extra_tags=tags, device=device,
+            )
+        except BaseException:
+            for run_id in _trial_run_ids(experiment, study_name, trial.number):
+                _tag_run(experiment, run_id, {TAG_STATE: "FAIL"}, status=tracking.run_status(run_id))
+            raise
+        trial.set_user_attr("mlflow_run_id", res.run_id)
+        trial.set_user_attr("epochs", len(res.history))
+        if res.stopped == "pruned":
+            _tag_run(experiment, res.run_id, {TAG_STATE: "PRUNED"})
+            raise optuna.TrialPruned(f"pruned after epoch {len(res.history)}")
+        _tag_run(experiment, res.run_id, {TAG_STATE: "COMPLETE"})
+        return float(res.final[f"best_{OBJECTIVE}"])
+
+    def stop_when_full(study_: optuna.Study, _trial: FrozenTrial) -> None:
+        if not _budget_left(study_, n_trials, poll_s):
+            study_.stop()
+
+    # Optimize's own n_trials counts this worker's trials only; the budget is the study's.
+    poll_s = min(float(heartbeat_interval), 5.0)
+    if _budget_left(study, n_trials, poll_s):
+        study.optimize(objective, callbacks=[stop_when_full])
+    reconcile_study(study)
+    summary = summarize(study, storage)
+    _log_study_to_parent(study, parent_id, experiment, summary)
+    return summary
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.rsplit("/", 1)[-1])[:60]
+
+
+def _open_study(
+    storage: RDBStorage, name: str, space: SearchSpace, experiment: str, pruner: optuna.pruners.BasePruner,
+    params: dict[str, Any],
+) -> tuple[optuna.Study, str]:
+    """Creates or joins the study and returns it with its MLflow parent run id.
+
+    Creating the study is atomic in the database, so exactly one worker wins it; that worker records
+    the search space and creates the parent run. Others wait for the parent id to appear.
+    """
+    expected = {ATTR_SPACE: str(space), ATTR_OBJECTIVE: OBJECTIVE, ATTR_EXPERIMENT: experiment}
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner)
+    except DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+        _check_compatible(study, expected)
+        return study, _join_parent(study, experiment, params)
+    for key, value in expected.items():
+        study.set_user_attr(key, value)
+    parent_id = _create_parent(experiment, name, params)
+    study.set_user_attr(ATTR_PARENT, parent_id)
+    return study, parent_id
+
+
+def _check_compatible(study: optuna.Study, expected: dict[str, str]) -> None:
+    name = study.study_name
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ValueError(
+            f"study '{name}' already exists and minimises its objective; kdhar maximises validation "
+            "accuracy: pick another study name"
+        )
+    deadline = time.monotonic() + SETUP_WAIT_S
+    attrs = study.user_attrs
+    # The creating worker may still be writing its attributes.
+    while ATTR_SPACE not in attrs and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.5)
+        attrs = study.user_attrs
+    if ATTR_SPACE not in attrs:
+        if study.trials:
+            raise ValueError(f"study '{name}' exists but was not created by kdhar tune; pick another study name")
+        for key, value in expected.items():  # its creator died before setting it up: adopt it
+            study.set_user_attr(key, value)
+        return
+    for key, value in expected.items():
+        if attrs.get(key) != value:
+            raise ValueError(
+                f"study '{name}' was created with {key} '{attrs.get(key)}', not '{value}'; "
+                f"rerun with the same settings or pick another study name"
+            )
+
+
+def _join_parent(study: optuna.Study, experiment: str, params: dict[str, Any]) -> str:
+    deadline = time.monotonic() + SETUP_WAIT_S
+    while ATTR_PARENT not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    parent_id = study.user_attrs.get(ATTR_PARENT)
+    if parent_id is None:
+        # The creating worker died before making the parent run: take one tagged for this study.
+        found = tracking.find_runs(experiment, f"tags.{TAG_STUDY} = '{study.study_name}' and tags.role = 'tuning'")
+        parent_id = found[0]["run_id"] if found else _create_parent(experiment, study.study_name, params)
+        study.set_user_attr(ATTR_PARENT, parent_id)
+    return parent_id
+
+
+def _create_parent(experiment: str, name: str, params: dict[str, Any]) -> str:
+    with tracking.RunTracker(experiment, run_name=f"tune-{name}", tags={TAG_STUDY: name, "role": "tuning"}) as run:
+        run.log_params(params)
+        return run.run_id
+
+
+def _absorb_project_run(experiment: str, study_name: str, parent_id: str) -> None:
+    """Under `mlflow run`, MLflow hands its own run over in MLFLOW_RUN_ID and the next new run
+    silently becomes it. The worker that creates the study uses it as the parent; any other worker
+    would turn it into a trial run outside the study, so record it as a worker run under the parent."""
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    if not project_run or project_run == parent_id:
+        return
+    tags = {TAG_STUDY: study_name, "role": "tuning-worker", "mlflow.parentRunId": parent_id}
+    with tracking.RunTracker(experiment, tags=tags):
+        pass
+
+
+def _budget_left(study: optuna.Study, n_trials: int, poll_s: float) -> bool:
+    """Whether this worker should start another trial.
+
+    A queued retry always runs; a new trial runs while fewer than `n_trials` are finished or
+    running (failed trials are replaced by their retries). When only other workers' running trials
+    fill the budget, wait: they either finish it or die, and a dead one's retry must still run.
+    So a worker returns only when the study is done, and its summary is final.
+    """
+    while True:
+        _fail_stale(study)
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return True
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if done >= n_trials:
+            return False
+        if done + running < n_trials:
+            return True
+        time.sleep(poll_s)
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _retried_number(study: optuna.Study, number: int) -> int | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number == number:
+                return RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+    return None
+
+
+def _trial_run_ids(experiment: str, study_name: str, number: int) -> list[str]:
+    found = tracking.find_runs(experiment, f"tags.{TAG_STUDY} = '{study_name}' and tags.{TAG_TRIAL} = '{number}'")
+    return [r["run_id"] for r in found]
+
+
+def _tag_run(experiment: str, run_id: str, tags: dict[str, str], status: str | None = None) -> None:
+    """Sets tags on an ended run by re-opening it, then leaves it with `status` (default FINISHED)."""
+    with tracking.RunTracker(experiment, resume_run_id=run_id) as run:
+        run.set_tags(tags)
+    if status is not None and status != "FINISHED":
+        tracking.end_run_as(run_id, status)
+
+
+# ---------------------------------------------------------------------------- dead workers
+def reconcile(
+    storage: str | None, study_name: str, *, heartbeat_interval: int = 60, grace_period: int | None = None
+) -> list[str]:
+    """Fails trials whose worker died and ends their MLflow runs, which would stay RUNNING forever.
+
+    Trials with no heartbeat for the grace period become FAIL (and get a retry queued); every FAIL
+    trial whose MLflow run is still RUNNING has that run ended as KILLED. Each worker calls this on
+    start; it is safe to run at any time.
+
+    Returns:
+        The MLflow run ids that were ended.
+    """
+    st = make_storage(storage, heartbeat_interval, grace_period)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=st)
+    except KeyError:
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage or DEFAULT_STORAGE)}") from None
+    return reconcile_study(study)
+
+
+def reconcile_study(study: optuna.Study) -> list[str]:
+    """`reconcile` for an open study."""
+    _fail_stale(study)
+    experiment = study.user_attrs.get(ATTR_EXPERIMENT)
+    if experiment is None:
+        return []
+    ended = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        # A killed worker never wrote the user attribute; its run is found by tags.
+        candidates = _trial_run_ids(experiment, study.study_name, t.number)
+        for run_id in dict.fromkeys(candidates):
+            if tracking.run_status(run_id) == "RUNNING":
+                _tag_run(experiment, run_id, {TAG_STATE: "FAIL"}, status="KILLED")
+                ended.append(run_id)
+    return ended
+
+
+# ---------------------------------------------------------------------------- results
+def study_trials(storage: str | None, study_name: str) -> list[dict[str, Any]]:
+    """The trials of a study as plain dicts (number, state, params, value, user_attrs, retry_of)."""
+    st = make_storage(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=st)
+    except KeyError:
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage or DEFAULT_STORAGE)}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return [
+            {"number": t.number, "state": t.state.name, "params": dict(t.params), "value": t.value,
+             "user_attrs": dict(t.user_attrs), "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)}
+            for t in study.get_trials(deepcopy=False)
+        ]
+
+
+def summarize(study: optuna.Study, storage: str | None = None) -> dict[str, Any]:
+    """Counts, best trial and epochs consumed of a study."""
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    return {
+        "study_name": study.study_name,
+        "storage": mask_url(storage or DEFAULT_STORAGE),
+        "trials": len(trials),
+        "complete": count[TrialState.COMPLETE],
+        "pruned": count[TrialState.PRUNED],
+        "failed": count[TrialState.FAIL],
+        "running": count[TrialState.RUNNING] + count[TrialState.WAITING],
+        "epochs": sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
+        "best_value": best.value if best else None,
+        "best_params": dict(best.params) if best else None,
+        "best_trial": best.number if best else None,
+        "parent_run_id": study.user_attrs.get(ATTR_PARENT),
+        "dashboard": dashboard_command(storage),
+    }
+
+
+def _log_study_to_parent(study: optuna.Study, parent_id: str, experiment: str, summary: dict[str, Any]) -> None:
+    """Best values and the study's plots on the parent run (each finishing worker refreshes them)."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    complete = summary["complete"]
+    with tracking.RunTracker(experiment, resume_run_id=parent_id) as run:
+        metrics = {"n_complete": complete, "n_pruned": summary["pruned"], "n_failed": summary["failed"],
+                   "epochs_total": summary["epochs"]}
+        if summary["best_params"]:
+            metrics.update({"best_tau": summary["best_params"]["tau"], "best_lam": summary["best_params"]["lam"],
+                            f"best_{OBJECTIVE}": summary["best_value"]})
+            run.set_tags({"best_trial": str(summary["best_trial"])})
+        run.log_metrics(metrics, step=len(study.trials))
+        if complete == 0:
+            return
+        plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
+                 "slice_tau_lam.png": lambda: ovm.plot_slice(study, params=["tau", "lam"])}
+        notes = []
+        if complete >= 2:
+            plots["contour_tau_lam.png"] = lambda: ovm.plot_contour(study, params=["tau", "lam"])
+            plots["param_importances.png"] = lambda: ovm.plot_param_importances(study)
+        else:
+            notes.append("parameter importances and the tau x lam contour need at least 2 complete trials")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            for name, plot in plots.items():
+                ax = plot()
+                fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
+                run.log_figure(fig, f"optuna/{name}")
+                plt.close(fig)
+        run.log_dict({"summary": {k: v for k, v in summary.items() if k != "dashboard"}, "notes": notes},
+                     "optuna/summary.json")
+
+
+__all__ = [
+    "DEFAULT_STORAGE", "SearchSpace", "ParamRange", "StorageUnavailableError", "tune", "reconcile",
+    "reconcile_study", "summarize", "make_storage", "make_pruner", "mask_url", "dashboard_command",
+]

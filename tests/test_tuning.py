@@ -1,0 +1,268 @@
+"""Tuning: search-space parsing, studies on SQLite and PostgreSQL, several workers, a killed worker.
+
+Everything runs for real: tiny synthetic videos decoded by decord, a one-epoch tiny teacher, a
+SQLite MLflow store per test and a fresh PostgreSQL database per multi-worker test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kdhar import tracking
+from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.tuning import (
+    ParamRange,
+    SearchSpace,
+    StorageUnavailableError,
+    dashboard_command,
+    make_storage,
+    mask_url,
+    reconcile,
+    study_trials,
+    tune,
+)
+
+EXPERIMENT = "tune-test"
+PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+
+
+def tiny_config(root: Path, epochs: int = 2) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(root=str(root), num_workers=0, val_fraction=0.1),
+        clip=ClipConfig(clip_len=4, frame_interval=1, test_clips=1, resize=(36, 48), crop=32, augment=False),
+        model=ModelConfig(arch="tiny3d", width=4, dropout=0.0),
+        optim=OptimConfig(batch_size=8, epochs=epochs, lr=0.05, deterministic=False),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """Three-class synthetic videos and a teacher checkpoint trained on them for one epoch."""
+    from kdhar.data.synthetic import SynthSpec, generate
+    from kdhar.train import run_training
+
+    base = tmp_path_factory.mktemp("tune-data")
+    spec = SynthSpec(num_classes=3, groups=4, clips_per_group=2, frames=8, size=(36, 48), difficulty=0.0)
+    root = generate(base / "ucf101", layout="ucf101", spec=spec).root
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base / 'teacher-mlflow.db'}")
+        mp.chdir(base)
+        res = run_training(tiny_config(root, epochs=1), role="teacher", experiment="teacher", register=False, progress=False)
+    return {"root": Path(root), "teacher": base / "runs" / "checkpoints" / res.run_id / "last.pt"}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own MLflow store, Optuna database and checkpoint folder."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"kdhar_tune_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(**PG_ADMIN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with admin.cursor() as cur:
+        # FORCE: pooled connections of the test process may still be open.
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def children_of(parent_id: str) -> list[dict]:
+    return tracking.find_runs(EXPERIMENT, f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def parents(study: str) -> list[dict]:
+    return tracking.find_runs(EXPERIMENT, f"tags.optuna_study = '{study}' and tags.role = 'tuning'")
+
+
+# ---------------------------------------------------------------------------- search space
+def test_search_space_parses_overrides_and_keeps_defaults():
+    space = SearchSpace.parse("tau=2:8:log, lam=0:2")
+    assert space.tau == ParamRange(2.0, 8.0, log=True)
+    assert space.lam == ParamRange(0.0, 2.0, log=False)
+    assert SearchSpace.parse("lam=0.5:1.5").tau == SearchSpace().tau
+    assert SearchSpace.parse(None) == SearchSpace.parse("") == SearchSpace()
+    assert SearchSpace.parse(str(space)) == space
+
+
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("temp=1:4", "temp=1:4"),  # unknown parameter
+        ("tau=4:4", "tau=4:4"),  # empty range
+        ("tau=8:2:log", "tau=8:2:log"),
+        ("tau=1:20:log,lam", "lam"),  # no '='
+        ("tau=1-20", "tau=1-20"),  # bad syntax
+        ("lam=a:1", "lam=a:1"),
+        ("tau=1:2:cubic", "tau=1:2:cubic"),
+        ("tau=0:2:log", "tau=0:2:log"),  # log of zero; tau must stay > 0 anyway
+        ("lam=-1:1", "lam=-1:1"),
+        ("tau=1:2,tau=3:4", "tau=3:4"),
+        ("tau=1:2,", "''"),
+    ],
+)
+def test_search_space_errors_name_the_bad_part(text, bad):
+    with pytest.raises(ValueError) as err:
+        SearchSpace.parse(text)
+    assert bad in str(err.value)
+
+
+def test_storage_errors_are_one_line_and_hide_the_password():
+    with pytest.raises(StorageUnavailableError) as err:
+        make_storage("postgresql://postgres:s3cret@127.0.0.1:1/nothing")  # nothing listens on port 1
+    msg = str(err.value)
+    assert "\n" not in msg and "s3cret" not in msg and "127.0.0.1:1" in msg
+    with pytest.raises(StorageUnavailableError, match="not a usable database URL"):
+        make_storage("nosuchdb://x")
+    assert mask_url("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert dashboard_command("postgresql://u@h/d") == "optuna-dashboard postgresql://u@h/d"
+
+
+# ---------------------------------------------------------------------------- one worker
+def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
+    cfg = tiny_config(tiny_data["root"])
+    kw = dict(teacher=str(tiny_data["teacher"]), study_name="s1", storage=None, pruner="none",
+              experiment=EXPERIMENT, seed=3, cache_teacher=True, device="cpu")
+    first = tune(cfg, n_trials=3, **kw)
+    assert (workdir / "optuna.db").exists()  # the embedded default storage
+    assert first["complete"] == 3 and first["trials"] == 3 and first["epochs"] == 6
+    [parent] = parents("s1")
+    assert parent["run_id"] == first["parent_run_id"]
+    assert parent["params"]["search_space"] == str(SearchSpace())
+    assert parent["metrics"]["best_val_video_top1"] == pytest.approx(first["best_value"])
+
+    trials = {t["number"]: t for t in study_trials(None, "s1")}
+    runs = children_of(parent["run_id"])
+    assert len(runs) == 3
+    for run in runs:
+        trial = trials[int(run["tags"]["optuna_trial_number"])]
+        assert run["tags"]["optuna_study"] == "s1" and run["tags"]["optuna_state"] == "COMPLETE"
+        assert trial["user_attrs"]["mlflow_run_id"] == run["run_id"]
+        assert float(run["params"]["kd.tau"]) == pytest.approx(trial["params"]["tau"])
+        assert float(run["params"]["kd.lam"]) == pytest.approx(trial["params"]["lam"])
+        assert run["metrics"]["best_val_video_top1"] == pytest.approx(trial["value"])
+    assert len({t["params"]["tau"] for t in trials.values()}) == 3  # no point sampled twice
+
+    # The same command with a larger budget continues the study under the same parent.
+    second = tune(cfg, n_trials=5, **kw)
+    assert second["trials"] == 5 and second["parent_run_id"] == first["parent_run_id"]
+    assert len(children_of(parent["run_id"])) == 5 and len(parents("s1")) == 1
+    assert [t["params"] for t in study_trials(None, "s1")][:3] == [trials[i]["params"] for i in range(3)]
+    # A full study runs nothing more.
+    assert tune(cfg, n_trials=5, **kw)["trials"] == 5
+
+    # A different search space under the same name is refused before any trial runs.
+    with pytest.raises(ValueError, match="search_space"):
+        tune(cfg, n_trials=6, space=SearchSpace.parse("tau=1:4"), **kw)
+    assert len(children_of(parent["run_id"])) == 5
+
+
+def test_tune_refuses_bad_inputs_before_any_trial(tiny_data, workdir):
+    cfg = tiny_config(tiny_data["root"])
+    kw = dict(n_trials=2, study_name="bad", experiment=EXPERIMENT, seed=0, cache_teacher=False, device="cpu",
+              space=SearchSpace(), storage=None, pruner="none")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        tune(cfg, teacher="none", **kw)
+    with pytest.raises(ValueError, match="pruner 'sometimes'"):
+        tune(cfg, teacher=str(tiny_data["teacher"]), **{**kw, "pruner": "sometimes"})
+    with pytest.raises(StorageUnavailableError):
+        tune(cfg, teacher=str(tiny_data["teacher"]), **{**kw, "storage": "postgresql://postgres@127.0.0.1:1/x"})
+    assert tracking.find_runs(EXPERIMENT, "tags.optuna_study = 'bad'") == []
+
+
+# ---------------------------------------------------------------------------- several workers
+WORKER = """
+import json, sys, torch
+from pathlib import Path
+from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.tuning import tune
+a = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+cfg = RunConfig(
+    data=DataConfig(root=a["root"], num_workers=0, val_fraction=0.1),
+    clip=ClipConfig(clip_len=4, frame_interval=1, test_clips=1, resize=(36, 48), crop=32, augment=False),
+    model=ModelConfig(arch="tiny3d", width=4, dropout=0.0),
+    optim=OptimConfig(batch_size=8, epochs=a["epochs"], lr=0.05, deterministic=False),
+)
+print(json.dumps(tune(cfg, teacher=a["teacher"], n_trials=a["n_trials"], study_name=a["study"],
+    storage=a["storage"], pruner="none", experiment=a["experiment"], seed=0, cache_teacher=False,
+    device="cpu", heartbeat_interval=1, grace_period=a["grace"])))
+"""
+
+
+def start_worker(tiny_data, workdir: Path, storage: str, n_trials: int, epochs: int = 2, grace: int = 3) -> subprocess.Popen:
+    args = dict(root=str(tiny_data["root"]), teacher=str(tiny_data["teacher"]), n_trials=n_trials, study="shared",
+                storage=storage, experiment=EXPERIMENT, epochs=epochs, grace=grace)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, json.dumps(args)], cwd=workdir, env=dict(os.environ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_two_workers_share_a_postgres_study(tiny_data, workdir, pg_url):
+    procs = [start_worker(tiny_data, workdir, pg_url, n_trials=4) for _ in range(2)]
+    results = [finish(p) for p in procs]
+    trials = study_trials(pg_url, "shared")
+    assert sorted(t["number"] for t in trials) == [0, 1, 2, 3]
+    assert all(t["state"] == "COMPLETE" for t in trials)
+    assert {r["parent_run_id"] for r in results} == {parents("shared")[0]["run_id"]}
+    assert len(parents("shared")) == 1
+    runs = children_of(results[0]["parent_run_id"])
+    numbers = sorted(int(r["tags"]["optuna_trial_number"]) for r in runs)
+    assert numbers == [0, 1, 2, 3]  # each trial ran exactly once
+    assert {r["run_id"] for r in runs} == {t["user_attrs"]["mlflow_run_id"] for t in trials}
+    # The two workers sampled with different seeds: no duplicated points.
+    assert len({t["params"]["tau"] for t in trials}) == 4
+
+
+def test_killed_worker_trial_is_failed_retried_and_its_run_ended(tiny_data, workdir, pg_url):
+    # A long first worker, so it is surely in the middle of its trial when it is killed.
+    doomed = start_worker(tiny_data, workdir, pg_url, n_trials=2, epochs=200)
+    deadline = time.monotonic() + 90
+    killed_run = None
+    while killed_run is None:
+        assert doomed.poll() is None, doomed.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the first worker never started its trial"
+        time.sleep(0.3)
+        runs = tracking.find_runs(EXPERIMENT, "tags.optuna_trial_number = '0' and attributes.status = 'RUNNING'")
+        killed_run = runs[0]["run_id"] if runs else None
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    assert tracking.run_status(killed_run) == "RUNNING"  # what a killed process leaves behind
+
+    survivor = finish(start_worker(tiny_data, workdir, pg_url, n_trials=2, grace=2))
+    reconcile(pg_url, "shared", heartbeat_interval=1, grace_period=2)
+    trials = {t["number"]: t for t in study_trials(pg_url, "shared")}
+    assert trials[0]["state"] == "FAIL"
+    retries = [t for t in trials.values() if t["retry_of"] == 0]
+    assert len(retries) == 1 and retries[0]["state"] == "COMPLETE"
+    assert retries[0]["params"] == trials[0]["params"]
+    assert sum(t["state"] == "COMPLETE" for t in trials.values()) == 2 and survivor["complete"] == 2
+    assert tracking.run_status(killed_run) == "KILLED"
+    [killed] = [r for r in children_of(survivor["parent_run_id"]) if r["run_id"] == killed_run]
+    assert killed["tags"]["optuna_state"] == "FAIL"
+    [retry_run] = [r for r in children_of(survivor["parent_run_id"]) if r["run_id"] == retries[0]["user_attrs"]["mlflow_run_id"]]
+    assert retry_run["tags"]["optuna_retry_of"] == "0"
