@@ -57,12 +57,12 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device | str,
     amp_dtype: torch.dtype | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor | int]:
     """One optimisation step on one batch.
 
     Returns:
-        The step's detached losses (every "*loss" entry), "correct" (top-1 hits) and "clips", as
-        tensors on `device` so that no GPU synchronisation happens here.
+        The step's detached losses (every "*loss" entry) and "correct" (top-1 hits) as tensors
+        left on `device`, so that no GPU synchronisation happens here, and "clips" (an int).
     """
     device = torch.device(device)
     dtype = resolve_amp_dtype(device, amp_dtype)
@@ -72,9 +72,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
-    result = {k: v.detach() for k, v in out.items() if k.endswith("loss")}
+    result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith("loss")}
     result["correct"] = (out["output"].detach().argmax(dim=1) == y).sum()
-    result["clips"] = torch.tensor(y.shape[0], device=device)
+    result["clips"] = int(y.shape[0])
     return result
 
 
@@ -93,7 +93,8 @@ def train_one_epoch(
     """Trains `step` for one pass over `loader`.
 
     Args:
-        step: a step module (`SupervisedStep`, `KDStep`, ...) already on `device`.
+        step: a step module (`SupervisedStep`, `KDStep`, ...) already on `device`; on CUDA it is
+            switched to channels_last_3d, the layout the inputs get.
         loader: yields dicts with "clip" (N, 3, T, H, W), "label" (N,), and optionally "skipped"
             (bad samples dropped by the collate function) and "teacher_logits" (a logit cache).
         optimizer: optimises the step's parameters.
@@ -119,8 +120,8 @@ def train_one_epoch(
         step.to(memory_format=torch.channels_last_3d)
     steps_per_epoch = len(loader) if isinstance(loader, Sized) else None
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress or not sys.stderr.isatty())
-    totals: dict[str, Tensor] = {}
-    window: dict[str, Tensor] = {}
+    totals: dict[str, Tensor | int] = {}
+    window: dict[str, Tensor | int] = {}
     skipped = 0
     start = window_start = time.perf_counter()
     i = -1
@@ -160,7 +161,7 @@ def train_one_epoch(
     }
 
 
-def _window_means(sums: dict[str, Tensor], epoch: int, i: int) -> dict[str, float]:
+def _window_means(sums: dict[str, Tensor | int], epoch: int, i: int) -> dict[str, float]:
     n = float(sums["clips"])
     means = {k: float(v) / n for k, v in sums.items() if k.endswith("loss")}
     if not math.isfinite(means["loss"]):
@@ -181,7 +182,7 @@ def evaluate(
     """Clip- and video-level accuracy of `model` on `loader`.
 
     A video's score is the mean of its clips' softmax scores; clips belong to the same video when
-    their `batch["index"]` is equal.
+    their `batch["index"]` is equal. On CUDA the model is switched to channels_last_3d.
 
     Returns:
         "clip_top1", "clip_top5" (top-k with k = min(5, num_classes)), "video_top1",
@@ -211,14 +212,15 @@ def evaluate(
         best = logits.topk(k, dim=1).indices
         top1 += (best[:, 0] == y).sum()
         topk += (best == y[:, None]).any(dim=1).sum()
-        probs.append(logits.softmax(dim=1).cpu())
-        labels.append(y.cpu())
+        # Kept on the device until the end: a copy per batch would stall the GPU each time.
+        probs.append(logits.softmax(dim=1))
+        labels.append(y)
         indices.append(torch.as_tensor(batch["index"]).cpu())
         skipped += int(batch.get("skipped", 0))
     if not probs:
         raise ValueError("the evaluation loader yielded no batches: check the dataset")
-    clip_probs = torch.cat(probs).double().numpy()
-    clip_labels = torch.cat(labels).numpy()
+    clip_probs = torch.cat(probs).double().cpu().numpy()
+    clip_labels = torch.cat(labels).cpu().numpy()
     videos, inverse = np.unique(torch.cat(indices).numpy(), return_inverse=True)
     n_clips = len(clip_labels)
 
