@@ -1,0 +1,666 @@
+"""Experiment tracking: the only module that imports mlflow.
+
+Where runs go: `MLFLOW_TRACKING_URI` when set (the team server, see docs/server.md), otherwise
+MLflow's own default, a `mlflow.db` SQLite file in the working directory.
+
+`RunTracker` opens one MLflow run as a context manager. Per-step metrics are queued and sent in
+batches by a background thread so the training loop never waits on the network; everything else
+(params, tags, artifacts, models) is sent at once. A run always ends with a final status: FINISHED,
+FAILED when its body raised, KILLED when it was interrupted by SIGINT/SIGTERM.
+
+Models are logged as MLflow 3 LoggedModels in the `pt2` (torch.export) format, which loads without
+unpickling code. The registry is driven by aliases; see `promote_champion` for the champion rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import mlflow
+import numpy as np
+import requests
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+# Tags every kdhar run carries, so runs, models and reports can be filtered the same way.
+STANDARD_TAGS = ("role", "arch", "dataset", "dataset_fingerprint")
+
+
+class TrackingError(Exception):
+    """A tracking operation cannot proceed; the message says what to change."""
+
+
+class TrackingUnavailableError(TrackingError):
+    """The configured tracking server cannot be reached or refuses our requests."""
+
+
+class RunTerminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives during a run.
+
+    It derives from SystemExit so an uncaught one exits quietly with the shell's usual
+    128 + signal code, after the run has been ended as KILLED.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def tracking_uri() -> str:
+    """Returns `MLFLOW_TRACKING_URI` if set, else MLflow's default (`sqlite:///<cwd>/mlflow.db`).
+
+    MLflow keeps using an existing `./mlruns` file store when one holds experiments; this
+    function reports whatever MLflow itself will use.
+    """
+    return mlflow.get_tracking_uri()
+
+
+def check_server(uri: str, timeout: float = 3.0) -> None:
+    """Fails fast with a one-line message when an http(s) tracking server is unusable.
+
+    Without this, MLflow's client retries with back-off for minutes before giving up.
+    Non-http URIs (SQLite, file stores) are local and always pass.
+
+    Raises:
+        TrackingUnavailableError: the server is down, rejects our Host header or needs credentials.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    hint = (
+        "Start it with `docker compose up` or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+    )
+    base = uri.rstrip("/")
+    try:
+        requests.get(f"{base}/health", timeout=timeout).raise_for_status()
+        # /health is exempt from the server's Host and auth checks; a real API call is not.
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get(
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+        api = requests.get(
+            f"{base}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=(user, password) if user and password else None,
+            timeout=timeout,
+        )
+    except requests.RequestException as exc:
+        reason = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {uri} is not reachable: {reason}. {hint}"
+        ) from exc
+    if api.status_code == 401:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {uri} needs credentials: set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
+    if api.status_code == 403:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {uri} refused the request ({api.text.strip()[:100]}): "
+            "add this host name to the server's --allowed-hosts"
+        )
+    if api.status_code >= 500:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {uri} is not reachable: HTTP {api.status_code}. {hint}"
+        )
+
+
+def _client() -> MlflowClient:
+    uri = tracking_uri()
+    check_server(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """Returns the commit checked out at `path` (default: cwd), or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        # No git binary, not a repository, or no commit yet: the run is still worth tracking.
+        return None
+    return out.stdout.strip() or None
+
+
+def standard_tags(
+    role: str, arch: str, dataset: str, dataset_fingerprint: str
+) -> dict[str, str]:
+    """Builds the tags every run carries: role (teacher/student/...), arch, dataset, its fingerprint
+    and, when available, the git commit of the code."""
+    tags = {"role": role, "arch": arch, "dataset": dataset, "dataset_fingerprint": dataset_fingerprint}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_PARAM_VAL_LENGTH:
+        # The server rejects longer values; the full dict is kept as an artifact by log_params.
+        text = text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+    return text
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as exc:
+            # Another worker created it between our lookup and create.
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment '{name}' is deleted: restore it with `mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}` or choose another experiment name"
+        )
+    return exp.experiment_id
+
+
+@dataclass(frozen=True)
+class LoggedModelRef:
+    """Where a logged model lives: `model_uri` loads it, `version` is set when it was registered."""
+
+    model_uri: str
+    model_id: str
+    run_id: str
+    registered_name: str | None = None
+    version: str | None = None
+
+
+class _MetricSender(threading.Thread):
+    """Drains a queue of metrics into `log_batch` calls; whatever piled up during one request
+    goes into the next, so batches grow exactly when the server is the bottleneck."""
+
+    _STOP = object()
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        super().__init__(name=f"kdhar-metrics-{run_id[:8]}", daemon=True)
+        self.client, self.run_id = client, run_id
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self.queue.get()]
+            while len(batch) < MAX_METRICS_PER_BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is self._STOP for item in batch)
+            metrics = [item for item in batch if item is not self._STOP]
+            try:
+                if metrics and self.error is None:
+                    self.client.log_batch(self.run_id, metrics=metrics)
+            except Exception as exc:  # noqa: BLE001 - handed to the training thread by flush()
+                self.error = exc
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    def flush(self) -> None:
+        self.queue.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise TrackingError(f"sending metrics of run {self.run_id} failed: {error}") from error
+
+    def stop(self) -> None:
+        self.queue.put(self._STOP)
+        self.join()
+
+
+class RunTracker:
+    """One MLflow run, opened by `with RunTracker(...) as run:`.
+
+    Args:
+        experiment: experiment name; created when missing.
+        run_name: display name of a new run.
+        tags: tags set when the run starts (see `standard_tags`).
+        resume_run_id: re-open this run instead of creating one (its params must not change).
+        nested: create the run under the run currently open in this thread.
+        parent_run_id: create the run under this run (e.g. a study's parent run).
+
+    Under `mlflow run`, MLflow passes its own run in `MLFLOW_RUN_ID`; the first tracker opened
+    adopts that run, so the project run and ours are the same.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str | None = None,
+        tags: dict[str, Any] | None = None,
+        resume_run_id: str | None = None,
+        nested: bool = False,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        self.resume_run_id = resume_run_id
+        self.nested = nested
+        self.parent_run_id = parent_run_id
+        self.run_id: str = ""
+        self._client: MlflowClient | None = None
+        self._sender: _MetricSender | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._closing = False
+        self._pending_signal: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> RunTracker:
+        self._client = _client()
+        experiment_id = _get_or_create_experiment(self._client, self.experiment)
+        if self.resume_run_id:
+            run = self._get_run(self.resume_run_id)
+            if run.info.experiment_id != experiment_id:
+                raise TrackingError(
+                    f"run {self.resume_run_id} belongs to experiment {run.info.experiment_id}, "
+                    f"not '{self.experiment}': resume it with its own experiment name"
+                )
+            active = mlflow.start_run(run_id=self.resume_run_id, tags=self.tags or None)
+        else:
+            active = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=self.run_name,
+                tags=self.tags or None,
+                nested=self.nested or self.parent_run_id is not None,
+                parent_run_id=self.parent_run_id,
+            )
+        self.run_id = active.info.run_id
+        self._sender = _MetricSender(self._client, self.run_id)
+        self._sender.start()
+        self._install_signal_handlers()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A second SIGTERM while we end the run would otherwise leave it RUNNING.
+        self._closing = True
+        status = _status_for(exc)
+        flush_error: TrackingError | None = None
+        try:
+            self._sender.flush()
+        except TrackingError as err:
+            flush_error = err
+            status = "FAILED" if status == "FINISHED" else status
+        self._sender.stop()
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status=status)
+        else:
+            self._client.set_terminated(self.run_id, status=status)
+        self._restore_signal_handlers()
+        if flush_error is not None:
+            if exc is None:
+                raise flush_error
+            # The body's own exception is the one to propagate; keep the lost metrics visible.
+            logger.error("%s (run %s ended %s)", flush_error, self.run_id, status)
+        if exc is None and self._pending_signal is not None:
+            raise RunTerminated(self._pending_signal)
+
+    def _install_signal_handlers(self) -> None:
+        # Python only lets the main thread install handlers; trackers opened in worker threads
+        # (parallel trials) rely on the main thread's tracker for signals.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._closing:
+            self._pending_signal = signum
+            return
+        raise RunTerminated(signum)
+
+    def _get_run(self, run_id: str) -> Any:
+        try:
+            return self._client.get_run(run_id)
+        except MlflowException as exc:
+            raise TrackingError(
+                f"run {run_id} does not exist at {tracking_uri()}: check the run id and "
+                "MLFLOW_TRACKING_URI"
+            ) from exc
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Logs params as strings; values longer than MLflow's limit are shortened and the full
+        set is stored as `params.json`. On a resumed run, changed values raise TrackingError."""
+        values = {key: _param_value(value) for key, value in params.items()}
+        if self.resume_run_id:
+            old = self._get_run(self.run_id).data.params
+            changed = [f"{k} ({old[k]} -> {v})" for k, v in values.items() if k in old and old[k] != v]
+            if changed:
+                raise TrackingError(
+                    f"cannot resume run {self.run_id} with different parameters: "
+                    f"{', '.join(changed[:5])}; start a new run instead"
+                )
+        items = [Param(k, v) for k, v in values.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+        if any(len(str(v)) > MAX_PARAM_VAL_LENGTH for v in params.values()):
+            self.log_dict({k: str(v) for k, v in params.items()}, "params.json")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queues metrics for the background sender; returns without waiting for the server.
+
+        A failure to send surfaces as TrackingError on the next call or when the run ends.
+        """
+        sender = self._sender
+        if sender.error is not None:
+            sender.flush()
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            sender.queue.put(Metric(key, float(value), now, step))
+
+    def flush(self) -> None:
+        """Blocks until every queued metric has reached the tracking store."""
+        self._sender.flush()
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Sets run tags (values stringified)."""
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Uploads a local file or directory into the run's artifacts."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: cannot log a missing file as an artifact")
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """Stores a matplotlib figure as the artifact `name` (e.g. "plots/confusion.png")."""
+        self._client.log_figure(self.run_id, fig, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        """Stores `text` as the artifact `name`."""
+        self._client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        """Stores `data` as a JSON (or YAML, by extension) artifact `name`."""
+        self._client.log_dict(self.run_id, data, name)
+
+    # -- models ----------------------------------------------------------------------------
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        name: str,
+        input_example: np.ndarray,
+        registered_name: str | None = None,
+    ) -> LoggedModelRef:
+        """Logs `model` as a LoggedModel of this run, optionally as a new registry version.
+
+        The model is exported with torch.export on the CPU in eval mode, so it loads on any
+        machine and behaves as at evaluation time. `input_example` must hold a batch of at least
+        2 so the exported graph keeps the batch size free (other dimensions are fixed).
+        The version gets the run's standard tags, which `promote_champion` relies on.
+        """
+        if input_example.ndim < 1 or input_example.shape[0] < 2:
+            raise ValueError(
+                f"input_example for model '{name}' has shape {input_example.shape}: give a batch "
+                "of at least 2 so the logged model accepts any batch size"
+            )
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise TrackingError(
+                f"log_model must be called while run {self.run_id} is the innermost open run "
+                "in this thread"
+            )
+        self.flush()
+        export = copy.deepcopy(model).to("cpu").eval()
+        example = np.ascontiguousarray(input_example, dtype=np.float32)
+        with torch.no_grad():
+            output = export(torch.from_numpy(example)).numpy()
+        run_tags = self._get_run(self.run_id).data.tags
+        info = mlflow.pytorch.log_model(
+            export,
+            name=name,
+            input_example=example,
+            signature=infer_signature(example, output),
+            registered_model_name=registered_name,
+            serialization_format="pt2",
+            # An exported graph needs only torch to load; letting MLflow infer requirements
+            # re-imports the model in a subprocess, which costs ~10 s per model on 2 cores.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            tags={k: run_tags[k] for k in STANDARD_TAGS if k in run_tags},
+        )
+        version = None
+        if registered_name is not None:
+            version = str(info.registered_model_version)
+            for key in STANDARD_TAGS:
+                if key in run_tags:
+                    self._client.set_model_version_tag(registered_name, version, key, run_tags[key])
+        return LoggedModelRef(
+            model_uri=info.model_uri,
+            model_id=info.model_id,
+            run_id=self.run_id,
+            registered_name=registered_name,
+            version=version,
+        )
+
+    def promote_champion(
+        self,
+        registered_name: str,
+        version: str,
+        metric_name: str,
+        dataset_fingerprint: str,
+        higher_is_better: bool = True,
+    ) -> list[str]:
+        """Sends pending metrics, then applies `promote_champion` (see there)."""
+        self.flush()
+        return promote_champion(
+            registered_name, version, metric_name, dataset_fingerprint, higher_is_better
+        )
+
+
+def _status_for(exc: BaseException | None) -> str:
+    if exc is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(exc, (RunTerminated, KeyboardInterrupt)):
+        return RunStatus.to_string(RunStatus.KILLED)
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return RunStatus.to_string(RunStatus.FINISHED)
+    return RunStatus.to_string(RunStatus.FAILED)
+
+
+def _version_score(client: MlflowClient, name: str, version: str, metric_name: str) -> float | None:
+    mv = client.get_model_version(name, version)
+    value = client.get_run(mv.run_id).data.metrics.get(metric_name) if mv.run_id else None
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def promote_champion(
+    registered_name: str,
+    version: str,
+    metric_name: str,
+    dataset_fingerprint: str,
+    higher_is_better: bool = True,
+) -> list[str]:
+    """Moves champion aliases to `version` when it beats the current holder on the same dataset.
+
+    The rule: scores are only comparable on the same data, so versions compete only with versions
+    whose `dataset_fingerprint` tag matches. Each dataset has its own alias
+    `champion-<fingerprint>`, which always names the best version for that dataset. The plain
+    `champion` alias follows the same rule but stays with its dataset: when it is held by a version
+    of another dataset it is left alone (use the per-dataset alias there). A version's score is
+    the latest value of `metric_name` on the run that logged it; a holder without that metric
+    loses; ties keep the holder.
+
+    Returns:
+        The aliases that point at `version` after the call because of it (empty if it lost).
+
+    Raises:
+        TrackingError: the version is unknown, trained on another dataset, or lacks the metric.
+    """
+    client = _client()
+    version = str(version)
+    try:
+        candidate = client.get_model_version(registered_name, version)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"registered model '{registered_name}' has no version {version}"
+        ) from exc
+    fingerprint = candidate.tags.get("dataset_fingerprint")
+    if fingerprint != dataset_fingerprint:
+        raise TrackingError(
+            f"version {version} of '{registered_name}' is tagged dataset_fingerprint="
+            f"{fingerprint}, not {dataset_fingerprint}: promote it for the dataset it was trained on"
+        )
+    score = _version_score(client, registered_name, version, metric_name)
+    if score is None:
+        raise TrackingError(
+            f"the run of version {version} of '{registered_name}' has no metric '{metric_name}'"
+        )
+    aliases = client.get_registered_model(registered_name).aliases
+    moved = []
+    for alias in (f"{CHAMPION}-{dataset_fingerprint}", CHAMPION):
+        holder = aliases.get(alias)
+        if holder is not None and str(holder) != version:
+            holder_mv = client.get_model_version(registered_name, str(holder))
+            if holder_mv.tags.get("dataset_fingerprint") != dataset_fingerprint:
+                continue
+            best = _version_score(client, registered_name, str(holder), metric_name)
+            if best is not None and not (score > best if higher_is_better else score < best):
+                continue
+        client.set_registered_model_alias(registered_name, alias, version)
+        moved.append(alias)
+    return moved
+
+
+# -- reading back ---------------------------------------------------------------------------
+
+
+def find_runs(
+    experiment: str,
+    filter_string: str = "",
+    order_by: list[str] | None = None,
+    max_results: int | None = None,
+) -> list[dict[str, Any]]:
+    """Searches an experiment's runs (MLflow filter syntax, e.g. "tags.role = 'teacher'").
+
+    Returns:
+        One dict per run: run_id, run_name, status, start_time, end_time (ms), params, metrics,
+        tags. An experiment that does not exist has no runs.
+    """
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs: list[dict[str, Any]] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=min(max_results or 1000, 1000),
+            order_by=order_by,
+            page_token=page_token,
+        )
+        for run in page:
+            runs.append(
+                {
+                    "run_id": run.info.run_id,
+                    "run_name": run.info.run_name,
+                    "status": run.info.status,
+                    "start_time": run.info.start_time,
+                    "end_time": run.info.end_time,
+                    "params": dict(run.data.params),
+                    "metrics": dict(run.data.metrics),
+                    "tags": dict(run.data.tags),
+                }
+            )
+        page_token = page.token
+        if not page_token or (max_results is not None and len(runs) >= max_results):
+            return runs[:max_results] if max_results is not None else runs
+
+
+class ExportedModel(torch.nn.Module):
+    """A logged model loaded back: an inference graph wrapped as an ordinary module.
+
+    The graph was exported in eval mode, so dropout and batch norm are fixed at their evaluation
+    behaviour; `train()`/`eval()` only flip the flag (exported graphs reject them), which lets
+    callers freeze a loaded teacher the usual way.
+    """
+
+    def __init__(self, graph: torch.nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = mode
+        return self
+
+
+def load_model(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Loads a model logged by `RunTracker.log_model` onto `device`.
+
+    Args:
+        uri: `models:/<name>@<alias>`, `models:/<name>/<version>`, `models:/<model_id>` or
+            `runs:/<run_id>/<name>`.
+        device: where the weights should live.
+    """
+    check_server(tracking_uri())
+    device = torch.device(device)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    # MLflow's loader checks the archive holds no pickled code before torch.export loads it.
+    graph = mlflow.pytorch.load_model(str(local))
+    if device.type != "cpu":
+        # Exported graphs cannot be moved with .to(); the program is re-targeted instead.
+        from torch.export.passes import move_to_device_pass
+
+        program = torch.export.load(str(local / "data" / "model.pt2"))
+        graph = move_to_device_pass(program, device).module()
+    return ExportedModel(graph)
+

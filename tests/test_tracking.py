@@ -1,0 +1,250 @@
+"""kdhar.tracking against a real `mlflow server` on PostgreSQL, and against a local SQLite store."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless CI
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kdhar import tracking
+from kdhar.tracking import RunTracker, TrackingError, TrackingUnavailableError
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_video_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # Dropout makes the output differ in train mode, so equal outputs prove eval-mode export.
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool3d(1),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(4, 5),
+    )
+
+
+def clip_batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 4, 16, 16), dtype=np.float32)
+
+
+def test_run_logs_params_metrics_and_artifacts(server_tracking, tmp_path):
+    tags = tracking.standard_tags("teacher", "c3d", "ucf101", "fp0001")
+    long_value = "x" * 7000
+    with RunTracker("kdhar-test-logging", run_name="logging", tags=tags) as run:
+        run.log_params({"optim.lr": 0.01, "model.width": 8, "note": long_value})
+        for step in range(600):
+            run.log_metrics({"train.loss": 1.0 / (step + 1), "train.acc": step / 600}, step=step)
+        run.set_tags({"stage": "done"})
+        run.log_text("hello", "notes/hello.txt")
+        run.log_dict({"a": 1}, "summary.json")
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        run.log_figure(fig, "plots/curve.png")
+        plt.close(fig)
+        (tmp_path / "confusion.csv").write_text("1,0\n0,1\n")
+        run.log_artifact(tmp_path / "confusion.csv", artifact_path="eval")
+        run_id = run.run_id
+
+    client = MlflowClient(server_tracking)
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params["optim.lr"] == "0.01"
+    assert got.data.params["model.width"] == "8"
+    assert len(got.data.params["note"]) <= 6000 and got.data.params["note"].startswith("xxx")
+    assert {k: got.data.tags[k] for k in ("role", "arch", "dataset", "dataset_fingerprint")} == {
+        "role": "teacher", "arch": "c3d", "dataset": "ucf101", "dataset_fingerprint": "fp0001",
+    }  # fmt: skip
+    assert got.data.tags["stage"] == "done"
+    history = client.get_metric_history(run_id, "train.loss")
+    assert sorted(m.step for m in history) == list(range(600))
+    assert {m.step: m.value for m in history}[9] == pytest.approx(0.1)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"notes", "summary.json", "plots", "eval", "params.json"} <= artifacts
+    local = Path(client.download_artifacts(run_id, "eval/confusion.csv", str(tmp_path / "dl")))
+    assert local.read_text() == "1,0\n0,1\n"
+
+
+def test_model_registry_and_champion_rule(server_tracking):
+    name = "kdhar-test-teacher"
+    versions = {}
+    # (label, dataset fingerprint, test accuracy) in logging order
+    plan = [("a1", "dsA", 0.50), ("a2", "dsA", 0.40), ("b1", "dsB", 0.90), ("a3", "dsA", 0.70)]
+    models = {}
+    moved = {}
+    for i, (label, fingerprint, acc) in enumerate(plan):
+        tags = tracking.standard_tags("teacher", "tiny", "synthetic", fingerprint)
+        with RunTracker("kdhar-test-registry", run_name=label, tags=tags) as run:
+            models[label] = tiny_video_model(seed=i)
+            run.log_metrics({"test.video_top1": acc}, step=0)
+            ref = run.log_model(models[label], "model", clip_batch(2), registered_name=name)
+            versions[label] = ref.version
+            moved[label] = run.promote_champion(name, ref.version, "test.video_top1", fingerprint)
+
+    assert moved == {
+        "a1": ["champion-dsA", "champion"],
+        "a2": [],  # worse than a1 on the same data
+        "b1": ["champion-dsB"],  # other dataset: `champion` stays with dsA
+        "a3": ["champion-dsA", "champion"],
+    }
+    client = MlflowClient(server_tracking)
+    aliases = client.get_registered_model(name).aliases
+    assert aliases == {
+        "champion": versions["a3"], "champion-dsA": versions["a3"], "champion-dsB": versions["b1"],
+    }  # fmt: skip
+    assert client.get_model_version(name, versions["b1"]).tags["dataset_fingerprint"] == "dsB"
+
+    with pytest.raises(TrackingError, match="dataset_fingerprint=dsA"):
+        tracking.promote_champion(name, versions["a2"], "test.video_top1", "dsB")
+
+    loaded = tracking.load_model(f"models:/{name}@champion", device="cpu")
+    loaded.eval()  # callers freeze teachers this way; must not raise
+    x = torch.from_numpy(clip_batch(3, seed=1))  # another batch size than logged
+    with torch.no_grad():
+        expected = models["a3"].eval()(x)
+        assert torch.allclose(loaded(x), expected, atol=1e-6)
+        by_run = tracking.load_model(f"runs:/{client.get_model_version(name, versions['b1']).run_id}/model")
+        assert torch.allclose(by_run(x), models["b1"].eval()(x), atol=1e-6)
+
+
+def test_body_that_raises_ends_failed(server_tracking):
+    with pytest.raises(ValueError, match="boom"):
+        with RunTracker("kdhar-test-status") as run:
+            run.log_metrics({"loss": 1.0}, step=0)
+            raise ValueError("boom")
+    got = MlflowClient(server_tracking).get_run(run.run_id)
+    assert got.info.status == "FAILED"
+    assert [m.value for m in MlflowClient(server_tracking).get_metric_history(run.run_id, "loss")] == [1.0]
+
+
+def test_sigterm_ends_run_killed(server_tracking):
+    script = textwrap.dedent(
+        """
+        import time
+        from kdhar.tracking import RunTracker
+        with RunTracker("kdhar-test-status", run_name="sigterm") as run:
+            print(run.run_id, flush=True)
+            step = 0
+            while True:
+                run.log_metrics({"loss": 1.0}, step=step)
+                step += 1
+                time.sleep(0.02)
+        """
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server_tracking}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        run_id = proc.stdout.readline().strip()
+        assert re.fullmatch(r"[0-9a-f]{32}", run_id), proc.stderr.read()
+        time.sleep(0.5)  # let it log a few steps
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    client = MlflowClient(server_tracking)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len(client.get_metric_history(run_id, "loss")) > 0
+
+
+def test_signal_handler_restored_after_run(server_tracking):
+    before = signal.getsignal(signal.SIGTERM)
+    with RunTracker("kdhar-test-status"):
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_unreachable_server_fails_fast(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once the socket closes
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as err:
+        with RunTracker("never"):
+            pass
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"MLflow tracking server at {uri} is not reachable" in message
+    assert "docker compose up" in message and "MLFLOW_TRACKING_URI" in message
+
+
+def test_resume_reopens_the_same_run(server_tracking):
+    with RunTracker("kdhar-test-resume", run_name="first") as run:
+        run.log_params({"optim.lr": 0.01})
+        run.log_metrics({"loss": 2.0}, step=0)
+        first_id = run.run_id
+    with RunTracker("kdhar-test-resume", resume_run_id=first_id) as run:
+        assert run.run_id == first_id
+        assert MlflowClient(server_tracking).get_run(first_id).info.status == "RUNNING"
+        run.log_params({"optim.lr": 0.01})  # same values are fine on resume
+        run.log_metrics({"loss": 1.0}, step=1)
+        with pytest.raises(TrackingError, match=r"optim.lr \(0.01 -> 0.02\)"):
+            run.log_params({"optim.lr": 0.02})
+    client = MlflowClient(server_tracking)
+    assert client.get_run(first_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(first_id, "loss")] == [(0, 2.0), (1, 1.0)]
+    with pytest.raises(TrackingError, match="its own experiment name"):
+        with RunTracker("kdhar-test-other", resume_run_id=first_id):
+            pass
+
+
+def test_default_uri_is_mlflow_db_in_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_local_store_nested_runs_and_find_runs(local_tracking):
+    with RunTracker("kdhar-test-local", run_name="study", tags={"role": "study"}) as parent:
+        for trial in range(2):
+            with RunTracker("kdhar-test-local", run_name=f"trial-{trial}", nested=True,
+                            tags={"role": "trial"}) as child:  # fmt: skip
+                child.log_params({"kd.tau": 2.0 + trial})
+                child.log_metrics({"val.top1": 0.5 + trial / 10}, step=0)
+    runs = tracking.find_runs("kdhar-test-local", "tags.role = 'trial'", order_by=["metrics.`val.top1` DESC"])
+    assert [r["run_name"] for r in runs] == ["trial-1", "trial-0"]
+    assert runs[0]["params"] == {"kd.tau": "3.0"}
+    assert runs[0]["metrics"] == {"val.top1": pytest.approx(0.6)}
+    assert runs[0]["status"] == "FINISHED"
+    assert runs[0]["tags"]["mlflow.parentRunId"] == parent.run_id
+    assert tracking.find_runs("no-such-experiment") == []
+
+
+def test_local_store_failed_run(local_tracking):
+    with pytest.raises(KeyboardInterrupt):
+        with RunTracker("kdhar-test-local") as run:
+            raise KeyboardInterrupt
+    assert tracking.find_runs("kdhar-test-local")[0]["status"] == "KILLED"
+    with pytest.raises(ValueError, match="batch of at least 2"):
+        with RunTracker("kdhar-test-local") as run:
+            run.log_model(tiny_video_model(0), "model", clip_batch(1))
+    assert MlflowClient(local_tracking).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_git_commit(tmp_path):
+    assert tracking.git_commit(tmp_path) is None
+    commit = tracking.git_commit(REPO)
+    assert commit is not None and re.fullmatch(r"[0-9a-f]{40}", commit)
