@@ -111,7 +111,7 @@ class GroupStyle:
     light_angle: float
     flicker: float  # relative brightness wobble over time
     shake: float  # camera shake amplitude in pixels
-    noise: float  # std of per-pixel Gaussian noise on the [0, 1] scale
+    noise: float  # std of per-pixel noise on the [0, 1] scale
     distractors: int  # objects that move for no reason
     distractor_color: tuple[float, float, float]
 
@@ -139,6 +139,7 @@ class _Pose:
     arm_l: np.ndarray
 
 
+Trajectory = Callable[[np.ndarray, _ClipDraw, float], _Pose]
 _ARM_REST = math.pi / 2 - 0.45  # right arm hangs down and out; the left one mirrors it
 
 
@@ -250,8 +251,6 @@ def _spin_jump(spin_first):
         return _pose(tau, rot=2.0 * math.pi * spin, dy=-0.15 * amp * np.sin(math.pi * jump))
     return trajectory
 
-
-Trajectory = Callable[[np.ndarray, _ClipDraw, float], _Pose]
 
 
 @dataclass(frozen=True)
