@@ -25,7 +25,7 @@ def toy_batches(n_batches: int, batch_size: int = 8, seed: int = 0) -> list[dict
     batches = []
     for b in range(n_batches):
         labels = torch.randint(0, 3, (batch_size,), generator=g)
-        clips = torch.randn(batch_size, 3, 4, 16, 16, generator=g) * 0.5
+        clips = torch.randn(batch_size, 3, 4, 12, 12, generator=g) * 0.5
         clips += (labels.float() - 1.0).view(-1, 1, 1, 1, 1)
         index = torch.arange(b * batch_size, (b + 1) * batch_size)
         batches.append({"clip": clips, "label": labels, "index": index, "view": torch.zeros_like(index)})
