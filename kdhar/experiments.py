@@ -1,0 +1,467 @@
+"""Experiment grids: a YAML spec of teachers x students x fractions x seeds, run and resumed cell by cell.
+
+A spec is plain data (see experiments/*.yaml). `plan` turns it into an ordered list of cells:
+teachers, then scratch students, then distilled students, then fine-tunes on the transfer dataset.
+`run_grid` trains them in that order and skips every cell whose configuration already has a
+FINISHED run in the experiment (looked up by the `config_hash` tag), so an interrupted grid picks up
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiprocessing
+import yaml
+
+from kdhar import config as C
+
+SIZES = ("cpu", "paper")
+
+# Spec key -> (RunConfig section, field). Only these knobs may be overridden from a spec, so a typo
+# is an error rather than a silently ignored setting.
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "epochs": ("optim", "epochs"),
+    "lr": ("optim", "lr"),
+    "batch_size": ("optim", "batch_size"),
+    "schedule": ("optim", "schedule"),
+    "momentum": ("optim", "momentum"),
+    "weight_decay": ("optim", "weight_decay"),
+    "width": ("model", "width"),
+    "dropout": ("model", "dropout"),
+    "clip_len": ("clip", "clip_len"),
+    "frame_interval": ("clip", "frame_interval"),
+    "crop": ("clip", "crop"),
+    "resize": ("clip", "resize"),
+    "test_clips": ("clip", "test_clips"),
+    "num_workers": ("data", "num_workers"),
+    "val_fraction": ("data", "val_fraction"),
+}
+
+SPEC_KEYS = {
+    "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
+    "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
+    "finetune", "cache_teacher",
+}
+DATASET_KEYS = {"name", "root", "split", "fraction"}
+
+
+class SpecError(ValueError):
+    """An experiment spec that cannot be run; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives. `fraction` only matters for the transfer dataset."""
+
+    name: str
+    root: str
+    split: int = 1
+    fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A whole study: every field is plain data read from YAML."""
+
+    experiment: str
+    dataset: DatasetSpec
+    teachers: list[str]
+    students: list[str]
+    fractions: list[float]
+    seeds: list[int]
+    size: str = "cpu"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    teacher_overrides: dict[str, Any] = field(default_factory=dict)
+    transfer_overrides: dict[str, Any] = field(default_factory=dict)
+    transfer: DatasetSpec | None = None
+    self_distill: bool = False  # also distil an architecture into itself
+    teacher_seed: int = 0  # teachers are trained once, on all training videos
+    tau: float = 4.0
+    lam: float = 1.0
+    finetune: bool = False
+    cache_teacher: bool = False
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid.
+
+    `teacher` is the teacher architecture of a distilled student, "none" for a scratch student and
+    for a teacher cell itself. A fine-tune cell carries the student cell whose model it starts from.
+    """
+
+    role: str  # teacher | student | finetune
+    arch: str
+    teacher: str
+    fraction: float
+    seed: int
+    cfg: C.RunConfig
+    source: Cell | None = None
+
+    @property
+    def wave(self) -> str:
+        """Cells of one wave are independent and may run in parallel."""
+        if self.role == "student":
+            return "scratch" if self.teacher == "none" else "kd"
+        return self.role
+
+    def label(self) -> str:
+        if self.role == "teacher":
+            return f"teacher {self.arch}"
+        if self.role == "student":
+            via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
+            return f"student {self.arch} {via} fraction={self.fraction:g} seed={self.seed}"
+        src = self.source
+        via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
+        return f"finetune {self.arch} ({via} fraction={src.fraction:g} seed={src.seed}) on {self.cfg.data.dataset}"
+
+
+# ---------------------------------------------------------------- spec
+
+def build_run_config(
+    arch: str,
+    *,
+    size: str,
+    overrides: dict[str, Any],
+    dataset: DatasetSpec,
+    fraction: float,
+    seed: int,
+    tau: float = 4.0,
+    lam: float = 1.0,
+) -> C.RunConfig:
+    """Defaults -> size preset -> overrides, the same order as the command line.
+
+    Raises:
+        SpecError: an unknown override key or size.
+    """
+    if size not in SIZES:
+        raise SpecError(f"size {size!r} is not one of {', '.join(SIZES)}")
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise SpecError(f"unknown override {', '.join(unknown)}; valid: {', '.join(sorted(OVERRIDES))}")
+    base = C.RunConfig()
+    preset = C.CPU_PRESET if size == "cpu" else {}
+    sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in ("data", "clip", "model", "optim")}
+    for key, value in overrides.items():
+        section, name = OVERRIDES[key]
+        sections[section][name] = tuple(value) if name == "resize" else value
+    if size == "cpu" and "crop" in overrides and "resize" not in overrides:
+        # The CPU preset's resize is 8/7 of its crop at the synthetic videos' 4:3 aspect; keep that
+        # ratio when only the crop changes (the command line does the same).
+        crop = overrides["crop"]
+        sections["clip"]["resize"] = (round(crop * 8 / 7), round(crop * 8 / 7 * 4 / 3))
+    data = dataclasses.replace(
+        base.data, dataset=dataset.name, root=dataset.root, split=dataset.split, fraction=fraction,
+        **sections["data"],
+    )
+    return C.RunConfig(
+        data=data,
+        clip=dataclasses.replace(base.clip, **sections["clip"]),
+        model=dataclasses.replace(base.model, arch=arch, **sections["model"]),
+        optim=dataclasses.replace(base.optim, seed=seed, **sections["optim"]),
+        kd=dataclasses.replace(base.kd, tau=tau, lam=lam),
+    )
+
+
+def load_spec(path: str | Path) -> GridSpec:
+    """Reads and checks an experiment spec.
+
+    Raises:
+        SpecError: the file is missing, is not a mapping, or has an unknown key or a bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"experiment spec {path} does not exist; see experiments/*.yaml for examples")
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of keys (experiment, dataset, teachers, ...)")
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
+    """Builds a GridSpec from already-parsed YAML, checking every value (see `load_spec`)."""
+    from kdhar.models import MODELS
+
+    def fail(msg: str) -> SpecError:
+        return SpecError(f"{source}: {msg}")
+
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise fail(f"unknown key {', '.join(unknown)}; valid keys: {', '.join(sorted(SPEC_KEYS))}")
+    for key in ("experiment", "dataset", "teachers", "students", "fractions", "seeds"):
+        if key not in raw:
+            raise fail(f"missing key '{key}'")
+
+    def dataset(key: str) -> DatasetSpec:
+        d = raw[key]
+        if not isinstance(d, dict) or "name" not in d or "root" not in d:
+            raise fail(f"'{key}' needs at least 'name' and 'root', e.g. {{name: ucf101, root: data/ucf101}}")
+        bad = sorted(set(d) - DATASET_KEYS)
+        if bad:
+            raise fail(f"unknown key {', '.join(bad)} in '{key}'; valid: {', '.join(sorted(DATASET_KEYS))}")
+        frac = float(d.get("fraction", 1.0))
+        if not 0 < frac <= 1:
+            raise fail(f"{key}.fraction {frac} is outside (0, 1]")
+        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=int(d.get("split", 1)), fraction=frac)
+
+    def archs(key: str) -> list[str]:
+        names = raw[key]
+        if isinstance(names, str):
+            names = [names]
+        bad = [n for n in names if n not in MODELS]
+        if bad:
+            raise fail(f"{key}: unknown architecture {', '.join(map(str, bad))}; choose from {', '.join(sorted(MODELS))}")
+        return [str(n) for n in names]
+
+    fractions = [float(f) for f in raw["fractions"]]
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise fail(f"fractions {bad} are outside (0, 1]; the paper uses 1.0, 0.5, 0.25, 0.02")
+    finetune = bool(raw.get("finetune", False))
+    if finetune and "transfer" not in raw:
+        raise fail("finetune is on but no 'transfer' dataset is given (e.g. {name: hmdb51, root: data/hmdb51})")
+    spec = GridSpec(
+        experiment=str(raw["experiment"]),
+        dataset=dataset("dataset"),
+        transfer=dataset("transfer") if "transfer" in raw else None,
+        size=str(raw.get("size", "cpu")),
+        overrides=dict(raw.get("overrides") or {}),
+        teacher_overrides=dict(raw.get("teacher_overrides") or {}),
+        transfer_overrides=dict(raw.get("transfer_overrides") or {}),
+        teachers=archs("teachers"),
+        students=archs("students"),
+        self_distill=bool(raw.get("self_distill", False)),
+        fractions=fractions,
+        seeds=[int(s) for s in raw["seeds"]],
+        teacher_seed=int(raw.get("teacher_seed", 0)),
+        tau=float(raw.get("tau", 4.0)),
+        lam=float(raw.get("lam", 1.0)),
+        finetune=finetune,
+        cache_teacher=bool(raw.get("cache_teacher", False)),
+    )
+    if spec.tau <= 0 or spec.lam < 0:
+        raise fail(f"tau {spec.tau} must be > 0 and lam {spec.lam} >= 0 (the paper: tau 4, lam 1)")
+    try:
+        plan(spec)  # builds every configuration, so a bad override fails here, not hours in
+    except SpecError as exc:
+        raise fail(str(exc)) from exc
+    return spec
+
+
+def plan(spec: GridSpec) -> list[Cell]:
+    """Every cell of the grid in run order: teachers, scratch students, distilled students, fine-tunes."""
+    teachers = [
+        Cell("teacher", t, "none", 1.0, spec.teacher_seed,
+             build_run_config(t, size=spec.size, overrides={**spec.overrides, **spec.teacher_overrides},
+                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed, tau=spec.tau, lam=spec.lam))
+        for t in spec.teachers
+    ]
+    scratch: list[Cell] = []
+    kd: list[Cell] = []
+    for s in spec.students:
+        for frac in spec.fractions:
+            for seed in spec.seeds:
+                cfg = build_run_config(s, size=spec.size, overrides=spec.overrides, dataset=spec.dataset,
+                                       fraction=frac, seed=seed, tau=spec.tau, lam=spec.lam)
+                scratch.append(Cell("student", s, "none", frac, seed, cfg))
+                kd += [Cell("student", s, t, frac, seed, cfg) for t in spec.teachers if t != s or spec.self_distill]
+    finetunes: list[Cell] = []
+    if spec.finetune and spec.transfer is not None:
+        for src in scratch + kd:
+            cfg = build_run_config(src.arch, size=spec.size, overrides={**spec.overrides, **spec.transfer_overrides},
+                                   dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed,
+                                   tau=spec.tau, lam=spec.lam)
+            finetunes.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
+    return teachers + scratch + kd + finetunes
+
+
+# ---------------------------------------------------------------- running
+
+@dataclass
+class CellOutcome:
+    """What happened to one cell: status is "done" or "skipped"."""
+
+    cell: Cell
+    status: str
+    run_id: str
+    seconds: float
+
+
+def run_grid(
+    spec_path: str | Path,
+    workers: int = 1,
+    experiment: str | None = None,
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[CellOutcome]:
+    """Runs every cell of a spec that has no FINISHED run with the same configuration yet.
+
+    Args:
+        spec_path: the YAML spec.
+        workers: processes training independent cells of one wave at once; each gets
+            cores // workers torch threads.
+        experiment: MLflow experiment name; defaults to the spec's.
+        device: torch device for every run ("cpu", "cuda", ...); None picks one.
+        log: receives one progress line per cell.
+
+    Returns:
+        One outcome per cell, in plan order.
+
+    Raises:
+        SpecError: a bad spec or a dataset root that does not exist.
+    """
+    spec = load_spec(spec_path)
+    if workers < 1:
+        raise SpecError(f"workers {workers} must be >= 1")
+    exp = experiment or spec.experiment
+    for ds in [spec.dataset] + ([spec.transfer] if spec.finetune and spec.transfer else []):
+        if not Path(ds.root).exists():
+            raise SpecError(f"{spec_path}: dataset root {ds.root} ({ds.name}) does not exist; "
+                            "generate it with `kdhar data synth` or fix 'root'")
+    cells = plan(spec)
+    total = len(cells)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    outcomes: dict[int, CellOutcome] = {}
+    finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
+    position = {id(c): i for i, c in enumerate(cells)}
+    counter = [0]
+    teacher_runs: dict[str, str] = {}  # every cell of a spec shares one training set, so one champion per arch
+
+    def report(i: int, outcome: CellOutcome) -> None:
+        counter[0] += 1
+        outcomes[i] = outcome
+        finished_runs[i] = outcome.run_id
+        width = len(str(total))
+        what = "skipped (already finished)" if outcome.status == "skipped" else f"done in {outcome.seconds:.1f} s"
+        log(f"[{counter[0]:>{width}}/{total}] {outcome.cell.label()}: {what}, run {outcome.run_id}")
+
+    log(f"grid {spec_path}: {total} cells in experiment '{exp}' ({workers} worker{'s' if workers > 1 else ''})")
+    for wave in ("teacher", "scratch", "kd", "finetune"):
+        todo: list[tuple[int, Cell, dict[str, str]]] = []
+        for cell in (c for c in cells if c.wave == wave):
+            i = position[id(cell)]
+            source_run = finished_runs.get(position[id(cell.source)]) if cell.source is not None else None
+            teacher_run = None
+            if cell.wave == "kd":
+                if cell.teacher not in teacher_runs:
+                    teacher_runs[cell.teacher] = _teacher_run(cell.teacher, cell.cfg)
+                teacher_run = teacher_runs[cell.teacher]
+            key = cell_hash(cell, source_run=source_run, teacher_run=teacher_run)
+            existing = _finished_run(exp, cell.role, key)
+            if existing:
+                report(i, CellOutcome(cell, "skipped", existing, 0.0))
+            else:
+                todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}))
+        if not todo:
+            continue
+        jobs = [(cell, exp, device, tags, spec.cache_teacher, workers == 1) for _, cell, tags in todo]
+        if workers == 1:
+            for (i, cell, _), job in zip(todo, jobs):
+                run_id, seconds = _run_cell(*job)
+                report(i, CellOutcome(cell, "done", run_id, seconds))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # forked workers would inherit torch/mlflow threads
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                pending = {pool.submit(_run_cell, *job): (i, cell) for (i, cell, _), job in zip(todo, jobs)}
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        i, cell = pending.pop(fut)
+                        run_id, seconds = fut.result()  # a failed cell stops the grid; rerunning resumes
+                        report(i, CellOutcome(cell, "done", run_id, seconds))
+    return [outcomes[i] for i in range(total)]
+
+
+def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | None = None) -> str:
+    """The `config_hash` a cell's run carries: its configuration plus where its knowledge comes from.
+
+    A distilled student's hash names the teacher architecture and the run of the teacher it is
+    distilled from (`teacher_run`), so a retrained champion teacher makes its students run again.
+    A fine-tune's hash names the run it starts from (`source_run`).
+    """
+    from kdhar.train import config_hash
+
+    if cell.role == "finetune":
+        if source_run is None:
+            raise ValueError(f"{cell.label()}: the run it starts from is needed for its hash")
+        return config_hash(cell.cfg, None, f"runs:/{source_run}/model")
+    if cell.role == "student" and cell.teacher != "none":
+        if teacher_run is None:
+            raise ValueError(f"{cell.label()}: the teacher's run id is needed for its hash")
+        return config_hash(cell.cfg, f"{cell.teacher}@{teacher_run}", None)
+    # Teachers and scratch students share this form; the role tag tells them apart.
+    return config_hash(cell.cfg, None, None)
+
+
+def _teacher_run(arch: str, cfg: C.RunConfig) -> str:
+    """The run id of the champion teacher `distill` will pick for this dataset."""
+    from kdhar import tracking
+    from kdhar.data.index import fingerprint, load_index
+
+    d = cfg.data
+    fp = fingerprint(load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing))
+    uri = tracking.champion_uri(f"kdhar-teacher-{arch}", fp)
+    if uri is None:
+        raise RuntimeError(f"no {arch} teacher for {d.root} after the teacher phase; check the teacher runs' errors")
+    return tracking.model_run_id(uri)
+
+
+def _finished_run(experiment: str, role: str, key: str) -> str | None:
+    from kdhar import tracking
+
+    runs = tracking.find_runs(
+        experiment, f"tags.config_hash = '{key}' and tags.role = '{role}' and attributes.status = 'FINISHED'"
+    )
+    return runs[0]["run_id"] if runs else None
+
+
+def _cell_tags(cell: Cell, source_run: str | None) -> dict[str, str]:
+    if cell.role != "finetune":
+        return {}
+    src = cell.source
+    return {
+        "source_run": source_run or "",
+        "source_teacher_arch": src.teacher,
+        "source_fraction": str(src.fraction),
+        "student_arch": cell.arch,
+    }
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell(
+    cell: Cell, experiment: str, device: str | None, tags: dict[str, str], cache_teacher: bool, progress: bool
+) -> tuple[str, float]:
+    """Trains one cell; returns its run id and wall-clock seconds. Runs in a worker process too."""
+    start = time.perf_counter()
+    if cell.role == "teacher":
+        from kdhar.train import run_training
+
+        res = run_training(cell.cfg, role="teacher", experiment=experiment, tags=tags, device=device,
+                           run_name=f"teacher-{cell.arch}", progress=progress)
+    elif cell.role == "student":
+        from kdhar.distill import distill
+
+        res = distill(cell.cfg, teacher=cell.teacher, experiment=experiment, device=device, extra_tags=tags,
+                      cache_teacher=cache_teacher and cell.teacher != "none", progress=progress)
+    else:
+        from kdhar.finetune import finetune
+
+        res = finetune(f"runs:/{tags['source_run']}/model", cell.cfg, experiment=experiment, tags=tags,
+                       device=device, progress=progress)
+    return res.run_id, time.perf_counter() - start
