@@ -86,25 +86,22 @@ class VideoClipDataset(Dataset):
 
     def _load(self, item: int, view: int) -> dict[str, Any]:
         clip = self.clip
-        video = item if self.train else item // clip.test_clips
+        video, k = (item, None) if self.train else divmod(item, clip.test_clips)
         sample = self.samples[video]
         size = tuple(clip.resize) if self.resize_in_decoder and clip.resize is not None else None
+        rng = np.random.default_rng([self.seed, view, video]) if self.train else None
         with VideoFile(sample.path, size) as reader:
             n = reader.num_frames
-            if self.train:
-                rng = np.random.default_rng([self.seed, view, video])
+            if k is None:
                 start = sampling.train_clip_start(rng, n, clip.clip_len, clip.frame_interval)
             else:
-                rng = None
-                k = item % clip.test_clips
                 start = sampling.test_clip_starts(n, clip.clip_len, clip.frame_interval, clip.test_clips)[k]
             frames = reader.read(sampling.clip_indices(start, clip.clip_len, clip.frame_interval, n))
         params = draw_params(rng, frames.shape[1:3], clip.resize, clip.crop, augment=self.train and clip.augment)
         out = {"clip": apply_params(frames, params), "label": sample.label, "index": video, "view": view}
-        if not self.train:
+        if k is not None:
             out["clip_index"] = k
         return out
-
 
 def collate_clips(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stacks items into a batch, dropping the None of skipped bad videos; `batch["skipped"]` counts them."""
