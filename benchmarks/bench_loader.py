@@ -111,8 +111,8 @@ def main() -> None:
         index = DatasetIndex(samples=samples, classes=[f"c{k}" for k in range(4)], root=Path(tmp))
         variants = {
             "naive (PyAV whole video)": lambda: PyAVWholeVideoDataset(index, clip, train=True),
-            "decord, decode then resize": lambda: VideoClipDataset(index, clip, train=True, resize_in_decoder=False),
-            "decord, resize in decoder": lambda: VideoClipDataset(index, clip, train=True, resize_in_decoder=True),
+            "decord, decode then resize": lambda: VideoClipDataset(index, clip, True, resize_in_decoder=False),
+            "decord, resize in decoder": lambda: VideoClipDataset(index, clip, True, resize_in_decoder=True),
         }
         results: dict[tuple[str, int], tuple[float, float]] = {}
         for workers in (0, 2):
@@ -123,7 +123,8 @@ def main() -> None:
 
     kdhar, naive = "decord, resize in decoder", "naive (PyAV whole video)"
     for workers in (0, 2):
-        print(f"kdhar loader / naive, workers={workers}: {results[kdhar, workers][0] / results[naive, workers][0]:.1f}x clips/s")
+        ratio = results[kdhar, workers][0] / results[naive, workers][0]
+        print(f"kdhar loader / naive, workers={workers}: {ratio:.1f}x clips/s")
     print(f"kdhar loader / naive, CPU per clip: {results[naive, 0][1] / results[kdhar, 0][1]:.1f}x")
 
 

@@ -36,7 +36,12 @@ def tiny_ucf(root: Path, split_sub: str = "") -> Path:
     """Two classes, train groups g08/g09 and test group g01, in the official file formats."""
     lists = root / split_sub
     write_crlf(lists / "classInd.txt", ["1 Archery", "2 YoYo"])
-    train = [f"{c}/v_{c}_g{g:02d}_c0{k}.avi {i + 1}" for i, c in enumerate(["Archery", "YoYo"]) for g in (8, 9) for k in (1, 2)]
+    train = [
+        f"{c}/v_{c}_g{g:02d}_c0{k}.avi {i + 1}"
+        for i, c in enumerate(["Archery", "YoYo"])
+        for g in (8, 9)
+        for k in (1, 2)
+    ]
     test = [f"{c}/v_{c}_g01_c01.avi" for c in ["Archery", "YoYo"]]
     write_crlf(lists / "trainlist01.txt", train)
     write_crlf(lists / "testlist01.txt", test)

@@ -81,7 +81,8 @@ def test_draw_rates_and_ranges_match_the_paper() -> None:
     assert rate(lambda p: p.gray) == pytest.approx(0.2, abs=0.03)
     assert rate(lambda p: p.blur_sigma is not None) == pytest.approx(0.5, abs=0.03)
     jittered = [p for p in draws if p.brightness is not None]
-    assert all(0.6 <= p.brightness <= 1.4 and 0.6 <= p.saturation <= 1.4 and -0.1 <= p.hue <= 0.1 for p in jittered)
+    assert all(0.6 <= p.brightness <= 1.4 and 0.6 <= p.contrast <= 1.4 for p in jittered)
+    assert all(0.6 <= p.saturation <= 1.4 and -0.1 <= p.hue <= 0.1 for p in jittered)
     assert all(0.1 <= p.blur_sigma <= 2.0 for p in draws if p.blur_sigma is not None)
     tops = [p.crop[0] for p in draws]
     lefts = [p.crop[1] for p in draws]

@@ -40,8 +40,8 @@ class VideoClipDataset(Dataset):
         on_bad: "error" raises `VideoError` on an undecodable video; "skip" returns None for it,
             which `collate_clips` drops and counts.
         num_views: cycle through this many fixed views instead of a new one every epoch.
-        resize_in_decoder: let the decoder scale frames to `clip.resize` (faster than decoding at full
-            size; see benchmarks/bench_loader.py).
+        resize_in_decoder: let the decoder scale frames to `clip.resize` instead of resizing
+            full-size frames afterwards (faster with workers; see benchmarks/bench_loader.py).
     """
 
     def __init__(

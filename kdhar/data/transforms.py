@@ -73,7 +73,9 @@ def draw_params(
     """
     height, width = resize if resize is not None else in_hw
     if crop > height or crop > width:
-        raise ValueError(f"crop {crop} does not fit in frames resized to {height}x{width}; lower crop or raise resize")
+        raise ValueError(
+            f"crop {crop} does not fit in frames resized to {height}x{width}; lower crop or raise resize"
+        )
     if not augment:
         top, left = (height - crop) // 2, (width - crop) // 2
         return ClipAugParams(resize=(height, width), crop=(top, left, crop, crop))
@@ -94,7 +96,12 @@ def draw_params(
     gray = bool(rng.random() < GRAY_P)
     blur_sigma = float(rng.uniform(*BLUR_SIGMA)) if rng.random() < BLUR_P else None
     return ClipAugParams(
-        resize=(height, width), crop=(top, left, crop, crop), flip=flip, gray=gray, blur_sigma=blur_sigma, **jitter
+        resize=(height, width),
+        crop=(top, left, crop, crop),
+        flip=flip,
+        gray=gray,
+        blur_sigma=blur_sigma,
+        **jitter,
     )
 
 
