@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -664,3 +664,85 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
         graph = move_to_device_pass(program, device).module()
     return ExportedModel(graph)
 
+
+
+# -- small helpers on existing runs and models --------------------------------------------------
+
+
+def experiment_exists(name: str) -> bool:
+    """Whether an active experiment called `name` exists in the tracking store."""
+    exp = _client().get_experiment_by_name(name)
+    return exp is not None and exp.lifecycle_stage == "active"
+
+
+def run_status(run_id: str) -> str:
+    """The run's status: RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
+    return _client().get_run(run_id).info.status
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """All tags of a run, MLflow's own `mlflow.*` ones included."""
+    return dict(_client().get_run(run_id).data.tags)
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    """A run's params, as the strings MLflow stores."""
+    return dict(_client().get_run(run_id).data.params)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every logged (step, value) of one metric, by step; the latest value wins within a step."""
+    points = sorted(_client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return sorted({m.step: m.value for m in points}.items())
+
+
+def load_run_dict(run_id: str, name: str) -> dict[str, Any]:
+    """Reads back a JSON/YAML artifact stored with `RunTracker.log_dict`."""
+    _client()
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
+
+
+def log_metrics_to(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Adds metrics to an existing (possibly ended) run, synchronously, without re-opening it."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    _client().log_batch(run_id, metrics=items)
+
+
+def end_run_as(run_id: str, status: str) -> None:
+    """Sets a run's final status (FINISHED, FAILED or KILLED), e.g. for a run whose process died."""
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
+    _client().set_terminated(run_id, status=status)
+
+
+def model_run_id(uri: str) -> str:
+    """The id of the run that logged the model at `uri` (models:/ or runs:/ forms, as load_model)."""
+    client = _client()
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/") :].split("/", 1)[0]
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri}: expected a models:/ or runs:/ URI")
+    ref = uri[len("models:/") :].rstrip("/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return client.get_model_version(name, version).run_id
+        return client.get_logged_model(ref).source_run_id
+    except MlflowException as exc:
+        raise TrackingError(f"{uri} does not name a logged model at {tracking_uri()}") from exc
+
+
+def champion_uri(registered_name: str, dataset_fingerprint: str) -> str | None:
+    """`models:/<name>@champion-<fingerprint>` when that dataset has a champion, else None."""
+    alias = f"{CHAMPION}-{dataset_fingerprint}"
+    try:
+        aliases = _client().get_registered_model(registered_name).aliases
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return None  # nothing registered under this name yet
+    return f"models:/{registered_name}@{alias}" if alias in aliases else None

@@ -55,6 +55,7 @@ def test_run_logs_params_metrics_and_artifacts(server_tracking, tmp_path):
         run.set_tags({"stage": "done"})
         run.log_text("hello", "notes/hello.txt")
         run.log_dict({"a": 1}, "summary.json")
+        assert tracking.load_run_dict(run.run_id, "summary.json") == {"a": 1}
         fig, ax = plt.subplots()
         ax.plot([0, 1], [1, 0])
         run.log_figure(fig, "plots/curve.png")
@@ -120,8 +121,25 @@ def test_model_registry_and_champion_rule(server_tracking):
     with torch.no_grad():
         expected = models["a3"].eval()(x)
         assert torch.allclose(loaded(x), expected, atol=1e-6)
-        by_run = tracking.load_model(f"runs:/{client.get_model_version(name, versions['b1']).run_id}/model")
+        b1_run = client.get_model_version(name, versions["b1"]).run_id
+        by_run = tracking.load_model(f"runs:/{b1_run}/model")
         assert torch.allclose(by_run(x), models["b1"].eval()(x), atol=1e-6)
+
+    # Helpers other modules resolve teachers with.
+    assert tracking.champion_uri(name, "dsB") == f"models:/{name}@champion-dsB"
+    assert tracking.champion_uri(name, "dsC") is None
+    assert tracking.champion_uri("kdhar-test-unregistered", "dsA") is None
+    assert tracking.model_run_id(f"models:/{name}@champion-dsB") == b1_run
+    assert tracking.model_run_id(f"models:/{name}/{versions['b1']}") == b1_run
+    assert tracking.run_tags(b1_run)["dataset_fingerprint"] == "dsB"
+    assert tracking.metric_history(b1_run, "test.video_top1") == [(0, 0.9)]
+    tracking.log_metrics_to(b1_run, {"extra": 3.0})
+    assert tracking.run_status(b1_run) == "FINISHED" and tracking.run_params(b1_run) == {}
+    assert tracking.metric_history(b1_run, "extra") == [(0, 3.0)]
+    tracking.end_run_as(b1_run, "KILLED")
+    assert tracking.run_status(b1_run) == "KILLED"
+    assert tracking.experiment_exists("kdhar-test-registry")
+    assert not tracking.experiment_exists("kdhar-test-missing")
 
 
 def test_body_that_raises_ends_failed(server_tracking):
