@@ -49,10 +49,10 @@ def fresh_database() -> Iterator[str]:
         with conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
         yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
         with conn.cursor() as cur:
             # FORCE: a server or pool still connected must not keep the database alive.
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
         conn.close()
 
 
