@@ -15,6 +15,7 @@ This is the only module that imports optuna.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import time
@@ -153,6 +154,18 @@ def mask_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+def _with_driver(url: str) -> str:
+    """Names the PostgreSQL driver that is installed: SQLAlchemy 2.1 maps a bare postgresql:// to
+    psycopg 3, while the project installs psycopg2."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return url  # make_storage reports it
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
 def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: int | None = None) -> RDBStorage:
     """Opens (creating the tables if needed) the study database at `url` (None: ./optuna.db).
 
@@ -169,7 +182,7 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
             return RDBStorage(
-                url,
+                _with_driver(url),
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
@@ -180,7 +193,12 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
                 f"cannot reach the Optuna storage {shown}: {reason}; check that the database server is "
                 "running and the URL (host, port, user, database) is right"
             ) from None
-        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:
+        except ImportError:
+            raise StorageUnavailableError(
+                f"Optuna storage {shown} needs a database driver that is not installed "
+                "(PostgreSQL: pip install psycopg2-binary)"
+            ) from None
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
             raise StorageUnavailableError(
                 f"Optuna storage '{shown}' is not a usable database URL ({exc}); use e.g. "
                 f"{DEFAULT_STORAGE} or postgresql://user@host:5432/optuna"
@@ -189,7 +207,7 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
 
 def dashboard_command(storage: str | None) -> str:
     """The shell command that opens optuna-dashboard on this storage."""
-    return f"optuna-dashboard {storage or DEFAULT_STORAGE}"
+    return f"optuna-dashboard {_with_driver(storage or DEFAULT_STORAGE)}"
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -222,10 +240,11 @@ def tune(
     heartbeat_interval: int = 60,
     grace_period: int | None = None,
 ) -> dict[str, Any]:
-    """Runs trials of a study until it holds `n_trials` finished or running trials.
+    """Runs trials of a study until `n_trials` of them (all workers together) have finished.
 
     Re-running the same command continues the study; several workers started with the same
-    arguments share the budget. Everything the user can get wrong is checked before any trial.
+    arguments share the budget, and each returns only once the study is done. Everything the
+    user can get wrong is checked before any trial.
 
     Args:
         cfg: the student run's configuration; `cfg.kd` is replaced per trial.
@@ -272,7 +291,10 @@ def tune(
     _absorb_project_run(experiment, study_name, parent_id)
     reconcile_study(study)
 
+    ran: list[int] = []
+
     def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
         # A fresh sampler seeded by trial number: a resumed study and concurrent workers draw
         # distinct points (one shared seed would repeat them), yet a rerun draws the same ones.
         study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
@@ -315,7 +337,7 @@ def tune(
         study.optimize(objective, callbacks=[stop_when_full])
     reconcile_study(study)
     summary = summarize(study, storage)
-    _log_study_to_parent(study, parent_id, experiment, summary)
+    _log_study_to_parent(study, parent_id, experiment, summary, plots=bool(ran))
     return summary
 
 
@@ -532,8 +554,11 @@ def summarize(study: optuna.Study, storage: str | None = None) -> dict[str, Any]
     }
 
 
-def _log_study_to_parent(study: optuna.Study, parent_id: str, experiment: str, summary: dict[str, Any]) -> None:
-    """Best values and the study's plots on the parent run (each finishing worker refreshes them)."""
+def _log_study_to_parent(
+    study: optuna.Study, parent_id: str, experiment: str, summary: dict[str, Any], plots: bool
+) -> None:
+    """Best values and, when `plots`, the study's plots on the parent run (each worker that ran
+    trials refreshes them when it finishes)."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
@@ -546,19 +571,19 @@ def _log_study_to_parent(study: optuna.Study, parent_id: str, experiment: str, s
                             f"best_{OBJECTIVE}": summary["best_value"]})
             run.set_tags({"best_trial": str(summary["best_trial"])})
         run.log_metrics(metrics, step=len(study.trials))
-        if complete == 0:
+        if complete == 0 or not plots:
             return
-        plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
+        figures = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
                  "slice_tau_lam.png": lambda: ovm.plot_slice(study, params=["tau", "lam"])}
         notes = []
         if complete >= 2:
-            plots["contour_tau_lam.png"] = lambda: ovm.plot_contour(study, params=["tau", "lam"])
-            plots["param_importances.png"] = lambda: ovm.plot_param_importances(study)
+            figures["contour_tau_lam.png"] = lambda: ovm.plot_contour(study, params=["tau", "lam"])
+            figures["param_importances.png"] = lambda: ovm.plot_param_importances(study)
         else:
             notes.append("parameter importances and the tau x lam contour need at least 2 complete trials")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            for name, plot in plots.items():
+            for name, plot in figures.items():
                 ax = plot()
                 fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
                 run.log_figure(fig, f"optuna/{name}")
