@@ -18,7 +18,9 @@ import torch
 
 from kdhar.checkpoint import load_checkpoint, save_checkpoint
 from kdhar.config import RunConfig
-from kdhar.data.dataset import VideoClipDataset, make_loader
+from torch.utils.data import DataLoader
+
+from kdhar.data.dataset import EpochSampler, VideoClipDataset, collate_clips
 from kdhar.train import Teacher, load_splits, pick_device
 
 
@@ -60,7 +62,11 @@ def compute_logits(model: torch.nn.Module, index, cfg: RunConfig, views: int, de
     out: torch.Tensor | None = None
     for view in range(views):
         ds.set_epoch(view)
-        loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=cfg.optim.seed, pin_memory=False, drop_last=False)
+        # Every item, the last partial batch included (training loaders drop it).
+        loader = DataLoader(
+            ds, cfg.optim.batch_size, sampler=EpochSampler(ds, False, cfg.optim.seed),
+            num_workers=cfg.data.num_workers, collate_fn=collate_clips,
+        )
         for batch in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(batch["clip"].to(device)).float().cpu()

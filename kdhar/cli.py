@@ -116,7 +116,13 @@ def run_options(fn):
 
 
 def build_config(arch: str, opts: dict[str, Any], tau: float | None = None, lam: float | None = None) -> C.RunConfig:
-    """Defaults -> size preset -> explicit options."""
+    """Defaults -> size preset -> explicit options; checks what can be checked before any work."""
+    from kdhar import tracking
+    from kdhar.models import MODELS
+
+    if arch not in MODELS:
+        raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(MODELS)}")
+    tracking.check_server(tracking.tracking_uri())
     if not 0 < opts["fraction"] <= 1:
         raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
     base = C.RunConfig()
@@ -151,14 +157,14 @@ def ensure_data(root: str) -> None:
     _synth(Path(DEFAULT_ROOT).parent, layout="both", spec_kw={})
 
 
-def _synth(out: Path, layout: str, spec_kw: dict[str, Any], workers: int = 2) -> None:
+def _synth(out: Path, layout: str, spec_kw: dict[str, Any], workers: int = 2, overwrite: bool = False) -> None:
     from kdhar.data import synthetic
 
     spec = synthetic.SynthSpec(**{k: v for k, v in spec_kw.items() if v is not None})
     layouts = ["ucf101", "hmdb51"] if layout == "both" else [layout]
     for name in layouts:
         with _bar(f"synth {name}") as bar:
-            ds = synthetic.generate(out / name, layout=name, spec=spec, workers=workers, on_progress=bar)
+            ds = synthetic.generate(out / name, layout=name, spec=spec, workers=workers, on_progress=bar, overwrite=overwrite)
         click.echo(f"wrote {ds.num_videos} videos, {len(ds.classes)} classes -> {ds.root}")
 
 
@@ -199,9 +205,11 @@ def data() -> None:
 @click.option("--difficulty", type=FLOAT, default=None, help="0 (easy) .. 1 (hard)")
 @click.option("--seed", type=INT, default=None)
 @click.option("--workers", type=int, default=2, show_default=True)
-def data_synth(out, layout, num_classes, groups, clips_per_group, frames, difficulty, seed, workers) -> None:
+@click.option("--overwrite", is_flag=True, help="replace an existing set made with other settings")
+def data_synth(out, layout, num_classes, groups, clips_per_group, frames, difficulty, seed, workers, overwrite) -> None:
     """Write synthetic action videos (real encoded AVIs) with UCF101/HMDB51 split files."""
-    _synth(out, layout, dict(num_classes=num_classes, groups=groups, clips_per_group=clips_per_group, frames=frames, difficulty=difficulty, seed=seed), workers)
+    spec = dict(num_classes=num_classes, groups=groups, clips_per_group=clips_per_group, frames=frames, difficulty=difficulty, seed=seed)
+    _synth(out, layout, spec, workers, overwrite)
 
 
 @data.command("check")

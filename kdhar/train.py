@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,12 +234,13 @@ def run_training(
         stopped: str | None = None
         for epoch in range(start_epoch, optim.epochs):
             train_ds.set_epoch(epoch)
-            batches = train_loader if teacher_logits is None else _with_cached_logits(train_loader, teacher_logits)
+            batches = train_loader if teacher_logits is None else _WithCachedLogits(train_loader, teacher_logits)
             stats = train_one_epoch(
-                step, batches, optimizer, dev, scheduler=scheduler, amp_dtype=amp, progress=progress, epoch=epoch
+                step, batches, optimizer, dev, scheduler=scheduler, amp_dtype=amp, progress=progress, epoch=epoch,
+                log=lambda m, global_step: tracker.log_metrics(m, step=global_step),
             )
             metrics = {f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics["epoch_lr"] = optimizer.param_groups[0]["lr"]
             for name, loader in eval_loaders.items():
                 metrics.update(_epoch_metrics(name, evaluate(model, loader, dev, num_classes)))
             done = epoch + 1
@@ -246,6 +248,8 @@ def run_training(
                 if done == at:
                     metrics[f"acc_{stage}"] = metrics["test_video_top1"]
             history.append({"epoch": done, **metrics})
+            if progress:
+                _print_epoch(role, cfg.model.arch, done, optim.epochs, metrics)
             tracker.log_metrics(metrics, step=done)
             save_checkpoint(
                 ckpt_path,
@@ -286,19 +290,35 @@ def _finish(tracker, model, test_loader, dev, num_classes, splits, history, cfg,
     tracker.log_figure(curves_figure(history), "learning_curves.png")
     tracker.log_dict({"per_class": result["per_class"], "classes": splits.classes}, "per_class_report.json")
     model.eval().cpu()
-    example = np.zeros((1, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
+    example = np.zeros((2, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
     registered = f"kdhar-{role}-{cfg.model.arch}" if register else None
     info = tracker.log_model(model, "model", input_example=example, registered_name=registered)
-    if registered and info.get("version") is not None:
-        tracker.promote_champion(registered, info["version"], "final_test_video_top1", splits.fingerprint)
-    final["_model_uri"] = info.get("model_uri")
+    if info.version is not None:
+        tracker.promote_champion(registered, info.version, "final_test_video_top1", splits.fingerprint)
+    final["_model_uri"] = info.model_uri
     return final
 
 
-def _with_cached_logits(loader, lookup: Callable[[dict[str, Any]], torch.Tensor]):
-    for batch in loader:
-        batch["teacher_logits"] = lookup(batch)
-        yield batch
+class _WithCachedLogits:
+    """Wraps a loader, adding the cached teacher logits of each batch's (view, index) pairs."""
+
+    def __init__(self, loader, lookup: Callable[[dict[str, Any]], torch.Tensor]):
+        self.loader, self.lookup = loader, lookup
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            batch["teacher_logits"] = self.lookup(batch)
+            yield batch
+
+
+def _print_epoch(role: str, arch: str, epoch: int, epochs: int, m: dict[str, float]) -> None:
+    shown = [f"loss {m['train_loss']:.3f}", f"train acc {m.get('train_acc', float('nan')):.3f}"]
+    shown += [f"{k.split('_')[0]} {m[k]:.3f}" for k in ("val_video_top1", "test_video_top1") if k in m]
+    shown.append(f"{m['train_clips_per_s']:.0f} clips/s, {m['train_seconds']:.0f}s")
+    print(f"[{role} {arch}] epoch {epoch}/{epochs}: " + ", ".join(shown), file=sys.stderr, flush=True)
 
 
 def _plain(value: Any) -> Any:

@@ -216,7 +216,7 @@ def _read_hmdb51(
                 raise SplitFileError(f"{split_file}:{n}: expected '<video>.avi <0|1|2>', got {line!r}")
             if parts[1] == wanted:
                 path = root / class_name / parts[0]
-                samples.append(VideoSample(path=path, label=label, group=path.stem))
+                samples.append(VideoSample(path=path, label=label, group=_hmdb_group(path.stem)))
     return samples, classes
 
 
@@ -267,6 +267,13 @@ def _read_manifest(manifest: Path, root: Path) -> list[tuple[Path, str, str | No
     if not rows:
         raise SplitFileError(f"{manifest}: no rows after the header")
     return rows
+
+
+def _hmdb_group(stem: str) -> str:
+    # HMDB51 names carry no group field, but videos named like UCF101's (`..._gNN_cNN`, as the
+    # synthetic set writes them) share a source; keep those together so holdouts do not leak.
+    match = _UCF_GROUP.search(stem)
+    return match.group(1) if match else stem
 
 
 def _folder_split(group: str, split: int) -> str:

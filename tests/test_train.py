@@ -1,0 +1,148 @@
+"""End-to-end training runs: a teacher logged to a real MLflow server on PostgreSQL, resume after a
+kill, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kdhar import tracking
+from kdhar.checkpoint import load_checkpoint
+from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.data.synthetic import SynthSpec, generate
+from kdhar.models import build_model
+from kdhar.train import run_training, stage_epochs
+
+KDHAR = [sys.executable, "-m", "kdhar.cli"]
+TINY_OPTS = ["--width", "4", "--clip-len", "4", "--crop", "32", "--num-workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ucf(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "ucf101"
+    generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12, size=(32, 40), seed=1))
+    return root
+
+
+def tiny_config(root: Path, epochs: int = 2, arch: str = "tiny3d") -> RunConfig:
+    return RunConfig(
+        data=DataConfig(root=str(root), num_workers=0, val_fraction=0.2),
+        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=2, resize=(36, 48), crop=32),
+        model=ModelConfig(arch=arch, width=4),
+        optim=OptimConfig(epochs=epochs, batch_size=8),
+    )
+
+
+def test_stage_epochs_follow_the_paper_fractions():
+    assert stage_epochs(200) == {"early": 50, "mid": 150, "late": 200}
+    assert stage_epochs(12) == {"early": 3, "mid": 9, "late": 12}
+    assert stage_epochs(1) == {"early": 1, "mid": 1, "late": 1}
+
+
+@pytest.mark.slow
+def test_teacher_run_logs_everything_to_the_server(server_tracking, tiny_ucf, tmp_path):
+    cfg = tiny_config(tiny_ucf, epochs=2)
+    res = run_training(cfg, role="teacher", experiment="e2e-teacher", workdir=tmp_path, progress=False)
+
+    client = MlflowClient(server_tracking)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.01" and run.data.params["model.arch"] == "tiny3d"
+    assert run.data.tags["role"] == "teacher" and run.data.tags["dataset_fingerprint"]
+    curve = client.get_metric_history(res.run_id, "test_video_top1")
+    assert [m.step for m in curve] == [1, 2]
+    assert {"acc_early", "acc_mid", "acc_late", "final_test_video_top1"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(res.run_id)}
+    assert {"confusion_matrix.png", "learning_curves.png", "per_class_report.json", "classes.json", "config.json"} <= artifacts
+
+    # The registered champion loads and computes what the trained weights compute.
+    loaded = tracking.load_model("models:/kdhar-teacher-tiny3d@champion")
+    state = load_checkpoint(tmp_path / "checkpoints" / res.run_id / "last.pt")
+    model = build_model("tiny3d", 3, width=4)
+    model.load_state_dict(state["model"])
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 4, 32, 32), dtype=np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def _final_metrics(db: Path, run_id: str) -> dict[str, float]:
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    return {k: v for k, v in run.data.metrics.items() if k.startswith(("final_", "test_", "val_", "train_loss"))}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tiny_ucf, tmp_path):
+    """SIGKILL mid-training, then --resume: same MLflow run, same final metrics as an uninterrupted run."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--epochs", "3", *TINY_OPTS]
+
+    whole = subprocess.run([*args, "--experiment", "whole"], cwd=tmp_path / ".", env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    whole_id = whole.stdout.split("run ")[1].split(":")[0]
+
+    work = tmp_path / "killed"
+    work.mkdir()
+    env_k = {**env, "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}
+    proc = subprocess.Popen([*args, "--experiment", "killed"], cwd=work, env=env_k, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((work / "runs" / "checkpoints").glob("*/last.pt"))
+        if found and load_checkpoint(found[0])["epoch"] >= 1:
+            ckpt = found[0]
+            break
+        time.sleep(0.2)
+    assert ckpt is not None, "the run finished or failed before a checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(ckpt)["epoch"] < 3
+
+    resumed = subprocess.run([*args, "--experiment", "killed", "--resume", str(ckpt)], cwd=work, env=env_k, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_id = resumed.stdout.split("run ")[1].split(":")[0]
+    assert resumed_id == ckpt.parent.name  # the same MLflow run was continued
+
+    whole_m = _final_metrics(tmp_path / "mlflow.db", whole_id)
+    resumed_m = _final_metrics(tmp_path / "mlflow.db", resumed_id)
+    assert whole_m.keys() == resumed_m.keys()
+    for key, value in whole_m.items():
+        assert resumed_m[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--arch", "resnet9000"], "resnet9000"),
+        (["--root", "/nonexistent/videos"], "/nonexistent/videos"),
+        (["--fraction", "1.5"], "1.5"),
+        (["--epochs", "two"], "two"),
+    ],
+)
+def test_bad_input_is_one_clear_line(extra, expected, tiny_ucf, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [*KDHAR, "train-teacher", "--root", str(tiny_ucf), *TINY_OPTS, *extra]
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert expected in out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_unreachable_server_is_a_clear_error(tiny_ucf, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), *TINY_OPTS]
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "127.0.0.1:9" in out.stderr
+    assert not (tmp_path / "runs").exists()
