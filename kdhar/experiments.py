@@ -45,6 +45,10 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "val_fraction": ("data", "val_fraction"),
 }
 
+# A distilled student feeds its own clips to the teacher, so a teacher may differ from the students in
+# size and schedule but not in how clips are cut.
+TEACHER_OVERRIDES = {"epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout"}
+
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
@@ -248,6 +252,10 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         finetune=finetune,
         cache_teacher=bool(raw.get("cache_teacher", False)),
     )
+    clip_keys = sorted(set(spec.teacher_overrides) - TEACHER_OVERRIDES)
+    if clip_keys:
+        raise fail(f"teacher_overrides may not set {', '.join(clip_keys)}: students feed their own clips to the "
+                   f"teacher; allowed: {', '.join(sorted(TEACHER_OVERRIDES))}")
     if spec.tau <= 0 or spec.lam < 0:
         raise fail(f"tau {spec.tau} must be > 0 and lam {spec.lam} >= 0 (the paper: tau 4, lam 1)")
     try:

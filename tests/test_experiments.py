@@ -1,0 +1,212 @@
+"""Experiment specs and grid plans, and one real tiny grid run end to end (train, resume, report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdhar.experiments import SpecError, build_run_config, cell_hash, load_spec, parse_spec, plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def minimal(**changes):
+    raw = {
+        "experiment": "e",
+        "dataset": {"name": "ucf101", "root": "data/x"},
+        "teachers": ["c3d", "r3d_18"],
+        "students": ["c3d", "r3d_18", "tiny3d"],
+        "fractions": [1.0, 0.25],
+        "seeds": [0, 1],
+    }
+    raw.update(changes)
+    return raw
+
+
+def test_plan_orders_teachers_scratch_kd_finetune_and_skips_self_distillation():
+    spec = parse_spec(minimal(finetune=True, transfer={"name": "hmdb51", "root": "data/h", "fraction": 0.5}))
+    cells = plan(spec)
+    waves = [c.wave for c in cells]
+    assert waves == sorted(waves, key=["teacher", "scratch", "kd", "finetune"].index)
+    assert [c.arch for c in cells if c.role == "teacher"] == ["c3d", "r3d_18"]
+    # 3 students x 2 fractions x 2 seeds scratch; KD pairs: c3d<-r3d_18, r3d_18<-c3d, tiny3d<-both
+    assert waves.count("scratch") == 12
+    kd = [(c.arch, c.teacher) for c in cells if c.wave == "kd"]
+    assert sorted(set(kd)) == [("c3d", "r3d_18"), ("r3d_18", "c3d"), ("tiny3d", "c3d"), ("tiny3d", "r3d_18")]
+    assert len(kd) == 4 * 2 * 2
+    fts = [c for c in cells if c.role == "finetune"]
+    assert len(fts) == 12 + 16
+    assert all(c.cfg.data.dataset == "hmdb51" and c.cfg.data.fraction == 0.5 for c in fts)
+    assert {(c.source.arch, c.source.teacher, c.source.fraction, c.source.seed) for c in fts} == {
+        (c.arch, c.teacher, c.fraction, c.seed) for c in cells if c.role == "student"}
+    assert all(c.cfg.data.fraction == 1.0 and c.seed == 0 for c in cells if c.role == "teacher")
+
+
+def test_self_distill_adds_same_architecture_pairs():
+    cells = plan(parse_spec(minimal(self_distill=True, teachers=["c3d"], students=["c3d"], seeds=[0], fractions=[1])))
+    assert [(c.role, c.teacher) for c in cells] == [("teacher", "none"), ("student", "none"), ("student", "c3d")]
+
+
+def test_run_config_applies_preset_then_overrides():
+    from kdhar.config import CPU_PRESET
+
+    ds = parse_spec(minimal()).dataset
+    cpu = build_run_config("c3d", size="cpu", overrides={"epochs": 3, "crop": 32}, dataset=ds, fraction=0.5, seed=2)
+    assert cpu.optim.epochs == 3 and cpu.optim.seed == 2 and cpu.data.fraction == 0.5
+    assert cpu.clip.clip_len == CPU_PRESET["clip"]["clip_len"]
+    assert cpu.clip.crop == 32 and cpu.clip.resize == (37, 49)  # the CPU preset's 8/7, 4:3 ratio
+    paper = build_run_config("c3d", size="paper", overrides={}, dataset=ds, fraction=1.0, seed=0)
+    assert (paper.clip.crop, paper.model.width, paper.optim.epochs) == (112, 64, 200)
+
+
+def test_hash_separates_teachers_and_sources():
+    cells = plan(parse_spec(minimal(seeds=[0], fractions=[1.0])))
+    kd = [c for c in cells if c.wave == "kd"]
+    scratch = next(c for c in cells if c.wave == "scratch" and c.arch == kd[0].arch)
+    assert cell_hash(kd[0], teacher_run="a") != cell_hash(kd[0], teacher_run="b")
+    assert cell_hash(kd[0], teacher_run="a") != cell_hash(scratch)
+    assert cell_hash(scratch) == cell_hash(scratch)
+    with pytest.raises(ValueError, match="teacher's run id"):
+        cell_hash(kd[0])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"teachers": ["c3dd"]}, "unknown architecture c3dd"),
+        ({"fractions": [0.0]}, "outside"),
+        ({"overrides": {"epoch": 2}}, "unknown override epoch"),
+        ({"sizes": "cpu"}, "unknown key sizes"),
+        ({"size": "huge"}, "size 'huge'"),
+        ({"finetune": True}, "no 'transfer' dataset"),
+        ({"dataset": {"name": "ucf101"}}, "'dataset' needs"),
+        ({"teacher_overrides": {"crop": 64}}, "teacher_overrides may not set crop"),
+    ],
+)
+def test_spec_mistakes_name_the_key(change, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(minimal(**change), source="my.yaml")
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml"])
+def test_shipped_specs_parse(name):
+    spec = load_spec(REPO / "experiments" / name)
+    cells = plan(spec)
+    assert cells[0].role == "teacher"
+    if name == "paper.yaml":
+        assert spec.students == ["c3d", "r3d_18", "r2plus1d_18"] and spec.fractions == [1.0, 0.5, 0.25, 0.02]
+        assert spec.finetune and spec.transfer.name == "hmdb51"
+        # per seed: 3 teachers, 3 students x 4 fractions x (2 teachers + scratch), one fine-tune each
+        assert len(cells) == 3 + 36 * len(spec.seeds) * 2
+        cfg = cells[0].cfg
+        assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.model.width) == (200, 16, 0.01, 64)
+
+
+# ---------------------------------------------------------------- end to end, real runs
+
+TINY = {"width": 4, "clip_len": 4, "crop": 32, "epochs": 1, "test_clips": 1, "num_workers": 0, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite MLflow store and tiny synthetic UCF101/HMDB51-style sets, shared by the grid tests."""
+    from kdhar.data.synthetic import SynthSpec, generate
+
+    root = tmp_path_factory.mktemp("grid")
+    spec = SynthSpec(num_classes=3, groups=6, clips_per_group=1, frames=8, size=(32, 48), seed=1)
+    for layout in ("ucf101", "hmdb51"):
+        generate(root / "data" / layout, layout=layout, spec=spec)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.chdir(root)  # checkpoints (runs/) and artifacts (mlruns/) land in the temporary folder
+    yield root
+    mp.undo()
+
+
+def write_spec(root: Path, name: str, **changes) -> Path:
+    raw = {
+        "experiment": "grid",
+        "dataset": {"name": "ucf101", "root": str(root / "data" / "ucf101")},
+        "transfer": {"name": "hmdb51", "root": str(root / "data" / "hmdb51")},
+        "size": "cpu",
+        "overrides": TINY,
+        "teachers": ["tiny3d"],
+        "students": ["tiny3d", "c3d"],
+        "self_distill": True,
+        "fractions": [1.0],
+        "seeds": [0],
+        "finetune": False,
+        **changes,
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_grid_runs_resumes_and_reports(store):
+    from kdhar import tracking
+    from kdhar.experiments import run_grid
+    from kdhar.report import build_report
+
+    lines: list[str] = []
+    first = run_grid(write_spec(store, "a.yaml"), log=lines.append)
+    assert [(o.cell.wave, o.status) for o in first] == [
+        ("teacher", "done"), ("scratch", "done"), ("scratch", "done"), ("kd", "done"), ("kd", "done")]
+    assert lines[-1].startswith("[5/5] student c3d <- tiny3d") and "done in" in lines[-1]
+    runs = tracking.find_runs("grid")
+    assert len(runs) == 5
+    kd = next(r for r in runs if r["tags"].get("teacher_arch") == "tiny3d" and r["tags"]["arch"] == "c3d")
+    assert kd["run_id"] == first[4].run_id and kd["tags"]["role"] == "student"
+    # the KD run's hash names the teacher run it learnt from
+    assert kd["tags"]["config_hash"] == cell_hash(first[4].cell, teacher_run=first[0].run_id)
+
+    # Resuming: the same grid plus fine-tunes, in two worker processes, trains only the fine-tunes.
+    lines.clear()
+    second = run_grid(write_spec(store, "b.yaml", finetune=True), workers=2, log=lines.append)
+    assert [o.status for o in second] == ["skipped"] * 5 + ["done"] * 4
+    assert [o.run_id for o in second[:5]] == [o.run_id for o in first]
+    assert sum("skipped" in line for line in lines) == 5
+    fts = tracking.find_runs("grid", "tags.role = 'finetune'")
+    assert {r["tags"]["source_run"] for r in fts} == {o.run_id for o in first[1:]}
+
+    third = run_grid(write_spec(store, "b.yaml", finetune=True), workers=2, log=lines.append)
+    assert all(o.status == "skipped" for o in third)
+    assert len(tracking.find_runs("grid")) == 9  # no new runs
+
+    report = build_report("grid", store / "report")
+    rows = {(r.student, r.teacher): r for r in report.rows}
+    assert set(rows) == {("tiny3d", "none"), ("tiny3d", "tiny3d"), ("c3d", "none"), ("c3d", "tiny3d")}
+    by_id = {r["run_id"]: r for r in runs}
+    for (student, teacher), row in rows.items():
+        (run_id,) = row.run_ids
+        assert row.acc["final"].mean == pytest.approx(by_id[run_id]["metrics"]["final_test_video_top1"])
+        assert row.transfer is not None and row.transfer.n == 1
+    kd_row, scratch_row = rows[("c3d", "tiny3d")], rows[("c3d", "none")]
+    assert kd_row.delta["final"] == pytest.approx(kd_row.acc["final"].mean - scratch_row.acc["final"].mean)
+    assert "Student c3d on ucf101" in report.text and "scratch" in report.text
+    names = sorted(p.name for p in report.files)
+    assert names == ["curves_ucf101_c3d.png", "curves_ucf101_tiny3d.png", "delta_ucf101.png", "report.csv", "report.md"]
+    assert all(p.stat().st_size > 0 for p in report.files)
+    (logged,) = tracking.find_runs("grid", "tags.role = 'report'")
+    assert logged["run_id"] == report.run_id and logged["status"] == "FINISHED"
+
+
+def test_report_on_missing_or_empty_experiment(store):
+    from kdhar import tracking
+    from kdhar.report import ReportError, build_report
+
+    with pytest.raises(ReportError, match="'no-such' does not exist"):
+        build_report("no-such", store / "r0")
+    # An experiment whose only run is not a student has nothing to compare yet.
+    with tracking.RunTracker("teachers-only", run_name="t", tags={"role": "teacher"}):
+        pass
+    report = build_report("teachers-only", store / "r1")
+    assert report.rows == [] and "no finished student runs" in report.text and report.run_id is None
+    assert not (store / "r1").exists()
