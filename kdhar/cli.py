@@ -101,6 +101,7 @@ def run_options(fn):
         click.option("--frame-interval", type=INT, default=None),
         click.option("--crop", type=INT, default=None),
         click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
+        click.option("--augment", type=click.BOOL, default=True, show_default=True, help="the paper's training augmentations"),
         click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None),
         click.option("--seed", type=INT, default=0, show_default=True),
         click.option("--num-workers", type=INT, default=2, show_default=True),
@@ -128,7 +129,10 @@ def build_config(arch: str, opts: dict[str, Any], tau: float | None = None, lam:
     base = C.RunConfig()
     preset = C.CPU_PRESET if opts["size"] == "cpu" else {}
     clip = C.with_overrides(base.clip, **preset.get("clip", {}))
-    clip = C.with_overrides(clip, clip_len=opts["clip_len"], frame_interval=opts["frame_interval"], crop=opts["crop"], test_clips=opts["test_clips"])
+    clip = C.with_overrides(
+        clip, clip_len=opts["clip_len"], frame_interval=opts["frame_interval"], crop=opts["crop"],
+        test_clips=opts["test_clips"], augment=opts["augment"],
+    )
     if opts["crop"] is not None and opts["size"] == "cpu":
         # keep the CPU preset's resize/crop ratio when only the crop is changed
         clip = C.with_overrides(clip, resize=(round(opts["crop"] * 8 / 7), round(opts["crop"] * 8 / 7 * 4 / 3)))
@@ -305,6 +309,140 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
     ensure_data(cfg.data.root)
     metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"])
     click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+@cli.command("tune")
+@click.option("--teacher", default="c3d", show_default=True)
+@click.option("--student", default="tiny3d", show_default=True)
+@click.option("--n-trials", type=INT, default=20, show_default=True, help="total trials of the study, over all workers")
+@click.option("--study-name", default=None, help="default: derived from teacher, student and dataset")
+@click.option("--storage", default=None, help="optuna storage URL (default sqlite:///optuna.db; postgresql://... for many workers)")
+@click.option("--space", default=None, help='search space, e.g. "tau=1:20:log,lam=0.1:2"')
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
+@click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
+@run_options
+def tune_cmd(teacher, student, n_trials, study_name, storage, space, pruner, cache_teacher, dashboard, **opts) -> None:
+    """Tune the KD temperature and weight with Optuna (trials are nested MLflow runs)."""
+    from kdhar import tuning
+
+    if dashboard:
+        click.echo(tuning.dashboard_command(_text(storage)))
+        return
+    cfg = build_config(student, opts)
+    ensure_data(cfg.data.root)
+    summary = tuning.tune(
+        cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
+        space=tuning.SearchSpace.parse(_text(space)), pruner=pruner, experiment=opts["experiment"],
+        seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"],
+    )
+    best = summary.get("best_params") or {}
+    click.echo(
+        f"study {summary['study_name']}: {summary['complete']} complete, {summary['pruned']} pruned, "
+        f"{summary['failed']} failed; best val acc {summary['best_value']} at "
+        + ", ".join(f"{k}={v:.3g}" for k, v in best.items())
+    )
+    click.echo(f"dashboard: {summary['dashboard']}")
+
+
+@cli.group()
+def runs() -> None:
+    """Housekeeping of MLflow runs."""
+
+
+@runs.command("reconcile")
+@click.option("--storage", default=None)
+@click.option("--study-name", required=True)
+def runs_reconcile(storage, study_name) -> None:
+    """End the MLflow runs of trials whose worker died (left RUNNING) as KILLED."""
+    from kdhar import tuning
+
+    ended = tuning.reconcile(_text(storage), study_name)
+    click.echo(f"ended {len(ended)} run(s) as KILLED" + (": " + ", ".join(ended) if ended else ""))
+
+
+@cli.command("report")
+@click.option("--experiment", default="kdhar", show_default=True)
+@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
+def report_cmd(experiment, out) -> None:
+    """KD-vs-scratch tables and plots (paper layout) from an experiment's runs."""
+    from kdhar.report import build_report
+
+    report = build_report(experiment, out / experiment)
+    click.echo(report.text)
+    for path in report.files:
+        click.echo(f"wrote {path}")
+
+
+@cli.group()
+def experiment() -> None:
+    """Experiment grids from YAML specs."""
+
+
+@experiment.command("run")
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--workers", type=INT, default=1, show_default=True, help="worker processes per phase")
+@click.option("--experiment", "experiment_name", default=None, help="overrides the spec's experiment")
+@click.option("--device", default="auto", show_default=True)
+def experiment_run(spec, workers, experiment_name, device) -> None:
+    """Train every cell of a grid (teachers first), skipping cells already finished."""
+    from kdhar.experiments import load_spec, run_grid
+
+    if not spec.exists():
+        raise UserError(f"experiment spec {spec} does not exist (see experiments/*.yaml)")
+    for root in _spec_roots(load_spec(spec)):
+        ensure_data(root)
+    outcomes = run_grid(spec, workers=workers, experiment=_text(experiment_name), device=device, log=click.echo)
+    done = sum(o.status == "done" for o in outcomes)
+    click.echo(f"{done} trained, {len(outcomes) - done} already finished")
+
+
+@cli.command("demo")
+@click.option("--spec", default="experiments/demo.yaml", show_default=True, type=click.Path(path_type=Path))
+@click.option("--n-trials", type=INT, default=4, show_default=True, help="trials of the short tuning study")
+@click.option("--tune-epochs", type=INT, default=4, show_default=True)
+def demo(spec, n_trials, tune_epochs) -> None:
+    """The whole product on the synthetic data: teacher, KD student + scratch twin, tuning, report.
+
+    Everything already finished (same configuration) is reused, so a second run is quick.
+    """
+    from kdhar import tracking, tuning
+    from kdhar.experiments import build_run_config, load_spec, run_grid
+    from kdhar.report import build_report
+
+    grid = load_spec(spec)
+    tracking.check_server(tracking.tracking_uri())
+    for root in _spec_roots(grid):
+        ensure_data(root)
+    click.echo(f"== 1/3 teacher, distilled student and its scratch twin ({spec})")
+    run_grid(spec, log=click.echo)
+    click.echo(f"== 2/3 tuning tau and lambda: {n_trials} trials of {tune_epochs} epochs")
+    student = grid.students[0]
+    cfg = build_run_config(
+        student, size=grid.size, overrides={**grid.overrides, "epochs": tune_epochs}, dataset=grid.dataset,
+        fraction=grid.fractions[0], seed=grid.seeds[0], tau=grid.tau, lam=grid.lam,
+    )
+    summary = tuning.tune(
+        cfg, teacher=grid.teachers[0], n_trials=n_trials, study_name=f"{grid.experiment}-tau-lambda",
+        space=tuning.SearchSpace(), pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True,
+    )
+    best = summary.get("best_params") or {}
+    click.echo(f"best val acc {summary['best_value']} at " + ", ".join(f"{k}={v:.3g}" for k, v in best.items()))
+    click.echo("== 3/3 report")
+    report = build_report(grid.experiment, Path("reports") / grid.experiment)
+    click.echo(report.text)
+    click.echo(
+        "\nSee every run, curve and model in the MLflow UI:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n  then open http://127.0.0.1:5000"
+    )
+
+
+def _spec_roots(spec) -> list[str]:
+    roots = [spec.dataset.root] if getattr(spec, "dataset", None) else []
+    transfer = getattr(spec, "transfer", None)
+    if transfer is not None and getattr(spec, "finetune", False):
+        roots.append(transfer.root)
+    return roots
 
 
 def _print_result(res) -> None:

@@ -135,7 +135,9 @@ def record_epochs_to_scratch(experiment: str, res: RunResult, key: str) -> None:
 def load_init(spec: str) -> dict[str, torch.Tensor]:
     """Weights to start from: a kdhar checkpoint or a logged model URI."""
     if spec.startswith(("models:/", "runs:/")):
-        return tracking.load_model(spec, "cpu").state_dict()
+        # Logged models are exported graphs whose parameters sit under "graph."
+        state = tracking.load_model(spec, "cpu").state_dict()
+        return {k.removeprefix("graph."): v for k, v in state.items()}
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--init {spec}: no such checkpoint or model URI")

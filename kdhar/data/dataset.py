@@ -97,7 +97,9 @@ class VideoClipDataset(Dataset):
             else:
                 start = sampling.test_clip_starts(n, clip.clip_len, clip.frame_interval, clip.test_clips)[k]
             frames = reader.read(sampling.clip_indices(start, clip.clip_len, clip.frame_interval, n))
-        params = draw_params(rng, frames.shape[1:3], clip.resize, clip.crop, augment=self.train and clip.augment)
+        params = draw_params(
+            rng, frames.shape[1:3], clip.resize, clip.crop, augment=self.train and clip.augment, hflip=clip.hflip
+        )
         out = {"clip": apply_params(frames, params), "label": sample.label, "index": video, "view": view}
         if k is not None:
             out["clip_index"] = k

@@ -58,6 +58,7 @@ def draw_params(
     resize: tuple[int, int] | None = (128, 171),
     crop: int = 112,
     augment: bool = True,
+    hflip: bool = True,
 ) -> ClipAugParams:
     """Draws one clip's augmentation.
 
@@ -67,6 +68,7 @@ def draw_params(
         resize: (height, width) frames are scaled to before cropping; None keeps `in_hw`.
         crop: side of the square crop.
         augment: False gives the evaluation view: resize and centre crop only.
+        hflip: allow horizontal flips (off for classes that are mirror images of each other).
 
     Raises:
         ValueError: the crop does not fit in the resized frame.
@@ -83,7 +85,7 @@ def draw_params(
         raise ValueError("draw_params needs an rng when augment=True")
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))
-    flip = bool(rng.random() < FLIP_P)
+    flip = bool(rng.random() < FLIP_P) and hflip  # drawn either way: same stream, same other draws
     jitter: dict[str, object] = {}
     if rng.random() < JITTER_P:
         jitter = {

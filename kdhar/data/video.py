@@ -49,16 +49,20 @@ class VideoFile:
             raise VideoError(self.path, "file is empty (0 bytes), probably an interrupted download")
         import decord  # deferred: importing decord is slow and only readers need it
 
-        kwargs = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+        self.scaled = size is not None
         try:
-            self._reader = decord.VideoReader(
-                str(self.path), ctx=decord.cpu(0), num_threads=DECODE_THREADS, **kwargs
-            )
+            self._reader = self._open(size)
         except (RuntimeError, decord.DECORDError) as exc:  # DECORDError is not a RuntimeError
             raise VideoError(self.path, f"cannot open as a video ({_first_line(exc)})") from exc
         self.num_frames = len(self._reader)
         if self.num_frames == 0:
             raise VideoError(self.path, "contains no decodable frames")
+
+    def _open(self, size: tuple[int, int] | None):
+        import decord
+
+        kwargs = {} if size is None else {"height": int(size[0]), "width": int(size[1])}
+        return decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=DECODE_THREADS, **kwargs)
 
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Decodes the frames at `indices` (clamped to the real length) as uint8 (T, H, W, 3)."""
@@ -72,6 +76,11 @@ class VideoFile:
         try:
             frames = self._reader.get_batch(unique.tolist()).asnumpy()
         except (RuntimeError, decord.DECORDError) as exc:
+            if self.scaled and "exactly match" in str(exc):
+                # decord's scaler fails for some output sizes; decode at the native size instead
+                # (callers resize anyway when the frames are not the size they asked for).
+                self._reader, self.scaled = self._open(None), False
+                return self.read(indices)
             raise VideoError(
                 self.path,
                 f"decoding failed, the file is probably truncated or corrupt ({_first_line(exc)})",
