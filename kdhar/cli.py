@@ -101,7 +101,7 @@ def run_options(fn):
         click.option("--frame-interval", type=INT, default=None),
         click.option("--crop", type=INT, default=None),
         click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
-        click.option("--augment", type=click.BOOL, default=True, show_default=True, help="the paper's training augmentations"),
+        click.option("--augment", type=click.BOOL, default=None, help="the paper's training augmentations (default: on, off at size cpu)"),
         click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None),
         click.option("--seed", type=INT, default=0, show_default=True),
         click.option("--num-workers", type=INT, default=2, show_default=True),

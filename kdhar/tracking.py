@@ -416,8 +416,13 @@ class RunTracker:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_figure(self, fig: Any, name: str) -> None:
-        """Stores a matplotlib figure as the artifact `name` (e.g. "plots/confusion.png")."""
-        self._client.log_figure(self.run_id, fig, name)
+        """Stores a matplotlib figure as the artifact `name` (e.g. "plots/confusion.png") and closes it."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self._client.log_figure(self.run_id, fig, name)
+        finally:
+            plt.close(fig)  # long processes (grids, tuning) would otherwise pile up open figures
 
     def log_text(self, text: str, name: str) -> None:
         """Stores `text` as the artifact `name`."""

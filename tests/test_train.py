@@ -29,14 +29,14 @@ TINY_OPTS = ["--width", "4", "--clip-len", "4", "--crop", "32", "--num-workers",
 @pytest.fixture(scope="session")
 def tiny_ucf(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "ucf101"
-    generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12, size=(32, 40), seed=1))
+    generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12, size=(48, 64), seed=1))
     return root
 
 
 def tiny_config(root: Path, epochs: int = 2, arch: str = "tiny3d") -> RunConfig:
     return RunConfig(
         data=DataConfig(root=str(root), num_workers=0, val_fraction=0.2),
-        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=2, resize=(36, 48), crop=32),
+        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=2, resize=(40, 53), crop=32),
         model=ModelConfig(arch=arch, width=4),
         optim=OptimConfig(epochs=epochs, batch_size=8),
     )
