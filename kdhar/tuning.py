@@ -181,12 +181,20 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
         # heartbeat_interval is flagged experimental; it is the documented way to survive dead workers
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
-            return RDBStorage(
-                _with_driver(url),
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            )
+            for attempt in range(3):
+                try:
+                    return RDBStorage(
+                        _with_driver(url),
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                    )
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                    # Workers started together race to create the schema on an empty database; the
+                    # loser sees a duplicate type/table and simply opens what the winner created.
+                    if attempt == 2:
+                        raise
+                    time.sleep(1.0 + attempt)
         except sqlalchemy.exc.OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
             raise StorageUnavailableError(
