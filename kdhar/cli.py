@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -126,29 +127,24 @@ def build_config(arch: str, opts: dict[str, Any], tau: float | None = None, lam:
     tracking.check_server(tracking.tracking_uri())
     if not 0 < opts["fraction"] <= 1:
         raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
-    base = C.RunConfig()
-    preset = C.CPU_PRESET if opts["size"] == "cpu" else {}
-    clip = C.with_overrides(base.clip, **preset.get("clip", {}))
-    clip = C.with_overrides(
-        clip, clip_len=opts["clip_len"], frame_interval=opts["frame_interval"], crop=opts["crop"],
-        test_clips=opts["test_clips"], augment=opts["augment"],
+    from kdhar.experiments import OVERRIDES, DatasetSpec, build_run_config
+
+    tau = C.KDConfig.tau if tau is None else tau
+    lam = C.KDConfig.lam if lam is None else lam
+    if tau <= 0:
+        raise UserError(f"--tau {tau} must be > 0 (the paper uses 4)")
+    if lam < 0:
+        raise UserError(f"--lam {lam} must be >= 0 (0 trains from labels only)")
+    # The same defaults -> size preset -> overrides path as experiment grids, so a grid cell and
+    # the equivalent command line build identical configurations.
+    overrides = {k: opts[k] for k in OVERRIDES if opts.get(k) is not None}
+    dataset = DatasetSpec(name=opts["dataset"], root=opts["root"], split=opts["split"])
+    cfg = build_run_config(
+        arch, size=opts["size"], overrides=overrides, dataset=dataset, fraction=opts["fraction"],
+        seed=opts["seed"], tau=tau, lam=lam,
     )
-    if opts["crop"] is not None and opts["size"] == "cpu":
-        # keep the CPU preset's resize/crop ratio when only the crop is changed
-        clip = C.with_overrides(clip, resize=(round(opts["crop"] * 8 / 7), round(opts["crop"] * 8 / 7 * 4 / 3)))
-    model = C.with_overrides(C.with_overrides(base.model, **preset.get("model", {})), arch=arch, width=opts["width"])
-    optim = C.with_overrides(base.optim, **preset.get("optim", {}))
-    optim = C.with_overrides(optim, epochs=opts["epochs"], lr=opts["lr"], batch_size=opts["batch_size"], schedule=opts["schedule"], seed=opts["seed"])
-    data = C.DataConfig(
-        dataset=opts["dataset"], root=opts["root"], split=opts["split"], fraction=opts["fraction"],
-        on_missing=opts["on_missing"], on_bad=opts["on_bad"], num_workers=opts["num_workers"],
-    )
-    kd = C.with_overrides(base.kd, tau=tau, lam=lam)
-    if kd.tau <= 0:
-        raise UserError(f"--tau {kd.tau} must be > 0 (the paper uses 4)")
-    if kd.lam < 0:
-        raise UserError(f"--lam {kd.lam} must be >= 0 (0 trains from labels only)")
-    return C.RunConfig(data=data, clip=clip, model=model, optim=optim, kd=kd)
+    data = dataclasses.replace(cfg.data, on_missing=opts["on_missing"], on_bad=opts["on_bad"])
+    return dataclasses.replace(cfg, data=data)
 
 
 def ensure_data(root: str) -> None:

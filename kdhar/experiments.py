@@ -41,6 +41,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "crop": ("clip", "crop"),
     "resize": ("clip", "resize"),
     "test_clips": ("clip", "test_clips"),
+    "augment": ("clip", "augment"),
+    "hflip": ("clip", "hflip"),
     "num_workers": ("data", "num_workers"),
     "val_fraction": ("data", "val_fraction"),
 }

@@ -328,7 +328,11 @@ def build_report(experiment: str, out_dir: Path) -> Report:
         raise ReportError(f"experiment '{experiment}' does not exist in the tracking store "
                           f"({tracking.tracking_uri()}); check --experiment or MLFLOW_TRACKING_URI")
     finished = "attributes.status = 'FINISHED'"
-    students = tracking.find_runs(experiment, f"tags.role = 'student' and {finished}")
+    # Tuning trials are students too, but with other tau/lambda and budgets: they are not grid cells.
+    students = [
+        r for r in tracking.find_runs(experiment, f"tags.role = 'student' and {finished}")
+        if "optuna_study" not in r["tags"]
+    ]
     finetunes = tracking.find_runs(experiment, f"tags.role = 'finetune' and {finished}")
     rows = aggregate(students, finetunes)
     if not rows:
