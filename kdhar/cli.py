@@ -396,7 +396,7 @@ def experiment_run(spec, workers, experiment_name, device) -> None:
 @cli.command("demo")
 @click.option("--spec", default="experiments/demo.yaml", show_default=True, type=click.Path(path_type=Path))
 @click.option("--n-trials", type=INT, default=4, show_default=True, help="trials of the short tuning study")
-@click.option("--tune-epochs", type=INT, default=4, show_default=True)
+@click.option("--tune-epochs", type=INT, default=None, help="epochs per trial (default: the students' epochs)")
 def demo(spec, n_trials, tune_epochs) -> None:
     """The whole product on the synthetic data: teacher, KD student + scratch twin, tuning, report.
 
@@ -412,12 +412,13 @@ def demo(spec, n_trials, tune_epochs) -> None:
         ensure_data(root)
     click.echo(f"== 1/3 teacher, distilled student and its scratch twin ({spec})")
     run_grid(spec, log=click.echo)
-    click.echo(f"== 2/3 tuning tau and lambda: {n_trials} trials of {tune_epochs} epochs")
     student = grid.students[0]
+    overrides = {**grid.overrides, **({"epochs": tune_epochs} if tune_epochs else {})}
     cfg = build_run_config(
-        student, size=grid.size, overrides={**grid.overrides, "epochs": tune_epochs}, dataset=grid.dataset,
+        student, size=grid.size, overrides=overrides, dataset=grid.dataset,
         fraction=grid.fractions[0], seed=grid.seeds[0], tau=grid.tau, lam=grid.lam,
     )
+    click.echo(f"== 2/3 tuning tau and lambda: {n_trials} trials of up to {cfg.optim.epochs} epochs (median pruning)")
     summary = tuning.tune(
         cfg, teacher=grid.teachers[0], n_trials=n_trials, study_name=f"{grid.experiment}-tau-lambda",
         space=tuning.SearchSpace(), pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True,
