@@ -1,0 +1,35 @@
+"""Every MLproject entry point renders a command line that the CLI accepts, defaults included."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+from mlflow.projects import _project_spec
+
+from kdhar.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"model": "models:/kdhar-teacher-c3d@champion"}
+
+
+def _entry_points():
+    project = _project_spec.load_project(str(ROOT))
+    return [(name, ep) for name, ep in project._entry_points.items()]
+
+
+@pytest.mark.parametrize(("name", "entry_point"), _entry_points(), ids=[n for n, _ in _entry_points()])
+def test_entry_point_parses_with_defaults(name, entry_point, tmp_path):
+    params = {k: v for k, v in REQUIRED.items() if k in entry_point.parameters}
+    command = entry_point.compute_command(params, str(tmp_path))
+    argv = shlex.split(command)
+    assert argv[0] == "kdhar"
+    group_ctx = cli.make_context("kdhar", argv[1:], resilient_parsing=True)
+    cmd_name, cmd, rest = cli.resolve_command(group_ctx, argv[1:])
+    while hasattr(cmd, "resolve_command"):  # nested groups: `experiment run`, `data synth`
+        sub_ctx = cmd.make_context(cmd_name, rest, resilient_parsing=True)
+        cmd_name, cmd, rest = cmd.resolve_command(sub_ctx, rest)
+    ctx = cmd.make_context(cmd_name, rest)  # raises on an option or value the CLI rejects
+    if "epochs" in ctx.params:
+        assert ctx.params["epochs"] is None  # "" means: the size preset decides
