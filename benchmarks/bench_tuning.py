@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--skip-workers", action="store_true", help="no PostgreSQL part")
+    parser.add_argument("--root", default=None, help="an existing UCF101-layout dataset instead of a tiny generated one")
+    parser.add_argument("--teacher", default=None, help="a teacher checkpoint for --root (skips training one)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="students' share of the training videos (--root)")
     args = parser.parse_args()
 
     import torch
@@ -99,20 +102,32 @@ def main() -> None:
     from kdhar.train import run_training
     from kdhar.tuning import study_trials, tune
 
+    if args.root:
+        if not args.teacher:
+            parser.error("--root needs --teacher (a checkpoint)")
+        args.root, args.teacher = str(Path(args.root).resolve()), str(Path(args.teacher).resolve())
     work = Path(tempfile.mkdtemp(prefix="kdhar-bench-tuning-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.chdir(work)
     torch.set_num_threads(args.threads)
-    spec = SynthSpec(num_classes=args.classes, groups=8, clips_per_group=2, frames=16, size=(48, 64), difficulty=0.3)
-    root = str(generate(work / "ucf101", layout="ucf101", spec=spec, workers=args.threads).root)
-    t0 = time.perf_counter()
-    teacher_cfg = bench_config(root, args.teacher_epochs, arch="c3d", width=8)
-    res = run_training(teacher_cfg, role="teacher", experiment="bench-teacher", register=False, progress=False)
-    teacher = str(work / "runs" / "checkpoints" / res.run_id / "last.pt")
-    print(f"data: {args.classes} classes in {work}; teacher c3d w8 {args.teacher_epochs} epochs "
-          f"val_video_top1 {res.final.get('best_val_video_top1', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
+    if args.root:
+        # A real calibrated set and an already trained teacher, at the CPU preset the demo uses.
+        from kdhar.experiments import DatasetSpec, build_run_config
 
-    cfg = bench_config(root, args.epochs)
+        root, teacher = args.root, args.teacher
+        cfg = build_run_config("tiny3d", size="cpu", overrides={"epochs": args.epochs, "num_workers": 0},
+                               dataset=DatasetSpec(name="ucf101", root=root), fraction=args.fraction, seed=0)
+        print(f"data: {root} (fraction {args.fraction}); teacher {teacher}")
+    else:
+        spec = SynthSpec(num_classes=args.classes, groups=8, clips_per_group=2, frames=16, size=(48, 64), difficulty=0.3)
+        root = str(generate(work / "ucf101", layout="ucf101", spec=spec, workers=args.threads).root)
+        t0 = time.perf_counter()
+        teacher_cfg = bench_config(root, args.teacher_epochs, arch="c3d", width=8)
+        res = run_training(teacher_cfg, role="teacher", experiment="bench-teacher", register=False, progress=False)
+        teacher = str(work / "runs" / "checkpoints" / res.run_id / "last.pt")
+        print(f"data: {args.classes} classes in {work}; teacher c3d w8 {args.teacher_epochs} epochs "
+              f"val_video_top1 {res.final.get('best_val_video_top1', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
+        cfg = bench_config(root, args.epochs)
     rows = []
     for pruner in ("none", args.pruner):
         start = time.perf_counter()
@@ -120,7 +135,8 @@ def main() -> None:
                        storage=f"sqlite:///{work / 'optuna.db'}", pruner=pruner, experiment="bench-pruning",
                        seed=0, cache_teacher=True, device="cpu")
         rows.append((pruner, summary, time.perf_counter() - start))
-    print(f"\nstudy of {args.trials} trials x {args.epochs} epochs, tiny3d w4, clip 8x32x32, seed 0")
+    print(f"\nstudy of {args.trials} trials x {args.epochs} epochs, tiny3d w{cfg.model.width}, "
+          f"clip {cfg.clip.clip_len}x{cfg.clip.crop}x{cfg.clip.crop}, seed 0")
     print(f"{'pruner':<10}{'epochs':>8}{'pruned':>8}{'wall s':>9}{'best val':>10}")
     for pruner, s, wall in rows:
         print(f"{pruner:<10}{s['epochs']:>8}{s['pruned']:>8}{wall:>9.0f}{s['best_value']:>10.3f}")
