@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -381,15 +383,26 @@ def run_grid(
                 report(i, CellOutcome(cell, "done", run_id, seconds))
         else:
             ctx = multiprocessing.get_context("spawn")  # forked workers would inherit torch/mlflow threads
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
-                pending = {pool.submit(_run_cell, *job): (i, cell) for (i, cell, _), job in zip(todo, jobs)}
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                       initargs=(threads, os.getpid()))
+            try:
+                pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, _), job in zip(todo, jobs)}
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         i, cell = pending.pop(fut)
                         run_id, seconds = fut.result()  # a failed cell stops the grid; rerunning resumes
                         report(i, CellOutcome(cell, "done", run_id, seconds))
+            except Exception:
+                # A failed cell: start nothing more, let the cells in flight finish, then stop.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            except BaseException:
+                # Ctrl-C: stop the workers now; each ends its run as KILLED before it exits.
+                _stop_workers()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
     return [outcomes[i] for i in range(total)]
 
 
@@ -448,10 +461,45 @@ def _cell_tags(cell: Cell, source_run: str | None) -> dict[str, str]:
     }
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group; the parent alone handles it (see _stop_workers),
+    # so a worker waiting for its next cell does not die with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A pool worker outlives a parent killed by SIGTERM or SIGKILL and would go on taking queued
+    # cells. On Linux the kernel sends it SIGTERM when the parent dies, which ends its run KILLED.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(128 + signal.SIGTERM)
+
+
+def _stop_workers(timeout_s: float = 60.0) -> None:
+    """SIGTERMs this process's pool workers and waits until each has closed its run."""
+    children = multiprocessing.active_children()
+    for proc in children:
+        proc.terminate()
+    for proc in children:
+        proc.join(timeout_s)
+
+
+def _run_cell_in_worker(*job: Any) -> tuple[str, float]:
+    """`_run_cell` in a pool worker, which exits once a signal has stopped its cell.
+
+    The pool would otherwise report the interruption as the cell's result and hand the worker
+    the next cell of an interrupted grid.
+    """
+    from kdhar.tracking import RunTerminated
+
+    try:
+        return _run_cell(*job)
+    except RunTerminated as exc:
+        os._exit(128 + exc.signum)
 
 
 def _run_cell(

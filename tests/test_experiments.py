@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +200,62 @@ def test_grid_runs_resumes_and_reports(store):
     assert all(p.stat().st_size > 0 for p in report.files)
     (logged,) = tracking.find_runs("grid", "tags.role = 'report'")
     assert logged["run_id"] == report.run_id and logged["status"] == "FINISHED"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # an exited worker may wait a moment to be reaped
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_grid_ends_its_runs_and_resumes(store):
+    """Ctrl-C and SIGKILL of `kdhar experiment run` mid-wave: the workers stop with it, their runs end
+    KILLED (none left RUNNING), and the same command then trains only what did not finish."""
+    from kdhar import tracking
+    from kdhar.experiments import run_grid
+
+    exp = "killed"
+    spec = write_spec(store, "k.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=False,
+                      seeds=[0, 1], overrides={**TINY, "epochs": 30}, teacher_overrides={"epochs": 1})
+
+    def running():
+        return tracking.find_runs(exp, "tags.role = 'student' and attributes.status = 'RUNNING'")
+
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--workers", "2"],
+                                cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            in_flight = _wait_for(lambda: len(running()) == 2 and running(), 180, "two student runs in flight")
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            proc.send_signal(sig)
+            out, _ = proc.communicate(timeout=90)
+        finally:
+            proc.kill()
+        assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), out
+        if sig == signal.SIGINT:
+            assert "aborted" in out and "Traceback" not in out, out
+        _wait_for(lambda: not any(_alive(int(pid)) for pid in children), 60, "the grid's workers to exit")
+        assert running() == []
+        for run in in_flight:
+            assert tracking.run_status(run["run_id"]) == "KILLED"
+
+    outcomes = run_grid(spec, workers=2, log=lambda _: None)
+    assert [(o.cell.role, o.status) for o in outcomes] == [("teacher", "skipped"), ("student", "done"), ("student", "done")]
+    statuses = sorted(r["status"] for r in tracking.find_runs(exp, "tags.role = 'student'"))
+    assert statuses == ["FINISHED"] * 2 + ["KILLED"] * 4
 
 
 def test_report_on_missing_or_empty_experiment(store):
