@@ -314,7 +314,7 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 @click.option("--study-name", default=None, help="default: derived from teacher, student and dataset")
 @click.option("--storage", default=None, help="optuna storage URL (default sqlite:///optuna.db; postgresql://... for many workers)")
 @click.option("--space", default=None, help='search space, e.g. "tau=1:20:log,lam=0.1:2"')
-@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
 @run_options

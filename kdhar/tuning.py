@@ -39,7 +39,7 @@ from kdhar.train import StopTraining
 # concurrent writers: several workers need a server database (postgresql://...).
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 OBJECTIVE = "val_video_top1"  # per-epoch metric logged by kdhar.train for the held-out groups
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "asha", "hyperband", "none")
 # A killed worker's trial is failed once its heartbeat is older than the grace period; a trial is
 # retried at most this many times, so a configuration that kills its worker every time stops.
 MAX_RETRY = 2
@@ -219,7 +219,13 @@ def dashboard_command(storage: str | None) -> str:
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
-    """median | hyperband | none, sized for runs of `max_epochs` epochs."""
+    """median | asha | hyperband | none, sized for runs of `max_epochs` epochs."""
+    if name == "asha":
+        # Successive halving with rungs at 1, 3, 9, ... epochs: a trial goes on past a rung only
+        # while it is in the best third of the trials that reached it. Unlike Hyperband it keeps
+        # one bracket, so every trial after the first can be stopped early even in a study of a
+        # few trials (Hyperband's least aggressive bracket never prunes).
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if name == "median":
         # Accuracy after a single epoch is mostly noise: compare trials from the second epoch on,
         # and only once a few complete trials give a median worth trusting.
@@ -240,7 +246,7 @@ def tune(
     study_name: str | None = None,
     storage: str | None = None,
     space: SearchSpace | None = None,
-    pruner: str = "median",
+    pruner: str | optuna.pruners.BasePruner = "median",
     experiment: str = "kdhar",
     seed: int = 0,
     cache_teacher: bool = False,
@@ -261,7 +267,8 @@ def tune(
         study_name: defaults to "kd-<student>-<teacher>".
         storage: a database URL; None is ./optuna.db (one worker). Use postgresql:// for several.
         space: tau/lam ranges (`SearchSpace.parse`).
-        pruner: "median", "hyperband" or "none"; prunes on per-epoch validation accuracy.
+        pruner: "median", "asha", "hyperband", "none" or an Optuna pruner; prunes on per-epoch
+            validation accuracy.
         experiment: MLflow experiment of the parent and trial runs.
         seed: sampler seed; trial k samples with seed + k, so reruns and workers differ reproducibly.
         cache_teacher: reuse teacher logits across trials (see kdhar.cache).
@@ -287,7 +294,10 @@ def tune(
     if resolve_teacher(teacher, splits.fingerprint, device or "cpu") is None:
         raise ValueError("tuning tau/lam needs a teacher; teacher=none has no distillation term to tune")
     study_name = study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}"
-    pruner_obj = make_pruner(pruner, cfg.optim.epochs)
+    if isinstance(pruner, optuna.pruners.BasePruner):
+        pruner_obj, pruner = pruner, type(pruner).__name__
+    else:
+        pruner_obj = make_pruner(pruner, cfg.optim.epochs)
     st = make_storage(storage, heartbeat_interval, grace_period)
     shown = mask_url(storage or DEFAULT_STORAGE)
     study, parent_id = _open_study(

@@ -174,6 +174,38 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
     assert len(children_of(parent["run_id"])) == 4
 
 
+def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):
+    import optuna
+
+    # Validation accuracy never reaches 1.01, so this real Optuna pruner stops every trial at its
+    # first report: each trial trains one of its three epochs.
+    always = optuna.pruners.ThresholdPruner(lower=1.01)
+    summary = tune(tiny_config(tiny_data["root"], epochs=3), teacher=str(tiny_data["teacher"]), n_trials=2,
+                   study_name="pruned", storage=None, pruner=always, experiment=EXPERIMENT, seed=0,
+                   cache_teacher=True, device="cpu")
+    assert (summary["pruned"], summary["complete"], summary["epochs"]) == (2, 0, 2)
+    assert summary["best_value"] is None
+    [parent] = parents("pruned")
+    assert parent["params"]["pruner"] == "ThresholdPruner" and parent["metrics"]["n_pruned"] == 2
+    trials = {t["number"]: t for t in study_trials(None, "pruned")}
+    assert {t["state"] for t in trials.values()} == {"PRUNED"}
+    for run in children_of(parent["run_id"]):
+        assert run["status"] == "FINISHED"
+        assert run["tags"]["optuna_state"] == "PRUNED" and run["tags"]["stopped_early"] == "pruned"
+        assert trials[int(run["tags"]["optuna_trial_number"])]["user_attrs"]["mlflow_run_id"] == run["run_id"]
+        assert [step for step, _ in tracking.metric_history(run["run_id"], "val_video_top1")] == [1]
+
+
+def test_named_pruners():
+    import optuna
+
+    from kdhar.tuning import PRUNERS, make_pruner
+
+    kinds = {name: type(make_pruner(name, max_epochs=12)) for name in PRUNERS}
+    assert kinds == {"median": optuna.pruners.MedianPruner, "asha": optuna.pruners.SuccessiveHalvingPruner,
+                     "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+
+
 def test_tune_refuses_bad_inputs_before_any_trial(tiny_data, workdir):
     cfg = tiny_config(tiny_data["root"])
     kw = dict(n_trials=2, study_name="bad", experiment=EXPERIMENT, seed=0, cache_teacher=False, device="cpu",
