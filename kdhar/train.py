@@ -230,6 +230,7 @@ def run_training(
                 tracker.log_metrics({"missing_videos": splits.missing}, step=0)
         ckpt_path = Path(workdir) / "checkpoints" / run_id / "last.pt"
         stopped: str | None = None
+        last_test: dict[str, Any] | None = None  # the test scores of the weights as they are now
         for epoch in range(start_epoch, optim.epochs):
             train_ds.set_epoch(epoch)
             batches = train_loader if teacher_logits is None else _WithCachedLogits(train_loader, teacher_logits)
@@ -240,7 +241,10 @@ def run_training(
             metrics = {f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
             metrics["epoch_lr"] = optimizer.param_groups[0]["lr"]
             for name, loader in eval_loaders.items():
-                metrics.update(_epoch_metrics(name, evaluate(model, loader, dev, num_classes)))
+                result = evaluate(model, loader, dev, num_classes)
+                metrics.update(_epoch_metrics(name, result))
+                if name == "test":
+                    last_test = result
             done = epoch + 1
             for stage, at in stages.items():
                 if done == at:
@@ -272,13 +276,14 @@ def run_training(
                     tracker.set_tags({"stopped_early": stopped})
                     break
 
-        final = _finish(tracker, model, eval_loaders["test"], dev, num_classes, splits, history, cfg, role, register, clip)
+        if last_test is None:  # a resumed run that had already trained every epoch
+            last_test = evaluate(model, eval_loaders["test"], dev, num_classes)
+        final = _finish(tracker, model, last_test, splits, history, cfg, role, register, clip)
         return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=final.pop("_model_uri", None))
 
 
-def _finish(tracker, model, test_loader, dev, num_classes, splits, history, cfg, role, register, clip) -> dict:
-    """Final evaluation, plots, reports and the logged (registered) model."""
-    result = evaluate(model, test_loader, dev, num_classes)
+def _finish(tracker, model, result, splits, history, cfg, role, register, clip) -> dict:
+    """Final test metrics (`result`: the last evaluation), plots, reports and the logged (registered) model."""
     final = _epoch_metrics("final_test", result)
     best_val = max((h.get("val_video_top1", float("nan")) for h in history), default=float("nan"))
     if not math.isnan(best_val):
