@@ -85,7 +85,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=8, help="trials per study in the pruning comparison")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per (unpruned) trial")
-    parser.add_argument("--pruner", default="hyperband", choices=["median", "hyperband"])
+    parser.add_argument("--pruner", default="asha", help="pruners to compare with the unpruned study, comma-separated "
+                        "(median, asha, hyperband)")
     parser.add_argument("--worker-trials", type=int, default=4, help="trials per study in the worker comparison")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads shared by the workers")
     parser.add_argument("--classes", type=int, default=4)
@@ -95,6 +96,10 @@ def main() -> None:
     parser.add_argument("--teacher", default=None, help="a teacher checkpoint for --root (skips training one)")
     parser.add_argument("--fraction", type=float, default=1.0, help="students' share of the training videos (--root)")
     args = parser.parse_args()
+    pruners = [p.strip() for p in args.pruner.split(",") if p.strip()]
+    unknown = sorted(set(pruners) - {"median", "asha", "hyperband"})
+    if unknown or not pruners:
+        parser.error(f"--pruner {args.pruner!r}: use median, asha and/or hyperband")
 
     import torch
 
@@ -129,7 +134,7 @@ def main() -> None:
               f"val_video_top1 {res.final.get('best_val_video_top1', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)")
         cfg = bench_config(root, args.epochs)
     rows = []
-    for pruner in ("none", args.pruner):
+    for pruner in ["none", *pruners]:
         start = time.perf_counter()
         summary = tune(cfg, teacher=teacher, n_trials=args.trials, study_name=f"prune-{pruner}",
                        storage=f"sqlite:///{work / 'optuna.db'}", pruner=pruner, experiment="bench-pruning",
@@ -140,13 +145,14 @@ def main() -> None:
     print(f"{'pruner':<10}{'epochs':>8}{'pruned':>8}{'wall s':>9}{'best val':>10}")
     for pruner, s, wall in rows:
         print(f"{pruner:<10}{s['epochs']:>8}{s['pruned']:>8}{wall:>9.0f}{s['best_value']:>10.3f}")
-    (_, base, base_wall), (_, pr, pr_wall) = rows
-    saved = 1 - pr["epochs"] / base["epochs"]
-    gap = 100 * (base["best_value"] - pr["best_value"])
-    print(f"pruning saved {saved:.0%} of epochs (target >= 50%) and {1 - pr_wall / base_wall:.0%} of wall time; "
-          f"best value {gap:+.1f} points below unpruned (target <= 1)")
-    epochs_per_trial = [t["user_attrs"].get("epochs") for t in study_trials(f"sqlite:///{work / 'optuna.db'}", f"prune-{args.pruner}")]
-    print(f"epochs per trial with {args.pruner}: {epochs_per_trial}")
+    (_, base, base_wall), *pruned = rows
+    for pruner, pr, pr_wall in pruned:
+        saved = 1 - pr["epochs"] / base["epochs"]
+        gap = 100 * (base["best_value"] - pr["best_value"])
+        print(f"{pruner}: saved {saved:.0%} of epochs (target >= 50%) and {1 - pr_wall / base_wall:.0%} of wall "
+              f"time; best value {gap:+.1f} points below unpruned (target <= 1)")
+        trials = study_trials(f"sqlite:///{work / 'optuna.db'}", f"prune-{pruner}")
+        print(f"  epochs per trial: {[t['user_attrs'].get('epochs') for t in trials]}")
 
     if args.skip_workers:
         return
