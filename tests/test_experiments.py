@@ -202,6 +202,18 @@ def test_grid_runs_resumes_and_reports(store):
     assert logged["run_id"] == report.run_id and logged["status"] == "FINISHED"
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -240,7 +252,7 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
                                 cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             _wait_for(lambda: students("RUNNING"), 180, "a student run in flight")
-            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            children = _children(proc.pid)
             in_flight = students("RUNNING")
             proc.send_signal(sig)
             out, _ = proc.communicate(timeout=90)
@@ -249,7 +261,8 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
         assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), out
         if sig == signal.SIGINT:
             assert "aborted" in out and "Traceback" not in out, out
-        _wait_for(lambda: not any(_alive(int(pid)) for pid in children), 60, "the grid's workers to exit")
+        assert children
+        _wait_for(lambda: not any(_alive(pid) for pid in children), 60, "the grid's workers to exit")
         assert students("RUNNING") == []
         for run in in_flight:
             assert tracking.run_status(run["run_id"]) == "KILLED", out
