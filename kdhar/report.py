@@ -298,10 +298,11 @@ def delta_heatmap(rows: Sequence[Row], dataset: str) -> Figure:
     lim = max(finite, default=1.0) or 1.0
     fig, axes = plt.subplots(1, len(cols), figsize=(1.2 * len(fractions) * len(cols) + 3, 0.5 * len(pairs) + 2),
                              squeeze=False)
-    for ax, c in zip(axes[0], cols):
+    for k, (ax, c) in enumerate(zip(axes[0], cols)):
         im = ax.imshow(grids[c], cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(fractions)), [f"{f:g}" for f in fractions])
-        ax.set_yticks(range(len(pairs)), [f"{s} <- {t}" for s, t in pairs])
+        # Panels share their rows: labelled once, on the left, so no label runs into the panel before.
+        ax.set_yticks(range(len(pairs)), [f"{s} <- {t}" for s, t in pairs] if k == 0 else [])
         ax.set_xlabel("fraction")
         ax.set_title(f"Δ {c} (points)")
         for (i, j), v in np.ndenumerate(grids[c]):
