@@ -277,7 +277,7 @@ class RunTracker:
         self._sender: _MetricSender | None = None
         self._old_handlers: dict[int, Any] = {}
         self._closing = False
-        self._pending_signal: int | None = None
+        self._signal: int | None = None  # the SIGTERM received during this run, if any
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -333,8 +333,8 @@ class RunTracker:
                 raise flush_error
             # The body's own exception is the one to propagate; keep the lost metrics visible.
             logger.error("%s (run %s ended %s)", flush_error, self.run_id, status)
-        if exc is None and self._pending_signal is not None:
-            raise RunTerminated(self._pending_signal)
+        if exc is None and self._signal is not None:
+            raise RunTerminated(self._signal)
 
     def _install_signal_handlers(self) -> None:
         # Python only lets the main thread install handlers; trackers opened in worker threads
@@ -349,10 +349,18 @@ class RunTracker:
         self._old_handlers.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
         if self._closing:
-            self._pending_signal = signum
+            return
+        # Python prints and drops an exception raised inside a finalizer (decord's readers free
+        # their handles in __del__), which would lose the signal: the next logging call raises it.
+        if frame is not None and frame.f_code.co_name == "__del__":
             return
         raise RunTerminated(signum)
+
+    def _raise_if_signalled(self) -> None:
+        if self._signal is not None and not self._closing:
+            raise RunTerminated(self._signal)
 
     def _get_run(self, run_id: str) -> Any:
         try:
@@ -388,6 +396,7 @@ class RunTracker:
 
         A failure to send surfaces as TrackingError on the next call or when the run ends.
         """
+        self._raise_if_signalled()
         sender = self._sender
         if sender.error is not None:
             sender.flush()

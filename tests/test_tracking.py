@@ -251,6 +251,26 @@ def test_local_store_nested_runs_and_find_runs(local_tracking):
     assert tracking.find_runs("no-such-experiment") == []
 
 
+def test_sigterm_inside_a_finalizer_still_ends_the_run_killed(local_tracking, capfd):
+    """Python drops an exception raised in __del__ (decord frees its readers there): the signal
+    must not be lost with it."""
+    from kdhar.tracking import RunTerminated
+
+    class Reader:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs between these bytecodes, inside __del__
+                pass
+
+    with pytest.raises(RunTerminated):
+        with RunTracker("kdhar-test-local", run_name="finalizer") as run:
+            Reader()  # dropped at once
+            run.log_metrics({"loss": 1.0}, step=0)
+            pytest.fail("the SIGTERM received in __del__ was lost")
+    assert tracking.run_status(run.run_id) == "KILLED"
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
 def test_local_store_failed_run(local_tracking):
     with pytest.raises(KeyboardInterrupt):
         with RunTracker("kdhar-test-local") as run:
