@@ -354,8 +354,10 @@ class RunTracker:
             return
         # Python prints and drops an exception raised inside a finalizer (decord's readers free
         # their handles in __del__), which would lose the signal: the next logging call raises it.
-        if frame is not None and frame.f_code.co_name == "__del__":
-            return
+        while frame is not None:
+            if frame.f_code.co_name == "__del__":
+                return
+            frame = frame.f_back
         raise RunTerminated(signum)
 
     def _raise_if_signalled(self) -> None:

@@ -256,11 +256,14 @@ def test_sigterm_inside_a_finalizer_still_ends_the_run_killed(local_tracking, ca
     must not be lost with it."""
     from kdhar.tracking import RunTerminated
 
+    def free_handle():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs between these bytecodes, under __del__
+            pass
+
     class Reader:
         def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10_000):  # the handler runs between these bytecodes, inside __del__
-                pass
+            free_handle()
 
     with pytest.raises(RunTerminated):
         with RunTracker("kdhar-test-local", run_name="finalizer") as run:
