@@ -240,8 +240,9 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
     from kdhar.experiments import run_grid
 
     exp = "killed"
+    # Students train for 120 tiny epochs (~30 s idle) so the signal reaches them mid-training.
     spec = write_spec(store, "k.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=False,
-                      seeds=[0, 1], overrides={**TINY, "epochs": 40}, teacher_overrides={"epochs": 1})
+                      seeds=[0, 1], overrides={**TINY, "epochs": 120}, teacher_overrides={"epochs": 1})
 
     def students(status: str) -> list[dict]:
         return tracking.find_runs(exp, f"tags.role = 'student' and attributes.status = '{status}'")
