@@ -1,10 +1,13 @@
 """Paper-style comparison tables and plots, built from the runs of one MLflow experiment alone.
 
 Runs are found by their tags: students (`role=student`, `student_arch`, `teacher_arch` = "none" for
-scratch, `fraction`, `seed`, `dataset`) and fine-tunes (`role=finetune`, `source_run`). For every
-student, dataset and fraction there is one row per teacher (and one for scratch) with the final and
-early/mid/late accuracy as mean ± std over seeds, the KD - scratch differences and the accuracy after
-transfer. The maths (`mean_std`, `aggregate`, `mean_curve`) are pure functions of run dicts.
+scratch, `fraction`, `seed`, `dataset`, optionally `views`, `collapsed` and `teacher_run_id`) and
+fine-tunes (`role=finetune`, `source_run`). For every student, dataset and fraction there is one row per
+teacher (and one for scratch) with the final and early/mid/late accuracy as mean ± std over seeds, the
+number of collapsed runs, the KD - scratch differences and the accuracy after transfer. The final
+accuracy is also compared seed by seed: a paired 95 % t-interval of KD - scratch and a verdict read from
+it. Rows are only compared when both were trained on the same number of fixed views. The maths
+(`mean_std`, `paired_interval`, `verdict`, `aggregate`, `mean_curve`) are pure functions of run dicts.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from scipy import stats  # noqa: E402
 
 # Table column -> the metric it is read from. The stages are logged by kdhar.train at 25/75/100 % of
 # the epochs, the paper's 50/150/200 of 200.
@@ -35,6 +39,7 @@ ACC_METRICS = {
 STAGES = ("early", "mid", "late")
 CURVE_METRIC = "test_video_top1"
 SCRATCH = "none"
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,27 @@ class Stat:
     n: int
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Mean of the per-seed differences KD - scratch over n paired seeds, with its 95 % t-interval.
+
+    `low` and `high` are NaN when fewer than two seeds pair up (no spread to estimate).
+    """
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
 @dataclass
 class Row:
-    """One (dataset, student, teacher, fraction) cell of the comparison; teacher "none" is scratch."""
+    """One (dataset, student, teacher, fraction) cell of the comparison; teacher "none" is scratch.
+
+    `delta` and `transfer_delta` are differences of means; `paired` and `verdict` compare the final
+    accuracy seed by seed. A KD row whose views differ from its scratch twin's has neither, and its
+    verdict says so.
+    """
 
     dataset: str
     student: str
@@ -61,6 +84,12 @@ class Row:
     transfer: Stat | None = None
     transfer_delta: float | None = None
     epochs_to_scratch: Stat | None = None
+    collapsed: int = 0  # runs whose training collapsed; they stay in `acc`
+    views: list[int] = field(default_factory=list)  # distinct `views` tags of the runs (0 = fresh views)
+    teacher_runs: list[str] = field(default_factory=list)  # `teacher_run_id` tags of the KD runs
+    teacher_acc: dict[str, float] = field(default_factory=dict)  # teacher run id -> its final accuracy
+    paired: Paired | None = None  # final accuracy, KD - scratch, paired by seed
+    verdict: str = ""  # read from `paired`; empty for scratch rows
 
 
 @dataclass
@@ -92,6 +121,75 @@ def mean_std(values: Iterable[float]) -> Stat:
     return Stat(mean, math.sqrt(var), len(vals))
 
 
+def paired_interval(
+    kd_runs: Sequence[dict[str, Any]], scratch_runs: Sequence[dict[str, Any]], metric: str = ACC_METRICS["final"]
+) -> Paired | None:
+    """Per-seed differences d_s = kd_s - scratch_s over the seeds both lists have, with a t-interval.
+
+    Pairing by seed removes the part of the spread the two runs of a seed share (same data order and
+    initialisation), so the interval is narrower than one from two independent means. The interval is
+    mean(d) ± t(0.975, n - 1) * sd(d) / sqrt(n).
+
+    Args:
+        kd_runs: run dicts of the distilled row; the first run of a seed counts (the newest, as listed
+            by `tracking.find_runs`).
+        scratch_runs: run dicts of the scratch row, likewise.
+        metric: the metric compared; a seed whose run lacks it is not paired.
+
+    Returns:
+        The paired mean and interval (bounds NaN for one pair), or None when no seed pairs up.
+    """
+    kd, scratch = _by_seed(kd_runs, metric), _by_seed(scratch_runs, metric)
+    diffs = [kd[seed] - scratch[seed] for seed in sorted(kd.keys() & scratch.keys())]
+    if not diffs:
+        return None
+    d = mean_std(diffs)
+    if d.n < 2:
+        return Paired(d.mean, math.nan, math.nan, d.n)
+    half = stats.t.ppf(1 - (1 - CONFIDENCE) / 2, d.n - 1) * d.std / math.sqrt(d.n)
+    return Paired(d.mean, d.mean - half, d.mean + half, d.n)
+
+
+def verdict(paired: Paired | None) -> str:
+    """Reads a paired interval: "helps" / "hurts" when it lies above / below 0, else "no evidence"."""
+    if paired is None:
+        return "no paired seeds"
+    if paired.n < 2:
+        return f"no evidence (n={paired.n})"
+    if paired.low > 0:
+        return "helps"
+    if paired.high < 0:
+        return "hurts"
+    return "no evidence"
+
+
+def _seed(run: dict[str, Any]) -> int:
+    return int(float(run["tags"].get("seed", 0)))
+
+
+def _by_seed(runs: Sequence[dict[str, Any]], metric: str) -> dict[int, float]:
+    seen: set[int] = set()
+    out = {}
+    for run in runs:
+        seed = _seed(run)
+        if seed in seen:
+            continue
+        seen.add(seed)
+        if metric in run["metrics"]:
+            out[seed] = float(run["metrics"][metric])
+    return out
+
+
+def _collapsed(run: dict[str, Any]) -> bool:
+    # Training sets both the tag and the metric; either is enough, older runs carry neither.
+    return run["tags"].get("collapsed", "").lower() == "true" or run["metrics"].get("collapsed") == 1.0
+
+
+def _views(run: dict[str, Any]) -> int:
+    # Runs from before the teacher-logit cache have no tag: they drew a fresh view every epoch.
+    return int(run["tags"].get("views", "0"))
+
+
 def _key(run: dict[str, Any]) -> tuple[str, str, str, float]:
     tags = run["tags"]
     student = tags.get("student_arch") or tags.get("arch", "?")
@@ -113,12 +211,20 @@ def one_run_per_seed(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def aggregate(student_runs: Sequence[dict[str, Any]], finetune_runs: Sequence[dict[str, Any]] = ()) -> list[Row]:
-    """Groups FINISHED student runs into rows, with KD - scratch deltas and transfer accuracy.
+def aggregate(
+    student_runs: Sequence[dict[str, Any]],
+    finetune_runs: Sequence[dict[str, Any]] = (),
+    teacher_acc: Mapping[str, float] | None = None,
+) -> list[Row]:
+    """Groups FINISHED student runs into rows, with KD - scratch deltas, verdicts and transfer accuracy.
+
+    A KD row is compared with the scratch row of the same dataset, student and fraction only when all
+    runs of both share one `views` value; otherwise it gets no deltas and a "mismatched views" verdict.
 
     Args:
         student_runs: run dicts (run_id, tags, metrics, status) with role=student.
         finetune_runs: run dicts with role=finetune; each joins the row of its `source_run` tag.
+        teacher_acc: final accuracy per teacher run id, shown beside the teacher; optional.
 
     Returns:
         Rows sorted by dataset, student, teacher (scratch first) and fraction (largest first).
@@ -134,6 +240,7 @@ def aggregate(student_runs: Sequence[dict[str, Any]], finetune_runs: Sequence[di
             transfer_by_source[ft["tags"]["source_run"]].append(float(value))
 
     rows: dict[tuple, Row] = {}
+    teacher_acc = teacher_acc or {}
     for key, members in groups.items():
         acc = {}
         for col, metric in ACC_METRICS.items():
@@ -144,22 +251,41 @@ def aggregate(student_runs: Sequence[dict[str, Any]], finetune_runs: Sequence[di
         transfers = [transfer_by_source[m["run_id"]][0] for m in members if transfer_by_source.get(m["run_id"])]
         ets = [m["metrics"]["epochs_to_scratch_acc"] for m in members
                if m["metrics"].get("epochs_to_scratch_acc", -1) >= 0]
+        teacher_runs = sorted({m["tags"]["teacher_run_id"] for m in members if m["tags"].get("teacher_run_id")})
         rows[key] = Row(
             dataset=key[0], student=key[1], teacher=key[2], fraction=key[3],
-            seeds=sorted(int(float(m["tags"].get("seed", 0))) for m in members),
+            seeds=sorted(_seed(m) for m in members),
             run_ids=[m["run_id"] for m in members],
             acc=acc,
             transfer=mean_std(transfers) if transfers else None,
             epochs_to_scratch=mean_std(ets) if ets else None,
+            collapsed=sum(_collapsed(m) for m in members),
+            views=sorted({_views(m) for m in members}),
+            teacher_runs=teacher_runs,
+            teacher_acc={t: float(teacher_acc[t]) for t in teacher_runs if t in teacher_acc},
         )
     for key, row in rows.items():
+        if row.teacher == SCRATCH:
+            continue
         scratch = rows.get((key[0], key[1], SCRATCH, key[3]))
-        if row.teacher == SCRATCH or scratch is None:
+        if scratch is None:
+            row.verdict = "no scratch runs"
+            continue
+        if len(set(row.views) | set(scratch.views)) > 1:
+            # A cached-views run sees less augmentation than a fresh-view run: comparing them would
+            # credit (or blame) distillation for the data pipeline.
+            row.verdict = f"mismatched views (kd {_join(row.views)} vs scratch {_join(scratch.views)})"
             continue
         row.delta = {col: row.acc[col].mean - scratch.acc[col].mean for col in row.acc if col in scratch.acc}
         if row.transfer is not None and scratch.transfer is not None:
             row.transfer_delta = row.transfer.mean - scratch.transfer.mean
+        row.paired = paired_interval(groups[key], groups[(key[0], key[1], SCRATCH, key[3])])
+        row.verdict = verdict(row.paired)
     return sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher, -r.fraction))
+
+
+def _join(values: Iterable[int]) -> str:
+    return ",".join(map(str, values))
 
 
 def mean_curve(histories: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
@@ -185,17 +311,38 @@ def _signed(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.1f}"
 
 
-HEADERS = ["teacher", "fraction", "n", "final", "Δ final", "transfer", "Δ transfer",
-           "early", "mid", "late", "Δ early", "Δ mid", "Δ late"]
+def _interval(paired: Paired | None) -> str:
+    if paired is None:
+        return "-"
+    if paired.n < 2:
+        return _signed(paired.mean)
+    return f"{_signed(paired.mean)} [{_signed(paired.low)}, {_signed(paired.high)}]"
+
+
+def _teacher_label(row: Row) -> str:
+    if row.teacher == SCRATCH:
+        return "scratch"
+    if not row.teacher_acc:
+        return row.teacher
+    # One accuracy per teacher run, "?" where it is unknown, so two teachers are never read as one.
+    accs = [f"{100 * row.teacher_acc[t]:.1f} %" if t in row.teacher_acc else "?" for t in row.teacher_runs]
+    return f"{row.teacher} ({', '.join(accs)})"
+
+
+HEADERS = ["teacher", "fraction", "n", "final", "collapsed", "Δ final", "Δ final 95 % CI", "verdict",
+           "transfer", "Δ transfer", "early", "mid", "late", "Δ early", "Δ mid", "Δ late"]
 
 
 def _cells(row: Row) -> list[str]:
     return [
-        "scratch" if row.teacher == SCRATCH else row.teacher,
+        _teacher_label(row),
         f"{row.fraction:g}",
         str(len(row.seeds)),
         _pct(row.acc.get("final")),
+        f"{row.collapsed}/{len(row.run_ids)}",
         _signed(row.delta.get("final")),
+        _interval(row.paired),
+        row.verdict or "-",
         _pct(row.transfer),
         _signed(row.transfer_delta),
         *(_pct(row.acc.get(s)) for s in STAGES),
@@ -204,7 +351,7 @@ def _cells(row: Row) -> list[str]:
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """One table per (dataset, student): accuracy in %, mean ± std over n seeds, Δ = KD - scratch."""
+    """One table per (dataset, student): accuracy in %, mean ± std over n seeds, Δ = KD - scratch, verdicts."""
     parts = []
     for (dataset, student), group in _by_student(rows).items():
         title = f"Student {student} on {dataset}"
@@ -218,9 +365,16 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
             lines = [title, fmt.format(*HEADERS), "  ".join("-" * w for w in widths)]
             lines += [fmt.format(*c) for c in body]
         parts.append("\n".join(lines))
-    note = ("Accuracy: test video top-1 in %, mean ± std over n seeds. Δ: distilled minus scratch at the same "
-            "fraction. early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the "
-            "transfer dataset.")
+    note = ("Accuracy: test video top-1 in %, mean ± std over n seeds, collapsed runs included. Teacher in "
+            "parentheses: final accuracy of each teacher run distilled from. collapsed: runs whose train "
+            "accuracy stayed at chance while the KD loss rose, of n. Δ: distilled minus scratch at the same "
+            "fraction (difference of means). Δ final 95 % CI: mean of the per-seed differences KD - scratch "
+            "over the seeds both rows ran (paired by seed) with a two-sided Student-t interval, mean ± "
+            "t(0.975, n-1)·sd/√n. verdict: helps when the whole interval is above 0, hurts when below 0, no "
+            "evidence when it contains 0 or fewer than two seeds pair up. KD runs that replay a different "
+            "number of fixed views than their scratch runs are not compared (mismatched views). "
+            "early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the transfer "
+            "dataset.")
     return "\n\n".join(parts + [note]) + "\n"
 
 
@@ -232,7 +386,11 @@ def _by_student(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
-    """One line per row; accuracies as fractions in [0, 1], blank where not available."""
+    """One line per row; accuracies and their differences as fractions in [0, 1], blank where not available.
+
+    `delta_final_paired`, `delta_final_low` and `delta_final_high` are the paired mean and 95 % interval
+    of `paired_interval` over `pairs` seeds; `collapsed` counts the row's collapsed runs.
+    """
 
     def num(v: float | None) -> str:
         return "" if v is None or math.isnan(v) else f"{v:.6g}"
@@ -240,6 +398,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     header = ["dataset", "student", "teacher", "fraction", "n", "seeds"]
     for col in ACC_METRICS:
         header += [f"{col}_mean", f"{col}_std", f"delta_{col}"]
+    header += ["delta_final_paired", "delta_final_low", "delta_final_high", "pairs", "verdict", "collapsed",
+               "views", "teacher_runs"]
     header += ["transfer_n", "transfer_mean", "transfer_std", "delta_transfer", "epochs_to_scratch_mean", "run_ids"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -249,6 +409,9 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             for col in ACC_METRICS:
                 s = r.acc.get(col)
                 line += [num(s.mean if s else None), num(s.std if s else None), num(r.delta.get(col))]
+            p = r.paired
+            line += [num(p.mean if p else None), num(p.low if p else None), num(p.high if p else None),
+                     p.n if p else 0, r.verdict, r.collapsed, _join(r.views), " ".join(r.teacher_runs)]
             t, e = r.transfer, r.epochs_to_scratch
             line += [t.n if t else 0, num(t.mean if t else None), num(t.std if t else None), num(r.transfer_delta),
                      num(e.mean if e else None), " ".join(r.run_ids)]
@@ -314,6 +477,21 @@ def delta_heatmap(rows: Sequence[Row], dataset: str) -> Figure:
 
 # ---------------------------------------------------------------- the report
 
+def _teacher_accuracy(experiment: str, students: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Final accuracy of each teacher run the students name, among the experiment's teacher runs.
+
+    A teacher trained in another experiment is not found here; its row shows the bare teacher name.
+    """
+    from kdhar import tracking
+
+    wanted = {r["tags"]["teacher_run_id"] for r in students if r["tags"].get("teacher_run_id")}
+    if not wanted:
+        return {}
+    metric = ACC_METRICS["final"]
+    teachers = tracking.find_runs(experiment, "tags.role = 'teacher'")
+    return {t["run_id"]: t["metrics"][metric] for t in teachers if t["run_id"] in wanted and metric in t["metrics"]}
+
+
 def build_report(experiment: str, out_dir: Path) -> Report:
     """Builds the comparison of an experiment's student and fine-tune runs and logs it as a report run.
 
@@ -335,7 +513,7 @@ def build_report(experiment: str, out_dir: Path) -> Report:
         if "optuna_study" not in r["tags"]
     ]
     finetunes = tracking.find_runs(experiment, f"tags.role = 'finetune' and {finished}")
-    rows = aggregate(students, finetunes)
+    rows = aggregate(students, finetunes, _teacher_accuracy(experiment, students))
     if not rows:
         return Report(experiment, [], f"experiment '{experiment}' has no finished student runs yet; train some with "
                       "`kdhar distill` or `kdhar experiment run experiments/cpu.yaml`, then run the report again.\n")
