@@ -21,7 +21,8 @@ from kdhar.config import RunConfig
 from torch.utils.data import DataLoader
 
 from kdhar.data.dataset import EpochSampler, VideoClipDataset, collate_clips
-from kdhar.train import Teacher, load_splits, pick_device
+from kdhar.objectives import Teacher
+from kdhar.train import load_splits, pick_device
 
 
 @dataclass
@@ -41,11 +42,14 @@ class TeacherLogitCache:
         ident = {
             "teacher": teacher.uri,
             "teacher_run": teacher.run_id,
+            # A checkpoint rewritten at the same path (or a re-registered alias) is another teacher.
+            "teacher_weights": weights_digest(teacher.model),
             "videos": [str(s.path) for s in splits.train.samples],
-            "clip": cfg.params(),
+            "clip": cfg.params(kd=False),
             "views": views,
         }
         ident["clip"] = {k: v for k, v in ident["clip"].items() if k.startswith(("clip.", "optim.seed", "data."))}
+        ident["clip"].pop("data.num_workers", None)  # how many loader processes changes no logit
         key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"teacher-logits-{key}.pt"
         if path.exists():
@@ -53,6 +57,16 @@ class TeacherLogitCache:
         logits = compute_logits(teacher.model, splits.train, cfg, views, pick_device(device))
         save_checkpoint(path, {"logits": logits, "key": key})
         return cls(key=key, logits=logits)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's parameters and buffers (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.inference_mode()

@@ -104,6 +104,10 @@ def run_options(fn):
         click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
         click.option("--augment", type=click.BOOL, default=None, help="the paper's training augmentations (default: on, off at size cpu)"),
         click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None),
+        click.option("--warmup", type=FLOAT, default=None, help="epochs of linear lr warm-up (default 1; 0 = none, as the paper)"),
+        click.option("--grad-clip", type=FLOAT, default=None, help="clip each step's gradient L2 norm to this (default 0 = off)"),
+        click.option("--views", type=INT, default=None, help="replay N fixed augmented views per video (default 0 = a new view every epoch)"),
+        click.option("--threads", type=INT, default=None, help="torch CPU threads (default 2); results repeat exactly only at the same count"),
         click.option("--seed", type=INT, default=0, show_default=True),
         click.option("--num-workers", type=INT, default=2, show_default=True),
         click.option("--on-missing", type=click.Choice(["error", "skip"]), default="error", show_default=True),
@@ -117,7 +121,21 @@ def run_options(fn):
     return fn
 
 
-def build_config(arch: str, opts: dict[str, Any], tau: float | None = None, lam: float | None = None) -> C.RunConfig:
+def kd_options(fn):
+    """The logit-KD knobs (distill, tune)."""
+    opts = [
+        click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)"),
+        click.option("--kd-weighting", type=click.Choice(C.KD_WEIGHTINGS), default=C.KDConfig.weighting, show_default=True,
+                     help="mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's Eq. 7)"),
+        click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix (default 0.5)"),
+        click.option("--lam", type=FLOAT, default=None, help="soft-term weight under sum (default 1)"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = None) -> C.RunConfig:
     """Defaults -> size preset -> explicit options; checks what can be checked before any work."""
     from kdhar import tracking
     from kdhar.models import MODELS
@@ -129,19 +147,20 @@ def build_config(arch: str, opts: dict[str, Any], tau: float | None = None, lam:
         raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
     from kdhar.experiments import OVERRIDES, DatasetSpec, build_run_config
 
-    tau = C.KDConfig.tau if tau is None else tau
-    lam = C.KDConfig.lam if lam is None else lam
-    if tau <= 0:
-        raise UserError(f"--tau {tau} must be > 0 (the paper uses 4)")
-    if lam < 0:
-        raise UserError(f"--lam {lam} must be >= 0 (0 trains from labels only)")
+    from kdhar.objectives.kd import check_kd
+
+    kd_cfg = C.with_overrides(C.KDConfig(), **{k: v for k, v in (kd or {}).items()})
+    try:
+        check_kd(kd_cfg.tau, kd_cfg.weighting, kd_cfg.alpha, kd_cfg.lam)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     # The same defaults -> size preset -> overrides path as experiment grids, so a grid cell and
     # the equivalent command line build identical configurations.
     overrides = {k: opts[k] for k in OVERRIDES if opts.get(k) is not None}
     dataset = DatasetSpec(name=opts["dataset"], root=opts["root"], split=opts["split"])
     cfg = build_run_config(
         arch, size=opts["size"], overrides=overrides, dataset=dataset, fraction=opts["fraction"],
-        seed=opts["seed"], tau=tau, lam=lam,
+        seed=opts["seed"], kd=kd_cfg,
     )
     data = dataclasses.replace(cfg.data, on_missing=opts["on_missing"], on_bad=opts["on_bad"])
     return dataclasses.replace(cfg, data=data)
@@ -263,16 +282,15 @@ def train_teacher(arch: str, **opts) -> None:
 @cli.command("distill")
 @click.option("--teacher", default="c3d", show_default=True, help="arch name (its champion), models:/ or runs:/ URI, checkpoint path, or none")
 @click.option("--student", default="tiny3d", show_default=True)
-@click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)")
-@click.option("--lam", type=FLOAT, default=None, help="weight of the KD term (default 1)")
+@kd_options
 @click.option("--init", default=None, help="checkpoint or model URI to start the student from")
-@click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayable views")
+@click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayed views (needs --views, on the scratch twin too)")
 @run_options
-def distill(teacher: str, student: str, tau, lam, init, cache_teacher, **opts) -> None:
+def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cache_teacher, **opts) -> None:
     """Distil a teacher into a student (teacher=none: the paired scratch run)."""
     from kdhar import distill as D
 
-    cfg = build_config(student, opts, tau=tau, lam=lam)
+    cfg = build_config(student, opts, kd=dict(tau=tau, weighting=kd_weighting, alpha=alpha, lam=lam))
     ensure_data(cfg.data.root)
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
@@ -313,23 +331,25 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 @click.option("--n-trials", type=INT, default=20, show_default=True, help="total trials of the study, over all workers")
 @click.option("--study-name", default=None, help="default: derived from teacher, student and dataset")
 @click.option("--storage", default=None, help="optuna storage URL (default sqlite:///optuna.db; postgresql://... for many workers)")
-@click.option("--space", default=None, help='search space, e.g. "tau=1:20:log,lam=0.1:2"')
+@kd_options
+@click.option("--space", default=None, help='search space, e.g. "tau=1:8:log,alpha=0.1:0.9,lr=none" (none: not searched)')
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
 @run_options
-def tune_cmd(teacher, student, n_trials, study_name, storage, space, pruner, cache_teacher, dashboard, **opts) -> None:
-    """Tune the KD temperature and weight with Optuna (trials are nested MLflow runs)."""
+def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
+             cache_teacher, dashboard, **opts) -> None:
+    """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs)."""
     from kdhar import tuning
 
     if dashboard:
         click.echo(tuning.dashboard_command(_text(storage)))
         return
-    cfg = build_config(student, opts)
+    cfg = build_config(student, opts, kd=dict(tau=tau, weighting=kd_weighting, alpha=alpha, lam=lam))
     ensure_data(cfg.data.root)
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
-        space=tuning.SearchSpace.parse(_text(space)), pruner=pruner, experiment=opts["experiment"],
+        space=tuning.SearchSpace.parse(_text(space), kd_weighting), pruner=pruner, experiment=opts["experiment"],
         seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"],
     )
     best = summary.get("best_params") or {}
@@ -411,17 +431,19 @@ def demo(spec, n_trials, tune_epochs) -> None:
     for root in _spec_roots(grid):
         ensure_data(root)
     click.echo(f"== 1/3 teacher, distilled student and its scratch twin ({spec})")
-    run_grid(spec, log=click.echo)
+    outcomes = run_grid(spec, log=click.echo)
+    teacher_run = next(o.run_id for o in outcomes if o.cell.role == "teacher")
     student = grid.students[0]
     overrides = {**grid.overrides, **({"epochs": tune_epochs} if tune_epochs else {})}
     cfg = build_run_config(
         student, size=grid.size, overrides=overrides, dataset=grid.dataset,
-        fraction=grid.fractions[0], seed=grid.seeds[0], tau=grid.tau, lam=grid.lam,
+        fraction=grid.fractions[0], seed=grid.seeds[0], kd=grid.kd,
     )
-    click.echo(f"== 2/3 tuning tau and lambda: {n_trials} trials of up to {cfg.optim.epochs} epochs (median pruning)")
+    space = tuning.SearchSpace.default(grid.weighting)
+    click.echo(f"== 2/3 tuning {', '.join(space.names())}: {n_trials} trials of up to {cfg.optim.epochs} epochs (median pruning)")
     summary = tuning.tune(
-        cfg, teacher=grid.teachers[0], n_trials=n_trials, study_name=f"{grid.experiment}-tau-lambda",
-        space=tuning.SearchSpace(), pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True,
+        cfg, teacher=f"runs:/{teacher_run}/model", n_trials=n_trials, study_name=f"{grid.experiment}-kd",
+        space=space, pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True,
     )
     best = summary.get("best_params") or {}
     click.echo(f"best val acc {summary['best_value']} at " + ", ".join(f"{k}={v:.3g}" for k, v in best.items()))

@@ -38,6 +38,9 @@ class DataConfig:
     on_missing: str = "error"  # error | skip: listed videos absent on disk
     on_bad: str = "error"  # error | skip: undecodable videos
     num_workers: int = 2  # DataLoader workers (each opens its own decord reader)
+    # 0: a fresh augmented view of every training video each epoch. N > 0: epoch e replays view
+    # e % N, which a teacher-logit cache needs; a KD run and its scratch twin must use the same N.
+    views: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,38 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | step | constant
     seed: int = 0
     deterministic: bool = True
+    # Linear warm-up from 0 to lr over this many epochs (fractions allowed). The paper uses none, but
+    # without it the KD term's early gradient knocked small students into a constant output at the
+    # CE-tuned lr (README, "Choosing the KD defaults"); one epoch costs scratch runs nothing measurable.
+    warmup: float = 1.0
+    grad_clip: float = 0.0  # max gradient L2 norm per step; 0 = no clipping
+    # torch CPU threads. Results are bit-identical only for the same thread count (and torch build),
+    # so it is pinned rather than left to torch's per-machine default, and recorded with the run.
+    threads: int = 2
+
+
+KD_WEIGHTINGS = ("mix", "sum")
 
 
 @dataclass(frozen=True)
 class KDConfig:
-    """Logit distillation (Hinton et al.), as used by the paper."""
+    """Logit distillation (Hinton et al.), as used by the paper.
+
+    weighting "mix": (1 - alpha) * CE + alpha * tau^2 * KL, a convex mix whose total gradient stays
+    about as large as plain CE's, so the CE-tuned learning rate stays safe. "sum": CE + lam * tau^2 *
+    KL, the paper's Eq. 7, which adds the soft term's gradient on top of CE's (1.8x CE's at the
+    start with tau 4): at the CE-tuned lr that collapsed width-4 students (README).
+    """
 
     tau: float = 4.0  # the paper's temperature
-    lam: float = 1.0  # weight of the KD term against cross-entropy
+    weighting: str = "mix"  # mix | sum (see the class docstring)
+    alpha: float = 0.5  # weight of the soft term under "mix", in [0, 1]
+    lam: float = 1.0  # weight of the soft term under "sum" (the paper's lambda)
+
+    def method_params(self) -> dict[str, Any]:
+        """Only the knobs that act under this weighting (what a run logs as kd.*)."""
+        weight = {"alpha": self.alpha} if self.weighting == "mix" else {"lam": self.lam}
+        return {"tau": self.tau, "weighting": self.weighting, **weight}
 
 
 # Overrides for a 2-core CPU: small clips, narrow networks, few epochs; measured on the synthetic
@@ -110,5 +137,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
 
-    def params(self) -> dict[str, Any]:
-        return to_params(data=self.data, clip=self.clip, model=self.model, optim=self.optim, kd=self.kd)
+    def params(self, kd: bool = True) -> dict[str, Any]:
+        """`section.field` -> value; kd=False leaves the distillation knobs out (runs without a teacher),
+        and only the KD knobs that act under the chosen weighting are listed."""
+        out = to_params(data=self.data, clip=self.clip, model=self.model, optim=self.optim)
+        if kd:
+            out.update({f"kd.{k}": v for k, v in self.kd.method_params().items()})
+        return out

@@ -13,15 +13,18 @@ from kdhar.checkpoint import load_checkpoint
 from kdhar.config import RunConfig
 from kdhar.data.index import fingerprint, load_index
 from kdhar.models import MODELS, build_model
-from kdhar.train import RunResult, Teacher, check_same_classes, config_hash, run_training
+from kdhar.objectives import build_objective
+from kdhar.train import RunResult, Teacher, check_same_classes, config_hash, pick_device, run_training
 
-# How many augmented views of each training video the logit cache holds; epoch e replays view e % N.
+# How many augmented views of each training video a logit cache holds when the run does not say
+# (tuning trials); epoch e replays view e % N.
 CACHE_VIEWS = 4
 
 
 def pair_key(cfg: RunConfig) -> str:
-    """Same for a KD run and its scratch twin: the configuration without the teacher and KD weights."""
-    params = {k: v for k, v in cfg.params().items() if not k.startswith("kd.")}
+    """Same for a KD run and its scratch twin: the configuration without the teacher and KD weights
+    (the number of replayed views included, so a cached KD run pairs only with a like scratch run)."""
+    params = cfg.params(kd=False)
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -37,6 +40,7 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
     """
     if spec.lower() == "none":
         return None
+    device = pick_device(str(device))  # "auto" picks the best available, as for training
     if spec.startswith(("models:/", "runs:/")):
         return _teacher_from_uri(spec, device)
     path = Path(spec)
@@ -92,26 +96,18 @@ def distill(
         check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)
     init_state = load_init(init) if init else None
     tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg), "teacher_spec": teacher, **(extra_tags or {})}
-    lookup = None
-    if t is not None and cache_teacher:
-        from kdhar.cache import TeacherLogitCache
-
-        cache = TeacherLogitCache.build(t, cfg, views=CACHE_VIEWS, device=device)
-        lookup = cache.lookup
-        tags["teacher_cache"] = cache.key
+    objective = build_objective(cfg, t, cache_teacher=cache_teacher and t is not None, device=device)
     res = run_training(
         cfg,
         role="student",
         experiment=experiment,
-        teacher=t,
+        objective=objective,
         init_state=init_state,
         resume=resume,
         tags=tags,
         parent_run_id=parent_run_id,
         epoch_callback=epoch_callback,
         register=register,
-        teacher_logits=lookup,
-        num_views=CACHE_VIEWS if lookup else None,
         device=device,
         progress=progress,
     )

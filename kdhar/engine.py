@@ -57,8 +57,9 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device | str,
     amp_dtype: torch.dtype | None = None,
+    max_grad_norm: float = 0.0,
 ) -> dict[str, Tensor | int]:
-    """One optimisation step on one batch.
+    """One optimisation step on one batch; `max_grad_norm` > 0 clips the gradient's L2 norm.
 
     Returns:
         The step's detached losses (every "*loss" entry) and "correct" (top-1 hits) as tensors
@@ -71,6 +72,9 @@ def train_step(
         out = step(x, y, **extra)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
+    if max_grad_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith("loss")}
     result["correct"] = (out["output"].detach().argmax(dim=1) == y).sum()
@@ -89,6 +93,7 @@ def train_one_epoch(
     progress: bool = True,
     epoch: int = 0,
     log_every: int = 10,
+    max_grad_norm: float = 0.0,
 ) -> dict[str, float]:
     """Trains `step` for one pass over `loader`.
 
@@ -106,9 +111,11 @@ def train_one_epoch(
         progress: show a tqdm bar (only when stderr is a terminal).
         epoch: numbers the bar and the global step passed to `log`.
         log_every: steps between `log` calls and progress-bar updates.
+        max_grad_norm: clip each step's gradient to this L2 norm; 0 leaves it alone.
 
     Returns:
-        Clip-weighted means of every loss the step returns, "acc" (train top-1), "clips",
+        Clip-weighted means of every loss the step returns, "first_<loss>" (each loss on the first
+        batch, before any step: where a run starts from), "acc" (train top-1), "clips",
         "clips_per_s", "seconds" and "skipped".
 
     Raises:
@@ -123,11 +130,14 @@ def train_one_epoch(
     totals: dict[str, Tensor | int] = {}
     window: dict[str, Tensor | int] = {}
     skipped = 0
+    first: dict[str, Tensor] = {}
     start = window_start = time.perf_counter()
     i = -1
     for i, batch in enumerate(loader):
         lr = optimizer.param_groups[0]["lr"]
-        result = train_step(step, batch, optimizer, device, amp_dtype)
+        result = train_step(step, batch, optimizer, device, amp_dtype, max_grad_norm)
+        if i == 0:
+            first = {f"first_{k}": v for k, v in result.items() if isinstance(k, str) and k.endswith("loss")}
         if scheduler is not None:
             scheduler.step()
         skipped += int(batch.get("skipped", 0))
@@ -152,7 +162,7 @@ def train_one_epoch(
     means = _window_means(totals, epoch, i)  # the .item() calls also wait for queued GPU work
     seconds = time.perf_counter() - start
     n = int(totals["clips"])
-    return means | {
+    return means | {k: float(v) for k, v in first.items()} | {
         "acc": float(totals["correct"]) / n,
         "clips": n,
         "clips_per_s": n / seconds,
@@ -260,15 +270,19 @@ def evaluate(
     }
 
 
-def get_lr(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
+def get_lr(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int = 0) -> float:
     """Learning rate after `step` of `total_steps` optimisation steps.
 
-    cosine: half a cosine from base_lr to 0; step: x0.1 at 50 % and again at 75 % of training;
-    constant: base_lr. There is no warm-up: the paper's recipe (SGD, lr 1e-2, batch-normalised
-    networks) trains stably without one.
+    The first `warmup_steps` rise linearly from base_lr / warmup_steps to base_lr (the paper uses
+    none; at the CE-tuned lr the KD term's large early gradient needs one, see config.OptimConfig).
+    Then cosine: half a cosine from base_lr to 0; step: x0.1 at 50 % and again at 75 % of training;
+    constant: base_lr. The schedule runs over the whole of training, warm-up included, so a
+    warm-up does not change where the decay lands.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
     progress = min(max(step, 0), total_steps) / total_steps
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -280,11 +294,13 @@ def get_lr(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration scheduler that scales each group's initial lr by `get_lr(step, ...)`."""
-    get_lr(0, total_steps, 1.0, schedule)  # fail now on a bad name, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: get_lr(s, total_steps, 1.0, schedule))
+    get_lr(total_steps, total_steps, 1.0, schedule)  # fail now on a bad name, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: get_lr(s, total_steps, 1.0, schedule, warmup_steps)
+    )
 
 
 def set_determinism(seed: int, deterministic: bool) -> str:

@@ -10,6 +10,7 @@ where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import os
 import signal
@@ -47,16 +48,22 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "hflip": ("clip", "hflip"),
     "num_workers": ("data", "num_workers"),
     "val_fraction": ("data", "val_fraction"),
+    "views": ("data", "views"),
+    "warmup": ("optim", "warmup"),
+    "grad_clip": ("optim", "grad_clip"),
+    "threads": ("optim", "threads"),
 }
 
 # A distilled student feeds its own clips to the teacher, so a teacher may differ from the students in
 # size and schedule but not in how clips are cut.
-TEACHER_OVERRIDES = {"epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout"}
+TEACHER_OVERRIDES = {
+    "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
+}
 
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
-    "finetune", "cache_teacher",
+    "weighting", "alpha", "finetune", "cache_teacher", "tuned",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction"}
 
@@ -92,10 +99,18 @@ class GridSpec:
     transfer: DatasetSpec | None = None
     self_distill: bool = False  # also distil an architecture into itself
     teacher_seed: int = 0  # teachers are trained once, on all training videos
-    tau: float = 4.0
-    lam: float = 1.0
+    tau: float = C.KDConfig.tau
+    lam: float = C.KDConfig.lam
+    weighting: str = C.KDConfig.weighting
+    alpha: float = C.KDConfig.alpha
     finetune: bool = False
     cache_teacher: bool = False
+    tuned: str | None = None  # an Optuna study whose best KD settings (and lr) the KD cells use
+    kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr)
+
+    @property
+    def kd(self) -> C.KDConfig:
+        return C.KDConfig(tau=self.tau, weighting=self.weighting, alpha=self.alpha, lam=self.lam)
 
 
 @dataclass(frozen=True)
@@ -142,8 +157,7 @@ def build_run_config(
     dataset: DatasetSpec,
     fraction: float,
     seed: int,
-    tau: float = 4.0,
-    lam: float = 1.0,
+    kd: C.KDConfig | None = None,
 ) -> C.RunConfig:
     """Defaults -> size preset -> overrides, the same order as the command line.
 
@@ -175,7 +189,7 @@ def build_run_config(
         clip=dataclasses.replace(base.clip, **sections["clip"]),
         model=dataclasses.replace(base.model, arch=arch, **sections["model"]),
         optim=dataclasses.replace(base.optim, seed=seed, **sections["optim"]),
-        kd=dataclasses.replace(base.kd, tau=tau, lam=lam),
+        kd=kd or base.kd,
     )
 
 
@@ -234,7 +248,22 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise fail(f"fractions {bad} are outside (0, 1]; the paper uses 1.0, 0.5, 0.25, 0.02")
-    finetune = bool(raw.get("finetune", False))
+    def flag(key: str) -> bool:
+        value = raw.get(key, False)
+        if not isinstance(value, bool):  # bool("false") is True: only YAML's true/false are accepted
+            raise fail(f"{key}: {value!r} is not a boolean; write true or false without quotes")
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise fail(f"{key}: {value!r} is not a finite number")
+        return float(value)
+
+    tuned = raw.get("tuned")
+    if tuned is not None and not (isinstance(tuned, str) and tuned.strip()):
+        raise fail(f"tuned: {tuned!r} must be the name of an Optuna study made by `kdhar tune`")
+    finetune = flag("finetune")
     if finetune and "transfer" not in raw:
         raise fail("finetune is on but no 'transfer' dataset is given (e.g. {name: hmdb51, root: data/hmdb51})")
     spec = GridSpec(
@@ -247,21 +276,31 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         transfer_overrides=dict(raw.get("transfer_overrides") or {}),
         teachers=archs("teachers"),
         students=archs("students"),
-        self_distill=bool(raw.get("self_distill", False)),
+        self_distill=flag("self_distill"),
         fractions=fractions,
         seeds=[int(s) for s in raw["seeds"]],
         teacher_seed=int(raw.get("teacher_seed", 0)),
-        tau=float(raw.get("tau", 4.0)),
-        lam=float(raw.get("lam", 1.0)),
+        tau=number("tau", C.KDConfig.tau),
+        lam=number("lam", C.KDConfig.lam),
+        weighting=str(raw.get("weighting", C.KDConfig.weighting)),
+        alpha=number("alpha", C.KDConfig.alpha),
         finetune=finetune,
-        cache_teacher=bool(raw.get("cache_teacher", False)),
+        cache_teacher=flag("cache_teacher"),
+        tuned=tuned,
     )
+    if spec.cache_teacher and int(spec.overrides.get("views", 0)) < 1:
+        raise fail("cache_teacher replays fixed views: add e.g. 'views: 4' to overrides, so scratch and KD "
+                   "students see the same number of augmented views")
     clip_keys = sorted(set(spec.teacher_overrides) - TEACHER_OVERRIDES)
     if clip_keys:
         raise fail(f"teacher_overrides may not set {', '.join(clip_keys)}: students feed their own clips to the "
                    f"teacher; allowed: {', '.join(sorted(TEACHER_OVERRIDES))}")
-    if spec.tau <= 0 or spec.lam < 0:
-        raise fail(f"tau {spec.tau} must be > 0 and lam {spec.lam} >= 0 (the paper: tau 4, lam 1)")
+    from kdhar.objectives.kd import check_kd
+
+    try:
+        check_kd(spec.tau, spec.weighting, spec.alpha, spec.lam)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     try:
         plan(spec)  # builds every configuration, so a bad override fails here, not hours in
     except SpecError as exc:
@@ -274,7 +313,7 @@ def plan(spec: GridSpec) -> list[Cell]:
     teachers = [
         Cell("teacher", t, "none", 1.0, spec.teacher_seed,
              build_run_config(t, size=spec.size, overrides={**spec.overrides, **spec.teacher_overrides},
-                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed, tau=spec.tau, lam=spec.lam))
+                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed))
         for t in spec.teachers
     ]
     scratch: list[Cell] = []
@@ -283,15 +322,18 @@ def plan(spec: GridSpec) -> list[Cell]:
         for frac in spec.fractions:
             for seed in spec.seeds:
                 cfg = build_run_config(s, size=spec.size, overrides=spec.overrides, dataset=spec.dataset,
-                                       fraction=frac, seed=seed, tau=spec.tau, lam=spec.lam)
+                                       fraction=frac, seed=seed, kd=spec.kd)
                 scratch.append(Cell("student", s, "none", frac, seed, cfg))
-                kd += [Cell("student", s, t, frac, seed, cfg) for t in spec.teachers if t != s or spec.self_distill]
+                # A tuned study's lr is the distilled students' only: the scratch twin keeps the
+                # preset lr, which was chosen for plain cross-entropy.
+                kd_cfg = cfg if "lr" not in spec.kd_overrides else dataclasses.replace(
+                    cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
+                kd += [Cell("student", s, t, frac, seed, kd_cfg) for t in spec.teachers if t != s or spec.self_distill]
     finetunes: list[Cell] = []
     if spec.finetune and spec.transfer is not None:
         for src in scratch + kd:
             cfg = build_run_config(src.arch, size=spec.size, overrides={**spec.overrides, **spec.transfer_overrides},
-                                   dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed,
-                                   tau=spec.tau, lam=spec.lam)
+                                   dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
             finetunes.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
     return teachers + scratch + kd + finetunes
 
@@ -332,7 +374,7 @@ def run_grid(
     Raises:
         SpecError: a bad spec or a dataset root that does not exist.
     """
-    spec = load_spec(spec_path)
+    spec = with_tuned(load_spec(spec_path))
     if workers < 1:
         raise SpecError(f"workers {workers} must be >= 1")
     exp = experiment or spec.experiment
@@ -347,38 +389,41 @@ def run_grid(
     finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
     position = {id(c): i for i, c in enumerate(cells)}
     counter = [0]
-    teacher_runs: dict[str, str] = {}  # every cell of a spec shares one training set, so one champion per arch
+    # Distilled students learn from the exact teacher run this grid trained (or found finished),
+    # never from whichever teacher is the registry's champion at the time.
+    teacher_runs: dict[str, str] = {}
 
     def report(i: int, outcome: CellOutcome) -> None:
         counter[0] += 1
         outcomes[i] = outcome
         finished_runs[i] = outcome.run_id
+        if outcome.cell.role == "teacher":
+            teacher_runs[outcome.cell.arch] = outcome.run_id
         width = len(str(total))
         what = "skipped (already finished)" if outcome.status == "skipped" else f"done in {outcome.seconds:.1f} s"
         log(f"[{counter[0]:>{width}}/{total}] {outcome.cell.label()}: {what}, run {outcome.run_id}")
 
     log(f"grid {spec_path}: {total} cells in experiment '{exp}' ({workers} worker{'s' if workers > 1 else ''})")
     for wave in ("teacher", "scratch", "kd", "finetune"):
-        todo: list[tuple[int, Cell, dict[str, str]]] = []
+        todo: list[tuple[int, Cell, dict[str, str], str | None]] = []
         for cell in (c for c in cells if c.wave == wave):
             i = position[id(cell)]
             source_run = finished_runs.get(position[id(cell.source)]) if cell.source is not None else None
-            teacher_run = None
-            if cell.wave == "kd":
-                if cell.teacher not in teacher_runs:
-                    teacher_runs[cell.teacher] = _teacher_run(cell.teacher, cell.cfg)
-                teacher_run = teacher_runs[cell.teacher]
+            teacher_run = teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
+            if cell.wave == "kd" and teacher_run is None:
+                raise SpecError(f"{spec_path}: teacher {cell.teacher} is not among the spec's teachers")
             key = cell_hash(cell, source_run=source_run, teacher_run=teacher_run)
             existing = _finished_run(exp, cell.role, key)
             if existing:
                 report(i, CellOutcome(cell, "skipped", existing, 0.0))
             else:
-                todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}))
+                teacher_uri = f"runs:/{teacher_run}/model" if teacher_run else None
+                todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}, teacher_uri))
         if not todo:
             continue
-        jobs = [(cell, exp, device, tags, spec.cache_teacher, workers == 1) for _, cell, tags in todo]
+        jobs = [(cell, exp, device, tags, spec.cache_teacher, workers == 1, uri) for _, cell, tags, uri in todo]
         if workers == 1:
-            for (i, cell, _), job in zip(todo, jobs):
+            for (i, cell, _, _), job in zip(todo, jobs):
                 run_id, seconds = _run_cell(*job)
                 report(i, CellOutcome(cell, "done", run_id, seconds))
         else:
@@ -386,7 +431,7 @@ def run_grid(
             pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                                        initargs=(threads, os.getpid()))
             try:
-                pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, _), job in zip(todo, jobs)}
+                pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, _, _), job in zip(todo, jobs)}
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
@@ -404,6 +449,18 @@ def run_grid(
                 raise
             pool.shutdown()
     return [outcomes[i] for i in range(total)]
+
+
+def with_tuned(spec: GridSpec) -> GridSpec:
+    """The spec with its `tuned` study's best KD settings (and lr) applied to the distilled cells."""
+    if spec.tuned is None:
+        return spec
+    from kdhar import tuning
+
+    best = tuning.best_settings(spec.tuned)
+    kd = {k: best[k] for k in ("tau", "alpha", "lam") if k in best}
+    kd_overrides = {"lr": best["lr"]} if "lr" in best else {}
+    return dataclasses.replace(spec, **kd, kd_overrides=kd_overrides)
 
 
 def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | None = None) -> str:
@@ -425,19 +482,6 @@ def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | N
         return config_hash(cell.cfg, f"{cell.teacher}@{teacher_run}", None)
     # Teachers and scratch students share this form; the role tag tells them apart.
     return config_hash(cell.cfg, None, None)
-
-
-def _teacher_run(arch: str, cfg: C.RunConfig) -> str:
-    """The run id of the champion teacher `distill` will pick for this dataset."""
-    from kdhar import tracking
-    from kdhar.data.index import fingerprint, load_index
-
-    d = cfg.data
-    fp = fingerprint(load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing))
-    uri = tracking.champion_uri(f"kdhar-teacher-{arch}", fp)
-    if uri is None:
-        raise RuntimeError(f"no {arch} teacher for {d.root} after the teacher phase; check the teacher runs' errors")
-    return tracking.model_run_id(uri)
 
 
 def _finished_run(experiment: str, role: str, key: str) -> str | None:
@@ -503,7 +547,8 @@ def _run_cell_in_worker(*job: Any) -> tuple[str, float]:
 
 
 def _run_cell(
-    cell: Cell, experiment: str, device: str | None, tags: dict[str, str], cache_teacher: bool, progress: bool
+    cell: Cell, experiment: str, device: str | None, tags: dict[str, str], cache_teacher: bool, progress: bool,
+    teacher_uri: str | None = None,
 ) -> tuple[str, float]:
     """Trains one cell; returns its run id and wall-clock seconds. Runs in a worker process too."""
     start = time.perf_counter()
@@ -511,11 +556,11 @@ def _run_cell(
         from kdhar.train import run_training
 
         res = run_training(cell.cfg, role="teacher", experiment=experiment, tags=tags, device=device,
-                           run_name=f"teacher-{cell.arch}", progress=progress)
+                           progress=progress)
     elif cell.role == "student":
         from kdhar.distill import distill
 
-        res = distill(cell.cfg, teacher=cell.teacher, experiment=experiment, device=device, extra_tags=tags,
+        res = distill(cell.cfg, teacher=teacher_uri or "none", experiment=experiment, device=device, extra_tags=tags,
                       cache_teacher=cache_teacher and cell.teacher != "none", progress=progress)
     else:
         from kdhar.finetune import finetune

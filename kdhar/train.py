@@ -26,7 +26,7 @@ from kdhar.data.index import DatasetIndex, fingerprint, load_index
 from kdhar.data.subsets import class_balanced_subset, group_holdout
 from kdhar.engine import evaluate, make_scheduler, rng_state, set_determinism, set_rng_state, train_one_epoch
 from kdhar.models import build_model
-from kdhar.objectives import KDStep, SupervisedStep
+from kdhar.objectives import Objective, Teacher, build_objective
 from kdhar.plots import confusion_figure, curves_figure
 
 # The paper reports accuracy after 50, 150 and 200 of 200 epochs; we keep the same fractions of any run.
@@ -46,17 +46,6 @@ class RunResult:
     model_uri: str | None = None
 
 
-@dataclass
-class Teacher:
-    """A frozen teacher and where it came from."""
-
-    model: torch.nn.Module
-    uri: str
-    classes: list[str]
-    arch: str | None = None
-    run_id: str | None = None
-
-
 def stage_epochs(epochs: int) -> dict[str, int]:
     """1-based epoch at which each paper stage is read off (early/mid/late)."""
     return {name: max(1, math.ceil(frac * epochs)) for name, frac in STAGES.items()}
@@ -69,8 +58,12 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
-    """Identifies a run's configuration, so a grid can skip cells that already finished."""
-    payload = json.dumps({**cfg.params(), "teacher": teacher, "init": init}, sort_keys=True, default=str)
+    """Identifies a run's configuration, so a grid can skip cells that already finished.
+
+    The KD knobs count only for runs with a teacher: changing them retrains no teacher or scratch run.
+    """
+    params = cfg.params(kd=teacher is not None)
+    payload = json.dumps({**params, "teacher": teacher, "init": init}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -123,7 +116,6 @@ def run_training(
     *,
     role: str,
     experiment: str,
-    teacher: Teacher | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
     run_name: str | None = None,
     resume: str | None = None,
@@ -132,8 +124,7 @@ def run_training(
     tags: dict[str, str] | None = None,
     epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
     register: bool = True,
-    teacher_logits: Callable[[dict[str, Any]], torch.Tensor] | None = None,
-    num_views: int | None = None,
+    objective: Objective | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> RunResult:
@@ -143,14 +134,16 @@ def run_training(
         cfg: the run's configuration.
         role: "teacher", "student" or "finetune"; a tag used by reports and teacher lookup.
         experiment: MLflow experiment name.
-        teacher: a frozen teacher for logit distillation, or None to train from labels only.
+        objective: what the run optimises (`kdhar.objectives.build_objective`); None is plain
+            supervised training.
         init_state: weights to start from (classifier weights of a different shape are skipped).
         resume: a checkpoint path to continue from; the same MLflow run is re-opened.
         epoch_callback: called after each epoch with its metrics; may raise StopTraining.
-        teacher_logits: maps a batch to cached teacher logits (see kdhar.cache); None runs the teacher.
-        num_views: replay only this many augmented views per video (needed by a logit cache).
     """
+    objective = objective or build_objective(cfg)
+    teacher = objective.teacher
     dev = pick_device(device)
+    torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
     splits = load_splits(cfg)
     if teacher is not None:
@@ -159,7 +152,7 @@ def run_training(
     clip, optim = cfg.clip, cfg.optim
 
     train_ds = VideoClipDataset(
-        splits.train, clip, train=True, seed=optim.seed, on_bad=cfg.data.on_bad, num_views=num_views
+        splits.train, clip, train=True, seed=optim.seed, on_bad=cfg.data.on_bad, num_views=cfg.data.views or None
     )
     eval_sets = {"test": VideoClipDataset(splits.test, clip, train=False, on_bad=cfg.data.on_bad)}
     if splits.val is not None:
@@ -175,17 +168,13 @@ def run_training(
     model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
     if init_state is not None:
         load_compatible(model, init_state)
-    model.to(dev)
-    if teacher is not None:
-        teacher.model.to(dev)
-        step: torch.nn.Module = KDStep(model, teacher.model, tau=cfg.kd.tau, lam=cfg.kd.lam)
-    else:
-        step = SupervisedStep(model)
+    step = objective.make_step(model).to(dev)  # moves a step's frozen teacher too
     optimizer = torch.optim.SGD(
         model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
     )
     steps_per_epoch = max(1, len(train_loader))
-    scheduler = make_scheduler(optimizer, optim.schedule, optim.epochs * steps_per_epoch)
+    warmup_steps = round(optim.warmup * steps_per_epoch)
+    scheduler = make_scheduler(optimizer, optim.schedule, optim.epochs * steps_per_epoch, warmup_steps)
 
     start_epoch, history, run_id = 0, [], None
     if resume:
@@ -205,6 +194,10 @@ def run_training(
         "fraction": str(cfg.data.fraction),
         "seed": str(optim.seed),
         "teacher_arch": (teacher.arch or "unknown") if teacher else "none",
+        "views": str(cfg.data.views),
+        "torch_version": torch.__version__,
+        "threads": str(cfg.optim.threads),
+        **objective.tags,
         **(tags or {}),
     }
     git = tracking.git_commit()
@@ -214,32 +207,44 @@ def run_training(
     stages = stage_epochs(optim.epochs)
 
     with tracking.RunTracker(
-        experiment, run_name=run_name, tags=run_tags, resume_run_id=run_id, parent_run_id=parent_run_id
+        experiment, run_name=run_name or default_run_name(cfg, role, teacher), tags=run_tags, resume_run_id=run_id, parent_run_id=parent_run_id
     ) as tracker:
         run_id = tracker.run_id
         if not resume:
-            params = {**cfg.params(), "role": role, "device": str(dev), "num_classes": num_classes}
+            params = {**cfg.params(kd=False), **objective.params, "role": role, "device": str(dev), "num_classes": num_classes}
             params.update({"train_videos": len(splits.train.samples), "test_videos": len(splits.test.samples)})
             params["val_videos"] = len(splits.val.samples) if splits.val else 0
             if teacher is not None:
                 params.update({"teacher.uri": teacher.uri, "teacher.run_id": teacher.run_id or "", "teacher.arch": teacher.arch or ""})
             tracker.log_params(params)
             tracker.log_dict({"classes": splits.classes}, "classes.json")
-            tracker.log_dict(cfg.params() | {"determinism": det_note}, "config.json")
+            tracker.log_dict(cfg.params(kd=teacher is not None) | {"determinism": det_note}, "config.json")
             if splits.missing:
                 tracker.log_metrics({"missing_videos": splits.missing}, step=0)
         ckpt_path = Path(workdir) / "checkpoints" / run_id / "last.pt"
         stopped: str | None = None
         last_test: dict[str, Any] | None = None  # the test scores of the weights as they are now
+        watch = objective.collapse_term
+        # The watched loss where training starts (the first batch, before any step); kept in the
+        # history so that a resumed run still has it.
+        start_loss = history[0].get(f"start_{watch}") if history and watch else None
         for epoch in range(start_epoch, optim.epochs):
             train_ds.set_epoch(epoch)
-            batches = train_loader if teacher_logits is None else _WithCachedLogits(train_loader, teacher_logits)
+            batches = train_loader if objective.batch_extras is None else _WithExtras(train_loader, objective.batch_extras)
             stats = train_one_epoch(
                 step, batches, optimizer, dev, scheduler=scheduler, amp_dtype=amp, progress=progress, epoch=epoch,
-                log=lambda m, global_step: tracker.log_metrics(m, step=global_step),
+                log=lambda m, global_step: tracker.log_metrics(m, step=global_step), max_grad_norm=optim.grad_clip,
             )
-            metrics = {f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+            metrics = {
+                f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("first_")
+            }
             metrics["epoch_lr"] = optimizer.param_groups[0]["lr"]
+            if watch:
+                if start_loss is None:
+                    start_loss = stats[f"first_{watch}"]
+                    metrics[f"start_{watch}"] = start_loss
+                collapsed = objective.collapsed(metrics["train_acc"], num_classes, start_loss, metrics[f"train_{watch}"])
+                metrics["collapsed"] = float(bool(collapsed))
             for name, loader in eval_loaders.items():
                 result = evaluate(model, loader, dev, num_classes)
                 metrics.update(_epoch_metrics(name, result))
@@ -265,7 +270,7 @@ def run_training(
                     "run_id": run_id,
                     "classes": splits.classes,
                     "arch": cfg.model.arch,
-                    "config": {k: _plain(v) for k, v in cfg.params().items()},
+                    "config": {k: _plain(v) for k, v in cfg.params(kd=teacher is not None).items()},
                 },
             )
             if epoch_callback is not None:
@@ -278,8 +283,26 @@ def run_training(
 
         if last_test is None:  # a resumed run that had already trained every epoch
             last_test = evaluate(model, eval_loaders["test"], dev, num_classes)
+        if watch and history:
+            collapsed = bool(history[-1].get("collapsed", 0.0))
+            tracker.set_tags({"collapsed": str(collapsed).lower()})
+            if collapsed and progress:
+                print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} rose "
+                      f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
         final = _finish(tracker, model, last_test, splits, history, cfg, role, register, clip)
         return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=final.pop("_model_uri", None))
+
+
+def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None) -> str:
+    """A name that says what the run is, e.g. kd-c3d→r3d_18-f0.25-s0 (MLflow's random names would
+    repeat for every run of a seed, since they come from Python's seeded `random`)."""
+    arch, seed, frac = cfg.model.arch, cfg.optim.seed, f"f{cfg.data.fraction:g}"
+    if role == "teacher":
+        return f"teacher-{arch}-s{seed}"
+    if role == "student":
+        prefix = f"kd-{teacher.arch or 'teacher'}→{arch}" if teacher is not None else f"scratch-{arch}"
+        return f"{prefix}-{frac}-s{seed}"
+    return f"{role}-{arch}-{cfg.data.dataset}-{frac}-s{seed}"
 
 
 def _finish(tracker, model, result, splits, history, cfg, role, register, clip) -> dict:
@@ -302,18 +325,18 @@ def _finish(tracker, model, result, splits, history, cfg, role, register, clip) 
     return final
 
 
-class _WithCachedLogits:
-    """Wraps a loader, adding the cached teacher logits of each batch's (view, index) pairs."""
+class _WithExtras:
+    """Wraps a loader, adding what the objective needs per batch (e.g. cached teacher logits)."""
 
-    def __init__(self, loader, lookup: Callable[[dict[str, Any]], torch.Tensor]):
-        self.loader, self.lookup = loader, lookup
+    def __init__(self, loader, extras: Callable[[dict[str, Any]], dict[str, torch.Tensor]]):
+        self.loader, self.extras = loader, extras
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
         for batch in self.loader:
-            batch["teacher_logits"] = self.lookup(batch)
+            batch.update(self.extras(batch))
             yield batch
 
 

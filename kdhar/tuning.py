@@ -1,4 +1,4 @@
-"""Optuna search over the distillation temperature tau and weight lam.
+"""Optuna search over the distillation settings (temperature, soft-term weight) and the learning rate.
 
 Every trial is one ordinary `kdhar.distill.distill` run (same data, logging and checkpoints as the
 `distill` command) with `cfg.kd` replaced by the trial's values, recorded as an MLflow run nested
@@ -30,7 +30,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from kdhar import tracking
-from kdhar.config import KDConfig, RunConfig
+from kdhar.config import RunConfig
 from kdhar.train import StopTraining
 
 # SQLite rather than a journal file: Optuna's heartbeats only work with an RDB storage, so a
@@ -74,34 +74,54 @@ class ParamRange:
         return f"{self.low:g}:{self.high:g}" + (":log" if self.log else "")
 
 
+TUNABLE = ("tau", "alpha", "lam", "lr")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
-    """Ranges for tau and lam.
+    """Ranges of the KD settings and the learning rate; a field left None is not searched.
 
-    The student loss is CE + lam * tau^2 * KL. The tau^2 factor keeps the soft term's gradient about
-    as large as the cross-entropy's whatever the temperature, so lam reads directly as the weight of
-    the teacher against the labels:
-    - tau in [1, 20], log scale: 1 is the teacher's raw softmax; with tens of classes, past ~20 the
-      softened targets are almost uniform and carry no ranking. Its effect is multiplicative, hence log.
-    - lam in [0.1, 2], linear: below ~0.1 the soft term is an order of magnitude weaker than CE and
-      the run is a scratch run in disguise (the paired `teacher=none` run measures that already);
-      at 2 the teacher already outweighs the labels two to one. The paper's lam = 1 sits inside.
+    The student loss is (1 - alpha) * CE + alpha * tau^2 * KL under the default "mix" weighting, or
+    CE + lam * tau^2 * KL under "sum" (the paper's). The tau^2 factor equalises the soft term's
+    gradient across temperatures only at high tau; at tau 1-4 it is of the order of CE's or larger,
+    so the soft weight and the learning rate interact: under "sum" at the CE-tuned lr a width-4
+    student collapsed (README). Hence lr is searched too, on a log scale around the CPU preset's.
+    - tau in [1, 8], log scale: 1 is the teacher's raw softmax; with 10-101 classes the softened
+      targets are nearly uniform well before 20, and tau 2-4 is where the measurements sit.
+    - alpha in [0.1, 0.9]: below 0.1 the run is its scratch twin in disguise, above 0.9 the labels
+      hardly count.
+    - lam in [0.1, 2] (weighting "sum"): the paper's 1 sits inside.
+    - lr in [0.005, 0.05], log scale: a factor 2.5 either side of the CPU preset's 0.02.
     """
 
-    tau: ParamRange = ParamRange(1.0, 20.0, log=True)
-    lam: ParamRange = ParamRange(0.1, 2.0)
+    tau: ParamRange | None = ParamRange(1.0, 8.0, log=True)
+    alpha: ParamRange | None = ParamRange(0.1, 0.9)
+    lam: ParamRange | None = None
+    lr: ParamRange | None = ParamRange(0.005, 0.05, log=True)
 
     def __str__(self) -> str:
-        return f"tau={self.tau},lam={self.lam}"
+        return ",".join(f"{name}={getattr(self, name)}" for name in TUNABLE if getattr(self, name) is not None)
+
+    def names(self) -> list[str]:
+        return [name for name in TUNABLE if getattr(self, name) is not None]
 
     @classmethod
-    def parse(cls, text: str | None) -> SearchSpace:
-        """Parses "tau=1:20:log,lam=0:2"; parameters left out keep their defaults.
+    def default(cls, weighting: str = "mix") -> SearchSpace:
+        """The default ranges for a KD weighting: alpha under "mix", lam under "sum"."""
+        if weighting == "sum":
+            return cls(alpha=None, lam=ParamRange(0.1, 2.0))
+        return cls()
+
+    @classmethod
+    def parse(cls, text: str | None, weighting: str = "mix") -> SearchSpace:
+        """Parses "tau=1:8:log,alpha=0.2:0.8,lr=none"; parameters left out keep their defaults for
+        the weighting, and `none` leaves a parameter out of the search (fixed at the run's value).
 
         Raises:
-            ValueError: naming the part that is an unknown parameter, bad syntax or an empty range.
+            ValueError: naming the part that is an unknown parameter, bad syntax, an empty range, or
+                a weight that does not act under `weighting`.
         """
-        space = cls()
+        space = cls.default(weighting)
         if text is None or not text.strip():
             return space
         seen: set[str] = set()
@@ -109,13 +129,17 @@ class SearchSpace:
             name, sep, rng = part.strip().partition("=")
             name = name.strip()
             if not sep:
-                raise ValueError(f"search space part '{part}' is not name=low:high[:log] (e.g. tau=1:20:log)")
-            if name not in ("tau", "lam"):
-                raise ValueError(f"search space part '{part}': unknown parameter '{name}'; tunable: tau, lam")
+                raise ValueError(f"search space part '{part}' is not name=low:high[:log] (e.g. tau=1:8:log)")
+            if name not in TUNABLE:
+                raise ValueError(f"search space part '{part}': unknown parameter '{name}'; tunable: {', '.join(TUNABLE)}")
             if name in seen:
                 raise ValueError(f"search space part '{part}': {name} is given twice")
+            unused = {"mix": "lam", "sum": "alpha"}.get(weighting)
+            if name == unused:
+                raise ValueError(f"search space part '{part}': {name} does not act under --kd-weighting {weighting}")
             seen.add(name)
-            space = dataclasses.replace(space, **{name: _parse_range(name, rng.strip(), part)})
+            value = None if rng.strip() == "none" else _parse_range(name, rng.strip(), part)
+            space = dataclasses.replace(space, **{name: value})
         return space
 
 
@@ -130,19 +154,30 @@ def _parse_range(name: str, text: str, part: str) -> ParamRange:
     log = len(fields) == 3 and fields[2] == "log"
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
         raise ValueError(f"search space part '{part}' is an empty range: low must be below high")
-    if name == "tau" and low <= 0:
-        raise ValueError(f"search space part '{part}': the temperature must stay above 0")
-    if name == "lam" and low < 0:
+    if name in ("tau", "lr") and low <= 0:
+        raise ValueError(f"search space part '{part}': {name} must stay above 0")
+    if name in ("lam", "alpha") and low < 0:
         raise ValueError(f"search space part '{part}': the KD weight cannot be negative")
+    if name == "alpha" and high > 1:
+        raise ValueError(f"search space part '{part}': alpha is a share in [0, 1]")
     if log and low <= 0:
         raise ValueError(f"search space part '{part}': a log range needs low > 0")
     return ParamRange(low, high, log)
 
 
-def _suggest(trial: optuna.Trial, space: SearchSpace) -> tuple[float, float]:
-    tau = trial.suggest_float("tau", space.tau.low, space.tau.high, log=space.tau.log)
-    lam = trial.suggest_float("lam", space.lam.low, space.lam.high, log=space.lam.log)
-    return tau, lam
+def _suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, float]:
+    return {
+        name: trial.suggest_float(name, rng.low, rng.high, log=rng.log)
+        for name in space.names()
+        for rng in [getattr(space, name)]
+    }
+
+
+def trial_config(cfg: RunConfig, values: dict[str, float]) -> RunConfig:
+    """`cfg` with a trial's (or a study's best) values applied: KD knobs to cfg.kd, lr to cfg.optim."""
+    kd = dataclasses.replace(cfg.kd, **{k: v for k, v in values.items() if k in ("tau", "alpha", "lam")})
+    optim = dataclasses.replace(cfg.optim, lr=values["lr"]) if "lr" in values else cfg.optim
+    return dataclasses.replace(cfg, kd=kd, optim=optim)
 
 
 # ---------------------------------------------------------------------------- storage
@@ -266,7 +301,7 @@ def tune(
         n_trials: the study's total budget, trials of earlier runs and other workers included.
         study_name: defaults to "kd-<student>-<teacher>".
         storage: a database URL; None is ./optuna.db (one worker). Use postgresql:// for several.
-        space: tau/lam ranges (`SearchSpace.parse`).
+        space: ranges of tau, alpha or lam, and lr (`SearchSpace.parse`); default for cfg.kd.weighting.
         pruner: "median", "asha", "hyperband", "none" or an Optuna pruner; prunes on per-epoch
             validation accuracy.
         experiment: MLflow experiment of the parent and trial runs.
@@ -285,14 +320,19 @@ def tune(
 
     if n_trials < 1:
         raise ValueError(f"n_trials {n_trials} must be at least 1")
-    space = space or SearchSpace()
+    if cache_teacher and cfg.data.views < 1:
+        from kdhar.distill import CACHE_VIEWS
+
+        # Trials are compared with each other, not with a scratch twin: any fixed view count will do.
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=CACHE_VIEWS))
+    space = space or SearchSpace.default(cfg.kd.weighting)
     if cfg.data.val_fraction <= 0:
         raise ValueError("tuning needs a validation split: set data.val_fraction above 0 (the test split is never tuned on)")
     splits = load_splits(cfg)
     if splits.val is None:
         raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
     if resolve_teacher(teacher, splits.fingerprint, device or "cpu") is None:
-        raise ValueError("tuning tau/lam needs a teacher; teacher=none has no distillation term to tune")
+        raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
     study_name = study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}"
     if isinstance(pruner, optuna.pruners.BasePruner):
         pruner_obj, pruner = pruner, type(pruner).__name__
@@ -316,7 +356,7 @@ def tune(
         # A fresh sampler seeded by trial number: a resumed study and concurrent workers draw
         # distinct points (one shared seed would repeat them), yet a rerun draws the same ones.
         study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
-        tau, lam = _suggest(trial, space)
+        values = _suggest(trial, space)
         tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING"}
         retry_of = _retried_number(study, trial.number)
         if retry_of is not None:
@@ -329,7 +369,7 @@ def tune(
 
         try:
             res = distill(
-                dataclasses.replace(cfg, kd=KDConfig(tau=tau, lam=lam)),
+                trial_config(cfg, values),
                 teacher=teacher, experiment=experiment, parent_run_id=parent_id, epoch_callback=on_epoch,
                 register=False, cache_teacher=cache_teacher, progress=False, extra_tags=tags, device=device,
             )
@@ -342,6 +382,13 @@ def tune(
         if res.stopped == "pruned":
             _tag_run(experiment, res.run_id, {TAG_STATE: "PRUNED"})
             raise optuna.TrialPruned(f"pruned after epoch {len(res.history)}")
+        if res.history and res.history[-1].get("collapsed"):
+            # A collapsed student's accuracy is chance whatever the settings nearby: a failure of
+            # these settings, not a low score for the sampler to interpolate.
+            reason = f"collapsed: train accuracy at chance while the KD loss rose ({_fmt(values)})"
+            trial.set_user_attr("fail_reason", reason)
+            _tag_run(experiment, res.run_id, {TAG_STATE: "FAIL", "fail_reason": reason})
+            raise TrialCollapsed(reason)
         _tag_run(experiment, res.run_id, {TAG_STATE: "COMPLETE"})
         return float(res.final[f"best_{OBJECTIVE}"])
 
@@ -352,11 +399,36 @@ def tune(
     # Optimize's own n_trials counts this worker's trials only; the budget is the study's.
     poll_s = min(float(heartbeat_interval), 5.0)
     if _budget_left(study, n_trials, poll_s):
-        study.optimize(objective, callbacks=[stop_when_full])
+        study.optimize(objective, callbacks=[stop_when_full], catch=(TrialCollapsed,))
     reconcile_study(study)
     summary = summarize(study, storage)
     _log_study_to_parent(study, parent_id, experiment, summary, plots=bool(ran))
     return summary
+
+
+class TrialCollapsed(RuntimeError):
+    """A trial whose student collapsed; Optuna records it as FAIL with this reason."""
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in values.items())
+
+
+def best_settings(study_name: str, storage: str | None = None) -> dict[str, float]:
+    """The best complete trial's values (tau, alpha or lam, lr) of a study, for a grid to reuse.
+
+    Raises:
+        ValueError: no such study, or it has no complete trial yet.
+    """
+    st = make_storage(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=st)
+    except KeyError:
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage or DEFAULT_STORAGE)}; run `kdhar tune` first") from None
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise ValueError(f"study '{study_name}' has no complete trial yet; run more trials with `kdhar tune`")
+    return dict(max(complete, key=lambda t: t.value).params)
 
 
 def _slug(text: str) -> str:
@@ -448,7 +520,7 @@ def _budget_left(study: optuna.Study, n_trials: int, poll_s: float) -> bool:
     """Whether this worker should start another trial.
 
     A queued retry always runs; a new trial runs while fewer than `n_trials` are finished or
-    running (failed trials are replaced by their retries). When only other workers' running trials
+    running (trials of dead workers are replaced by their retries; collapsed trials count as finished). When only other workers' running trials
     fill the budget, wait: they either finish it or die, and a dead one's retry must still run.
     So a worker returns only when the study is done, and its summary is final.
     """
@@ -457,7 +529,8 @@ def _budget_left(study: optuna.Study, n_trials: int, poll_s: float) -> bool:
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return True
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        # A collapsed trial failed on its own settings (no retry comes): it spends budget too.
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "fail_reason" in t.user_attrs for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if done >= n_trials:
             return False
@@ -585,20 +658,21 @@ def _log_study_to_parent(
         metrics = {"n_complete": complete, "n_pruned": summary["pruned"], "n_failed": summary["failed"],
                    "epochs_total": summary["epochs"]}
         if summary["best_params"]:
-            metrics.update({"best_tau": summary["best_params"]["tau"], "best_lam": summary["best_params"]["lam"],
-                            f"best_{OBJECTIVE}": summary["best_value"]})
+            metrics.update({f"best_{k}": v for k, v in summary["best_params"].items()})
+            metrics[f"best_{OBJECTIVE}"] = summary["best_value"]
             run.set_tags({"best_trial": str(summary["best_trial"])})
         run.log_metrics(metrics, step=len(study.trials))
         if complete == 0 or not plots:
             return
+        names = list(summary["best_params"] or [])
         figures = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
-                 "slice_tau_lam.png": lambda: ovm.plot_slice(study, params=["tau", "lam"])}
+                   "slice.png": lambda: ovm.plot_slice(study, params=names)}
         notes = []
-        if complete >= 2:
-            figures["contour_tau_lam.png"] = lambda: ovm.plot_contour(study, params=["tau", "lam"])
+        if complete >= 2 and len(names) >= 2:
+            figures["contour.png"] = lambda: ovm.plot_contour(study, params=names[:2])
             figures["param_importances.png"] = lambda: ovm.plot_param_importances(study)
         else:
-            notes.append("parameter importances and the tau x lam contour need at least 2 complete trials")
+            notes.append("parameter importances and the contour need at least 2 complete trials of 2+ parameters")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             for name, plot in figures.items():
@@ -612,5 +686,5 @@ def _log_study_to_parent(
 
 __all__ = [
     "DEFAULT_STORAGE", "SearchSpace", "ParamRange", "StorageUnavailableError", "tune", "reconcile",
-    "reconcile_study", "summarize", "make_storage", "make_pruner", "mask_url", "dashboard_command",
+    "reconcile_study", "summarize", "make_storage", "make_pruner", "mask_url", "dashboard_command", "best_settings",
 ]

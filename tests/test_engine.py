@@ -14,6 +14,7 @@ from kdhar.engine import (
     set_determinism,
     set_rng_state,
     train_one_epoch,
+    train_step,
 )
 from kdhar.models import build_model
 from kdhar.objectives import KDStep, SupervisedStep
@@ -171,6 +172,30 @@ def test_lr_schedules():
     assert get_lr(500, total, 0.1, "cosine") == pytest.approx(0.0)  # past the end: stays at the floor
     with pytest.raises(ValueError, match="'linear'"):
         get_lr(0, total, 0.1, "linear")
+
+
+def test_warmup_rises_linearly_then_the_schedule_takes_over():
+    total, warm = 100, 10
+    lrs = [get_lr(s, total, 0.1, "cosine", warmup_steps=warm) for s in range(total)]
+    # step s < warm: 0.1 * (s + 1) / 10, so the first step is already non-zero and step 9 reaches 0.1
+    assert lrs[:warm] == pytest.approx([0.01 * (s + 1) for s in range(warm)])
+    assert lrs[warm:] == pytest.approx([get_lr(s, total, 0.1, "cosine") for s in range(warm, total)])
+
+
+def test_gradient_clipping_bounds_the_step():
+    # Plain SGD without momentum: the parameter moves by lr * grad, so the clipped norm is visible.
+    batch = toy_batches(1)[0]
+    moved = {}
+    for clip in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = build_model("tiny3d", 3, width=4)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_step(SupervisedStep(model), batch, optimizer, "cpu", max_grad_norm=clip)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = float((after - before).norm())
+    assert moved[0.01] == pytest.approx(0.01, rel=1e-3)
+    assert moved[0.0] > 0.05  # unclipped, the same batch moves the weights much further
 
 
 def test_make_scheduler_follows_get_lr():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdhar.models import build_model
-from kdhar.objectives import KDStep, SupervisedStep
+from kdhar.objectives import KDStep, SupervisedStep, is_collapsed
 
 
 class FixedLogits(torch.nn.Module):
@@ -131,3 +131,56 @@ def test_supervised_step_is_cross_entropy():
     out = SupervisedStep(FixedLogits(STUDENT))(index_clips(4), LABELS)
     torch.testing.assert_close(out["loss"], F.cross_entropy(STUDENT, LABELS))
     assert set(out) == {"loss", "output", "task_loss"}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_mix_weighting_is_a_convex_combination(alpha):
+    step = KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), tau=4.0, weighting="mix", alpha=alpha)
+    out = step(index_clips(4), LABELS)
+    expected = (1 - alpha) * out["task_loss"].item() + alpha * hand_kd(STUDENT.tolist(), TEACHER.tolist(), 4.0)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"weighting": "mix", "alpha": 1.5}, "alpha"), ({"weighting": "mix", "alpha": -0.1}, "alpha"),
+     ({"weighting": "avg"}, "weighting"), ({"tau": float("nan")}, "tau")],
+)
+def test_bad_weighting_or_alpha_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), **kw)
+
+
+def test_mix_halves_the_step_of_sum_at_alpha_one_half():
+    # The point of "mix": the same tau and teacher, but a total gradient about CE's size, not CE's plus the
+    # soft term's. With alpha 0.5 every gradient is exactly half of "sum" at lam 1.
+    grads = {}
+    for weighting in ("sum", "mix"):
+        student = FixedLogits(STUDENT)
+        KDStep(student, FixedLogits(TEACHER), tau=4.0, weighting=weighting, alpha=0.5, lam=1.0)(index_clips(4), LABELS)["loss"].backward()
+        grads[weighting] = student.logits.grad
+    torch.testing.assert_close(grads["mix"], grads["sum"] / 2)
+
+
+def test_collapse_needs_chance_accuracy_and_a_rising_kd_loss():
+    assert is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=1.2)
+    assert not is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.8)  # slow, not collapsed
+    assert not is_collapsed(train_acc=0.40, num_classes=10, kd_start=1.0, kd_end=1.2)  # learning the labels
+    assert is_collapsed(train_acc=0.15, num_classes=10, kd_start=1.0, kd_end=1.0)  # 1.5x chance is the edge
+
+
+def test_factory_builds_supervised_without_a_teacher_and_logs_only_acting_knobs():
+    from kdhar.config import KDConfig, RunConfig
+    from kdhar.objectives import Teacher, build_objective
+
+    cfg = RunConfig(kd=KDConfig(weighting="mix", alpha=0.3))
+    plain = build_objective(cfg)
+    assert plain.name == "supervised" and plain.params == {} and plain.collapse_term is None
+    assert isinstance(plain.make_step(FixedLogits(STUDENT)), SupervisedStep)
+    teacher = Teacher(model=FixedLogits(TEACHER), uri="runs:/abc/model", classes=["a", "b", "c"], arch="c3d", run_id="abc")
+    kd = build_objective(cfg, teacher)
+    assert kd.params == {"kd.tau": 4.0, "kd.weighting": "mix", "kd.alpha": 0.3}  # no kd.lam: it does not act
+    assert kd.tags["teacher_run_id"] == "abc" and kd.collapse_term == "kd_loss"
+    assert build_objective(RunConfig(kd=KDConfig(weighting="sum")), teacher).params["kd.lam"] == 1.0
+    with pytest.raises(ValueError, match="--views 4"):
+        build_objective(cfg, teacher, cache_teacher=True)  # a cache without replayed views

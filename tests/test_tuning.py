@@ -6,6 +6,7 @@ SQLite MLflow store per test and a fresh PostgreSQL database per multi-worker te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kdhar import tracking
-from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
 from kdhar.tuning import (
     ParamRange,
     SearchSpace,
@@ -27,6 +28,7 @@ from kdhar.tuning import (
     make_storage,
     mask_url,
     reconcile,
+    best_settings,
     study_trials,
     tune,
 )
@@ -94,12 +96,24 @@ def parents(study: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------- search space
 def test_search_space_parses_overrides_and_keeps_defaults():
-    space = SearchSpace.parse("tau=2:8:log, lam=0:2")
+    space = SearchSpace.parse("tau=2:8:log, lam=0:2", weighting="sum")
     assert space.tau == ParamRange(2.0, 8.0, log=True)
     assert space.lam == ParamRange(0.0, 2.0, log=False)
-    assert SearchSpace.parse("lam=0.5:1.5").tau == SearchSpace().tau
+    assert space.alpha is None and space.lr == SearchSpace().lr
+    assert SearchSpace.parse("lam=0.5:1.5", weighting="sum").tau == SearchSpace().tau
     assert SearchSpace.parse(None) == SearchSpace.parse("") == SearchSpace()
-    assert SearchSpace.parse(str(space)) == space
+    assert SearchSpace.parse(str(space), weighting="sum") == space
+
+
+def test_default_space_searches_the_learning_rate_and_the_weight_that_acts():
+    mix, paper = SearchSpace.default("mix"), SearchSpace.default("sum")
+    assert mix.names() == ["tau", "alpha", "lr"] and paper.names() == ["tau", "lam", "lr"]
+    assert mix.lr.log and mix.lr.low < 0.02 < mix.lr.high  # the CPU preset's lr sits inside
+    assert SearchSpace.parse("lr=none").names() == ["tau", "alpha"]
+    with pytest.raises(ValueError, match="lam does not act under --kd-weighting mix"):
+        SearchSpace.parse("lam=0.1:2")
+    with pytest.raises(ValueError, match="alpha is a share"):
+        SearchSpace.parse("alpha=0.1:1.5")
 
 
 @pytest.mark.parametrize(
@@ -108,12 +122,12 @@ def test_search_space_parses_overrides_and_keeps_defaults():
         ("temp=1:4", "temp=1:4"),  # unknown parameter
         ("tau=4:4", "tau=4:4"),  # empty range
         ("tau=8:2:log", "tau=8:2:log"),
-        ("tau=1:20:log,lam", "lam"),  # no '='
+        ("tau=1:20:log,alpha", "alpha"),  # no '='
         ("tau=1-20", "tau=1-20"),  # bad syntax
-        ("lam=a:1", "lam=a:1"),
+        ("alpha=a:1", "alpha=a:1"),
         ("tau=1:2:cubic", "tau=1:2:cubic"),
         ("tau=0:2:log", "tau=0:2:log"),  # log of zero; tau must stay > 0 anyway
-        ("lam=-1:1", "lam=-1:1"),
+        ("alpha=-1:1", "alpha=-1:1"),
         ("tau=1:2,tau=3:4", "tau=3:4"),
         ("tau=1:2,", "''"),
     ],
@@ -138,14 +152,16 @@ def test_storage_errors_are_one_line_and_hide_the_password():
 # ---------------------------------------------------------------------------- one worker
 def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
     cfg = tiny_config(tiny_data["root"])
+    # Low learning rates: at lr ~0.03+ students of this one-epoch teacher can collapse (tested below).
+    space = SearchSpace.parse("lr=0.002:0.01:log")
     kw = dict(teacher=str(tiny_data["teacher"]), study_name="s1", storage=None, pruner="none",
-              experiment=EXPERIMENT, seed=3, cache_teacher=True, device="cpu")
+              experiment=EXPERIMENT, seed=3, cache_teacher=True, device="cpu", space=space)
     first = tune(cfg, n_trials=3, **kw)
     assert (workdir / "optuna.db").exists()  # the embedded default storage
     assert first["complete"] == 3 and first["trials"] == 3 and first["epochs"] == 6
     [parent] = parents("s1")
     assert parent["run_id"] == first["parent_run_id"]
-    assert parent["params"]["search_space"] == str(SearchSpace())
+    assert parent["params"]["search_space"] == str(space)
     assert parent["metrics"]["best_val_video_top1"] == pytest.approx(first["best_value"])
 
     trials = {t["number"]: t for t in study_trials(None, "s1")}
@@ -156,7 +172,8 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
         assert run["tags"]["optuna_study"] == "s1" and run["tags"]["optuna_state"] == "COMPLETE"
         assert trial["user_attrs"]["mlflow_run_id"] == run["run_id"]
         assert float(run["params"]["kd.tau"]) == pytest.approx(trial["params"]["tau"])
-        assert float(run["params"]["kd.lam"]) == pytest.approx(trial["params"]["lam"])
+        assert float(run["params"]["kd.alpha"]) == pytest.approx(trial["params"]["alpha"])
+        assert float(run["params"]["optim.lr"]) == pytest.approx(trial["params"]["lr"])
         assert run["metrics"]["best_val_video_top1"] == pytest.approx(trial["value"])
     assert len({t["params"]["tau"] for t in trials.values()}) == 3  # no point sampled twice
 
@@ -170,8 +187,25 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
 
     # A different search space under the same name is refused before any trial runs.
     with pytest.raises(ValueError, match="search_space"):
-        tune(cfg, n_trials=6, space=SearchSpace.parse("tau=1:4"), **kw)
+        tune(cfg, n_trials=6, **{**kw, "space": SearchSpace.parse("tau=1:4")})
     assert len(children_of(parent["run_id"])) == 4
+
+
+def test_collapsed_trials_fail_with_a_reason_and_best_settings_skip_them(tiny_data, workdir):
+    # lr 4-6 under the paper's unweighted sum throws every student into a constant output.
+    cfg = tiny_config(tiny_data["root"])
+    cfg = dataclasses.replace(cfg, kd=KDConfig(weighting="sum"), optim=dataclasses.replace(cfg.optim, warmup=0.0))
+    summary = tune(cfg, teacher=str(tiny_data["teacher"]), n_trials=2, study_name="collapse", storage=None,
+                   space=SearchSpace.parse("lr=4:6", weighting="sum"), pruner="none", experiment=EXPERIMENT,
+                   seed=0, cache_teacher=True, device="cpu")
+    assert (summary["failed"], summary["complete"]) == (2, 0)
+    for trial in study_trials(None, "collapse"):
+        assert trial["state"] == "FAIL" and trial["user_attrs"]["fail_reason"].startswith("collapsed")
+    [parent] = parents("collapse")
+    for run in children_of(parent["run_id"]):
+        assert run["tags"]["optuna_state"] == "FAIL" and run["tags"]["collapsed"] == "true"
+    with pytest.raises(ValueError, match="no complete trial"):
+        best_settings("collapse")
 
 
 def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):
@@ -223,8 +257,8 @@ def test_tune_refuses_bad_inputs_before_any_trial(tiny_data, workdir):
 WORKER = """
 import json, sys, torch
 from pathlib import Path
-from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
-from kdhar.tuning import tune
+from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.tuning import SearchSpace, tune
 a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 cfg = RunConfig(
@@ -235,7 +269,8 @@ cfg = RunConfig(
 )
 print(json.dumps(tune(cfg, teacher=a["teacher"], n_trials=a["n_trials"], study_name=a["study"],
     storage=a["storage"], pruner="none", experiment=a["experiment"], seed=0, cache_teacher=False,
-    device="cpu", heartbeat_interval=1, grace_period=a["grace"])))
+    device="cpu", heartbeat_interval=1, grace_period=a["grace"],
+    space=SearchSpace.parse("lr=0.002:0.01:log"))))  # low lr: no trial of this weak teacher collapses
 """
 
 

@@ -12,7 +12,10 @@ from torch import Tensor, nn
 def kd_term(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
     """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)), averaged over the batch.
 
-    The tau^2 factor keeps the gradient size of the soft term independent of the temperature.
+    The tau^2 factor undoes the 1/tau^2 by which softening shrinks the soft term's gradient, but
+    only in the high-temperature limit (Hinton et al.'s approximation): at tau 1-4 the scaled term's
+    gradient is still of the order of the CE gradient or larger (1.8x at tau 4 for an untrained
+    10-class student), so its weight is not a neutral "teacher vs labels" ratio at low tau.
     """
     log_q = F.log_softmax(student_logits.float() / tau, dim=1)
     log_p = F.log_softmax(teacher_logits.float() / tau, dim=1)
@@ -20,22 +23,27 @@ def kd_term(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tenso
 
 
 class KDStep(nn.Module):
-    """Trains `student` on CE(student, y) + lam * kd_term(student, teacher, tau).
+    """Trains `student` on CE and the soft term `kd_term(student, teacher, tau)`.
+
+    weighting "mix": (1 - alpha) * CE + alpha * kd_term; "sum": CE + lam * kd_term (the paper's Eq. 7).
+    The constructor's defaults are the paper's; runs take theirs from `kdhar.config.KDConfig` (mix).
 
     The teacher is frozen: always in eval mode, without gradients, and deliberately not registered
     as a submodule, so it is absent from `parameters()` (the optimiser never sees it) and from
     `state_dict()` (checkpoints hold only the student). `to()` / `cuda()` still move it.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, tau: float = 4.0, lam: float = 1.0) -> None:
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, tau: float = 4.0, lam: float = 1.0,
+        weighting: str = "sum", alpha: float = 0.5,
+    ) -> None:
         super().__init__()
-        if not tau > 0:
-            raise ValueError(f"KD temperature tau must be > 0, got {tau}")
-        if not lam >= 0:
-            raise ValueError(f"KD weight lam must be >= 0, got {lam}")
+        check_kd(tau, weighting, alpha, lam)
         self.student = student
         self.tau = float(tau)
-        self.lam = float(lam)
+        self.weighting = weighting
+        # (weight of CE, weight of the soft term)
+        self.weights = (1.0 - alpha, float(alpha)) if weighting == "mix" else (1.0, float(lam))
         teacher.eval().requires_grad_(False)
         # Stored in __dict__ so nn.Module does not register it as a child.
         self.__dict__["teacher"] = teacher
@@ -66,7 +74,7 @@ class KDStep(nn.Module):
             return self.teacher(x).float()
 
     def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
-        """Returns {"loss", "output", "task_loss", "kd_loss"}; `kd_loss` is the tau^2-scaled KL before lam.
+        """Returns {"loss", "output", "task_loss", "kd_loss"}; `kd_loss` is the tau^2-scaled KL before weighting.
 
         Args:
             x: clips (N, 3, T, H, W).
@@ -85,4 +93,37 @@ class KDStep(nn.Module):
             )
         task_loss = F.cross_entropy(output.float(), y)
         kd_loss = kd_term(output, teacher_logits, self.tau)
-        return {"loss": task_loss + self.lam * kd_loss, "output": output, "task_loss": task_loss, "kd_loss": kd_loss}
+        w_task, w_kd = self.weights
+        loss = w_task * task_loss + w_kd * kd_loss
+        return {"loss": loss, "output": output, "task_loss": task_loss, "kd_loss": kd_loss}
+
+
+def check_kd(tau: float, weighting: str, alpha: float, lam: float) -> None:
+    """Raises ValueError, naming the value and the valid range, for unusable KD settings."""
+    import math
+
+    if weighting not in ("mix", "sum"):
+        raise ValueError(f"KD weighting '{weighting}' is unknown; use mix ((1-alpha)*CE + alpha*KD) or sum (CE + lam*KD)")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"KD temperature tau must be a number > 0, got {tau} (the paper uses 4)")
+    if not (math.isfinite(alpha) and 0 <= alpha <= 1):
+        raise ValueError(f"KD alpha must be in [0, 1], got {alpha} (0.5 weighs labels and teacher equally)")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"KD weight lam must be a number >= 0, got {lam} (the paper uses 1)")
+
+
+# A collapsed student predicts one class whatever the clip: its train accuracy sits at chance. The
+# margin keeps a student that is merely slow to start (a few points above chance) out.
+COLLAPSE_ACC_FACTOR = 1.5
+
+
+def is_collapsed(train_acc: float, num_classes: int, kd_start: float, kd_end: float) -> bool:
+    """Whether a KD run collapsed: train accuracy still at chance while its soft loss went up.
+
+    Args:
+        train_acc: top-1 training accuracy of the last epoch.
+        num_classes: classes of the task (chance is 1 / num_classes).
+        kd_start: the soft loss (tau^2-scaled KL) at the start of training (first logged steps).
+        kd_end: the soft loss over the last epoch.
+    """
+    return train_acc <= COLLAPSE_ACC_FACTOR / num_classes and kd_end >= kd_start

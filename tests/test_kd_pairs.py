@@ -1,0 +1,99 @@
+"""Distilled runs that can be trusted: identical reruns, the teacher run and thread count recorded,
+a cache keyed by the teacher's weights, and collapsed runs flagged."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kdhar.cache import TeacherLogitCache, weights_digest
+from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.data.synthetic import SynthSpec, generate
+from kdhar.distill import distill, resolve_teacher
+from kdhar.train import run_training
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pairs") / "ucf101"
+    generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12, size=(48, 64), seed=3))
+    return root
+
+
+def tiny_config(root: Path, arch: str = "tiny3d", epochs: int = 2, **optim) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(root=str(root), num_workers=0, val_fraction=0.2),
+        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=1, resize=(40, 53), crop=32),
+        model=ModelConfig(arch=arch, width=4),
+        optim=OptimConfig(epochs=epochs, batch_size=8, threads=1, **optim),
+    )
+
+
+@pytest.fixture
+def teacher_run(local_tracking, tiny_set) -> str:
+    res = run_training(tiny_config(tiny_set, epochs=2), role="teacher", experiment="pairs", progress=False)
+    return res.run_id
+
+
+def _metrics(uri: str, run_id: str) -> dict[str, float]:
+    """A run's metrics except the wall-clock ones (clips/s, seconds)."""
+    metrics = MlflowClient(uri).get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if not k.endswith(("clips_per_s", "seconds"))}
+
+
+def test_same_distill_twice_gives_identical_metrics_and_records_teacher_and_threads(
+    local_tracking, tiny_set, teacher_run
+):
+    cfg = tiny_config(tiny_set)
+    runs = [distill(cfg, teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False) for _ in range(2)]
+    first, second = (_metrics(local_tracking, r.run_id) for r in runs)
+    assert first == second  # every metric, bit for bit: same thread count, torch build and teacher run
+    assert "final_test_video_top1" in first and "train_kd_loss" in first
+    run = MlflowClient(local_tracking).get_run(runs[0].run_id)
+    assert run.data.tags["teacher_run_id"] == teacher_run
+    assert run.data.params["teacher.run_id"] == teacher_run
+    assert run.data.params["optim.threads"] == "1" and run.data.tags["threads"] == "1"
+    assert run.data.tags["torch_version"] == torch.__version__
+    assert run.data.tags["method"] == "kd-logit" and run.data.tags["collapsed"] in ("true", "false")
+    assert run.info.run_name == "kd-tiny3d→tiny3d-f1-s0"
+
+
+def test_scratch_and_teacher_runs_log_no_kd_knobs(local_tracking, tiny_set, teacher_run):
+    scratch = distill(tiny_config(tiny_set, epochs=1), teacher="none", experiment="pairs", progress=False)
+    for run_id in (scratch.run_id, teacher_run):
+        params = MlflowClient(local_tracking).get_run(run_id).data.params
+        assert not [k for k in params if k.startswith("kd.")]
+    kd = distill(dataclasses.replace(tiny_config(tiny_set, epochs=1), kd=KDConfig(weighting="mix", alpha=0.25)),
+                 teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False)
+    params = MlflowClient(local_tracking).get_run(kd.run_id).data.params
+    assert {k: v for k, v in params.items() if k.startswith("kd.")} == {"kd.tau": "4.0", "kd.weighting": "mix", "kd.alpha": "0.25"}
+
+
+def test_cache_key_follows_the_teacher_weights(local_tracking, tiny_set, teacher_run, tmp_path):
+    cfg = dataclasses.replace(tiny_config(tiny_set), data=dataclasses.replace(tiny_config(tiny_set).data, views=2))
+    teacher = resolve_teacher(f"runs:/{teacher_run}/model", "any")
+    first = TeacherLogitCache.build(teacher, cfg, views=2, cache_dir=tmp_path)
+    again = TeacherLogitCache.build(teacher, cfg, views=2, cache_dir=tmp_path)
+    assert first.key == again.key
+    digest = weights_digest(teacher.model)
+    with torch.no_grad():  # the same URI and run, other weights: a checkpoint rewritten in place
+        next(teacher.model.parameters()).add_(1.0)
+    assert weights_digest(teacher.model) != digest
+    changed = TeacherLogitCache.build(teacher, cfg, views=2, cache_dir=tmp_path)
+    assert changed.key != first.key
+    assert not torch.equal(changed.logits, first.logits)
+
+
+def test_a_collapsing_run_is_flagged(local_tracking, tiny_set, teacher_run):
+    # lr 5 with the paper's unweighted sum and no warm-up throws the student into a constant output.
+    cfg = tiny_config(tiny_set, epochs=2, lr=5.0, warmup=0.0)
+    cfg = dataclasses.replace(cfg, kd=KDConfig(weighting="sum", lam=1.0))
+    res = distill(cfg, teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False)
+    run = MlflowClient(local_tracking).get_run(res.run_id)
+    history = res.history
+    assert history[-1]["train_acc"] <= 1.5 / 3 and history[-1]["train_kd_loss"] >= history[0]["start_kd_loss"]
+    assert run.data.tags["collapsed"] == "true" and run.data.metrics["collapsed"] == 1.0
