@@ -143,6 +143,7 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
     if arch not in MODELS:
         raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(MODELS)}")
     tracking.check_server(tracking.tracking_uri())
+    tracking.check_project_experiment(opts["experiment"])
     if not 0 < opts["fraction"] <= 1:
         raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
     from kdhar.experiments import OVERRIDES, DatasetSpec, build_run_config
@@ -382,8 +383,10 @@ def runs_reconcile(storage, study_name) -> None:
 @click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
 def report_cmd(experiment, out) -> None:
     """KD-vs-scratch tables and plots (paper layout) from an experiment's runs."""
+    from kdhar import tracking
     from kdhar.report import build_report
 
+    tracking.check_project_experiment(experiment)
     report = build_report(experiment, out / experiment)
     click.echo(report.text)
     for path in report.files:

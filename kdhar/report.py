@@ -367,7 +367,7 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
         parts.append("\n".join(lines))
     note = ("Accuracy: test video top-1 in %, mean ± std over n seeds, collapsed runs included. Teacher in "
             "parentheses: final accuracy of each teacher run distilled from. collapsed: runs whose train "
-            "accuracy stayed at chance while the KD loss rose, of n. Δ: distilled minus scratch at the same "
+            "accuracy stayed at chance while the KD loss did not come down, of n. Δ: distilled minus scratch at the same "
             "fraction (difference of means). Δ final 95 % CI: mean of the per-seed differences KD - scratch "
             "over the seeds both rows ran (paired by seed) with a two-sided Student-t interval, mean ± "
             "t(0.975, n-1)·sd/√n. verdict: helps when the whole interval is above 0, hurts when below 0, no "

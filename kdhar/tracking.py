@@ -188,6 +188,35 @@ def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
+class ExperimentMismatchError(TrackingError, ValueError):
+    """`mlflow run` filed its run under another experiment than the one kdhar was asked for."""
+
+
+def check_project_experiment(name: str) -> None:
+    """Under `mlflow run` (MLFLOW_RUN_ID set), refuses an experiment other than the project run's.
+
+    kdhar adopts the project's run, which MLflow files under `--experiment-name` (else `Default`);
+    a different `-P experiment=...` would leave the run where `kdhar report` never looks.
+
+    Raises:
+        ExperimentMismatchError: naming the flag to add.
+    """
+    project = os.environ.get("MLFLOW_RUN_ID")
+    if not project:
+        return
+    client = _client()
+    try:
+        run = client.get_run(project)
+    except MlflowException:
+        return  # not a run of this store: MLflow itself reports it when the run starts
+    actual = client.get_experiment(run.info.experiment_id).name
+    if actual != name:
+        raise ExperimentMismatchError(
+            f"`mlflow run` filed this run under experiment '{actual}', not '{name}': add "
+            f"--experiment-name {name} to the mlflow run command (the same name as -P experiment)"
+        )
+
+
 @dataclass(frozen=True)
 class LoggedModelRef:
     """Where a logged model lives: `model_uri` loads it, `version` is set when it was registered."""
@@ -283,6 +312,8 @@ class RunTracker:
 
     def __enter__(self) -> RunTracker:
         self._client = _client()
+        if not self.resume_run_id and mlflow.active_run() is None:
+            check_project_experiment(self.experiment)  # this tracker would adopt the project run
         experiment_id = _get_or_create_experiment(self._client, self.experiment)
         if self.resume_run_id:
             run = self._get_run(self.resume_run_id)

@@ -287,7 +287,7 @@ def run_training(
             collapsed = bool(history[-1].get("collapsed", 0.0))
             tracker.set_tags({"collapsed": str(collapsed).lower()})
             if collapsed and progress:
-                print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} rose "
+                print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} did not come down "
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
         final = _finish(tracker, model, last_test, splits, history, cfg, role, register, clip)
         return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=final.pop("_model_uri", None))

@@ -385,7 +385,7 @@ def tune(
         if res.history and res.history[-1].get("collapsed"):
             # A collapsed student's accuracy is chance whatever the settings nearby: a failure of
             # these settings, not a low score for the sampler to interpolate.
-            reason = f"collapsed: train accuracy at chance while the KD loss rose ({_fmt(values)})"
+            reason = f"collapsed: train accuracy at chance while the KD loss did not come down ({_fmt(values)})"
             trial.set_user_attr("fail_reason", reason)
             _tag_run(experiment, res.run_id, {TAG_STATE: "FAIL", "fail_reason": reason})
             raise TrialCollapsed(reason)

@@ -48,6 +48,39 @@ def test_plan_orders_teachers_scratch_kd_finetune_and_skips_self_distillation():
     assert all(c.cfg.data.fraction == 1.0 and c.seed == 0 for c in cells if c.role == "teacher")
 
 
+@pytest.mark.parametrize(
+    "changes,match",
+    [({"self_distill": "false"}, "self_distill: 'false' is not a boolean"),
+     ({"cache_teacher": "yes"}, "cache_teacher"),
+     ({"tau": float("nan")}, "tau: nan is not a finite number"),
+     ({"weighting": "avg"}, "weighting"),
+     ({"alpha": 2.0}, "alpha"),
+     ({"cache_teacher": True}, "views: 4")],
+)
+def test_spec_values_are_checked_before_any_cell(changes, match):
+    with pytest.raises(SpecError, match=match):
+        parse_spec(minimal(**changes))
+
+
+def test_tuned_study_settings_reach_the_distilled_cells_only(tmp_path, monkeypatch):
+    import optuna
+
+    from kdhar.experiments import with_tuned
+
+    monkeypatch.chdir(tmp_path)  # the default Optuna storage is ./optuna.db
+    study = optuna.create_study(study_name="best", storage="sqlite:///optuna.db", direction="maximize")
+    for value, params in ((0.4, {"tau": 2.0, "alpha": 0.3, "lr": 0.01}), (0.6, {"tau": 3.0, "alpha": 0.7, "lr": 0.005})):
+        dist = {k: optuna.distributions.FloatDistribution(0.001, 10) for k in params}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value))
+    spec = with_tuned(parse_spec(minimal(tuned="best", teachers=["c3d"], students=["tiny3d"], seeds=[0], fractions=[1])))
+    cells = {c.wave: c for c in plan(spec)}
+    assert (cells["kd"].cfg.kd.tau, cells["kd"].cfg.kd.alpha, cells["kd"].cfg.optim.lr) == (3.0, 0.7, 0.005)
+    assert cells["scratch"].cfg.optim.lr == 0.02  # the scratch twin keeps the CE-tuned preset lr
+    assert cells["teacher"].cfg.optim.lr == 0.02
+    with pytest.raises(ValueError, match="no study 'missing'"):
+        with_tuned(parse_spec(minimal(tuned="missing")))
+
+
 def test_self_distill_adds_same_architecture_pairs():
     cells = plan(parse_spec(minimal(self_distill=True, teachers=["c3d"], students=["c3d"], seeds=[0], fractions=[1])))
     assert [(c.role, c.teacher) for c in cells] == [("teacher", "none"), ("student", "none"), ("student", "c3d")]

@@ -97,3 +97,16 @@ def test_a_collapsing_run_is_flagged(local_tracking, tiny_set, teacher_run):
     history = res.history
     assert history[-1]["train_acc"] <= 1.5 / 3 and history[-1]["train_kd_loss"] >= history[0]["start_kd_loss"]
     assert run.data.tags["collapsed"] == "true" and run.data.metrics["collapsed"] == 1.0
+
+
+def test_tune_takes_an_architecture_teacher_with_the_default_device(local_tracking, tiny_set, teacher_run):
+    # `kdhar tune --teacher c3d` with the default `--device auto` used to fail in the teacher lookup.
+    from kdhar.tuning import SearchSpace, tune
+
+    summary = tune(tiny_config(tiny_set, epochs=1), teacher="tiny3d", n_trials=1, study_name="arch-teacher",
+                   space=SearchSpace.parse("lr=0.002:0.01:log"), pruner="none", experiment="pairs", device="auto")
+    assert summary["complete"] + summary["failed"] == 1
+    [trial] = [r for r in MlflowClient(local_tracking).search_runs(
+        [MlflowClient(local_tracking).get_experiment_by_name("pairs").experiment_id],
+        "tags.optuna_study = 'arch-teacher' and tags.role = 'student'")]
+    assert trial.data.tags["teacher_run_id"] == teacher_run

@@ -33,3 +33,30 @@ def test_entry_point_parses_with_defaults(name, entry_point, tmp_path):
     ctx = cmd.make_context(cmd_name, rest)  # raises on an option or value the CLI rejects
     if "epochs" in ctx.params:
         assert ctx.params["epochs"] is None  # "" means: the size preset decides
+
+
+@pytest.mark.slow
+def test_mlflow_run_in_another_experiment_is_refused_with_the_flag_to_add(tmp_path):
+    """`mlflow run` without --experiment-name files its run under Default: kdhar says which flag to add."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bin_dir = str(Path(sys.executable).parent)  # where `kdhar` and `mlflow` are installed
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    mlflow_bin = str(Path(bin_dir) / "mlflow")
+    base = [mlflow_bin, "run", str(ROOT), "-e", "report", "-P", "experiment=kd-ui", "--env-manager", "local"]
+    wrong = subprocess.run(base, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert wrong.returncode != 0
+    assert "add --experiment-name kd-ui to the mlflow run command" in wrong.stderr
+    assert "Traceback" not in wrong.stderr.split("kd-ui to the mlflow run command")[0].splitlines()[-1]
+
+    right = subprocess.run([*base, "--experiment-name", "kd-ui"], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert right.returncode == 0, right.stderr[-2000:]
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("kd-ui").experiment_id])
+    assert run.info.status == "FINISHED"

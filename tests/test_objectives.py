@@ -162,11 +162,13 @@ def test_mix_halves_the_step_of_sum_at_alpha_one_half():
     torch.testing.assert_close(grads["mix"], grads["sum"] / 2)
 
 
-def test_collapse_needs_chance_accuracy_and_a_rising_kd_loss():
+def test_collapse_needs_chance_accuracy_and_a_kd_loss_that_did_not_come_down():
     assert is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=1.2)
     assert not is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.8)  # slow, not collapsed
     assert not is_collapsed(train_acc=0.40, num_classes=10, kd_start=1.0, kd_end=1.2)  # learning the labels
     assert is_collapsed(train_acc=0.15, num_classes=10, kd_start=1.0, kd_end=1.0)  # 1.5x chance is the edge
+    assert is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.97)  # flat within the noise
+    assert not is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.94)
 
 
 def test_factory_builds_supervised_without_a_teacher_and_logs_only_acting_knobs():
