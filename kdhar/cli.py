@@ -322,7 +322,9 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 
     cfg = build_config("c3d", opts)
     ensure_data(cfg.data.root)
-    metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"])
+    # Clip settings come from the model's own run unless given here.
+    explicit = frozenset(k for k in ("clip_len", "frame_interval", "crop") if opts.get(k) is not None)
+    metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"], explicit=explicit)
     click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 

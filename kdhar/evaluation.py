@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from kdhar import tracking
 from kdhar.config import RunConfig
 from kdhar.data.dataset import VideoClipDataset, make_loader
@@ -10,14 +14,50 @@ from kdhar.plots import confusion_figure
 from kdhar.train import check_same_classes, load_splits, pick_device
 
 
-def evaluate_model(model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None) -> dict[str, float]:
-    """Evaluates a logged model on the test split and records the result as an `evaluation` run."""
+# How clips were cut for training: an exported model takes only these sizes, so evaluation reads
+# them from the model's own run unless the user sets them.
+TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize")
+
+
+def trained_clip(cfg: RunConfig, run_id: str, explicit: frozenset[str] = frozenset()) -> RunConfig:
+    """`cfg` with the clip settings of the run that trained the model, except those in `explicit`."""
+    trained = tracking.load_run_dict(run_id, "config.json")
+    changes = {k: trained[f"clip.{k}"] for k in TRAINED_CLIP if k not in explicit and f"clip.{k}" in trained}
+    if "resize" in changes:
+        changes["resize"] = tuple(changes["resize"])
+    return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, **changes))
+
+
+def evaluate_model(
+    model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None, explicit: frozenset[str] = frozenset()
+) -> dict[str, float]:
+    """Evaluates a logged model on the test split and records the result as an `evaluation` run.
+
+    Clip length, frame interval, resize and crop come from the model's training run, except the
+    ones named in `explicit` (options the user gave).
+
+    Raises:
+        ValueError: the model's classes differ from the dataset's, or explicit clip settings the
+            exported model cannot take.
+    """
     dev = pick_device(device)
-    splits = load_splits(cfg)
     run_id = tracking.model_run_id(model_uri)
+    cfg = trained_clip(cfg, run_id, explicit)
+    splits = load_splits(cfg)
     classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
     model = tracking.load_model(model_uri, dev)
     check_same_classes(f"model {model_uri}", classes, splits.classes)
+    shape = f"{cfg.clip.clip_len}x{cfg.clip.crop}x{cfg.clip.crop}"
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, cfg.clip.clip_len, cfg.clip.crop, cfg.clip.crop, device=dev))
+    except Exception as exc:  # torch.export's guard errors have no common type
+        trained = tracking.load_run_dict(run_id, "config.json")
+        expected = f"{trained.get('clip.clip_len')}x{trained.get('clip.crop')}x{trained.get('clip.crop')}"
+        raise ValueError(
+            f"model {model_uri} takes clips of {expected} (frames x crop x crop), the size it was trained on, "
+            f"not {shape}: leave --clip-len/--crop out to use its own"
+        ) from exc
     ds = VideoClipDataset(splits.test, cfg.clip, train=False, on_bad=cfg.data.on_bad)
     loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0, pin_memory=dev.type == "cuda")
     result = evaluate(model, loader, dev, len(classes))
@@ -25,7 +65,7 @@ def evaluate_model(model_uri: str, cfg: RunConfig, *, experiment: str, device: s
     tags = {"role": "evaluation", "source_model": model_uri, "source_run": run_id, "dataset": cfg.data.dataset,
             "dataset_fingerprint": splits.fingerprint}
     with tracking.RunTracker(experiment, tags=tags) as tracker:
-        tracker.log_params({**cfg.params(), "model_uri": model_uri})
+        tracker.log_params({**cfg.params(kd=False), "model_uri": model_uri})
         tracker.log_metrics(metrics, step=0)
         tracker.log_figure(confusion_figure(result["confusion"], classes), "confusion_matrix.png")
         tracker.log_dict({"per_class": result["per_class"], "classes": classes}, "per_class_report.json")

@@ -1,0 +1,49 @@
+"""`kdhar evaluate` on a logged model: clip settings come from the model's own run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.data.synthetic import SynthSpec, generate
+from kdhar.train import run_training
+
+KDHAR = [sys.executable, "-m", "kdhar.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evaluate") / "ucf101"
+    generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12, size=(48, 64), seed=4))
+    return root
+
+
+def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_set, tmp_path):
+    # Trained on 4-frame 32x32 clips; the evaluate command's size preset would cut 8-frame 56x56 ones.
+    cfg = RunConfig(
+        data=DataConfig(root=str(tiny_set), num_workers=0, val_fraction=0.0),
+        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=1, resize=(40, 53), crop=32),
+        model=ModelConfig(arch="tiny3d", width=4),
+        optim=OptimConfig(epochs=1, batch_size=8, threads=1),
+    )
+    res = run_training(cfg, role="teacher", experiment="eval", progress=False, register=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
+    base = [*KDHAR, "evaluate", "--model", f"runs:/{res.run_id}/model", "--root", str(tiny_set),
+            "--num-workers", "0", "--experiment", "eval"]
+    ok = subprocess.run(base, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "test_video_top1=" in ok.stdout
+    client = MlflowClient(local_tracking)
+    [evaluation] = client.search_runs([client.get_experiment_by_name("eval").experiment_id], "tags.role = 'evaluation'")
+    assert evaluation.data.params["clip.crop"] == "32" and evaluation.data.params["clip.clip_len"] == "4"
+
+    bad = subprocess.run([*base, "--crop", "48"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: model runs:/")
+    assert "takes clips of 4x32x32" in bad.stderr and "Traceback" not in bad.stderr
