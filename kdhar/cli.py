@@ -309,7 +309,8 @@ def finetune_cmd(model_uri: str, **opts) -> None:
 
     cfg = build_config("c3d", opts)  # the architecture and width come from the source model
     ensure_data(cfg.data.root)
-    res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"])
+    res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"],
+                   explicit=_explicit_clip(opts))
     _print_result(res)
 
 
@@ -322,9 +323,8 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 
     cfg = build_config("c3d", opts)
     ensure_data(cfg.data.root)
-    # Clip settings come from the model's own run unless given here.
-    explicit = frozenset(k for k in ("clip_len", "frame_interval", "crop") if opts.get(k) is not None)
-    metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"], explicit=explicit)
+    metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"],
+                             explicit=_explicit_clip(opts))
     click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -459,6 +459,11 @@ def demo(spec, n_trials, tune_epochs) -> None:
         "\nSee every run, curve and model in the MLflow UI:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n  then open http://127.0.0.1:5000"
     )
+
+
+def _explicit_clip(opts: dict[str, Any]) -> frozenset[str]:
+    """The clip settings given on the command line; the others come from a logged model's own run."""
+    return frozenset(k for k in ("clip_len", "frame_interval", "crop") if opts.get(k) is not None)
 
 
 def _spec_roots(spec) -> list[str]:

@@ -88,6 +88,7 @@ def distill(
     register: bool = True,
     progress: bool = True,
     extra_tags: dict[str, str] | None = None,
+    run_name: str | None = None,
 ) -> RunResult:
     """One student run: KD from `teacher`, or from scratch when teacher is "none"."""
     train_index = load_index(cfg.data.dataset, cfg.data.root, cfg.data.split, "train", on_missing=cfg.data.on_missing)
@@ -101,6 +102,7 @@ def distill(
         cfg,
         role="student",
         experiment=experiment,
+        run_name=run_name,
         objective=objective,
         init_state=init_state,
         resume=resume,

@@ -35,11 +35,18 @@ def finetune(
     resume: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    explicit: frozenset[str] = frozenset(),
 ) -> RunResult:
-    """Fine-tunes `model_uri` on `cfg`'s dataset; the architecture and width come from the source model."""
+    """Fine-tunes `model_uri` on `cfg`'s dataset.
+
+    The architecture and width come from the source model, and so do the clip settings (length,
+    interval, resize, crop) except those named in `explicit` (options the user gave).
+    """
+    from kdhar.evaluation import trained_clip
+
     src = source_info(model_uri)
     model_cfg = dataclasses.replace(cfg.model, arch=src["arch"], width=int(float(src["width"])))
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    cfg = trained_clip(dataclasses.replace(cfg, model=model_cfg), src["run_id"], explicit)
     run_tags = {
         "source_model": model_uri,
         "source_run": src["run_id"],

@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 # Tags every kdhar run carries, so runs, models and reports can be filtered the same way.
-STANDARD_TAGS = ("role", "arch", "dataset", "dataset_fingerprint")
+# Copied from a run onto its logged model and registered version, so the registry says what a
+# version is (method, teacher, data share, seed) without opening its run.
+STANDARD_TAGS = ("role", "arch", "dataset", "dataset_fingerprint", "method", "teacher_arch", "teacher_run_id",
+                 "fraction", "seed")
 
 
 class TrackingError(Exception):

@@ -200,6 +200,7 @@ def run_training(
         **objective.tags,
         **(tags or {}),
     }
+    run_tags["mlflow.note.content"] = describe_run(cfg, role, teacher, splits)  # the run page's description
     git = tracking.git_commit()
     if git:
         run_tags["git_commit"] = git
@@ -289,7 +290,7 @@ def run_training(
             if collapsed and progress:
                 print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} did not come down "
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
-        final = _finish(tracker, model, last_test, splits, history, cfg, role, register, clip)
+        final = _finish(tracker, model, last_test, splits, history, cfg, role, register, clip, objective.name)
         return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=final.pop("_model_uri", None))
 
 
@@ -305,7 +306,36 @@ def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None) -> str:
     return f"{role}-{arch}-{cfg.data.dataset}-{frac}-s{seed}"
 
 
-def _finish(tracker, model, result, splits, history, cfg, role, register, clip) -> dict:
+def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Splits) -> str:
+    """One paragraph saying what the run is, shown as its description in the MLflow UI."""
+    o, c, kd = cfg.optim, cfg.clip, cfg.kd
+    what = {"teacher": "Teacher", "student": "Student", "finetune": "Fine-tune"}.get(role, role.capitalize())
+    text = (
+        f"{what} {cfg.model.arch} (width {cfg.model.width}) on {cfg.data.dataset} ({cfg.data.root}), "
+        f"{cfg.data.fraction:g} of the training videos ({len(splits.train.samples)}), seed {o.seed}: "
+        f"{o.epochs} epochs, lr {o.lr:g}, batch {o.batch_size}, {c.clip_len}-frame {c.crop}x{c.crop} clips."
+    )
+    if teacher is not None:
+        weight = f"alpha {kd.alpha:g}" if kd.weighting == "mix" else f"lambda {kd.lam:g}"
+        text += (f" Distilled from {teacher.arch or 'a'} teacher {teacher.uri} (run {teacher.run_id}) with logit KD, "
+                 f"tau {kd.tau:g}, {kd.weighting} weighting, {weight}.")
+    elif role == "student":
+        text += " No teacher: the scratch twin of the distilled runs with the same pair_key."
+    return text
+
+
+CHAMPION_METRIC = "val_video_top1"
+
+
+def registered_name(role: str, method: str, arch: str) -> str:
+    """Registry name of a run's model: one per (method, architecture), so `@champion` compares like
+    with like: kdhar-teacher-c3d, kdhar-scratch-r3d_18, kdhar-kd-r3d_18, kdhar-finetune-c3d."""
+    if role == "student":
+        return f"kdhar-{'scratch' if method == 'supervised' else 'kd'}-{arch}"
+    return f"kdhar-{role}-{arch}"
+
+
+def _finish(tracker, model, result, splits, history, cfg, role, register, clip, method) -> dict:
     """Final test metrics (`result`: the last evaluation), plots, reports and the logged (registered) model."""
     final = _epoch_metrics("final_test", result)
     best_val = max((h.get("val_video_top1", float("nan")) for h in history), default=float("nan"))
@@ -317,10 +347,12 @@ def _finish(tracker, model, result, splits, history, cfg, role, register, clip) 
     tracker.log_dict({"per_class": result["per_class"], "classes": splits.classes}, "per_class_report.json")
     model.eval().cpu()
     example = np.zeros((2, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
-    registered = f"kdhar-{role}-{cfg.model.arch}" if register else None
+    registered = registered_name(role, method, cfg.model.arch) if register else None
     info = tracker.log_model(model, "model", input_example=example, registered_name=registered)
-    if info.version is not None:
-        tracker.promote_champion(registered, info.version, "final_test_video_top1", splits.fingerprint)
+    # The champion is chosen on the validation split only (the last epoch's, as the logged weights
+    # are the last epoch's); a run without one registers a version but never becomes champion.
+    if info.version is not None and splits.val is not None:
+        tracker.promote_champion(registered, info.version, CHAMPION_METRIC, splits.fingerprint)
     final["_model_uri"] = info.model_uri
     return final
 

@@ -372,6 +372,7 @@ def tune(
                 trial_config(cfg, values),
                 teacher=teacher, experiment=experiment, parent_run_id=parent_id, epoch_callback=on_epoch,
                 register=False, cache_teacher=cache_teacher, progress=False, extra_tags=tags, device=device,
+                run_name=f"trial-{trial.number}",
             )
         except BaseException:
             for run_id in _trial_run_ids(experiment, study_name, trial.number):

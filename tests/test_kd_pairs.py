@@ -110,3 +110,21 @@ def test_tune_takes_an_architecture_teacher_with_the_default_device(local_tracki
         [MlflowClient(local_tracking).get_experiment_by_name("pairs").experiment_id],
         "tags.optuna_study = 'arch-teacher' and tags.role = 'student'")]
     assert trial.data.tags["teacher_run_id"] == teacher_run
+
+
+def test_registry_keeps_methods_apart_and_crowns_by_validation_accuracy(local_tracking, tiny_set, teacher_run):
+    client = MlflowClient(local_tracking)
+    kd = distill(tiny_config(tiny_set, epochs=1), teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False)
+    scratch = [distill(dataclasses.replace(tiny_config(tiny_set, epochs=1), optim=OptimConfig(epochs=1, batch_size=8, threads=1, seed=s)),
+                       teacher="none", experiment="pairs", progress=False) for s in (0, 1)]
+    [kd_version] = client.search_model_versions("name = 'kdhar-kd-tiny3d'")
+    assert kd_version.run_id == kd.run_id
+    assert {k: kd_version.tags[k] for k in ("method", "teacher_arch", "teacher_run_id", "fraction", "seed")} == {
+        "method": "kd-logit", "teacher_arch": "tiny3d", "teacher_run_id": teacher_run, "fraction": "1.0", "seed": "0"}
+    versions = client.search_model_versions("name = 'kdhar-scratch-tiny3d'")
+    assert sorted(v.run_id for v in versions) == sorted(r.run_id for r in scratch)
+    assert all(v.tags["method"] == "supervised" for v in versions)
+    # @champion: the better last-epoch validation accuracy (ties keep the first), never the test score.
+    val = {r.run_id: client.get_run(r.run_id).data.metrics["val_video_top1"] for r in scratch}
+    best = scratch[1].run_id if val[scratch[1].run_id] > val[scratch[0].run_id] else scratch[0].run_id
+    assert client.get_model_version_by_alias("kdhar-scratch-tiny3d", "champion").run_id == best
