@@ -22,16 +22,21 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def _is_user_error(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
     from kdhar.data.index import MissingVideosError
     from kdhar.data.video import VideoError
-    from kdhar.tracking import TrackingUnavailableError
+    from kdhar.tracking import TrackingError
 
-    return (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingUnavailableError)
+    if isinstance(exc, MlflowException):
+        # A models:/ or runs:/ URI naming nothing, or a malformed one: the user's input.
+        return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+    return isinstance(exc, (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingError))
 
 
 def main() -> None:
-    """Console entry point: user mistakes become one-line errors (KDHAR_DEBUG=1 shows tracebacks)."""
+    """Console entry point: user mistakes become one-line errors (--debug or KDHAR_DEBUG=1 shows tracebacks)."""
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
@@ -44,15 +49,39 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        if os.environ.get("KDHAR_DEBUG") or not isinstance(exc, _user_errors()):
+        if os.environ.get("KDHAR_DEBUG") or not _is_user_error(exc):
             raise
-        click.echo(f"error: {exc}", err=True)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        click.echo(f"Error: {message}", err=True)  # the same form as click's own usage errors
         sys.exit(2)
 
 
-@click.group()
-def cli() -> None:
-    """Knowledge distillation for video action recognition."""
+# Third-party chatter that buries kdhar's own lines: MLflow's artifact-download bars and INFO logs,
+# Optuna's line per trial. --verbose keeps them.
+QUIET_LOGGERS = ("mlflow", "optuna", "alembic", "urllib3")
+
+
+def _quiet_third_parties() -> None:
+    import logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kdhar", prog_name="kdhar")
+@click.option("--debug", is_flag=True, help="show tracebacks for user errors too")
+@click.option("--verbose", is_flag=True, help="keep MLflow's and Optuna's own logs and progress bars")
+def cli(debug: bool, verbose: bool) -> None:
+    """Knowledge distillation for video action recognition.
+
+    Shell completion (bash): eval "$(_KDHAR_COMPLETE=bash_source kdhar)"; zsh: zsh_source; fish: fish_source.
+    """
+    if debug:
+        os.environ["KDHAR_DEBUG"] = "1"
+    if not verbose:
+        _quiet_third_parties()
 
 
 # ---------------------------------------------------------------- shared options
@@ -353,7 +382,7 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
         space=tuning.SearchSpace.parse(_text(space), kd_weighting), pruner=pruner, experiment=opts["experiment"],
-        seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"],
+        seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"], log=lambda line: click.echo(line, err=True),
     )
     best = summary.get("best_params") or {}
     click.echo(
@@ -405,12 +434,24 @@ def experiment() -> None:
 @click.option("--workers", type=INT, default=1, show_default=True, help="worker processes per phase")
 @click.option("--experiment", "experiment_name", default=None, help="overrides the spec's experiment")
 @click.option("--device", default="auto", show_default=True)
-def experiment_run(spec, workers, experiment_name, device) -> None:
+@click.option("--dry-run", is_flag=True, help="list the cells in run order and which are already done; train nothing")
+def experiment_run(spec, workers, experiment_name, device, dry_run) -> None:
     """Train every cell of a grid (teachers first), skipping cells already finished."""
-    from kdhar.experiments import load_spec, run_grid
+    from kdhar.experiments import grid_status, load_spec, run_grid
 
     if not spec.exists():
         raise UserError(f"experiment spec {spec} does not exist (see experiments/*.yaml)")
+    if dry_run:
+        from kdhar import tracking
+
+        tracking.check_server(tracking.tracking_uri())
+        status = grid_status(spec, _text(experiment_name))
+        for n, (cell, run_id) in enumerate(status, 1):
+            click.echo(f"[{n:>{len(str(len(status)))}}/{len(status)}] {cell.label()}: "
+                       + (f"done, run {run_id}" if run_id else "to train"))
+        todo = sum(run_id is None for _, run_id in status)
+        click.echo(f"{len(status) - todo} done, {todo} to train")
+        return
     for root in _spec_roots(load_spec(spec)):
         ensure_data(root)
     outcomes = run_grid(spec, workers=workers, experiment=_text(experiment_name), device=device, log=click.echo)
@@ -448,7 +489,7 @@ def demo(spec, n_trials, tune_epochs) -> None:
     click.echo(f"== 2/3 tuning {', '.join(space.names())}: {n_trials} trials of up to {cfg.optim.epochs} epochs (median pruning)")
     summary = tuning.tune(
         cfg, teacher=f"runs:/{teacher_run}/model", n_trials=n_trials, study_name=f"{grid.experiment}-kd",
-        space=space, pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True,
+        space=space, pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True, log=click.echo,
     )
     best = summary.get("best_params") or {}
     click.echo(f"best val acc {summary['best_value']} at " + ", ".join(f"{k}={v:.3g}" for k, v in best.items()))

@@ -451,6 +451,30 @@ def run_grid(
     return [outcomes[i] for i in range(total)]
 
 
+def grid_status(spec_path: str | Path, experiment: str | None = None) -> list[tuple[Cell, str | None]]:
+    """Every cell of a spec in run order with the FINISHED run that already covers it (or None).
+
+    What `run_grid` would skip; a distilled cell whose teacher has not finished yet, or a fine-tune
+    whose source has not, counts as not done.
+    """
+    spec = with_tuned(load_spec(spec_path))
+    exp = experiment or spec.experiment
+    cells = plan(spec)
+    position = {id(c): i for i, c in enumerate(cells)}
+    done: dict[int, str | None] = {}
+    teacher_runs: dict[str, str] = {}
+    for i, cell in enumerate(cells):
+        source_run = done.get(position[id(cell.source)]) if cell.source is not None else None
+        teacher_run = teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
+        if (cell.wave == "kd" and teacher_run is None) or (cell.role == "finetune" and source_run is None):
+            done[i] = None
+            continue
+        done[i] = _finished_run(exp, cell.role, cell_hash(cell, source_run=source_run, teacher_run=teacher_run))
+        if cell.role == "teacher" and done[i]:
+            teacher_runs[cell.arch] = done[i]
+    return [(cell, done[i]) for i, cell in enumerate(cells)]
+
+
 def with_tuned(spec: GridSpec) -> GridSpec:
     """The spec with its `tuned` study's best KD settings (and lr) applied to the distilled cells."""
     if spec.tuned is None:

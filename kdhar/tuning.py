@@ -20,6 +20,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,6 +289,7 @@ def tune(
     device: str | None = None,
     heartbeat_interval: int = 60,
     grace_period: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Runs trials of a study until `n_trials` of them (all workers together) have finished.
 
@@ -310,6 +312,7 @@ def tune(
         device: torch device name, or None for the best available.
         heartbeat_interval: seconds between a running trial's heartbeats.
         grace_period: seconds without a heartbeat before a trial counts as dead (default 2x interval).
+        log: receives one line per trial this worker finishes (state, value, settings).
 
     Returns:
         A summary: study name, storage (password masked), trial counts, best value and params,
@@ -393,7 +396,10 @@ def tune(
         _tag_run(experiment, res.run_id, {TAG_STATE: "COMPLETE"})
         return float(res.final[f"best_{OBJECTIVE}"])
 
-    def stop_when_full(study_: optuna.Study, _trial: FrozenTrial) -> None:
+    def stop_when_full(study_: optuna.Study, trial: FrozenTrial) -> None:
+        if log is not None:
+            value = f"{OBJECTIVE} {trial.value:.3f}" if trial.value is not None else trial.user_attrs.get("fail_reason", "")
+            log(f"trial {trial.number} {trial.state.name.lower()}: {value} ({_fmt(trial.params)})".replace(" ()", ""))
         if not _budget_left(study_, n_trials, poll_s):
             study_.stop()
 
@@ -454,6 +460,9 @@ def _open_study(
         return study, _join_parent(study, experiment, params)
     for key, value in expected.items():
         study.set_user_attr(key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names([OBJECTIVE])  # optuna-dashboard shows this name, not "Objective 0"
     parent_id = _create_parent(experiment, name, params)
     study.set_user_attr(ATTR_PARENT, parent_id)
     return study, parent_id

@@ -45,5 +45,5 @@ def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_s
 
     bad = subprocess.run([*base, "--crop", "48"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: model runs:/")
+    assert bad.stderr.strip().splitlines()[-1].startswith("Error: model runs:/")
     assert "takes clips of 4x32x32" in bad.stderr and "Traceback" not in bad.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdhar.experiments import SpecError, build_run_config, cell_hash, load_spec, parse_spec, plan
+from kdhar.experiments import SpecError, build_run_config, cell_hash, grid_status, load_spec, parse_spec, plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,6 +203,10 @@ def test_grid_runs_resumes_and_reports(store):
     assert kd["run_id"] == first[4].run_id and kd["tags"]["role"] == "student"
     # the KD run's hash names the teacher run it learnt from
     assert kd["tags"]["config_hash"] == cell_hash(first[4].cell, teacher_run=first[0].run_id)
+
+    # A dry run of the grid plus fine-tunes: the 5 finished cells are done, the 4 fine-tunes to train.
+    status = grid_status(write_spec(store, "b.yaml", finetune=True))
+    assert [run_id for _, run_id in status] == [o.run_id for o in first] + [None] * 4
 
     # Resuming: the same grid plus fine-tunes, in two worker processes, trains only the fine-tunes.
     lines.clear()

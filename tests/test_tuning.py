@@ -156,8 +156,13 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
     space = SearchSpace.parse("lr=0.002:0.01:log")
     kw = dict(teacher=str(tiny_data["teacher"]), study_name="s1", storage=None, pruner="none",
               experiment=EXPERIMENT, seed=3, cache_teacher=True, device="cpu", space=space)
-    first = tune(cfg, n_trials=3, **kw)
+    lines = []
+    first = tune(cfg, n_trials=3, log=lines.append, **kw)
     assert (workdir / "optuna.db").exists()  # the embedded default storage
+    assert [line.split(":")[0] for line in lines] == ["trial 0 complete", "trial 1 complete", "trial 2 complete"]
+    import optuna
+
+    assert optuna.load_study(study_name="s1", storage="sqlite:///optuna.db").metric_names == ["val_video_top1"]
     assert first["complete"] == 3 and first["trials"] == 3 and first["epochs"] == 6
     [parent] = parents("s1")
     assert parent["run_id"] == first["parent_run_id"]
