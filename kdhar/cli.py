@@ -121,6 +121,7 @@ def run_options(fn):
         click.option("--dataset", default="ucf101", show_default=True, help="ucf101 | hmdb51 | folder"),
         click.option("--root", default=DEFAULT_ROOT, show_default=True, help="dataset root; the default is generated on first use"),
         click.option("--split", default=1, show_default=True, type=INT),
+        click.option("--split-dir", default=None, help="folder of the split files when they are not in --root (UCF101: also found beside it)"),
         click.option("--fraction", default=1.0, show_default=True, type=FLOAT, help="class-balanced share of training videos, in (0, 1]"),
         click.option("--size", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]), help="cpu: small clips/widths/epochs; paper: Table 1"),
         click.option("--epochs", type=INT, default=None, help="overrides the size preset"),
@@ -187,7 +188,7 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
     # The same defaults -> size preset -> overrides path as experiment grids, so a grid cell and
     # the equivalent command line build identical configurations.
     overrides = {k: opts[k] for k in OVERRIDES if opts.get(k) is not None}
-    dataset = DatasetSpec(name=opts["dataset"], root=opts["root"], split=opts["split"])
+    dataset = DatasetSpec(name=opts["dataset"], root=opts["root"], split=opts["split"], split_dir=_text(opts.get("split_dir")) or "")
     cfg = build_run_config(
         arch, size=opts["size"], overrides=overrides, dataset=dataset, fraction=opts["fraction"],
         seed=opts["seed"], kd=kd_cfg,
@@ -265,14 +266,22 @@ def data_synth(out, layout, num_classes, groups, clips_per_group, frames, diffic
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--dataset", default="ucf101", show_default=True)
 @click.option("--split", default=1, show_default=True, type=INT)
+@click.option("--split-dir", default=None, help="folder of the split files when they are not in ROOT")
 @click.option("--workers", default=2, show_default=True, type=int)
-def data_check(root, dataset, split, workers) -> None:
+def data_check(root, dataset, split, split_dir, workers) -> None:
     """Decode every listed video and report counts per class and every bad file."""
-    from kdhar.data.check import check_dataset, format_report
+    from kdhar.data.check import LAYOUTS, check_dataset, format_report
+    from kdhar.data.index import SplitFileError
 
     if not root.exists():
         raise UserError(f"dataset root {root} does not exist")
-    report = check_dataset(root, dataset, split, workers)
+    try:
+        with _bar("decoding") as bar:
+            report = check_dataset(root, dataset, split, workers, split_dir=_text(split_dir), on_progress=bar)
+    except SplitFileError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        click.echo("kdhar reads these layouts:\n" + "\n".join(f"  {text}" for text in LAYOUTS.values()), err=True)
+        sys.exit(2)
     click.echo(format_report(report))
     if report.bad:
         sys.exit(1)

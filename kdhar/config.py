@@ -33,6 +33,7 @@ class DataConfig:
     dataset: str = "ucf101"  # ucf101 | hmdb51 | folder
     root: str = "data/synthetic/ucf101"  # embedded default: written by `kdhar data synth`
     split: int = 1  # official splits 1-3
+    split_dir: str = ""  # folder of the split files when not in root (or, for UCF101, beside it)
     fraction: float = 1.0  # class-balanced share of the training videos (paper: 1, .5, .25, .02)
     val_fraction: float = 0.1  # share of training groups held out for validation/tuning
     on_missing: str = "error"  # error | skip: listed videos absent on disk

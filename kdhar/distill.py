@@ -91,7 +91,8 @@ def distill(
     run_name: str | None = None,
 ) -> RunResult:
     """One student run: KD from `teacher`, or from scratch when teacher is "none"."""
-    train_index = load_index(cfg.data.dataset, cfg.data.root, cfg.data.split, "train", on_missing=cfg.data.on_missing)
+    d = cfg.data
+    train_index = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing, split_dir=d.split_dir or None)
     t = resolve_teacher(teacher, fingerprint(train_index))
     if t is not None:  # refuse a mismatched teacher before any work (the logit cache included)
         check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)

@@ -65,7 +65,7 @@ SPEC_KEYS = {
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned",
 }
-DATASET_KEYS = {"name", "root", "split", "fraction"}
+DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 
 
 class SpecError(ValueError):
@@ -80,6 +80,7 @@ class DatasetSpec:
     root: str
     split: int = 1
     fraction: float = 1.0
+    split_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ def build_run_config(
         crop = overrides["crop"]
         sections["clip"]["resize"] = (round(crop * 8 / 7), round(crop * 8 / 7 * 4 / 3))
     data = dataclasses.replace(
-        base.data, dataset=dataset.name, root=dataset.root, split=dataset.split, fraction=fraction,
+        base.data, dataset=dataset.name, root=dataset.root, split=dataset.split, split_dir=dataset.split_dir,
+        fraction=fraction,
         **sections["data"],
     )
     return C.RunConfig(
@@ -233,7 +235,8 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         frac = float(d.get("fraction", 1.0))
         if not 0 < frac <= 1:
             raise fail(f"{key}.fraction {frac} is outside (0, 1]")
-        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=int(d.get("split", 1)), fraction=frac)
+        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=int(d.get("split", 1)), fraction=frac,
+                           split_dir=str(d.get("split_dir") or ""))
 
     def archs(key: str) -> list[str]:
         names = raw[key]

@@ -80,8 +80,9 @@ class Splits:
 def load_splits(cfg: RunConfig) -> Splits:
     """Train (class-balanced fraction), validation (held-out training groups) and test indexes."""
     d = cfg.data
-    train_full = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing)
-    test = load_index(d.dataset, d.root, d.split, "test", on_missing=d.on_missing)
+    split_dir = d.split_dir or None
+    train_full = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing, split_dir=split_dir)
+    test = load_index(d.dataset, d.root, d.split, "test", on_missing=d.on_missing, split_dir=split_dir)
     train_samples, val_samples = train_full.samples, []
     if d.val_fraction > 0:
         train_samples, val_samples = group_holdout(train_full.samples, d.val_fraction, cfg.optim.seed)

@@ -65,3 +65,27 @@ def test_clean_dataset_is_ok(tmp_path: Path) -> None:
     assert report.ok
     assert sum(sum(c.values()) for c in report.counts.values()) == 6
     assert "Re-download" not in format_report(report)
+
+
+def test_data_check_without_split_files_explains_the_layouts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kdhar.cli", "data", "check", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: split file classInd.txt not found") and "--split-dir" in lines[0]
+    assert "kdhar reads these layouts:" in lines[1]
+    assert [line.split(":")[0].strip() for line in lines[2:]] == ["UCF101", "HMDB51", "folder"]
+
+
+def test_data_check_reports_progress_and_reads_split_files_from_split_dir(tmp_path: Path) -> None:
+    seen = []
+    root = tmp_path / "videos"
+    for name in ("a", "b"):
+        write_video(root / name / "x.avi", np.zeros((4, 32, 32, 3), np.uint8), fps=5)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "manifest.csv").write_text("path,label,split\na/x.avi,a,train\nb/x.avi,b,test\n")
+    report = check_dataset(root, "folder", workers=1, split_dir=tmp_path / "lists", on_progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 2), (2, 2)] and not report.bad and not report.missing

@@ -53,6 +53,31 @@ def tiny_ucf(root: Path, split_sub: str = "") -> Path:
 # --- UCF101 ------------------------------------------------------------------------------------
 
 
+def test_class_subset_keeping_official_numbers_and_sibling_split_folder(tmp_path: Path, caplog) -> None:
+    # As the two official downloads unpack: UCF-101/ (videos) beside ucfTrainTestlist/, here with a
+    # subset of classes that keeps their official numbers (1 ApplyEyeMakeup, 5 Archery, 101 YoYo).
+    root, lists = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
+    write_crlf(lists / "classInd.txt", ["1 ApplyEyeMakeup", "5 Archery", "101 YoYo"])
+    train = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1", "Archery/v_Archery_g08_c01.avi 5",
+             "YoYo/v_YoYo_g09_c01.avi 101"]
+    write_crlf(lists / "trainlist01.txt", train)
+    write_crlf(lists / "testlist01.txt", ["YoYo/v_YoYo_g01_c01.avi"])
+    for line in train + ["YoYo/v_YoYo_g01_c01.avi"]:
+        touch(root / line.split()[0])
+    with caplog.at_level("WARNING", logger="kdhar.data.index"):
+        index = load_index("ucf101", root, 1, "train")
+        load_index("ucf101", root, 1, "test")
+    assert index.classes == ["ApplyEyeMakeup", "Archery", "YoYo"]
+    assert [s.label for s in index.samples] == [0, 1, 2]  # mapped in the file's order
+    assert sum("with gaps" in r.getMessage() for r in caplog.records) == 1  # said once
+    write_crlf(lists / "trainlist01.txt", ["Archery/v_Archery_g08_c01.avi 2"])  # not Archery's number
+    with pytest.raises(SplitFileError, match="number 5"):
+        load_index("ucf101", root, 1, "train")
+    write_crlf(lists / "classInd.txt", ["5 Archery", "1 ApplyEyeMakeup"])  # numbers must rise
+    with pytest.raises(SplitFileError, match="rising"):
+        load_index("ucf101", root, 1, "train")
+
+
 @pytest.mark.parametrize("subset,count", [("train", 9537), ("test", 3783)])
 def test_real_ucf101_split_files(tmp_path: Path, subset: str, count: int) -> None:
     if not SHARED.is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ def check_dataset(
     split: int = 1,
     workers: int = 2,
     split_dir: str | Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Opens every video of the split's train and test lists in parallel and records the bad ones.
 
@@ -51,6 +53,7 @@ def check_dataset(
         split: official split number, 1-3.
         workers: processes decoding in parallel.
         split_dir: where the split files are, if not under `root`.
+        on_progress: called as (videos decoded, videos to decode) while the check runs.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -72,7 +75,9 @@ def check_dataset(
     good: dict[str, Counter] = {s: Counter() for s in SUBSETS}
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_probe, paths, chunksize=max(1, len(paths) // (workers * 8)))
-        for (subset, sample), (frames, reason) in zip(present, results):
+        for done, ((subset, sample), (frames, reason)) in enumerate(zip(present, results), 1):
+            if on_progress is not None:
+                on_progress(done, len(present))
             if reason is None:
                 good[subset][classes[sample.label]] += 1
                 report.frame_counts.append(frames)
@@ -80,6 +85,17 @@ def check_dataset(
                 report.bad.append((sample.path, reason))
     report.counts = {s: {name: good[s][name] for name in classes} for s in SUBSETS}
     return report
+
+
+# What `data check` shows when it finds no split files where it looked.
+LAYOUTS = {
+    "ucf101": "UCF101: <root>/<Class>/v_<Class>_gNN_cNN.avi, with classInd.txt, trainlist0N.txt and testlist0N.txt "
+              "in <root>, <root>/ucfTrainTestlist, or a ucfTrainTestlist folder beside <root> (or --split-dir)",
+    "hmdb51": "HMDB51: <root>/<class>/<video>.avi, with <root>/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt "
+              "(or --split-dir)",
+    "folder": "folder: <root>/<class>/*.mp4|avi|..., optionally with <root>/manifest.csv (path,label[,split][,group]); "
+              "--dataset folder",
+}
 
 
 def format_report(report: CheckReport) -> str:

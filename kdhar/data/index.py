@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ FOLDER_TEST_FRACTION = 0.3
 _MISSING_SHOWN = 3
 
 _UCF_GROUP = re.compile(r"_(g\d+)_c\d+$")
+logger = logging.getLogger(__name__)
+_GAPS_SAID: set[Path] = set()  # class files whose numbering gaps were already reported
 
 
 class DatasetError(ValueError):
@@ -154,23 +157,31 @@ def _find_file(name: str, places: list[Path]) -> Path:
             return place / name
     raise SplitFileError(
         f"split file {name} not found in {', '.join(str(p) for p in places)}; "
-        f"pass split_dir=<folder holding {name}>"
+        f"pass --split-dir <folder holding {name}>"
     )
 
 
 def _read_ucf101(
     root: Path, split: int, subset: str, split_dir: Path | None
 ) -> tuple[list[VideoSample], list[str]]:
-    places = [split_dir] if split_dir is not None else [root, root / "ucfTrainTestlist"]
+    # The two official downloads unpack side by side: UCF-101/ (videos) and ucfTrainTestlist/.
+    places = [split_dir] if split_dir is not None else [root, root / "ucfTrainTestlist", root.parent / "ucfTrainTestlist"]
     class_file = _find_file("classInd.txt", places)
     classes: list[str] = []
+    numbers: list[int] = []  # the file's own class numbers; a subset keeps the official ones
     for n, line in _lines(class_file):
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(classes) + 1:
+        if len(parts) != 2 or not parts[0].isdigit() or (numbers and int(parts[0]) <= numbers[-1]) or int(parts[0]) < 1:
             raise SplitFileError(
-                f"{class_file}:{n}: expected '<number> <ClassName>' numbered from 1 in order, got {line!r}"
+                f"{class_file}:{n}: expected '<number> <ClassName>' with numbers rising from 1 or more, got {line!r}"
             )
+        numbers.append(int(parts[0]))
         classes.append(parts[1])
+    if numbers != list(range(1, len(numbers) + 1)) and class_file not in _GAPS_SAID:
+        _GAPS_SAID.add(class_file)
+        logger.warning("%s numbers its %d classes %s..%s with gaps (a class subset): labels follow the file's order",
+                    class_file, len(numbers), numbers[0], numbers[-1])
+    official = {name: number for name, number in zip(classes, numbers)}
     by_name = {name: i for i, name in enumerate(classes)}
 
     list_file = _find_file(f"{subset}list{split:02d}.txt", places)
@@ -186,10 +197,10 @@ def _read_ucf101(
         if class_name not in by_name:
             raise SplitFileError(f"{list_file}:{n}: class {class_name!r} is not in {class_file}")
         label = by_name[class_name]
-        if subset == "train" and (not parts[1].isdigit() or int(parts[1]) - 1 != label):
+        if subset == "train" and (not parts[1].isdigit() or int(parts[1]) != official[class_name]):
             raise SplitFileError(
                 f"{list_file}:{n}: label {parts[1]} does not match class {class_name!r} "
-                f"(number {label + 1} in {class_file})"
+                f"(number {official[class_name]} in {class_file})"
             )
         match = _UCF_GROUP.search(Path(rel).stem)
         if match is None:
@@ -205,7 +216,7 @@ def _read_hmdb51(
     suffix = f"_test_split{split}.txt"
     files = sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []
     if not files:
-        raise SplitFileError(f"no *{suffix} files in {folder}; pass split_dir=<folder with the HMDB51 splits>")
+        raise SplitFileError(f"no *{suffix} files in {folder}; pass --split-dir <folder with the HMDB51 splits>")
     classes = [f.name[: -len(suffix)] for f in files]
     wanted = "1" if subset == "train" else "2"
     samples = []
