@@ -473,6 +473,20 @@ class RunTracker:
         """Stores `text` as the artifact `name`."""
         self._client.log_text(self.run_id, text, name)
 
+    def log_dataset(self, name: str, digest: str, root: str | Path, context: str) -> None:
+        """Records a dataset the run used (the UI's Dataset column): its name, content digest, where
+        it lives and how it was used ("train", "validation", "test")."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path matches both.
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(root).resolve()))
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context)
+
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         """Stores `data` as a JSON (or YAML, by extension) artifact `name`."""
         self._client.log_dict(self.run_id, data, name)

@@ -220,6 +220,12 @@ def run_training(
                 params.update({"teacher.uri": teacher.uri, "teacher.run_id": teacher.run_id or "", "teacher.arch": teacher.arch or ""})
             tracker.log_params(params)
             tracker.log_dict({"classes": splits.classes}, "classes.json")
+            # Lineage: which data (content digest of the full training list) and how each part was used.
+            frac = f"-f{cfg.data.fraction:g}" if cfg.data.fraction < 1 else ""
+            for context, part in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+                if part is not None:
+                    tracker.log_dataset(f"{cfg.data.dataset}-split{cfg.data.split}-{context}{frac if context == 'train' else ''}",
+                                        fingerprint(part), cfg.data.root, context)
             tracker.log_dict(cfg.params(kd=teacher is not None) | {"determinism": det_note}, "config.json")
             if splits.missing:
                 tracker.log_metrics({"missing_videos": splits.missing}, step=0)

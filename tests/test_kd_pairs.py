@@ -60,6 +60,10 @@ def test_same_distill_twice_gives_identical_metrics_and_records_teacher_and_thre
     assert run.data.tags["torch_version"] == torch.__version__
     assert run.data.tags["method"] == "kd-logit" and run.data.tags["collapsed"] in ("true", "false")
     assert run.info.run_name == "kd-tiny3d→tiny3d-f1-s0"
+    assert "Distilled from tiny3d teacher" in run.data.tags["mlflow.note.content"]  # the run's description
+    inputs = {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}) for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["ucf101-split1-test", "ucf101-split1-train", "ucf101-split1-validation"]
+    assert inputs["ucf101-split1-train"][1]["mlflow.data.context"] == "train"
 
 
 def test_scratch_and_teacher_runs_log_no_kd_knobs(local_tracking, tiny_set, teacher_run):
