@@ -69,6 +69,34 @@ def train_student(job: dict) -> dict:
             "collapsed": bool(last.get("collapsed")), "seconds": time.perf_counter() - start}
 
 
+def stored_results(experiment: str, student: str) -> tuple[dict, list[dict], float]:
+    """Teachers and student results of an earlier run of this benchmark, read back from its store."""
+    from kdhar import tracking
+    from kdhar.objectives import is_collapsed
+
+    runs = tracking.find_runs(experiment, "attributes.status = 'FINISHED'")
+    uris = {r["tags"]["arch"]: (f"runs:/{r['run_id']}/model", r["metrics"][METRIC])
+            for r in runs if r["tags"]["role"] == "teacher"}
+    results = []
+    for r in runs:
+        tags, params, m = r["tags"], r["params"], r["metrics"]
+        if tags["role"] != "student" or tags["arch"] != student:
+            continue
+        if tags["teacher_arch"] == "none":
+            cond = "scratch"
+        elif params["kd.weighting"] == "mix":
+            cond = "mix"
+        else:
+            cond = "paper" if float(params["optim.warmup"]) == 0 else "sum+warmup"
+        history = {k: v for k, v in tracking.metric_history(r["run_id"], "start_kd_loss")}
+        collapsed = cond != "scratch" and is_collapsed(
+            m["train_acc"], int(params["num_classes"]), history[1], m["train_kd_loss"])
+        results.append({"teacher": tags["teacher_arch"], "cond": cond, "fraction": float(tags["fraction"]),
+                        "seed": int(tags["seed"]), "acc": m[METRIC], "collapsed": collapsed})
+    wall = (max(r["end_time"] for r in runs) - min(r["start_time"] for r in runs)) / 1000
+    return uris, results, wall
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data/synthetic/ucf101")
@@ -81,6 +109,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--scratch-warmup", type=float, default=1.0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--report-only", action="store_true",
+                   help="print the table from the runs already in --workdir (collapse re-read with today's rule)")
     args = p.parse_args()
 
     root = str(Path(args.root).resolve())
@@ -88,6 +118,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from kdhar import tracking
 
     tracking.check_server(tracking.tracking_uri())
@@ -96,24 +127,27 @@ def main() -> None:
 
     teachers = args.teachers.split(",")
     fractions = [float(f) for f in args.fractions.split(",")]
-    ctx = multiprocessing.get_context("spawn")
-    start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        # One process creates the store's tables first: concurrent first use of a SQLite store races.
-        uris = {}
-        first, *rest = teachers
-        arch, uri, acc = pool.submit(train_teacher, root, first, experiment).result()
-        uris[arch] = (uri, acc)
-        for arch, uri, acc in pool.map(train_teacher, [root] * len(rest), rest, [experiment] * len(rest)):
+    if args.report_only:
+        uris, results, wall = stored_results(experiment, args.student)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        start = time.perf_counter()
+        with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+            # One process creates the store's tables first: concurrent first use of a SQLite store races.
+            uris = {}
+            first, *rest = teachers
+            arch, uri, acc = pool.submit(train_teacher, root, first, experiment).result()
             uris[arch] = (uri, acc)
-        base = dict(root=root, student=args.student, epochs=args.epochs, width=args.width, experiment=experiment)
-        jobs = [dict(base, teacher="none", teacher_uri="none", cond="scratch", fraction=f, seed=s,
-                     condition={"warmup": args.scratch_warmup})
-                for f in fractions for s in range(args.seeds)]
-        jobs += [dict(base, teacher=t, teacher_uri=uris[t][0], cond=name, fraction=f, seed=s, condition=cond)
-                 for t in teachers for name, cond in CONDITIONS.items() for f in fractions for s in range(args.seeds)]
-        results = list(pool.map(train_student, jobs))
-    wall = time.perf_counter() - start
+            for arch, uri, acc in pool.map(train_teacher, [root] * len(rest), rest, [experiment] * len(rest)):
+                uris[arch] = (uri, acc)
+            base = dict(root=root, student=args.student, epochs=args.epochs, width=args.width, experiment=experiment)
+            jobs = [dict(base, teacher="none", teacher_uri="none", cond="scratch", fraction=f, seed=s,
+                         condition={"warmup": args.scratch_warmup})
+                    for f in fractions for s in range(args.seeds)]
+            jobs += [dict(base, teacher=t, teacher_uri=uris[t][0], cond=name, fraction=f, seed=s, condition=cond)
+                     for t in teachers for name, cond in CONDITIONS.items() for f in fractions for s in range(args.seeds)]
+            results = list(pool.map(train_student, jobs))
+        wall = time.perf_counter() - start
 
     def runs(rows):
         return [{"tags": {"seed": str(r["seed"])}, "metrics": {METRIC: r["acc"]}} for r in rows]
