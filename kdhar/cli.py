@@ -109,47 +109,73 @@ class _Optional(click.ParamType):
         return number
 
 
-INT, FLOAT = _Optional(int), _Optional(float)
+class _OptionalBool(click.ParamType):
+    """A boolean where "" means "not given" (the size preset decides), as MLproject passes it."""
+
+    name = "boolean"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("", "none"):
+            return None
+        return click.BOOL.convert(text, param, ctx)
+
+
+INT, FLOAT, BOOL = _Optional(int), _Optional(float), _OptionalBool()
 
 
 def _text(value: str | None) -> str | None:
     return value if value not in (None, "", "None") else None
 
 
-def run_options(fn):
-    """Options shared by every training command (MLproject parameters of the same names)."""
-    opts = [
-        click.option("--dataset", default="ucf101", show_default=True, help="ucf101 | hmdb51 | folder"),
-        click.option("--root", default=DEFAULT_ROOT, show_default=True, help="dataset root; the default is generated on first use"),
-        click.option("--split", default=1, show_default=True, type=INT),
-        click.option("--split-dir", default=None, help="folder of the split files when they are not in --root (UCF101: also found beside it)"),
-        click.option("--fraction", default=1.0, show_default=True, type=FLOAT, help="class-balanced share of training videos, in (0, 1]"),
-        click.option("--size", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]), help="cpu: small clips/widths/epochs; paper: Table 1"),
-        click.option("--epochs", type=INT, default=None, help="overrides the size preset"),
-        click.option("--lr", type=FLOAT, default=None),
-        click.option("--batch-size", type=INT, default=None),
-        click.option("--width", type=INT, default=None, help="base channel count (64 = published size)"),
-        click.option("--clip-len", type=INT, default=None),
-        click.option("--frame-interval", type=INT, default=None),
-        click.option("--crop", type=INT, default=None),
-        click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
-        click.option("--augment", type=click.BOOL, default=None, help="the paper's training augmentations (default: on, off at size cpu)"),
-        click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default=None),
-        click.option("--warmup", type=FLOAT, default=None, help="epochs of linear lr warm-up (default 1; 0 = none, as the paper)"),
-        click.option("--grad-clip", type=FLOAT, default=None, help="clip each step's gradient L2 norm to this (default 0 = off)"),
-        click.option("--views", type=INT, default=None, help="replay N fixed augmented views per video (default 0 = a new view every epoch)"),
-        click.option("--threads", type=INT, default=None, help="torch CPU threads (default 2); results repeat exactly only at the same count"),
-        click.option("--seed", type=INT, default=0, show_default=True),
-        click.option("--num-workers", type=INT, default=2, show_default=True),
-        click.option("--on-missing", type=click.Choice(["error", "skip"]), default="error", show_default=True),
-        click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True),
-        click.option("--experiment", default="kdhar", show_default=True, help="MLflow experiment name"),
-        click.option("--device", default="auto", show_default=True),
-        click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+# Every option a run can take, by name; `run_options` gives a command all of them or a subset.
+RUN_OPTIONS = {
+    "dataset": click.option("--dataset", default="ucf101", show_default=True, help="ucf101 | hmdb51 | folder"),
+    "root": click.option("--root", default=DEFAULT_ROOT, show_default=True, help="dataset root; the default is generated on first use"),
+    "split": click.option("--split", default=1, show_default=True, type=INT),
+    "split_dir": click.option("--split-dir", default=None, help="folder of the split files when they are not in --root (UCF101: also found beside it)"),
+    "fraction": click.option("--fraction", default=1.0, show_default=True, type=FLOAT, help="class-balanced share of training videos, in (0, 1]"),
+    "size": click.option("--size", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]), help="cpu: small clips/widths/epochs; paper: Table 1"),
+    "epochs": click.option("--epochs", type=INT, default=None, help="overrides the size preset"),
+    "lr": click.option("--lr", type=FLOAT, default=None),
+    "batch_size": click.option("--batch-size", type=INT, default=None),
+    "width": click.option("--width", type=INT, default=None, help="base channel count (64 = published size)"),
+    "clip_len": click.option("--clip-len", type=INT, default=None),
+    "frame_interval": click.option("--frame-interval", type=INT, default=None),
+    "crop": click.option("--crop", type=INT, default=None),
+    "test_clips": click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
+    "augment": click.option("--augment", type=BOOL, default=None, help="the paper's training augmentations (default: on, off at size cpu)"),
+    "schedule": click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True),
+    "warmup": click.option("--warmup", type=FLOAT, default=None, help="epochs of linear lr warm-up (default 1; 0 = none, as the paper)"),
+    "grad_clip": click.option("--grad-clip", type=FLOAT, default=None, help="clip each step's gradient L2 norm to this (default 0 = off)"),
+    "views": click.option("--views", type=INT, default=None, help="replay N fixed augmented views per video (default 0 = a new view every epoch)"),
+    "threads": click.option("--threads", type=INT, default=None, help="torch CPU threads (default 2); results repeat exactly only at the same count"),
+    "seed": click.option("--seed", type=INT, default=0, show_default=True),
+    "num_workers": click.option("--num-workers", type=INT, default=2, show_default=True),
+    "on_missing": click.option("--on-missing", type=click.Choice(["error", "skip"]), default="error", show_default=True),
+    "on_bad": click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True),
+    "experiment": click.option("--experiment", default="kdhar", show_default=True, help="MLflow experiment name"),
+    "device": click.option("--device", default="auto", show_default=True),
+    "resume": click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
+}
+# What scoring a model needs: where the data is and how to cut test clips, nothing about training.
+EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "clip_len", "frame_interval", "crop", "test_clips",
+                "batch_size", "threads", "num_workers", "on_missing", "on_bad", "experiment", "device")
+
+
+def run_options(fn=None, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()):
+    """Adds the run options (MLproject parameters of the same names) to a command: all, `only` these,
+    or all but `exclude`. Usable as @run_options or @run_options(only=...)."""
+
+    def add(f):
+        names = [n for n in (only or RUN_OPTIONS) if n not in exclude]
+        for name in reversed(names):
+            f = RUN_OPTIONS[name](f)
+        return f
+
+    return add(fn) if fn is not None else add
 
 
 def kd_options(fn):
@@ -175,6 +201,7 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
         raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(MODELS)}")
     tracking.check_server(tracking.tracking_uri())
     tracking.check_project_experiment(opts["experiment"])
+    opts = {"fraction": 1.0, "seed": 0, **opts}  # scoring commands take neither
     if not 0 < opts["fraction"] <= 1:
         raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
     from kdhar.experiments import OVERRIDES, DatasetSpec, build_run_config
@@ -315,7 +342,8 @@ def train_teacher(arch: str, **opts) -> None:
 
     cfg = build_config(arch, opts)
     ensure_data(cfg.data.root)
-    res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"])
+    res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"],
+                       parent_run_id=_project_parent(opts))
     _print_result(res)
 
 
@@ -334,7 +362,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     ensure_data(cfg.data.root)
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
-        device=opts["device"], cache_teacher=cache_teacher,
+        device=opts["device"], cache_teacher=cache_teacher, parent_run_id=_project_parent(opts),
     )
     _print_result(res)
 
@@ -349,13 +377,13 @@ def finetune_cmd(model_uri: str, **opts) -> None:
     cfg = build_config("c3d", opts)  # the architecture and width come from the source model
     ensure_data(cfg.data.root)
     res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"],
-                   explicit=_explicit_clip(opts))
+                   explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts))
     _print_result(res)
 
 
 @cli.command("evaluate")
 @click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to score")
-@run_options
+@run_options(only=EVAL_OPTIONS)
 def evaluate_cmd(model_uri: str, **opts) -> None:
     """Score a logged model on a dataset's test split (clip/video accuracy)."""
     from kdhar.evaluation import evaluate_model
@@ -363,7 +391,7 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
     cfg = build_config("c3d", opts)
     ensure_data(cfg.data.root)
     metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"],
-                             explicit=_explicit_clip(opts))
+                             explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts))
     click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -378,7 +406,7 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
-@run_options
+@run_options(exclude=("resume",))
 def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
              cache_teacher, dashboard, **opts) -> None:
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs)."""
@@ -389,6 +417,7 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
         return
     cfg = build_config(student, opts, kd=dict(tau=tau, weighting=kd_weighting, alpha=alpha, lam=lam))
     ensure_data(cfg.data.root)
+    _project_parent(opts)  # the study's parent run holds the trials; the project run stays an umbrella
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
         space=tuning.SearchSpace.parse(_text(space), kd_weighting), pruner=pruner, experiment=opts["experiment"],
@@ -464,6 +493,9 @@ def experiment_run(spec, workers, experiment_name, device, dry_run) -> None:
         return
     for root in _spec_roots(load_spec(spec)):
         ensure_data(root)
+    from kdhar import tracking
+
+    tracking.release_project_run({"role": "grid", "spec": str(spec)})  # each cell is a run of its own
     outcomes = run_grid(spec, workers=workers, experiment=_text(experiment_name), device=device, log=click.echo)
     done = sum(o.status == "done" for o in outcomes)
     click.echo(f"{done} trained, {len(outcomes) - done} already finished")
@@ -484,6 +516,7 @@ def demo(spec, n_trials, tune_epochs) -> None:
 
     grid = load_spec(spec)
     tracking.check_server(tracking.tracking_uri())
+    tracking.release_project_run({"role": "demo", "spec": str(spec)})  # each step is a run of its own
     for root in _spec_roots(grid):
         ensure_data(root)
     click.echo(f"== 1/3 teacher, distilled student and its scratch twin ({spec})")
@@ -508,8 +541,19 @@ def demo(spec, n_trials, tune_epochs) -> None:
     click.echo(report.text)
     click.echo(
         "\nSee every run, curve and model in the MLflow UI:\n"
-        f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n  then open http://127.0.0.1:5000"
+        f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n  then open http://127.0.0.1:5000 and choose \"Model training\""
     )
+
+
+def _project_parent(opts: dict[str, Any]) -> str | None:
+    """Under `mlflow run`, the project's run (which MLflow gives the raw entry-point strings as
+    params) becomes the parent of kdhar's own run, whose params are the typed values alone, so the
+    compare view shows one clean set. A resumed run keeps its own place."""
+    from kdhar import tracking
+
+    if _text(opts.get("resume")):
+        return None
+    return tracking.release_project_run({"role": "mlflow-project"})
 
 
 def _explicit_clip(opts: dict[str, Any]) -> frozenset[str]:

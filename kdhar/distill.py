@@ -71,7 +71,22 @@ def _teacher_from_uri(uri: str, device) -> Teacher:
     run_id = tracking.model_run_id(uri)
     classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
     arch = tracking.run_tags(run_id).get("arch")
-    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id)
+    config = tracking.load_run_dict(run_id, "config.json")
+    # A logged model is an exported graph that takes only the clip size it was trained on.
+    clip = (int(config["clip.clip_len"]), int(config["clip.crop"])) if "clip.crop" in config else None
+    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id, clip=clip)
+
+
+def check_teacher_clips(teacher: Teacher, cfg: RunConfig) -> None:
+    """Refuses a logged teacher that cannot take the student's clips (it sees exactly those clips)."""
+    student = (cfg.clip.clip_len, cfg.clip.crop)
+    if teacher.clip is not None and teacher.clip != student:
+        (t_len, t_crop), (s_len, s_crop) = teacher.clip, student
+        raise ValueError(
+            f"teacher {teacher.uri} takes {t_len}-frame {t_crop}x{t_crop} clips, the size it was trained on, but the "
+            f"student's are {s_len}-frame {s_crop}x{s_crop}: pass --clip-len {t_len} --crop {t_crop} (or use a "
+            "teacher trained on the student's clips)"
+        )
 
 
 def distill(
@@ -96,6 +111,7 @@ def distill(
     t = resolve_teacher(teacher, fingerprint(train_index))
     if t is not None:  # refuse a mismatched teacher before any work (the logit cache included)
         check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)
+        check_teacher_clips(t, cfg)
     init_state = load_init(init) if init else None
     tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg), "teacher_spec": teacher, **(extra_tags or {})}
     objective = build_objective(cfg, t, cache_teacher=cache_teacher and t is not None, device=device)

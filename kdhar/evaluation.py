@@ -29,7 +29,8 @@ def trained_clip(cfg: RunConfig, run_id: str, explicit: frozenset[str] = frozens
 
 
 def evaluate_model(
-    model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None, explicit: frozenset[str] = frozenset()
+    model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None, explicit: frozenset[str] = frozenset(),
+    parent_run_id: str | None = None,
 ) -> dict[str, float]:
     """Evaluates a logged model on the test split and records the result as an `evaluation` run.
 
@@ -64,7 +65,9 @@ def evaluate_model(
     metrics = {f"test_{k}": float(result[k]) for k in ("clip_top1", "clip_top5", "video_top1", "mean_class_acc", "loss")}
     tags = {"role": "evaluation", "source_model": model_uri, "source_run": run_id, "dataset": cfg.data.dataset,
             "dataset_fingerprint": splits.fingerprint}
-    with tracking.RunTracker(experiment, tags=tags) as tracker:
+    arch = tracking.run_tags(run_id).get("arch", "model")
+    name = f"evaluate-{arch}-{run_id[:8]}-{cfg.data.dataset}"  # which model, which data
+    with tracking.RunTracker(experiment, run_name=name, tags=tags, parent_run_id=parent_run_id) as tracker:
         tracker.log_params({**cfg.params(kd=False), "model_uri": model_uri})
         tracker.log_metrics(metrics, step=0)
         tracker.log_figure(confusion_figure(result["confusion"], classes), "confusion_matrix.png")

@@ -36,6 +36,7 @@ def finetune(
     device: str | None = None,
     progress: bool = True,
     explicit: frozenset[str] = frozenset(),
+    parent_run_id: str | None = None,
 ) -> RunResult:
     """Fine-tunes `model_uri` on `cfg`'s dataset.
 
@@ -64,4 +65,5 @@ def finetune(
         tags=run_tags,
         device=device,
         progress=progress,
+        parent_run_id=parent_run_id,
     )

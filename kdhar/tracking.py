@@ -773,6 +773,19 @@ def log_metrics_to(run_id: str, metrics: dict[str, float], step: int = 0) -> Non
     _client().log_batch(run_id, metrics=items)
 
 
+def release_project_run(tags: dict[str, str]) -> str | None:
+    """Under `mlflow run`, tags the project's run (MLFLOW_RUN_ID) as the umbrella of a multi-run
+    command and stops later runs from adopting it: each run of a grid or demo is its own run.
+
+    Returns:
+        The project run's id, or None outside `mlflow run`.
+    """
+    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id:
+        _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return run_id
+
+
 def end_run_as(run_id: str, status: str) -> None:
     """Sets a run's final status (FINISHED, FAILED or KILLED), e.g. for a run whose process died."""
     if status not in ("FINISHED", "FAILED", "KILLED"):

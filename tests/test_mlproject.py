@@ -35,6 +35,24 @@ def test_entry_point_parses_with_defaults(name, entry_point, tmp_path):
         assert ctx.params["epochs"] is None  # "" means: the size preset decides
 
 
+# Options an entry point may leave out: flags that turn a command into another one.
+NOT_PARAMETERS = {"dashboard", "dry_run"}
+
+
+@pytest.mark.parametrize(("name", "entry_point"), _entry_points(), ids=[n for n, _ in _entry_points()])
+def test_entry_point_exposes_every_option_of_its_command(name, entry_point, tmp_path):
+    import click
+
+    command = entry_point.compute_command({k: v for k, v in REQUIRED.items() if k in entry_point.parameters}, str(tmp_path))
+    argv = shlex.split(command)[1:]
+    cmd = cli
+    while isinstance(cmd, click.Group):
+        cmd, argv = cmd.commands[argv[0]], argv[1:]
+    options = {p.name for p in cmd.params if isinstance(p, click.Option)} - NOT_PARAMETERS
+    given = {p.name for p in cmd.params if isinstance(p, click.Option) and set(p.opts) & set(argv)}
+    assert options - given == set(), f"entry point {name} lacks {sorted(options - given)}"
+
+
 @pytest.mark.slow
 def test_mlflow_run_in_another_experiment_is_refused_with_the_flag_to_add(tmp_path):
     """`mlflow run` without --experiment-name files its run under Default: kdhar says which flag to add."""

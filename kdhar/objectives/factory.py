@@ -32,6 +32,7 @@ class Teacher:
     classes: list[str]
     arch: str | None = None
     run_id: str | None = None
+    clip: tuple[int, int] | None = None  # (frames, crop) a logged teacher's graph takes; None: any
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""The README's `mlflow run` lines, run as written (plus tiny-size parameters) on a tiny synthetic set:
+each ends FINISHED in the experiment the user named, and kdhar's run, nested under the project's
+run, carries its typed parameters only (the raw entry-point strings stay on the project run)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from kdhar.data.synthetic import SynthSpec, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "kdhar"  # the README's lines all name this experiment
+# Tiny-size parameters added to each README line (entry point -> -P values).
+TINY = {"width": "4", "epochs": "1", "clip_len": "4", "crop": "32", "num_workers": "0", "batch_size": "8"}
+
+
+def readme_lines() -> dict[str, list[str]]:
+    """The README's `mlflow run . -e NAME ...` lines (the entry points section), by entry point."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Entry points", 1)[1].split("\n## ", 1)[0]
+    lines = {}
+    for line in section.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("mlflow run . -e"):
+            argv = shlex.split(line)
+            lines.setdefault(argv[4], []).append(argv)
+    return lines
+
+
+def with_params(argv: list[str], params: dict[str, str]) -> list[str]:
+    """`argv` with its -P values replaced or added, and the project path made absolute."""
+    out = [argv[0], argv[1], str(ROOT)] + argv[3:]
+    for key, value in params.items():
+        for i, arg in enumerate(out):
+            if arg == "-P" and out[i + 1].split("=", 1)[0] == key:
+                out[i + 1] = f"{key}={value}"
+                break
+        else:
+            out += ["-P", f"{key}={value}"]
+    return out
+
+
+def test_readme_lists_the_entry_points_with_the_experiment_flag():
+    lines = readme_lines()
+    assert {"train_teacher", "distill", "tune", "finetune", "evaluate", "experiment"} <= set(lines)
+    for name in ("train_teacher", "distill", "tune", "finetune", "evaluate"):
+        for argv in lines[name]:
+            assert argv[argv.index("--experiment-name") + 1] == EXPERIMENT, argv
+
+
+@pytest.mark.slow
+def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
+    ucf = generate(tmp_path / "ucf101", "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
+                                                              size=(48, 64), seed=5)).root
+    hmdb = generate(tmp_path / "hmdb51", "hmdb51", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
+                                                              size=(48, 64), seed=6)).root
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bin_dir = str(Path(sys.executable).parent)  # `kdhar` and `mlflow` live beside this Python
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    lines = readme_lines()
+    tiny_train = {**TINY, "root": str(ucf)}
+    plan = [
+        (lines["train_teacher"][0], tiny_train),
+        (lines["distill"][0], {**tiny_train, "student": "tiny3d"}),
+        (lines["distill"][1], tiny_train),
+        # mlflow run works in the project folder: the study goes to this test's own database.
+        (lines["tune"][0], {**tiny_train, "n_trials": "1", "space": "lr=0.002:0.01:log",
+                            "storage": f"sqlite:///{tmp_path / 'optuna.db'}"}),
+        (lines["finetune"][0], {"root": str(hmdb), "epochs": "1"}),
+        (lines["evaluate"][0], {"root": str(ucf)}),
+    ]
+    client = MlflowClient(uri)
+    for argv, params in plan:
+        command = with_params(argv, params)
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{shlex.join(command)}\n{done.stderr[-3000:]}"
+        project_id = re.findall(r"=== Run \(ID '([0-9a-f]+)'\) succeeded ===", done.stderr)[-1]
+        project = client.get_run(project_id)
+        assert client.get_experiment(project.info.experiment_id).name == EXPERIMENT
+        assert project.info.status == "FINISHED"
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    own = {r.data.tags["role"]: r for r in runs if r.data.tags.get("role") in ("teacher", "finetune", "evaluation")}
+    assert set(own) == {"teacher", "finetune", "evaluation"}
+    students = [r for r in runs if r.data.tags.get("role") == "student" and "optuna_study" not in r.data.tags]
+    assert sorted(r.info.run_name for r in students) == ["kd-c3d→tiny3d-f1-s0", "scratch-tiny3d-f1-s0"]
+    for run in [*own.values(), *students]:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        assert parent and client.get_run(parent).data.tags["role"] == "mlflow-project"
+        assert not {"lr", "epochs", "width", "root"} & set(run.data.params)  # no raw entry-point strings
