@@ -66,6 +66,7 @@ def _quiet_third_parties() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow resets its loggers when imported
+    os.environ.setdefault("KDHAR_QUIET_OPTUNA", "1")  # so does Optuna: kdhar.tuning applies this
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -32,6 +32,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdhar import tracking
 from kdhar.config import RunConfig
+
+if os.environ.get("KDHAR_QUIET_OPTUNA"):  # set by the CLI unless --verbose: kdhar prints its own line per trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 from kdhar.train import StopTraining
 
 # SQLite rather than a journal file: Optuna's heartbeats only work with an RDB storage, so a
