@@ -19,9 +19,9 @@ from kdhar.train import check_same_classes, load_splits, pick_device
 TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize")
 
 
-def trained_clip(cfg: RunConfig, run_id: str, explicit: frozenset[str] = frozenset()) -> RunConfig:
-    """`cfg` with the clip settings of the run that trained the model, except those in `explicit`."""
-    trained = tracking.load_run_dict(run_id, "config.json")
+def trained_clip(cfg: RunConfig, trained: dict, explicit: frozenset[str] = frozenset()) -> RunConfig:
+    """`cfg` with the clip settings of the model's training run (`trained`: its config.json), except
+    those in `explicit`."""
     changes = {k: trained[f"clip.{k}"] for k in TRAINED_CLIP if k not in explicit and f"clip.{k}" in trained}
     if "resize" in changes:
         changes["resize"] = tuple(changes["resize"])
@@ -43,7 +43,8 @@ def evaluate_model(
     """
     dev = pick_device(device)
     run_id = tracking.model_run_id(model_uri)
-    cfg = trained_clip(cfg, run_id, explicit)
+    trained = tracking.load_run_dict(run_id, "config.json")
+    cfg = trained_clip(cfg, trained, explicit)
     splits = load_splits(cfg)
     classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
     model = tracking.load_model(model_uri, dev)
@@ -53,7 +54,6 @@ def evaluate_model(
         with torch.no_grad():
             model(torch.zeros(2, 3, cfg.clip.clip_len, cfg.clip.crop, cfg.clip.crop, device=dev))
     except Exception as exc:  # torch.export's guard errors have no common type
-        trained = tracking.load_run_dict(run_id, "config.json")
         expected = f"{trained.get('clip.clip_len')}x{trained.get('clip.crop')}x{trained.get('clip.crop')}"
         raise ValueError(
             f"model {model_uri} takes clips of {expected} (frames x crop x crop), the size it was trained on, "

@@ -47,7 +47,8 @@ def finetune(
 
     src = source_info(model_uri)
     model_cfg = dataclasses.replace(cfg.model, arch=src["arch"], width=int(float(src["width"])))
-    cfg = trained_clip(dataclasses.replace(cfg, model=model_cfg), src["run_id"], explicit)
+    trained = tracking.load_run_dict(src["run_id"], "config.json")
+    cfg = trained_clip(dataclasses.replace(cfg, model=model_cfg), trained, explicit)
     run_tags = {
         "source_model": model_uri,
         "source_run": src["run_id"],

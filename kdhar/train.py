@@ -221,11 +221,12 @@ def run_training(
             tracker.log_params(params)
             tracker.log_dict({"classes": splits.classes}, "classes.json")
             # Lineage: which data (content digest of the full training list) and how each part was used.
-            frac = f"-f{cfg.data.fraction:g}" if cfg.data.fraction < 1 else ""
-            for context, part in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+            subset = f"-f{cfg.data.fraction:g}" if cfg.data.fraction < 1 else ""  # only training is subsampled
+            parts = {f"train{subset}": splits.train, "validation": splits.val, "test": splits.test}
+            for label, part in parts.items():
                 if part is not None:
-                    tracker.log_dataset(f"{cfg.data.dataset}-split{cfg.data.split}-{context}{frac if context == 'train' else ''}",
-                                        fingerprint(part), cfg.data.root, context)
+                    tracker.log_dataset(f"{cfg.data.dataset}-split{cfg.data.split}-{label}", fingerprint(part),
+                                        cfg.data.root, label.split("-")[0])
             tracker.log_dict(cfg.params(kd=teacher is not None) | {"determinism": det_note}, "config.json")
             if splits.missing:
                 tracker.log_metrics({"missing_videos": splits.missing}, step=0)
@@ -252,7 +253,7 @@ def run_training(
                     start_loss = stats[f"first_{watch}"]
                     metrics[f"start_{watch}"] = start_loss
                 collapsed = objective.collapsed(metrics["train_acc"], num_classes, start_loss, metrics[f"train_{watch}"])
-                metrics["collapsed"] = float(bool(collapsed))
+                metrics["collapsed"] = float(collapsed)
             for name, loader in eval_loaders.items():
                 result = evaluate(model, loader, dev, num_classes)
                 metrics.update(_epoch_metrics(name, result))

@@ -1,8 +1,8 @@
 """Training objectives: step modules whose forward(x, y) returns a dict with "loss", and the factory
 that builds one from method names (`build_objective`)."""
 
-from kdhar.objectives.factory import KD_METHODS, Objective, Teacher, build_objective
+from kdhar.objectives.factory import Objective, Teacher, build_objective
 from kdhar.objectives.kd import KDStep, is_collapsed, kd_term
 from kdhar.objectives.supervised import SupervisedStep
 
-__all__ = ["KD_METHODS", "KDStep", "Objective", "SupervisedStep", "Teacher", "build_objective", "is_collapsed", "kd_term"]
+__all__ = ["KDStep", "Objective", "SupervisedStep", "Teacher", "build_objective", "is_collapsed", "kd_term"]

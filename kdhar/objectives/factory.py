@@ -19,10 +19,6 @@ from kdhar.config import RunConfig
 from kdhar.objectives.kd import KDStep, check_kd, is_collapsed
 from kdhar.objectives.supervised import SupervisedStep
 
-# The distillation methods `--kd` names; "none" (no teacher) is plain supervision.
-KD_METHODS = ("logit",)
-
-
 @dataclass
 class Teacher:
     """A frozen teacher and where it came from."""
@@ -43,7 +39,6 @@ class Objective:
         name: "supervised" or "kd-<method>"; the run's `method` tag.
         make_step: wraps the network being trained into a step module whose forward(x, y, **extra)
             returns {"loss", "output", ...named "*_loss" terms}.
-        terms: the named loss terms the step returns besides "loss" (logged per epoch as train_<term>).
         params: the method's knobs, logged as MLflow params (only those that act in this run).
         tags: what the run is (method, teacher run, cache key).
         teacher: the frozen teacher, if any (its classes are checked against the dataset).
@@ -53,18 +48,15 @@ class Objective:
 
     name: str
     make_step: Callable[[nn.Module], nn.Module]
-    terms: tuple[str, ...] = ("task_loss",)
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     teacher: Teacher | None = None
     batch_extras: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None
     collapse_term: str | None = None
 
-    def collapsed(self, train_acc: float, num_classes: int, start: float | None, end: float | None) -> bool | None:
-        """Whether the run collapsed (None when the method cannot collapse this way or lacks data)."""
-        if self.collapse_term is None or start is None or end is None:
-            return None
-        return is_collapsed(train_acc, num_classes, start, end)
+    def collapsed(self, train_acc: float, num_classes: int, start: float, end: float) -> bool:
+        """Whether the run collapsed, from the `collapse_term` loss at the start and over the last epoch."""
+        return self.collapse_term is not None and is_collapsed(train_acc, num_classes, start, end)
 
 
 def build_objective(
@@ -106,7 +98,7 @@ def build_objective(
         return KDStep(student, teacher.model, tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
 
     return Objective(
-        name="kd-logit", make_step=make_step, terms=("task_loss", "kd_loss"),
+        name="kd-logit", make_step=make_step,
         params={f"kd.{k}": v for k, v in kd.method_params().items()}, tags=tags, teacher=teacher,
         batch_extras=extras, collapse_term="kd_loss",
     )
