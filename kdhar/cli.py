@@ -532,7 +532,7 @@ def demo(spec, n_trials, tune_epochs) -> None:
     space = tuning.SearchSpace.default(grid.weighting)
     click.echo(f"== 2/3 tuning {', '.join(space.names())}: {n_trials} trials of up to {cfg.optim.epochs} epochs (median pruning)")
     summary = tuning.tune(
-        cfg, teacher=f"runs:/{teacher_run}/model", n_trials=n_trials, study_name=f"{grid.experiment}-kd",
+        cfg, teacher=f"runs:/{teacher_run}", n_trials=n_trials, study_name=f"{grid.experiment}-kd",
         space=space, pruner="median", experiment=grid.experiment, seed=0, cache_teacher=True, log=click.echo,
     )
     best = summary.get("best_params") or {}

@@ -420,7 +420,7 @@ def run_grid(
             if existing:
                 report(i, CellOutcome(cell, "skipped", existing, 0.0))
             else:
-                teacher_uri = f"runs:/{teacher_run}/model" if teacher_run else None
+                teacher_uri = f"runs:/{teacher_run}" if teacher_run else None
                 todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}, teacher_uri))
         if not todo:
             continue
@@ -502,7 +502,7 @@ def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | N
     if cell.role == "finetune":
         if source_run is None:
             raise ValueError(f"{cell.label()}: the run it starts from is needed for its hash")
-        return config_hash(cell.cfg, None, f"runs:/{source_run}/model")
+        return config_hash(cell.cfg, None, f"runs:/{source_run}")
     if cell.role == "student" and cell.teacher != "none":
         if teacher_run is None:
             raise ValueError(f"{cell.label()}: the teacher's run id is needed for its hash")
@@ -592,6 +592,6 @@ def _run_cell(
     else:
         from kdhar.finetune import finetune
 
-        res = finetune(f"runs:/{tags['source_run']}/model", cell.cfg, experiment=experiment, tags=tags,
+        res = finetune(f"runs:/{tags['source_run']}", cell.cfg, experiment=experiment, tags=tags,
                        device=device, progress=progress)
     return res.run_id, time.perf_counter() - start

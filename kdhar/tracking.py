@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -542,6 +543,9 @@ class RunTracker:
             for key in STANDARD_TAGS:
                 if key in run_tags:
                     self._client.set_model_version_tag(registered_name, version, key, run_tags[key])
+        # The run names its model, so `runs:/<run_id>` (and the grid's teacher lookups) need not
+        # know the model's name.
+        self._client.set_tag(self.run_id, MODEL_URI_TAG, info.model_uri)
         return LoggedModelRef(
             model_uri=info.model_uri,
             model_id=info.model_id,
@@ -707,15 +711,43 @@ class ExportedModel(torch.nn.Module):
         return self
 
 
+MODEL_URI_TAG = "model_uri"  # set on a run by `log_model`: the models:/ URI of the run's model
+
+
+def model_name(run_name: str) -> str:
+    """The name a run's logged model gets: its run name in the characters MLflow allows there (no
+    '.', '/', ':'), e.g. kd-c3d→r3d_18-f0.25-s0 -> kd-c3d-to-r3d_18-f0_25-s0, so the UI's model lists
+    say what each model is."""
+    name = run_name.replace("→", "-to-").replace(".", "_")
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "model"
+
+
+def resolve_model_uri(uri: str) -> str:
+    """`runs:/<run_id>` (no model name) -> the models:/ URI of that run's logged model; any other URI
+    is returned unchanged."""
+    if not uri.startswith("runs:/") or uri[len("runs:/") :].strip("/").count("/"):
+        return uri
+    run_id = uri[len("runs:/") :].strip("/")
+    try:
+        tags = _client().get_run(run_id).data.tags
+    except MlflowException as exc:
+        raise TrackingError(f"{uri}: no run {run_id} at {tracking_uri()}") from exc
+    if MODEL_URI_TAG not in tags:
+        raise TrackingError(f"{uri}: run {run_id} logged no kdhar model (no '{MODEL_URI_TAG}' tag); "
+                            "give the model's full URI, runs:/<run_id>/<model name>")
+    return tags[MODEL_URI_TAG]
+
+
 def load_model(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Loads a model logged by `RunTracker.log_model` onto `device`.
 
     Args:
-        uri: `models:/<name>@<alias>`, `models:/<name>/<version>`, `models:/<model_id>` or
-            `runs:/<run_id>/<name>`.
+        uri: `models:/<name>@<alias>`, `models:/<name>/<version>`, `models:/<model_id>`,
+            `runs:/<run_id>/<name>` or `runs:/<run_id>` (the run's logged model).
         device: where the weights should live.
     """
     check_server(tracking_uri())
+    uri = resolve_model_uri(uri)
     device = torch.device(device)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     # MLflow's loader checks the archive holds no pickled code before torch.export loads it.

@@ -123,7 +123,7 @@ def runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Runs:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         mp.chdir(work)  # checkpoints go to ./runs
         teacher = run_training(cfg, role="teacher", experiment=experiment, register=False, progress=False)
-        teacher_uri = f"runs:/{teacher.run_id}/model"
+        teacher_uri = f"runs:/{teacher.run_id}"
         kd = distill(cfg, teacher=teacher_uri, experiment=experiment, register=False, progress=False)
         scratch = distill(cfg, teacher="none", experiment=experiment, register=False, progress=False)
         tune(cfg, teacher=teacher_uri, n_trials=2, study_name=STUDY, storage=storage,

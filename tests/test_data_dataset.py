@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdhar.config import ClipConfig
-from kdhar.data.dataset import VideoClipDataset, make_loader
+from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.data.index import DatasetIndex, VideoSample
 from kdhar.data.video import VideoError, write_video
 
@@ -146,6 +146,36 @@ def test_loader_eval_order_and_error_from_worker(videos: dict[str, Path]) -> Non
     loader = make_loader(bad, batch_size=3, shuffle=False, num_workers=2, timeout=LOADER_TIMEOUT_S)
     with pytest.raises(VideoError, match="bad_codec.avi"):
         list(loader)
+
+
+class CountingDataset(VideoClipDataset):
+    """Counts decodes, to show which passes read the videos."""
+
+    reads = 0
+
+    def _load(self, item: int, view: int):
+        CountingDataset.reads += 1
+        return super()._load(item, view)
+
+
+def test_replay_loader_decodes_an_evaluation_set_once_and_replays_it_exactly(videos: dict[str, Path]) -> None:
+    ds = CountingDataset(make_index(good(videos)[:2]), CLIP, train=False)
+    replay = ReplayLoader(make_loader(ds, batch_size=4, shuffle=False, num_workers=0), max_bytes=2**30)
+    CountingDataset.reads = 0
+    first, second = list(replay), list(replay)
+    assert CountingDataset.reads == 6 and len(replay) == 2
+    assert [torch.equal(a["clip"], b["clip"]) and torch.equal(a["index"], b["index"]) for a, b in zip(first, second)] == [True, True]
+
+    # A set that does not fit is decoded on every pass, as without the wrapper.
+    small = ReplayLoader(make_loader(ds, batch_size=4, shuffle=False, num_workers=0), max_bytes=first[0]["clip"].nbytes)
+    CountingDataset.reads = 0
+    assert [len(b["index"]) for b in small] == [4, 2] and [len(b["index"]) for b in small] == [4, 2]
+    assert CountingDataset.reads == 12 and small.batches is None
+
+    # A pass broken off half way is not kept.
+    partial = ReplayLoader(make_loader(ds, batch_size=4, shuffle=False, num_workers=0), max_bytes=2**30)
+    next(iter(partial))
+    assert partial.batches is None
 
 
 def test_batch_of_only_bad_videos(videos: dict[str, Path]) -> None:

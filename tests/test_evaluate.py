@@ -34,7 +34,7 @@ def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_s
     )
     res = run_training(cfg, role="teacher", experiment="eval", progress=False, register=False)
     env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
-    base = [*KDHAR, "evaluate", "--model", f"runs:/{res.run_id}/model", "--root", str(tiny_set),
+    base = [*KDHAR, "evaluate", "--model", f"runs:/{res.run_id}", "--root", str(tiny_set),
             "--num-workers", "0", "--experiment", "eval"]
     ok = subprocess.run(base, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]

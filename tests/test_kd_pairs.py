@@ -15,6 +15,7 @@ from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimCon
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.distill import distill, resolve_teacher
 from kdhar.train import run_training
+from kdhar.tracking import model_name, resolve_model_uri
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_same_distill_twice_gives_identical_metrics_and_records_teacher_and_thre
     local_tracking, tiny_set, teacher_run
 ):
     cfg = tiny_config(tiny_set)
-    runs = [distill(cfg, teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False) for _ in range(2)]
+    runs = [distill(cfg, teacher=f"runs:/{teacher_run}", experiment="pairs", progress=False) for _ in range(2)]
     first, second = (_metrics(local_tracking, r.run_id) for r in runs)
     assert first == second  # every metric, bit for bit: same thread count, torch build and teacher run
     assert "final_test_video_top1" in first and "train_kd_loss" in first
@@ -72,14 +73,14 @@ def test_scratch_and_teacher_runs_log_no_kd_knobs(local_tracking, tiny_set, teac
         params = MlflowClient(local_tracking).get_run(run_id).data.params
         assert not [k for k in params if k.startswith("kd.")]
     kd = distill(dataclasses.replace(tiny_config(tiny_set, epochs=1), kd=KDConfig(weighting="mix", alpha=0.25)),
-                 teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False)
+                 teacher=f"runs:/{teacher_run}", experiment="pairs", progress=False)
     params = MlflowClient(local_tracking).get_run(kd.run_id).data.params
     assert {k: v for k, v in params.items() if k.startswith("kd.")} == {"kd.tau": "4.0", "kd.weighting": "mix", "kd.alpha": "0.25"}
 
 
 def test_cache_key_follows_the_teacher_weights(local_tracking, tiny_set, teacher_run, tmp_path):
     cfg = dataclasses.replace(tiny_config(tiny_set), data=dataclasses.replace(tiny_config(tiny_set).data, views=2))
-    teacher = resolve_teacher(f"runs:/{teacher_run}/model", "any")
+    teacher = resolve_teacher(f"runs:/{teacher_run}", "any")
     first = TeacherLogitCache.build(teacher, cfg, views=2, cache_dir=tmp_path)
     again = TeacherLogitCache.build(teacher, cfg, views=2, cache_dir=tmp_path)
     assert first.key == again.key
@@ -96,7 +97,7 @@ def test_a_collapsing_run_is_flagged(local_tracking, tiny_set, teacher_run):
     # lr 5 with the paper's unweighted sum and no warm-up throws the student into a constant output.
     cfg = tiny_config(tiny_set, epochs=2, lr=5.0, warmup=0.0)
     cfg = dataclasses.replace(cfg, kd=KDConfig(weighting="sum", lam=1.0))
-    res = distill(cfg, teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False)
+    res = distill(cfg, teacher=f"runs:/{teacher_run}", experiment="pairs", progress=False)
     run = MlflowClient(local_tracking).get_run(res.run_id)
     history = res.history
     assert history[-1]["train_acc"] <= 1.5 / 3 and history[-1]["train_kd_loss"] >= history[0]["start_kd_loss"]
@@ -118,13 +119,19 @@ def test_tune_takes_an_architecture_teacher_with_the_default_device(local_tracki
 
 def test_registry_keeps_methods_apart_and_crowns_by_validation_accuracy(local_tracking, tiny_set, teacher_run):
     client = MlflowClient(local_tracking)
-    kd = distill(tiny_config(tiny_set, epochs=1), teacher=f"runs:/{teacher_run}/model", experiment="pairs", progress=False)
+    kd = distill(tiny_config(tiny_set, epochs=1), teacher=f"runs:/{teacher_run}", experiment="pairs", progress=False)
     scratch = [distill(dataclasses.replace(tiny_config(tiny_set, epochs=1), optim=OptimConfig(epochs=1, batch_size=8, threads=1, seed=s)),
                        teacher="none", experiment="pairs", progress=False) for s in (0, 1)]
     [kd_version] = client.search_model_versions("name = 'kdhar-kd-tiny3d'")
     assert kd_version.run_id == kd.run_id
     assert {k: kd_version.tags[k] for k in ("method", "teacher_arch", "teacher_run_id", "fraction", "seed")} == {
         "method": "kd-logit", "teacher_arch": "tiny3d", "teacher_run_id": teacher_run, "fraction": "1.0", "seed": "0"}
+    # Each logged model is named for its run (the UI's model lists would otherwise all say "model"),
+    # and runs:/<run_id> finds it without the name.
+    kd_model = client.get_logged_model(kd.model_uri.removeprefix("models:/"))
+    assert kd_model.name == "kd-tiny3d-to-tiny3d-f1-s0" == model_name(client.get_run(kd.run_id).info.run_name)
+    assert resolve_model_uri(f"runs:/{kd.run_id}") == kd.model_uri
+    assert model_name("kd-c3d→r3d_18-f0.25-s0") == "kd-c3d-to-r3d_18-f0_25-s0"
     versions = client.search_model_versions("name = 'kdhar-scratch-tiny3d'")
     assert sorted(v.run_id for v in versions) == sorted(r.run_id for r in scratch)
     assert all(v.tags["method"] == "supervised" for v in versions)

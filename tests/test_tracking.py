@@ -122,7 +122,7 @@ def test_model_registry_and_champion_rule(server_tracking):
         expected = models["a3"].eval()(x)
         assert torch.allclose(loaded(x), expected, atol=1e-6)
         b1_run = client.get_model_version(name, versions["b1"]).run_id
-        by_run = tracking.load_model(f"runs:/{b1_run}/model")
+        by_run = tracking.load_model(f"runs:/{b1_run}")
         assert torch.allclose(by_run(x), models["b1"].eval()(x), atol=1e-6)
 
     # Helpers other modules resolve teachers with.

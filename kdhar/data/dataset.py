@@ -180,6 +180,40 @@ def make_loader(
     )
 
 
+class ReplayLoader:
+    """An evaluation loader that keeps its batches after the first full pass and replays them.
+
+    Evaluation clips are fixed (set starts, no augmentation), so decoding them again every epoch
+    only costs time: at the CPU preset decoding is most of an evaluation pass. Batches are kept
+    while their clips fit in `max_bytes`; a set larger than that is read from the loader every
+    time, as without this wrapper. Use it for deterministic loaders only.
+    """
+
+    def __init__(self, loader: DataLoader, max_bytes: int) -> None:
+        self.loader, self.max_bytes = loader, max_bytes
+        self.batches: list[dict[str, Any]] | None = None
+        self.too_large = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.batches is not None:
+            yield from self.batches
+            return
+        kept: list[dict[str, Any]] | None = None if self.too_large else []
+        size = 0
+        for batch in self.loader:
+            if kept is not None:
+                size += batch["clip"].element_size() * batch["clip"].nelement()
+                if size > self.max_bytes:
+                    kept, self.too_large = None, True
+                else:
+                    kept.append(batch)
+            yield batch
+        self.batches = kept  # reached only when the pass was complete
+
+
 def _init_worker(worker_id: int) -> None:
     # Workers already run in parallel; intra-op threads per worker would oversubscribe the cores.
     torch.set_num_threads(1)
