@@ -54,16 +54,16 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "threads": ("optim", "threads"),
 }
 
-# A distilled student feeds its own clips to the teacher, so a teacher may differ from the students in
-# size and schedule but not in how clips are cut.
-TEACHER_OVERRIDES = {
+# What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the
+# teacher, so teachers and students may differ in size and schedule but not in how clips are cut.
+MODEL_OVERRIDES = {
     "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
 }
 
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
-    "weighting", "alpha", "finetune", "cache_teacher", "tuned",
+    "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 
@@ -97,6 +97,9 @@ class GridSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     teacher_overrides: dict[str, Any] = field(default_factory=dict)
     transfer_overrides: dict[str, Any] = field(default_factory=dict)
+    # Per student architecture, on top of `overrides` (e.g. more epochs for the slower ResNets); its
+    # scratch and distilled runs and their fine-tunes alike.
+    student_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     transfer: DatasetSpec | None = None
     self_distill: bool = False  # also distil an architecture into itself
     teacher_seed: int = 0  # teachers are trained once, on all training videos
@@ -263,6 +266,21 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
             raise fail(f"{key}: {value!r} is not a finite number")
         return float(value)
 
+    def per_student() -> dict[str, dict[str, Any]]:
+        value = raw.get("student_overrides") or {}
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise fail("student_overrides: expected a mapping of student architecture -> overrides, "
+                       "e.g. {r3d_18: {epochs: 12}}")
+        strays = sorted(set(value) - set(archs("students")))
+        if strays:
+            raise fail(f"student_overrides: {', '.join(map(str, strays))} is not in students")
+        for arch, keys in value.items():
+            clip_keys = sorted(set(keys) - MODEL_OVERRIDES)
+            if clip_keys:
+                raise fail(f"student_overrides.{arch} may not set {', '.join(clip_keys)}: a teacher takes only "
+                           f"the clips it was trained on; allowed: {', '.join(sorted(MODEL_OVERRIDES))}")
+        return {str(arch): dict(keys) for arch, keys in value.items()}
+
     tuned = raw.get("tuned")
     if tuned is not None and not (isinstance(tuned, str) and tuned.strip()):
         raise fail(f"tuned: {tuned!r} must be the name of an Optuna study made by `kdhar tune`")
@@ -277,6 +295,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         overrides=dict(raw.get("overrides") or {}),
         teacher_overrides=dict(raw.get("teacher_overrides") or {}),
         transfer_overrides=dict(raw.get("transfer_overrides") or {}),
+        student_overrides=per_student(),
         teachers=archs("teachers"),
         students=archs("students"),
         self_distill=flag("self_distill"),
@@ -294,10 +313,10 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
     if spec.cache_teacher and int(spec.overrides.get("views", 0)) < 1:
         raise fail("cache_teacher replays fixed views: add e.g. 'views: 4' to overrides, so scratch and KD "
                    "students see the same number of augmented views")
-    clip_keys = sorted(set(spec.teacher_overrides) - TEACHER_OVERRIDES)
+    clip_keys = sorted(set(spec.teacher_overrides) - MODEL_OVERRIDES)
     if clip_keys:
         raise fail(f"teacher_overrides may not set {', '.join(clip_keys)}: students feed their own clips to the "
-                   f"teacher; allowed: {', '.join(sorted(TEACHER_OVERRIDES))}")
+                   f"teacher; allowed: {', '.join(sorted(MODEL_OVERRIDES))}")
     from kdhar.objectives.kd import check_kd
 
     try:
@@ -322,9 +341,10 @@ def plan(spec: GridSpec) -> list[Cell]:
     scratch: list[Cell] = []
     kd: list[Cell] = []
     for s in spec.students:
+        overrides = {**spec.overrides, **spec.student_overrides.get(s, {})}
         for frac in spec.fractions:
             for seed in spec.seeds:
-                cfg = build_run_config(s, size=spec.size, overrides=spec.overrides, dataset=spec.dataset,
+                cfg = build_run_config(s, size=spec.size, overrides=overrides, dataset=spec.dataset,
                                        fraction=frac, seed=seed, kd=spec.kd)
                 scratch.append(Cell("student", s, "none", frac, seed, cfg))
                 # A tuned study's lr is the distilled students' only: the scratch twin keeps the
@@ -335,7 +355,8 @@ def plan(spec: GridSpec) -> list[Cell]:
     finetunes: list[Cell] = []
     if spec.finetune and spec.transfer is not None:
         for src in scratch + kd:
-            cfg = build_run_config(src.arch, size=spec.size, overrides={**spec.overrides, **spec.transfer_overrides},
+            overrides = {**spec.overrides, **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
+            cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
                                    dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
             finetunes.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
     return teachers + scratch + kd + finetunes

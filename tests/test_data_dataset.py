@@ -148,6 +148,26 @@ def test_loader_eval_order_and_error_from_worker(videos: dict[str, Path]) -> Non
         list(loader)
 
 
+def test_frame_cache_gives_the_same_items_and_respects_its_budget(videos: dict[str, Path]) -> None:
+    paths = good(videos)[:3]
+    plain = VideoClipDataset(make_index(paths), CLIP, train=True, seed=5)
+    cached = CountingDataset(make_index(paths), CLIP, train=True, seed=5, cache_bytes=2**30)
+    for view in (0, 1, 2):
+        for item in range(3):
+            a, b = plain[(item, view)], cached[(item, view)]
+            assert torch.equal(a["clip"], b["clip"]) and a["label"] == b["label"]
+    assert len(cached._frames) == 3
+    evaluation = VideoClipDataset(make_index(paths), CLIP, train=False, cache_bytes=2**30)
+    reference = VideoClipDataset(make_index(paths), CLIP, train=False)
+    assert all(torch.equal(evaluation[i]["clip"], reference[i]["clip"]) for i in range(len(reference)))
+
+    one_video = next(iter(cached._frames.values())).nbytes
+    small = VideoClipDataset(make_index(paths), CLIP, train=True, seed=5, cache_bytes=one_video)
+    for item in range(3):
+        assert torch.equal(small[(item, 0)]["clip"], plain[(item, 0)]["clip"])
+    assert len(small._frames) == 1 and small._cached_bytes <= one_video
+
+
 class CountingDataset(VideoClipDataset):
     """Counts decodes, to show which passes read the videos."""
 

@@ -120,11 +120,30 @@ def test_hash_separates_teachers_and_sources():
         ({"finetune": True}, "no 'transfer' dataset"),
         ({"dataset": {"name": "ucf101"}}, "'dataset' needs"),
         ({"teacher_overrides": {"crop": 64}}, "teacher_overrides may not set crop"),
+        ({"student_overrides": {"r3d_18": {"crop": 64}}}, "student_overrides.r3d_18 may not set crop"),
+        ({"student_overrides": {"mc3_18": {"epochs": 2}}}, "mc3_18 is not in students"),
+        ({"student_overrides": {"r3d_18": 12}}, "student_overrides: expected a mapping"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(minimal(**change), source="my.yaml")
+
+
+def test_student_overrides_apply_to_that_students_runs_and_fine_tunes():
+    spec = parse_spec(minimal(seeds=[0], fractions=[1.0], overrides={"epochs": 3, "lr": 0.02},
+                              student_overrides={"r3d_18": {"epochs": 12, "lr": 0.01, "width": 8}},
+                              finetune=True, transfer={"name": "hmdb51", "root": "data/hmdb51"},
+                              transfer_overrides={"epochs": 2}))
+    cells = plan(spec)
+    r3d = [c for c in cells if c.arch == "r3d_18" and c.role == "student"]
+    assert {c.teacher for c in r3d} >= {"none"} and len(r3d) >= 2
+    assert all((c.cfg.optim.epochs, c.cfg.optim.lr, c.cfg.model.width) == (12, 0.01, 8) for c in r3d)
+    others = [c for c in cells if c.arch != "r3d_18" and c.role == "student"]
+    assert others and all((c.cfg.optim.epochs, c.cfg.optim.lr) == (3, 0.02) for c in others)
+    # A fine-tune loads the student's weights, so it keeps the student's width; epochs are the transfer's.
+    ft = [c for c in cells if c.role == "finetune" and c.arch == "r3d_18"]
+    assert ft and all((c.cfg.model.width, c.cfg.optim.epochs) == (8, 2) for c in ft)
 
 
 def test_missing_spec_file(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,10 @@ class VideoClipDataset(Dataset):
         num_views: cycle through this many fixed views instead of a new one every epoch.
         resize_in_decoder: let the decoder scale frames to `clip.resize` instead of resizing
             full-size frames afterwards (faster with workers; see benchmarks/bench_loader.py).
+        cache_bytes: keep each video's decoded frames (uint8, at the decoder's size) in memory
+            after its first read, until they take this many bytes, and cut later clips from
+            memory; 0 turns it off. Items are the same either way. Each loader worker process
+            keeps its own cache.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class VideoClipDataset(Dataset):
         on_bad: str = "error",
         num_views: int | None = None,
         resize_in_decoder: bool = True,
+        cache_bytes: int = 0,
     ) -> None:
         if on_bad not in ("error", "skip"):
             raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
@@ -67,6 +73,9 @@ class VideoClipDataset(Dataset):
         self.num_views = num_views
         self.resize_in_decoder = resize_in_decoder
         self.view = 0
+        self.cache_bytes = cache_bytes
+        self._frames: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the view of every following training item (used by `make_loader`'s sampler too)."""
@@ -90,13 +99,15 @@ class VideoClipDataset(Dataset):
         sample = self.samples[video]
         size = tuple(clip.resize) if self.resize_in_decoder and clip.resize is not None else None
         rng = np.random.default_rng([self.seed, view, video]) if self.train else None
-        with VideoFile(sample.path, size) as reader:
-            n = reader.num_frames
+
+        def indices(n: int) -> np.ndarray:
             if k is None:
                 start = sampling.train_clip_start(rng, n, clip.clip_len, clip.frame_interval)
             else:
                 start = sampling.test_clip_starts(n, clip.clip_len, clip.frame_interval, clip.test_clips)[k]
-            frames = reader.read(sampling.clip_indices(start, clip.clip_len, clip.frame_interval, n))
+            return sampling.clip_indices(start, clip.clip_len, clip.frame_interval, n)
+
+        frames = self._read(video, sample.path, size, indices)
         params = draw_params(
             rng, frames.shape[1:3], clip.resize, clip.crop, augment=self.train and clip.augment, hflip=clip.hflip
         )
@@ -104,6 +115,22 @@ class VideoClipDataset(Dataset):
         if k is not None:
             out["clip_index"] = k
         return out
+
+    def _read(self, video: int, path: Path, size: tuple[int, int] | None, indices) -> np.ndarray:
+        """The frames `indices(num_frames)` picks, from the cache or the file (then cached if room)."""
+        cached = self._frames.get(video)
+        if cached is not None:
+            return cached[np.clip(indices(len(cached)), 0, len(cached) - 1)]
+        with VideoFile(path, size) as reader:
+            n = reader.num_frames
+            if self._cached_bytes >= self.cache_bytes:
+                return reader.read(indices(n))
+            every = reader.read(np.arange(n))
+        if self._cached_bytes + every.nbytes <= self.cache_bytes:
+            self._frames[video] = every
+            self._cached_bytes += every.nbytes
+        return every[np.clip(indices(len(every)), 0, len(every) - 1)]
+
 
 def collate_clips(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stacks items into a batch, dropping the None of skipped bad videos; `batch["skipped"]` counts them."""
