@@ -124,6 +124,15 @@ class _OptionalBool(click.ParamType):
         return click.BOOL.convert(text, param, ctx)
 
 
+class _OptionalChoice(click.Choice):
+    """A choice where "" means "not given" (the model's own run or the default decides)."""
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).strip() in ("", "None"):
+            return None
+        return super().convert(value, param, ctx)
+
+
 INT, FLOAT, BOOL = _Optional(int), _Optional(float), _OptionalBool()
 
 
@@ -143,6 +152,9 @@ RUN_OPTIONS = {
     "lr": click.option("--lr", type=FLOAT, default=None),
     "batch_size": click.option("--batch-size", type=INT, default=None),
     "width": click.option("--width", type=INT, default=None, help="base channel count (64 = published size)"),
+    "modality": click.option("--modality", type=_OptionalChoice(["rgb", "res"]), default=None,
+                             help="rgb, or res: residual frames x[t-1]-x[t] (PCL's input), computed inside the model "
+                                  "(default rgb; a logged model's own when scoring or fine-tuning it)"),
     "clip_len": click.option("--clip-len", type=INT, default=None),
     "frame_interval": click.option("--frame-interval", type=INT, default=None),
     "crop": click.option("--crop", type=INT, default=None),
@@ -162,7 +174,7 @@ RUN_OPTIONS = {
     "resume": click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
 }
 # What scoring a model needs: where the data is and how to cut test clips, nothing about training.
-EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "clip_len", "frame_interval", "crop", "test_clips",
+EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "modality", "clip_len", "frame_interval", "crop", "test_clips",
                 "batch_size", "threads", "num_workers", "on_missing", "on_bad", "experiment", "device")
 
 
@@ -558,8 +570,8 @@ def _project_parent(opts: dict[str, Any]) -> str | None:
 
 
 def _explicit_clip(opts: dict[str, Any]) -> frozenset[str]:
-    """The clip settings given on the command line; the others come from a logged model's own run."""
-    return frozenset(k for k in ("clip_len", "frame_interval", "crop") if opts.get(k) is not None)
+    """The clip settings and modality given on the command line; the others come from a logged model's own run."""
+    return frozenset(k for k in ("clip_len", "frame_interval", "crop", "modality") if opts.get(k) is not None)
 
 
 def _spec_roots(spec) -> list[str]:

@@ -51,6 +51,9 @@ class ModelConfig:
     arch: str = "c3d"
     width: int = 64  # base channel count; 64 is the published size
     dropout: float = 0.5
+    # "rgb", or "res": residual frames (x[t-1] - x[t]), the input of PCL and of the KD paper's
+    # students; computed inside the model, so a logged model carries it.
+    modality: str = "rgb"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
             raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
         state = load_checkpoint(path)
         width = int(state["config"].get("model.width", 64))
-        model = build_model(state["arch"], len(state["classes"]), width=width)
+        modality = state["config"].get("model.modality", "rgb")
+        model = build_model(state["arch"], len(state["classes"]), width=width, modality=modality)
         model.load_state_dict(state["model"])
         return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"], run_id=state.get("run_id"))
     if spec in MODELS:

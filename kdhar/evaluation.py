@@ -20,12 +20,14 @@ TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize")
 
 
 def trained_clip(cfg: RunConfig, trained: dict, explicit: frozenset[str] = frozenset()) -> RunConfig:
-    """`cfg` with the clip settings of the model's training run (`trained`: its config.json), except
-    those in `explicit`."""
+    """`cfg` with the clip settings and modality of the model's training run (`trained`: its
+    config.json), except those in `explicit`. Runs from before modalities existed were rgb."""
     changes = {k: trained[f"clip.{k}"] for k in TRAINED_CLIP if k not in explicit and f"clip.{k}" in trained}
     if "resize" in changes:
         changes["resize"] = tuple(changes["resize"])
-    return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, **changes))
+    model = cfg.model if "modality" in explicit else dataclasses.replace(
+        cfg.model, modality=trained.get("model.modality", "rgb"))
+    return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, **changes), model=model)
 
 
 def evaluate_model(
@@ -45,6 +47,11 @@ def evaluate_model(
     run_id = tracking.model_run_id(model_uri)
     trained = tracking.load_run_dict(run_id, "config.json")
     cfg = trained_clip(cfg, trained, explicit)
+    modality = trained.get("model.modality", "rgb")
+    if cfg.model.modality != modality:
+        # The logged model computes its own input modality; scoring cannot change it.
+        raise ValueError(f"model {model_uri} was trained on {modality} input and converts clips itself; "
+                         f"--modality {cfg.model.modality} cannot apply to it: leave --modality out")
     splits = load_splits(cfg)
     classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
     model = tracking.load_model(model_uri, dev)

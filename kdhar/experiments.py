@@ -39,6 +39,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "weight_decay": ("optim", "weight_decay"),
     "width": ("model", "width"),
     "dropout": ("model", "dropout"),
+    "modality": ("model", "modality"),
     "clip_len": ("clip", "clip_len"),
     "frame_interval": ("clip", "frame_interval"),
     "crop": ("clip", "crop"),
@@ -58,6 +59,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
 # teacher, so teachers and students may differ in size and schedule but not in how clips are cut.
 MODEL_OVERRIDES = {
     "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
+    "modality",
 }
 
 SPEC_KEYS = {

@@ -51,7 +51,7 @@ CHAMPION = "champion"
 # Copied from a run onto its logged model and registered version, so the registry says what a
 # version is (method, teacher, data share, seed) without opening its run.
 STANDARD_TAGS = ("role", "arch", "dataset", "dataset_fingerprint", "method", "teacher_arch", "teacher_run_id",
-                 "fraction", "seed")
+                 "fraction", "seed", "modality")
 
 
 class TrackingError(Exception):

@@ -64,12 +64,17 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Knobs added after runs were already being identified by their hash: at these values they behave
+# as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
+HASH_NEUTRAL = {"model.modality": "rgb"}
+
+
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
     """Identifies a run's configuration, so a grid can skip cells that already finished.
 
     The KD knobs count only for runs with a teacher: changing them retrains no teacher or scratch run.
     """
-    params = cfg.params(kd=teacher is not None)
+    params = {k: v for k, v in cfg.params(kd=teacher is not None).items() if HASH_NEUTRAL.get(k, object()) != v}
     payload = json.dumps({**params, "teacher": teacher, "init": init}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -175,7 +180,8 @@ def run_training(
         for name, ds in eval_sets.items()
     }
 
-    model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+    model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
+                        modality=cfg.model.modality)
     if init_state is not None:
         load_compatible(model, init_state)
     step = objective.make_step(model).to(dev)  # moves a step's frozen teacher too
@@ -207,6 +213,7 @@ def run_training(
         "views": str(cfg.data.views),
         "torch_version": torch.__version__,
         "threads": str(cfg.optim.threads),
+        "modality": cfg.model.modality,
         **objective.tags,
         **(tags or {}),
     }
@@ -328,7 +335,7 @@ def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Spl
     o, c, kd = cfg.optim, cfg.clip, cfg.kd
     what = {"teacher": "Teacher", "student": "Student", "finetune": "Fine-tune"}.get(role, role.capitalize())
     text = (
-        f"{what} {cfg.model.arch} (width {cfg.model.width}) on {cfg.data.dataset} ({cfg.data.root}), "
+        f"{what} {cfg.model.arch} (width {cfg.model.width}{', residual frames' if cfg.model.modality == 'res' else ''}) on {cfg.data.dataset} ({cfg.data.root}), "
         f"{cfg.data.fraction:g} of the training videos ({len(splits.train.samples)}), seed {o.seed}: "
         f"{o.epochs} epochs, lr {o.lr:g}, batch {o.batch_size}, {c.clip_len}-frame {c.crop}x{c.crop} clips."
     )

@@ -47,3 +47,47 @@ def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_s
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("Error: model runs:/")
     assert "takes clips of 4x32x32" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_residual_modality_travels_with_the_logged_model(local_tracking, tiny_set, tmp_path):
+    import torch
+
+    from kdhar import tracking
+
+    cfg = RunConfig(
+        data=DataConfig(root=str(tiny_set), num_workers=0, val_fraction=0.0),
+        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=1, resize=(40, 53), crop=32),
+        model=ModelConfig(arch="tiny3d", width=4, modality="res"),
+        optim=OptimConfig(epochs=1, batch_size=8, threads=1),
+    )
+    res = run_training(cfg, role="teacher", experiment="eval", progress=False, register=False)
+    run = MlflowClient(local_tracking).get_run(res.run_id)
+    assert run.data.params["model.modality"] == "res" and run.data.tags["modality"] == "res"
+
+    # The exported graph computes the residual itself: a clip that does not change over time has a
+    # zero residual, so it scores exactly like an all-zero clip, whatever its colour.
+    model = tracking.load_model(f"runs:/{res.run_id}")
+    still = torch.full((2, 3, 4, 32, 32), 0.7)
+    with torch.no_grad():
+        assert torch.equal(model(still), model(torch.zeros_like(still)))
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
+    base = [*KDHAR, "evaluate", "--model", f"runs:/{res.run_id}", "--root", str(tiny_set),
+            "--num-workers", "0", "--experiment", "eval"]
+    ok = subprocess.run(base, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    client = MlflowClient(local_tracking)
+    [evaluation] = client.search_runs([client.get_experiment_by_name("eval").experiment_id], "tags.role = 'evaluation'")
+    assert evaluation.data.params["model.modality"] == "res"
+
+    bad = subprocess.run([*base, "--modality", "rgb"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"Error: model runs:/{res.run_id} was trained on res input")
+
+    # Fine-tuning keeps the source model's modality unless told otherwise.
+    from kdhar.finetune import finetune
+
+    tuned = finetune(f"runs:/{res.run_id}", RunConfig(data=cfg.data, clip=ClipConfig(), optim=cfg.optim),
+                     experiment="eval", progress=False)
+    params = client.get_run(tuned.run_id).data.params
+    assert params["model.modality"] == "res" and params["clip.crop"] == "32"

@@ -109,3 +109,42 @@ def test_describe_full_size_matches_torchvision_published_cost(name, weights):
     info = describe(name, num_classes=400, width=64, clip_len=16, crop=112)
     assert info["params"] == weights.meta["num_params"]
     assert info["flops"] / 2 / 1e9 == pytest.approx(weights.meta["_ops"], abs=0.001)
+
+
+def test_residual_frames_follow_pcl():
+    from kdhar.models import residual_frames
+
+    x = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 3, 4, 2, 2) ** 1.5
+    r = residual_frames(x)
+    assert r.shape == x.shape
+    assert torch.equal(r[:, :, 1:], x[:, :, :-1] - x[:, :, 1:])
+    assert torch.equal(r[:, :, 0], x[:, :, -1] - x[:, :, 0])  # circular, as upstream
+
+
+def test_res_models_see_residuals_and_bad_modalities_are_refused():
+    torch.manual_seed(0)
+    rgb = build_model("tiny3d", 5, width=4, modality="rgb").eval()
+    res = build_model("tiny3d", 5, width=4, modality="res").eval()
+    res.load_state_dict(rgb.state_dict())  # no weights of its own: the residual is an input transform
+    x = torch.randn(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(res(x), rgb(torch.roll(x, 1, dims=2) - x))
+        assert not torch.allclose(res(x), rgb(x))
+    with pytest.raises(ValueError, match="modality must be one of rgb, res"):
+        build_model("tiny3d", 5, width=4, modality="flow")
+
+
+def test_a_new_knob_at_its_neutral_value_keeps_earlier_runs_identities():
+    # Grids skip cells whose config hash already has a FINISHED run; adding `modality` (rgb = what
+    # every earlier run was) must not make them train again. The values are the hashes of the
+    # default configuration computed before the knob existed.
+    import dataclasses
+
+    from kdhar.config import RunConfig
+    from kdhar.train import config_hash
+
+    cfg = RunConfig()
+    assert config_hash(cfg, None, None) == "85fe348504e107d3"
+    assert config_hash(cfg, "runs:/abc", None) == "981f56a51519da8e"
+    res = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, modality="res"))
+    assert config_hash(res, None, None) != config_hash(cfg, None, None)

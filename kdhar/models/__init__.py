@@ -1,5 +1,15 @@
 """Video classifiers: C3D-BN, R3D-18, MC3-18, R(2+1)D-18 and a small student, all with a width knob."""
 
-from kdhar.models.registry import MODELS, ClassifierHead, VideoClassifier, build_model, count_params, describe
+from kdhar.models.registry import (
+    MODALITIES,
+    MODELS,
+    ClassifierHead,
+    VideoClassifier,
+    build_model,
+    count_params,
+    describe,
+    residual_frames,
+)
 
-__all__ = ["MODELS", "ClassifierHead", "VideoClassifier", "build_model", "count_params", "describe"]
+__all__ = ["MODALITIES", "MODELS", "ClassifierHead", "VideoClassifier", "build_model", "count_params", "describe",
+           "residual_frames"]

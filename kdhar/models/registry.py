@@ -27,14 +27,29 @@ class ClassifierHead(nn.Module):
         return self.fc(self.dropout(pooled))
 
 
+MODALITIES = ("rgb", "res")
+
+
+def residual_frames(x: Tensor) -> Tensor:
+    """PCL's residual ("res") input: r[:, :, t] = x[:, :, t-1] - x[:, :, t] over time (dim 2), with
+    a circular roll so that r[:, :, 0] = x[:, :, T-1] - x[:, :, 0]; no rescaling. Computed on the
+    normalised clip, so only the 1/std channel scaling of the normalisation remains."""
+    return torch.roll(x, shifts=1, dims=2) - x
+
+
 class VideoClassifier(nn.Module):
     """A feature trunk plus `ClassifierHead`; `forward(x) = head(forward_features(x))`.
 
-    Inputs are (N, 3, T, H, W); every trunk handles any T, H, W >= 1.
+    Inputs are (N, 3, T, H, W) RGB clips; every trunk handles any T, H, W >= 1. With modality
+    "res" the model turns its input into residual frames itself (`residual_frames`), so a logged
+    (exported) model carries its modality and evaluation cannot feed it the wrong one.
     """
 
-    def __init__(self, backbone: nn.Module, feature_channels: int, num_classes: int, dropout: float) -> None:
+    def __init__(
+        self, backbone: nn.Module, feature_channels: int, num_classes: int, dropout: float, modality: str = "rgb"
+    ) -> None:
         super().__init__()
+        self.modality = modality
         self.backbone = backbone
         self.head = ClassifierHead(feature_channels, num_classes, dropout)
         self.num_classes = num_classes
@@ -53,19 +68,21 @@ class VideoClassifier(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Returns the last feature map, (N, C, T', H', W')."""
+        if self.modality == "res":
+            x = residual_frames(x)
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
 
 
-Builder = Callable[[int, int, float], VideoClassifier]
+Builder = Callable[[int, int, float, str], VideoClassifier]
 
 
 def _builder(trunk: Callable[[int], nn.Module]) -> Builder:
-    def build(num_classes: int, width: int = 64, dropout: float = 0.5) -> VideoClassifier:
+    def build(num_classes: int, width: int = 64, dropout: float = 0.5, modality: str = "rgb") -> VideoClassifier:
         backbone = trunk(width)
-        return VideoClassifier(backbone, backbone.out_channels, num_classes, dropout)
+        return VideoClassifier(backbone, backbone.out_channels, num_classes, dropout, modality)
 
     return build
 
@@ -79,7 +96,9 @@ MODELS: dict[str, Builder] = {
 }
 
 
-def build_model(name: str, num_classes: int, width: int = 64, dropout: float = 0.5) -> VideoClassifier:
+def build_model(
+    name: str, num_classes: int, width: int = 64, dropout: float = 0.5, modality: str = "rgb"
+) -> VideoClassifier:
     """Builds a registered architecture.
 
     Args:
@@ -87,9 +106,11 @@ def build_model(name: str, num_classes: int, width: int = 64, dropout: float = 0
         num_classes: size of the logit vector.
         width: base channel count (64 is the published size; every layer scales with it).
         dropout: dropout probability before the final linear layer.
+        modality: "rgb" (frames as they are) or "res" (residual frames, PCL's input).
 
     Raises:
-        ValueError: unknown name, or a non-positive width / class count, or dropout outside [0, 1).
+        ValueError: unknown name or modality, or a non-positive width / class count, or dropout
+            outside [0, 1).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -99,7 +120,9 @@ def build_model(name: str, num_classes: int, width: int = 64, dropout: float = 0
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return MODELS[name](num_classes, width, dropout)
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    return MODELS[name](num_classes, width, dropout, modality)
 
 
 def count_params(model: nn.Module) -> int:
