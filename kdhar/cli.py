@@ -172,6 +172,8 @@ RUN_OPTIONS = {
     "experiment": click.option("--experiment", default="kdhar", show_default=True, help="MLflow experiment name"),
     "device": click.option("--device", default="auto", show_default=True),
     "resume": click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
+    "allow_config_change": click.option("--allow-config-change", type=BOOL, default=False, show_default=True,
+                                        help="with --resume: accept other --epochs/--threads than the checkpoint's"),
 }
 # What scoring a model needs: where the data is and how to cut test clips, nothing about training.
 EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "modality", "clip_len", "frame_interval", "crop", "test_clips",
@@ -355,7 +357,8 @@ def train_teacher(arch: str, **opts) -> None:
 
     cfg = build_config(arch, opts)
     ensure_data(cfg.data.root)
-    res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"],
+    res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]),
+                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
                        parent_run_id=_project_parent(opts))
     _print_result(res)
 
@@ -375,6 +378,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     ensure_data(cfg.data.root)
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
+        allow_config_change=bool(opts["allow_config_change"]),
         device=opts["device"], cache_teacher=cache_teacher, parent_run_id=_project_parent(opts),
     )
     _print_result(res)
@@ -389,7 +393,8 @@ def finetune_cmd(model_uri: str, **opts) -> None:
 
     cfg = build_config("c3d", opts)  # the architecture and width come from the source model
     ensure_data(cfg.data.root)
-    res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]), device=opts["device"],
+    res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]),
+                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
                    explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts))
     _print_result(res)
 
@@ -419,7 +424,7 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
-@run_options(exclude=("resume",))
+@run_options(exclude=("resume", "allow_config_change"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
              cache_teacher, dashboard, **opts) -> None:
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs)."""

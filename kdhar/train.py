@@ -124,6 +124,45 @@ def _epoch_metrics(prefix: str, result: dict[str, Any]) -> dict[str, float]:
     return {f"{prefix}_{k}": float(result[k]) for k in keys if k in result}
 
 
+# Knobs a resumed run may change freely (how data is read, not what is trained) and those it may
+# change only when asked to (`allow_config_change`): more epochs, another thread count.
+RESUME_FREE = {"data.num_workers", "data.on_missing", "data.on_bad"}
+RESUME_ALLOWED = {"optim.epochs", "optim.threads"}
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue as asked; the message names the checkpoint and the fix."""
+
+
+def check_resume(
+    path: str | Path, state: dict[str, Any], cfg: RunConfig, kd: bool, allow: bool, finished: bool
+) -> dict[str, tuple]:
+    """The configuration changes between a checkpoint and the command resuming it, as key -> (was,
+    now), once they are acceptable. `finished`: the checkpoint's MLflow run ended FINISHED.
+
+    Raises:
+        ResumeError: a change other than RESUME_FREE (and, with `allow`, RESUME_ALLOWED), or a
+            finished run that has no epochs left to train.
+    """
+    missing = object()
+    # Checkpoints from before a knob existed were at its neutral value.
+    stored = {**HASH_NEUTRAL, **state.get("config", {})}
+    wanted = {k: _plain(v) for k, v in cfg.params(kd=kd).items()}
+    changed = {k: (stored[k], v) for k, v in wanted.items()
+               if k not in RESUME_FREE and stored.get(k, missing) not in (missing, v)}
+    refused = {k: c for k, c in changed.items() if not (allow and k in RESUME_ALLOWED)}
+    if refused:
+        diff = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in sorted(refused.items()))
+        hint = (f"; only {', '.join(sorted(RESUME_ALLOWED))} may change, with --allow-config-change"
+                if not set(refused) - RESUME_ALLOWED else "; add --allow-config-change to accept this")
+        raise ResumeError(f"--resume {path}: the run was trained with other settings ({diff}); give the "
+                          f"same options to continue it, or leave --resume out to start a new run{hint}")
+    if finished and state["epoch"] >= cfg.optim.epochs:
+        raise ResumeError(f"--resume {path}: run {state.get('run_id')} already trained all {state['epoch']} epochs; "
+                          "nothing to continue (to train longer: --epochs N --allow-config-change)")
+    return changed
+
+
 def run_training(
     cfg: RunConfig,
     *,
@@ -132,6 +171,7 @@ def run_training(
     init_state: dict[str, torch.Tensor] | None = None,
     run_name: str | None = None,
     resume: str | None = None,
+    allow_config_change: bool = False,
     workdir: str | Path = "runs",
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
@@ -150,11 +190,18 @@ def run_training(
         objective: what the run optimises (`kdhar.objectives.build_objective`); None is plain
             supervised training.
         init_state: weights to start from (classifier weights of a different shape are skipped).
-        resume: a checkpoint path to continue from; the same MLflow run is re-opened.
+        resume: a checkpoint path to continue from; the same MLflow run is re-opened. The
+            checkpoint's configuration must match `cfg` (see `check_resume`).
+        allow_config_change: let a resumed run change the RESUME_ALLOWED knobs (tagged on the run).
         epoch_callback: called after each epoch with its metrics; may raise StopTraining.
     """
     objective = objective or build_objective(cfg)
     teacher = objective.teacher
+    state = load_checkpoint(resume) if resume else None
+    changed = {}
+    if state is not None:
+        finished = tracking.run_status(state["run_id"]) == "FINISHED"
+        changed = check_resume(resume, state, cfg, teacher is not None, allow_config_change, finished)
     dev = pick_device(device)
     torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
@@ -193,8 +240,7 @@ def run_training(
     scheduler = make_scheduler(optimizer, optim.schedule, optim.epochs * steps_per_epoch, warmup_steps)
 
     start_epoch, history, run_id = 0, [], None
-    if resume:
-        state = load_checkpoint(resume)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -217,6 +263,8 @@ def run_training(
         **objective.tags,
         **(tags or {}),
     }
+    if changed:
+        run_tags["resumed_with_changes"] = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in sorted(changed.items()))
     run_tags["mlflow.note.content"] = describe_run(cfg, role, teacher, splits)  # the run page's description
     git = tracking.git_commit()
     if git:

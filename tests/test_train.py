@@ -120,6 +120,39 @@ def test_killed_run_resumes_to_the_same_result(tiny_ucf, tmp_path):
         assert resumed_m[key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp_path):
+    # Resuming used to reopen a finished run, train on with other settings (--lr ignored, half the
+    # data) and leave params saying the old values.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--epochs", "2", *TINY_OPTS,
+            "--experiment", "resume"]
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    run_id = first.stdout.split("run ")[1].split(":")[0]
+    ckpt = tmp_path / "runs" / "checkpoints" / run_id / "last.pt"
+
+    def resume(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, "--resume", str(ckpt), *extra], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    changed = resume("--lr", "0.5", "--fraction", "0.5")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    line = changed.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: --resume {ckpt}: the run was trained with other settings")
+    assert "data.fraction 1.0 -> 0.5" in line and "optim.lr 0.02 -> 0.5" in line
+    done = resume()
+    assert done.returncode == 2 and f"run {run_id} already trained all 2 epochs" in done.stderr
+    longer = resume("--epochs", "3")
+    assert longer.returncode == 2 and "--allow-config-change" in longer.stderr
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run_id).info.status == "FINISHED" and len(client.get_metric_history(run_id, "val_loss")) == 2
+
+    allowed = resume("--epochs", "3", "--allow-config-change", "true")
+    assert allowed.returncode == 0, allowed.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_with_changes"] == "optim.epochs 2 -> 3"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
