@@ -418,7 +418,8 @@ def evaluate_cmd(model_uri: str, **opts) -> None:
 @click.option("--student", default="tiny3d", show_default=True)
 @click.option("--n-trials", type=INT, default=20, show_default=True, help="total trials of the study, over all workers")
 @click.option("--study-name", default=None, help="default: derived from teacher, student and dataset")
-@click.option("--storage", default=None, help="optuna storage URL (default sqlite:///optuna.db; postgresql://... for many workers)")
+@click.option("--storage", default=None, help="optuna storage URL (default: $KDHAR_OPTUNA_STORAGE, else sqlite:///optuna.db; "
+              "postgresql://... for many workers: give one with a password through that variable)")
 @kd_options
 @click.option("--space", default=None, help='search space, e.g. "tau=1:8:log,alpha=0.1:0.9,lr=none" (none: not searched)')
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
@@ -430,6 +431,9 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs)."""
     from kdhar import tuning
 
+    if _text(storage) and tuning.mask_url(storage) != storage:
+        click.echo(f"note: a password on the command line is visible in the process list; set {tuning.STORAGE_ENV} "
+                   "instead of --storage", err=True)
     if dashboard:
         click.echo(tuning.dashboard_command(_text(storage)))
         return
@@ -456,7 +460,7 @@ def runs() -> None:
 
 
 @runs.command("reconcile")
-@click.option("--storage", default=None)
+@click.option("--storage", default=None, help="optuna storage URL (default: $KDHAR_OPTUNA_STORAGE, else sqlite:///optuna.db)")
 @click.option("--study-name", required=True)
 def runs_reconcile(storage, study_name) -> None:
     """End the MLflow runs of trials whose worker died (left RUNNING) as KILLED."""

@@ -42,6 +42,9 @@ from kdhar.train import StopTraining
 # also what optuna-dashboard and `mlflow.db` users already know. SQLite locks badly under
 # concurrent writers: several workers need a server database (postgresql://...).
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+# Where a storage URL with a password should come from: the environment, not a command line (where
+# `ps` shows it) or an `mlflow run -P storage=...` parameter (which MLflow logs as a run param).
+STORAGE_ENV = "KDHAR_OPTUNA_STORAGE"
 OBJECTIVE = "val_video_top1"  # per-epoch metric logged by kdhar.train for the held-out groups
 PRUNERS = ("median", "asha", "hyperband", "none")
 # A killed worker's trial is failed once its heartbeat is older than the grace period; a trial is
@@ -205,6 +208,11 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def storage_url(url: str | None) -> str:
+    """The storage to use: `url` if given, else $KDHAR_OPTUNA_STORAGE, else ./optuna.db."""
+    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
 def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: int | None = None) -> RDBStorage:
     """Opens (creating the tables if needed) the study database at `url` (None: ./optuna.db).
 
@@ -214,7 +222,7 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
     Raises:
         StorageUnavailableError: the URL is malformed or its database cannot be reached.
     """
-    url = url or DEFAULT_STORAGE
+    url = storage_url(url)
     shown = mask_url(url)
     with warnings.catch_warnings():
         # heartbeat_interval is flagged experimental; it is the documented way to survive dead workers
@@ -253,8 +261,8 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
 
 
 def dashboard_command(storage: str | None) -> str:
-    """The shell command that opens optuna-dashboard on this storage."""
-    return f"optuna-dashboard {_with_driver(storage or DEFAULT_STORAGE)}"
+    """The shell command that opens optuna-dashboard on this storage, its password shown as ***."""
+    return f"optuna-dashboard {mask_url(_with_driver(storage_url(storage)))}"
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -345,7 +353,7 @@ def tune(
     else:
         pruner_obj = make_pruner(pruner, cfg.optim.epochs)
     st = make_storage(storage, heartbeat_interval, grace_period)
-    shown = mask_url(storage or DEFAULT_STORAGE)
+    shown = mask_url(storage_url(storage))
     study, parent_id = _open_study(
         st, study_name, space, experiment, pruner_obj,
         params={"study_name": study_name, "storage": shown, "sampler": f"TPESampler(seed={seed}+trial)",
@@ -434,7 +442,7 @@ def best_settings(study_name: str, storage: str | None = None) -> dict[str, floa
     try:
         study = optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
-        raise ValueError(f"no study '{study_name}' in {mask_url(storage or DEFAULT_STORAGE)}; run `kdhar tune` first") from None
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage_url(storage))}; run `kdhar tune` first") from None
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         raise ValueError(f"study '{study_name}' has no complete trial yet; run more trials with `kdhar tune`")
@@ -597,7 +605,7 @@ def reconcile(
     try:
         study = optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
-        raise ValueError(f"no study '{study_name}' in {mask_url(storage or DEFAULT_STORAGE)}") from None
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage_url(storage))}") from None
     return reconcile_study(study)
 
 
@@ -625,7 +633,7 @@ def study_trials(storage: str | None, study_name: str) -> list[dict[str, Any]]:
     try:
         study = optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
-        raise ValueError(f"no study '{study_name}' in {mask_url(storage or DEFAULT_STORAGE)}") from None
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage_url(storage))}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return [
@@ -643,7 +651,7 @@ def summarize(study: optuna.Study, storage: str | None = None) -> dict[str, Any]
     best = max(complete, key=lambda t: t.value) if complete else None
     return {
         "study_name": study.study_name,
-        "storage": mask_url(storage or DEFAULT_STORAGE),
+        "storage": mask_url(storage_url(storage)),
         "trials": len(trials),
         "complete": count[TrialState.COMPLETE],
         "pruned": count[TrialState.PRUNED],
@@ -698,6 +706,6 @@ def _log_study_to_parent(
 
 
 __all__ = [
-    "DEFAULT_STORAGE", "SearchSpace", "ParamRange", "StorageUnavailableError", "tune", "reconcile",
+    "DEFAULT_STORAGE", "STORAGE_ENV", "storage_url", "SearchSpace", "ParamRange", "StorageUnavailableError", "tune", "reconcile",
     "reconcile_study", "summarize", "make_storage", "make_pruner", "mask_url", "dashboard_command", "best_settings",
 ]
