@@ -117,6 +117,49 @@ CPU_PRESET: dict[str, dict[str, Any]] = {
 }
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """Refuses values no run can train with, naming the knob (the option and spec key of the same
+    name) and the allowed range, before any data is read.
+
+    Raises:
+        ValueError: the first bad value.
+    """
+    import math
+
+    from kdhar.models import MODALITIES
+
+    o, c, d, m = cfg.optim, cfg.clip, cfg.data, cfg.model
+
+    def need(ok: bool, name: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{name}={value!r}: {rule}")
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    need(finite(o.lr) and o.lr > 0, "lr", o.lr, "must be a finite number > 0, e.g. 0.01")
+    need(finite(o.momentum) and 0 <= o.momentum < 1, "momentum", o.momentum, "must be in [0, 1)")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, "weight_decay", o.weight_decay, "must be a finite number >= 0")
+    need(o.epochs >= 1, "epochs", o.epochs, "must be at least 1")
+    need(o.batch_size >= 1, "batch_size", o.batch_size, "must be at least 1")
+    need(finite(o.warmup) and o.warmup >= 0, "warmup", o.warmup, "must be a finite number of epochs >= 0")
+    need(finite(o.grad_clip) and o.grad_clip >= 0, "grad_clip", o.grad_clip, "must be >= 0 (0 turns clipping off)")
+    need(o.threads >= 1, "threads", o.threads, "must be at least 1")
+    need(m.width >= 1, "width", m.width, "must be at least 1")
+    need(finite(m.dropout) and 0 <= m.dropout < 1, "dropout", m.dropout, "must be in [0, 1)")
+    need(m.modality in MODALITIES, "modality", m.modality, f"must be one of {', '.join(MODALITIES)}")
+    need(c.clip_len >= 1, "clip_len", c.clip_len, "must be at least 1 frame")
+    need(c.frame_interval >= 1, "frame_interval", c.frame_interval, "must be at least 1")
+    need(c.test_clips >= 1, "test_clips", c.test_clips, "must be at least 1")
+    need(c.crop >= 1, "crop", c.crop, "must be at least 1 pixel")
+    if c.resize is not None:
+        need(c.crop <= min(c.resize), "crop", c.crop,
+             f"must fit in the {c.resize[0]}x{c.resize[1]} frames it is cut from (resize); lower --crop")
+    need(d.num_workers >= 0, "num_workers", d.num_workers, "must be >= 0")
+    need(d.views >= 0, "views", d.views, "must be >= 0 (0 = a new view every epoch)")
+    need(finite(d.fraction) and 0 < d.fraction <= 1, "fraction", d.fraction, "must be in (0, 1]")
+
+
 def with_overrides(obj: Any, **changes: Any) -> Any:
     """Returns a copy of a frozen dataclass with the non-None values of `changes` applied."""
     return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})

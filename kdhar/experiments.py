@@ -191,13 +191,18 @@ def build_run_config(
         fraction=fraction,
         **sections["data"],
     )
-    return C.RunConfig(
+    cfg = C.RunConfig(
         data=data,
         clip=dataclasses.replace(base.clip, **sections["clip"]),
         model=dataclasses.replace(base.model, arch=arch, **sections["model"]),
         optim=dataclasses.replace(base.optim, seed=seed, **sections["optim"]),
         kd=kd or base.kd,
     )
+    try:
+        C.check_run_config(cfg)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(str(exc)) from None
+    return cfg
 
 
 def load_spec(path: str | Path) -> GridSpec:

@@ -20,7 +20,7 @@ import torch
 
 from kdhar import tracking
 from kdhar.checkpoint import load_checkpoint, save_checkpoint
-from kdhar.config import RunConfig
+from kdhar.config import RunConfig, check_run_config
 from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.data.index import DatasetIndex, fingerprint, load_index
 from kdhar.data.subsets import class_balanced_subset, group_holdout
@@ -59,9 +59,20 @@ def stage_epochs(epochs: int) -> dict[str, int]:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    if name and name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """"auto" (or None): CUDA when available, else the CPU; otherwise the named device.
+
+    Raises:
+        ValueError: not a device name torch knows, or CUDA asked for on a machine without it.
+    """
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use auto or cpu")
+    return device
 
 
 # Knobs added after runs were already being identified by their hash: at these values they behave
@@ -195,6 +206,7 @@ def run_training(
         allow_config_change: let a resumed run change the RESUME_ALLOWED knobs (tagged on the run).
         epoch_callback: called after each epoch with its metrics; may raise StopTraining.
     """
+    check_run_config(cfg)
     objective = objective or build_objective(cfg)
     teacher = objective.teacher
     state = load_checkpoint(resume) if resume else None

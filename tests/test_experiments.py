@@ -123,6 +123,8 @@ def test_hash_separates_teachers_and_sources():
         ({"student_overrides": {"r3d_18": {"crop": 64}}}, "student_overrides.r3d_18 may not set crop"),
         ({"student_overrides": {"mc3_18": {"epochs": 2}}}, "mc3_18 is not in students"),
         ({"student_overrides": {"r3d_18": 12}}, "student_overrides: expected a mapping"),
+        ({"overrides": {"lr": float("nan")}}, "lr=nan: must be a finite number"),
+        ({"teacher_overrides": {"epochs": 0}}, "epochs=0: must be at least 1"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):

@@ -160,6 +160,10 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
         (["--root", "/nonexistent/videos"], "/nonexistent/videos"),
         (["--fraction", "1.5"], "1.5"),
         (["--epochs", "two"], "two"),
+        (["--lr", "inf"], "lr=inf: must be a finite number > 0"),
+        (["--epochs", "0"], "epochs=0: must be at least 1"),
+        (["--size", "paper", "--crop", "500"], "crop=500: must fit in the 128x171 frames"),
+        (["--device", "bogus"], "--device bogus: not a device"),
     ],
 )
 def test_bad_input_is_one_clear_line(extra, expected, tiny_ucf, tmp_path):
