@@ -569,6 +569,24 @@ class RunTracker:
         )
 
 
+def register_model(model_uri: str, registered_name: str, run_id: str) -> str:
+    """Registers the logged model at `model_uri` of run `run_id` as a new version of
+    `registered_name`, with the run's standard tags; returns the version.
+
+    Raises:
+        TrackingError: the run has not ended FINISHED (a killed or failed run registers nothing).
+    """
+    client = _client()
+    run = client.get_run(run_id)
+    if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+        raise TrackingError(f"run {run_id} is {run.info.status}: only a FINISHED run's model is registered")
+    version = str(mlflow.register_model(model_uri, registered_name).version)
+    for key in STANDARD_TAGS:
+        if key in run.data.tags:
+            client.set_model_version_tag(registered_name, version, key, run.data.tags[key])
+    return version
+
+
 def _status_for(exc: BaseException | None) -> str:
     if exc is None:
         return RunStatus.to_string(RunStatus.FINISHED)

@@ -374,8 +374,13 @@ def run_training(
             if collapsed and progress:
                 print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} did not come down "
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
-        final = _finish(tracker, model, last_test, splits, history, cfg, role, register, clip, objective.name)
-        return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=final.pop("_model_uri", None))
+        final = _finish(tracker, model, last_test, splits, history, clip)
+    model_uri = final.pop("_model_uri")
+    # Registered once the run has ended FINISHED, so a run killed or failed before then leaves no
+    # version behind (and cannot become champion).
+    if register:
+        _register(model_uri, run_id, splits, cfg, role, objective.name)
+    return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=model_uri)
 
 
 def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None) -> str:
@@ -419,8 +424,8 @@ def registered_name(role: str, method: str, arch: str) -> str:
     return f"kdhar-{role}-{arch}"
 
 
-def _finish(tracker, model, result, splits, history, cfg, role, register, clip, method) -> dict:
-    """Final test metrics (`result`: the last evaluation), plots, reports and the logged (registered) model."""
+def _finish(tracker, model, result, splits, history, clip) -> dict:
+    """Final test metrics (`result`: the last evaluation), plots, reports and the logged model."""
     final = _epoch_metrics("final_test", result)
     best_val = max((h.get("val_video_top1", float("nan")) for h in history), default=float("nan"))
     if not math.isnan(best_val):
@@ -431,15 +436,19 @@ def _finish(tracker, model, result, splits, history, cfg, role, register, clip, 
     tracker.log_dict({"per_class": result["per_class"], "classes": splits.classes}, "per_class_report.json")
     model.eval().cpu()
     example = np.zeros((2, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
-    registered = registered_name(role, method, cfg.model.arch) if register else None
-    info = tracker.log_model(model, tracking.model_name(tracker.run_name or "model"), input_example=example,
-                             registered_name=registered)
-    # The champion is chosen on the validation split only (the last epoch's, as the logged weights
-    # are the last epoch's); a run without one registers a version but never becomes champion.
-    if info.version is not None and splits.val is not None:
-        tracker.promote_champion(registered, info.version, CHAMPION_METRIC, splits.fingerprint)
+    info = tracker.log_model(model, tracking.model_name(tracker.run_name or "model"), input_example=example)
     final["_model_uri"] = info.model_uri
     return final
+
+
+def _register(model_uri: str, run_id: str, splits: Splits, cfg: RunConfig, role: str, method: str) -> None:
+    """Registers a FINISHED run's model as a new version and lets it compete for `@champion`: on
+    the validation split only (the last epoch's, as the logged weights are the last epoch's); a run
+    without one registers a version but never becomes champion."""
+    name = registered_name(role, method, cfg.model.arch)
+    version = tracking.register_model(model_uri, name, run_id)
+    if splits.val is not None:
+        tracking.promote_champion(name, version, CHAMPION_METRIC, splits.fingerprint)
 
 
 class _WithExtras:

@@ -274,6 +274,24 @@ def test_sigterm_inside_a_finalizer_still_ends_the_run_killed(local_tracking, ca
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+def test_only_a_finished_runs_model_is_registered(local_tracking):
+    tags = tracking.standard_tags("teacher", "tiny", "synthetic", "fp")
+    with pytest.raises(RuntimeError):
+        with RunTracker("kdhar-test-register", run_name="failed", tags=tags) as run:
+            failed = run.log_model(tiny_video_model(seed=0), "failed", clip_batch(2))
+            raise RuntimeError("the run dies after logging its model")
+    with pytest.raises(TrackingError, match=f"run {failed.run_id} is FAILED"):
+        tracking.register_model(failed.model_uri, "kdhar-test-registered", failed.run_id)
+    client = MlflowClient(local_tracking)
+    assert not client.search_model_versions("name = 'kdhar-test-registered'")
+
+    with RunTracker("kdhar-test-register", run_name="done", tags=tags) as run:
+        done = run.log_model(tiny_video_model(seed=1), "done", clip_batch(2))
+    version = tracking.register_model(done.model_uri, "kdhar-test-registered", done.run_id)
+    mv = client.get_model_version("kdhar-test-registered", version)
+    assert mv.run_id == done.run_id and mv.tags["role"] == "teacher" and mv.tags["dataset_fingerprint"] == "fp"
+
+
 def test_local_store_failed_run(local_tracking):
     with pytest.raises(KeyboardInterrupt):
         with RunTracker("kdhar-test-local") as run:
