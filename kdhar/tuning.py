@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -334,6 +335,8 @@ def tune(
 
     if n_trials < 1:
         raise ValueError(f"n_trials {n_trials} must be at least 1")
+    if study_name is not None:
+        check_study_name(study_name)
     if cache_teacher and cfg.data.views < 1:
         from kdhar.distill import CACHE_VIEWS
 
@@ -347,7 +350,7 @@ def tune(
         raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
     if resolve_teacher(teacher, splits.fingerprint, device or "cpu") is None:
         raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
-    study_name = study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}"
+    study_name = check_study_name(study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}")
     if isinstance(pruner, optuna.pruners.BasePruner):
         pruner_obj, pruner = pruner, type(pruner).__name__
     else:
@@ -438,6 +441,7 @@ def best_settings(study_name: str, storage: str | None = None) -> dict[str, floa
     Raises:
         ValueError: no such study, or it has no complete trial yet.
     """
+    check_study_name(study_name)
     st = make_storage(storage)
     try:
         study = optuna.load_study(study_name=study_name, storage=st)
@@ -447,6 +451,22 @@ def best_settings(study_name: str, storage: str | None = None) -> dict[str, floa
     if not complete:
         raise ValueError(f"study '{study_name}' has no complete trial yet; run more trials with `kdhar tune`")
     return dict(max(complete, key=lambda t: t.value).params)
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> str:
+    """Returns `name` if it is safe where kdhar uses it (MLflow search filters, run names, file
+    names); a quote in it used to break every later lookup of the study's runs.
+
+    Raises:
+        ValueError: other characters than letters, digits, '.', '_' and '-'.
+    """
+    if not STUDY_NAME.fullmatch(name):
+        raise ValueError(f"study name {name!r}: use letters, digits, '.', '_' and '-' only (at most 128, "
+                         "starting with a letter or digit)")
+    return name
 
 
 def _slug(text: str) -> str:
@@ -601,6 +621,7 @@ def reconcile(
     Returns:
         The MLflow run ids that were ended.
     """
+    check_study_name(study_name)
     st = make_storage(storage, heartbeat_interval, grace_period)
     try:
         study = optuna.load_study(study_name=study_name, storage=st)

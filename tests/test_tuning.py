@@ -340,3 +340,14 @@ def test_killed_worker_trial_is_failed_retried_and_its_run_ended(tiny_data, work
     assert killed["tags"]["optuna_state"] == "FAIL"
     [retry_run] = [r for r in children_of(survivor["parent_run_id"]) if r["run_id"] == retries[0]["user_attrs"]["mlflow_run_id"]]
     assert retry_run["tags"]["optuna_retry_of"] == "0"
+
+
+@pytest.mark.parametrize("name", ["it's", "a b", "", "x" * 129, "-lead", "semi;colon"])
+def test_study_names_that_would_break_mlflow_filters_are_refused(name):
+    # A quote in the name broke the filter strings that find a study's runs, so a study with a
+    # failed trial could never be resumed.
+    from kdhar.tuning import check_study_name
+
+    with pytest.raises(ValueError, match="use letters, digits"):
+        check_study_name(name)
+    assert check_study_name("kd-c3d-tiny3d_v1.2") == "kd-c3d-tiny3d_v1.2"
