@@ -1,0 +1,73 @@
+"""PCL tuple sampling and pretext transforms against ../shared/methods/pcl.md (sections 1.4 and 2)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from kdhar.data.tuples import REMOTE_GAP, TupleLayout, clip_indices, draw_tuple, remote_start
+from kdhar.objectives.pretext import draw_swap, permute_quadrants, rotate, swap_chunks, transform
+
+
+def test_layouts_follow_upstream_and_the_nominal_reading():
+    upstream, nominal = TupleLayout(), TupleLayout(stride="nominal")
+    assert upstream.span == nominal.span == 46  # 10*3 + 8*2: VCOP's minimum length at 10_8_3
+    assert upstream.starts(5) == [5, 16, 27]  # 11 apart: tuple length + interval, a 1-frame gap
+    assert nominal.starts(5) == [5, 23, 41]  # 18 apart: clip length + interval
+    assert TupleLayout(clip_len=16).starts(0) == [0, 11, 22]  # at 16 frames upstream's clips overlap
+    assert TupleLayout(clip_len=16).span == 64
+    assert not upstream.fits(45) and upstream.fits(46)
+    with pytest.raises(ValueError, match="clip_stride 'sideways'"):
+        TupleLayout(stride="sideways")
+
+
+def test_draws_stay_in_the_video_and_remote_clips_keep_their_distance():
+    layout, rng = TupleLayout(), np.random.default_rng(0)
+    labels = Counter()
+    for n in (46, 60, 97, 98, 150, 300):
+        for _ in range(400):
+            d = draw_tuple(rng, n, layout)
+            labels[(n, d.label)] += 1
+            idx = clip_indices(d, layout)
+            assert idx.shape == (4, 10) and idx.min() >= 0 and idx.max() < n
+            assert 0 <= d.start <= n - layout.span
+            if d.label == 4:
+                tuple_end = d.start + layout.span
+                assert d.remote + layout.clip_len + REMOTE_GAP <= d.start or d.remote >= tuple_end + REMOTE_GAP
+            else:
+                assert d.remote is None and (idx[3] == idx[1]).all()  # the 4th clip copies the middle one
+    # A remote clip needs 10 + 16 frames on both sides of the tuple: below 98 frames label 4 never occurs.
+    assert all(labels[(n, 4)] == 0 for n in (46, 60, 97))
+    assert labels[(300, 4)] > 0
+    assert remote_start(rng, 97, 26, layout) is None
+    with pytest.raises(ValueError, match="shorter than a tuple"):
+        draw_tuple(rng, 45, layout)
+
+
+def test_transforms_match_the_spec():
+    clip = torch.arange(3 * 10 * 4 * 4, dtype=torch.float32).reshape(3, 10, 4, 4)
+    assert torch.equal(rotate(clip, 1)[0, 0], torch.rot90(clip[0, 0], 1))
+    # Quadrants A B / C D become D C / B A.
+    quads = permute_quadrants(clip, (3, 2, 1, 0))
+    assert torch.equal(quads[..., :2, :2], clip[..., 2:, 2:]) and torch.equal(quads[..., 2:, 2:], clip[..., :2, :2])
+    assert torch.equal(quads[..., :2, 2:], clip[..., 2:, :2]) and torch.equal(quads[..., 2:, :2], clip[..., :2, 2:])
+    # torch.chunk splits 10 frames 3/3/3/1; swapping chunks 0 and 3 gives frames 9, 3-8, 0-2.
+    swapped = swap_chunks(clip, 0, 3)
+    assert torch.equal(swapped, clip[:, [9, 3, 4, 5, 6, 7, 8, 0, 1, 2]])
+    rng = np.random.default_rng(0)
+    assert torch.equal(transform(clip, 0, rng), clip) and torch.equal(transform(clip, 4, rng), clip)
+    for label in (1, 2, 3):
+        assert not torch.equal(transform(clip, label, rng), clip)
+    assert not torch.equal(transform(clip, 2, rng, spatial_perm="random"), clip)
+
+
+def test_swap_pairs_are_uniform_over_all_six_or_the_three_neighbours():
+    rng = np.random.default_rng(1)
+    any_pairs = Counter(tuple(sorted(draw_swap(rng, "any"))) for _ in range(6000))
+    assert set(any_pairs) == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}
+    assert all(abs(c / 6000 - 1 / 6) < 0.02 for c in any_pairs.values())
+    adjacent = Counter(draw_swap(rng, "adjacent") for _ in range(3000))
+    assert set(adjacent) == {(0, 1), (1, 2), (2, 3)}
