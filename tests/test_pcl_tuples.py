@@ -22,6 +22,8 @@ def test_layouts_follow_upstream_and_the_nominal_reading():
     assert not upstream.fits(45) and upstream.fits(46)
     with pytest.raises(ValueError, match="clip_stride 'sideways'"):
         TupleLayout(stride="sideways")
+    with pytest.raises(ValueError, match="clip_len 6: torch.chunk splits it into 3"):
+        TupleLayout(clip_len=6)
 
 
 def test_draws_stay_in_the_video_and_remote_clips_keep_their_distance():
@@ -71,3 +73,41 @@ def test_swap_pairs_are_uniform_over_all_six_or_the_three_neighbours():
     assert all(abs(c / 6000 - 1 / 6) < 0.02 for c in any_pairs.values())
     adjacent = Counter(draw_swap(rng, "adjacent") for _ in range(3000))
     assert set(adjacent) == {(0, 1), (1, 2), (2, 3)}
+
+
+def test_tuple_dataset_on_real_videos(tmp_path):
+    from kdhar.config import ClipConfig
+    from kdhar.data.index import DatasetIndex, VideoSample
+    from kdhar.data.tuples import TupleClipDataset
+    from kdhar.data.video import write_video
+
+    def frames(n: int, seed: int) -> np.ndarray:
+        texture = np.random.default_rng(seed).integers(0, 256, (12, 16, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+        return np.stack([np.roll(texture, 2 * t, axis=1) for t in range(n)])
+
+    lengths = {"long0": 120, "long1": 100, "short": 30}
+    samples = []
+    for k, (name, n) in enumerate(lengths.items()):
+        path = tmp_path / f"c{k % 2}" / f"{name}.avi"
+        write_video(path, frames(n, seed=k))
+        samples.append(VideoSample(path, k % 2, name))
+    index = DatasetIndex(samples=samples, classes=["c0", "c1"], root=tmp_path)
+    clip = ClipConfig(resize=(40, 53), crop=32, augment=True, hflip=True)
+    layout = TupleLayout(clip_len=8, interval=2, tuple_len=3)  # span 28: the 30-frame video fits
+    train = TupleClipDataset(index, clip, TupleLayout(clip_len=10, interval=8), train=True, seed=0)
+    assert len(train) == 2 and train.too_short == 1  # 30 frames < 46: left out and counted
+
+    ds = TupleClipDataset(index, clip, layout, train=True, seed=0)
+    assert len(ds) == 3 and ds.too_short == 0
+    item = ds[(0, 0)]
+    assert item["clips"].shape == (3, 3, 8, 32, 32) and item["clips"].dtype == torch.float32
+    assert 0 <= item["pretext"] <= 4 and item["label"] == 0 and item["index"] == 0
+    assert torch.equal(ds[(0, 0)]["clips"], item["clips"])  # one (item, view) always gives the same tuple
+    labels = {ds[(i, v)]["pretext"] for i in range(3) for v in range(40)}
+    assert labels == {0, 1, 2, 3, 4}
+    # Validation tuples are fixed per video, whatever the epoch.
+    val = TupleClipDataset(index, clip, layout, train=False, seed=0)
+    val.set_epoch(0)
+    first = val[1]
+    val.set_epoch(5)
+    assert torch.equal(val[1]["clips"], first["clips"]) and val[1]["pretext"] == first["pretext"]

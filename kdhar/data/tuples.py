@@ -18,8 +18,10 @@ frames (VCOP's rule, which upstream keeps for both): shorter videos are left out
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 STRIDES = ("upstream", "nominal")
 PRETEXT_LABELS = 5  # unchanged, rotation, spatial permutation, chunk swap, remote clip
@@ -41,6 +43,10 @@ class TupleLayout:
             raise ValueError(f"clip_stride {self.stride!r}: choose one of {', '.join(STRIDES)}")
         if self.clip_len < 1 or self.interval < 0 or self.tuple_len < 2:
             raise ValueError(f"tuple layout {self}: needs clip_len >= 1, interval >= 0 and tuple_len >= 2")
+        size = -(-self.clip_len // 4)  # torch.chunk's chunk size
+        if -(-self.clip_len // size) != 4:
+            raise ValueError(f"clip_len {self.clip_len}: torch.chunk splits it into {-(-self.clip_len // size)} "
+                             "temporal chunks, and the chunk-swap task needs 4 (e.g. 8, 10 or 16 frames)")
 
     @property
     def span(self) -> int:
@@ -112,5 +118,77 @@ def clip_indices(draw: TupleDraw, layout: TupleLayout) -> np.ndarray:
     return np.asarray([np.arange(s, s + layout.clip_len) for s in draw.clip_starts(layout)], dtype=np.int64)
 
 
-__all__ = ["STRIDES", "PRETEXT_LABELS", "REMOTE", "REMOTE_GAP", "TupleLayout", "TupleDraw", "remote_start",
+class TupleClipDataset:
+    """PCL samples from the videos of an index: a tuple of `layout.tuple_len` clips, the middle one
+    transformed by its pretext label, as items `{"clips": (tuple_len, C, clip_len, H, W), "pretext":
+    label, "label": action label, "index": i}`.
+
+    Each clip gets its own augmentation draw (crop, flip, jitter, grayscale, blur), shared by all its
+    frames, through the same `draw_params`/`apply_params` as single clips. Training items are drawn
+    from `np.random.default_rng([seed, view, i])`; evaluation items from `[seed, i]` only, so their
+    starts and labels are fixed (PCL's validation keeps the training augmentations). Videos shorter
+    than `layout.span` are left out and counted in `too_short`.
+
+    Args:
+        index: the videos.
+        clip: resize, crop, augmentation and flip settings (its clip_len is not used: the layout's is).
+        layout: the tuple's clip length, interval, tuple length and stride.
+        train: per-view draws (training) or fixed ones (validation).
+        spatial_perm, swap_pairs: see `kdhar.objectives.pretext`.
+        cache_bytes: as for `VideoClipDataset`.
+    """
+
+    def __init__(self, index, clip, layout: TupleLayout, train: bool, seed: int = 0, spatial_perm: str = "fixed",
+                 swap_pairs: str = "any", cache_bytes: int = 0) -> None:
+        from kdhar.data.dataset import VideoClipDataset
+        from kdhar.data.index import DatasetIndex
+        from kdhar.data.video import frame_count
+
+        counts = [frame_count(s.path) for s in index.samples]
+        kept = [s for s, n in zip(index.samples, counts) if layout.fits(n)]
+        self.too_short = len(index.samples) - len(kept)
+        self.samples, self.classes = kept, list(index.classes)
+        self.layout, self.clip, self.train, self.seed = layout, clip, train, seed
+        self.spatial_perm, self.swap_pairs = spatial_perm, swap_pairs
+        # Decoding and the frame cache are the single-clip dataset's.
+        self._frames = VideoClipDataset(DatasetIndex(samples=kept, classes=self.classes, root=index.root), clip,
+                                        train=train, seed=seed, cache_bytes=cache_bytes)
+        self.view = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        from kdhar.data.transforms import apply_params, draw_params
+        from kdhar.objectives.pretext import transform
+
+        item, view = key if isinstance(key, tuple) else (key, self.view)
+        item = int(item)
+        rng = np.random.default_rng([self.seed, int(view), item] if self.train else [self.seed, item])
+        sample, layout, clip = self.samples[item], self.layout, self.clip
+        size = tuple(clip.resize) if clip.resize is not None else None
+        draw: list[TupleDraw] = []
+
+        def indices(n: int) -> np.ndarray:
+            draw.append(draw_tuple(rng, n, layout))
+            return clip_indices(draw[0], layout).reshape(-1)
+
+        frames = self._frames._read(item, sample.path, size, indices)
+        extra = layout.tuple_len  # the row of the fourth (remote or copied) clip
+        frames = frames.reshape(extra + 1, layout.clip_len, *frames.shape[1:])
+        d = draw[0]
+        used = [*range(layout.tuple_len), extra] if d.label == REMOTE else range(layout.tuple_len)
+        clips = {}
+        for k in used:
+            params = draw_params(rng, frames.shape[2:4], clip.resize, clip.crop, augment=clip.augment, hflip=clip.hflip)
+            clips[k] = apply_params(frames[k], params)
+        middle = clips[extra] if d.label == REMOTE else transform(clips[1], d.label, rng, self.spatial_perm, self.swap_pairs)
+        tuple_clips = [clips[0], middle, *[clips[k] for k in range(2, layout.tuple_len)]]
+        return {"clips": torch.stack(tuple_clips), "pretext": d.label, "label": sample.label, "index": item}
+
+
+__all__ = ["TupleClipDataset", "STRIDES", "PRETEXT_LABELS", "REMOTE", "REMOTE_GAP", "TupleLayout", "TupleDraw", "remote_start",
            "draw_tuple", "clip_indices"]
