@@ -111,3 +111,38 @@ def test_tuple_dataset_on_real_videos(tmp_path):
     first = val[1]
     val.set_epoch(5)
     assert torch.equal(val[1]["clips"], first["clips"]) and val[1]["pretext"] == first["pretext"]
+
+
+def test_memory_bank_nce_scores_across_views_and_moves_the_banks(caplog):
+    import torch.nn.functional as F
+
+    from kdhar.objectives.contrast import MemoryBankNCE, Projector, nt_xent
+
+    torch.manual_seed(0)
+    proj = Projector(16)
+    z = proj(torch.randn(4, 16))
+    assert z.shape == (4, 128) and torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
+
+    nce = MemoryBankNCE(num_rows=50, dim=8, negatives=6)
+    assert "fewer than its 6" not in caplog.text
+    z0, z2 = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    index = torch.tensor([4, 7, 9])
+    bank0, bank2 = nce.bank0.clone(), nce.bank2.clone()
+    gen = torch.Generator().manual_seed(3)
+    out = nce(z0, z2, index, generator=gen)
+    # The same draw by hand: z0 against M2, z2 against M0, positive (the sample's own row) at 0.
+    draw = torch.randint(50, (3, 7), generator=torch.Generator().manual_seed(3))
+    draw[:, 0] = index
+    by_hand0 = F.cross_entropy((bank2[draw] @ z0.unsqueeze(2)).squeeze(2) / 0.07, torch.zeros(3, dtype=torch.long))
+    by_hand2 = F.cross_entropy((bank0[draw] @ z2.unsqueeze(2)).squeeze(2) / 0.07, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(out["nce0_loss"], by_hand0) and torch.allclose(out["nce2_loss"], by_hand2)
+    assert torch.allclose(nce.bank0[index], F.normalize(0.5 * bank0[index] + 0.5 * z0, dim=1))
+    assert torch.equal(nce.bank0[0], bank0[0])  # rows of other videos stay put
+    assert "bank0" not in nce.state_dict()  # not saved in checkpoints, as upstream
+
+    small = MemoryBankNCE(num_rows=3, dim=8, negatives=1024)
+    assert "fewer than its 1024 negatives" in caplog.text
+    assert torch.isfinite(small(z0, z2, torch.tensor([0, 1, 2]))["nce0_loss"])
+
+    # In-batch NT-Xent is low when the two views agree and high when they do not.
+    assert nt_xent(z0, z0, 0.1) < nt_xent(z0, z0.flip(0), 0.1)
