@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +22,52 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
 
 
+@contextlib.contextmanager
+def _signals_deferred(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Holds SIGTERM/SIGINT back until the block is done, then delivers them to the handlers that
+    were in place (a run's tracker ends the run KILLED). A signal raised inside torch.save broke the
+    archive writer, which turned it into a RuntimeError and the run into a FAILED one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in received:
+            signal.raise_signal(s)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` or an exception it was raised from is "no space left on device" (torch.save
+    reports it as a RuntimeError whose context is the OSError)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Writes `state` to `path` so that `path` always holds a complete checkpoint.
 
     The state goes to a temporary file in the same directory, is flushed to disk, read back with
     `weights_only=True` (so a state that could not be resumed is rejected now, not at resume time),
     and only then renamed over `path`. A failure at any point leaves the previous file untouched.
+    SIGTERM and SIGINT wait until the write is done.
 
     Raises:
-        CheckpointError: `state` holds something other than plain types and tensors.
+        CheckpointError: `state` holds something other than plain types and tensors, or the disk
+            is full (the previous checkpoint stays as it was).
     """
-    path = Path(path)
+    with _signals_deferred():
+        _save(Path(path), state)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
@@ -45,8 +85,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
                 "store only plain types and tensors"
             ) from e
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _disk_full(exc):
+            then = (f"the previous one ({path}) is intact; free space and resume with --resume {path}"
+                    if path.exists() else "there was no earlier one; free space and run again")
+            raise CheckpointError(f"disk full at {path.parent}: checkpoint not written, {then}") from exc
         raise
     # Persist the rename itself, so a power cut cannot bring back the old directory entry.
     dir_fd = os.open(path.parent, os.O_RDONLY)

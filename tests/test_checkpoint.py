@@ -87,6 +87,61 @@ def test_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path, mod
         assert len(partial) == 1 and (tmp_path / partial[0]).stat().st_size == 64 * 1024
 
 
+SIGNALLED = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from mlflow import MlflowClient
+    from kdhar.checkpoint import load_checkpoint, save_checkpoint
+    from kdhar.tracking import RunTracker
+
+    class SignalWhilePickled:
+        # SIGTERM arrives while torch.save is writing the archive (deterministically, from pickling).
+        def __reduce_ex__(self, protocol):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return torch.full((1,), 7).__reduce_ex__(protocol)  # pickled as a plain tensor
+
+    path = sys.argv[1]
+    try:
+        with RunTracker("signals", run_name="write") as run:
+            run_id = run.run_id
+            save_checkpoint(path, {"epoch": 1, "w": torch.ones(1000), "mark": SignalWhilePickled()})
+            print("not reached: the signal must stop the run after the write")
+    except SystemExit as exc:
+        state = load_checkpoint(path)
+        status = MlflowClient().get_run(run_id).info.status
+        print(f"exit {exc.code} status {status} epoch {state['epoch']} mark {int(state['mark'])}")
+    """
+)
+
+
+def test_sigterm_during_a_checkpoint_write_waits_for_it_and_ends_the_run_killed(tmp_path):
+    # Raised inside torch.save, the signal used to break the archive writer: a RuntimeError and a
+    # FAILED run.
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED, str(tmp_path / "last.pt")], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"exit {128 + signal.SIGTERM} status KILLED epoch 1 mark 7"
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    # A real full disk: a 1 MiB tmpfs (needs root; skipped where mounting is not allowed).
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = mnt / "run" / "last.pt"
+        save_checkpoint(path, {"epoch": 1, "w": torch.ones(10)})
+        with pytest.raises(CheckpointError) as info:
+            save_checkpoint(path, {"epoch": 2, "w": torch.zeros(600_000)})  # 2.4 MB
+        assert str(info.value).startswith(f"disk full at {path.parent}: checkpoint not written, the previous one")
+        assert load_checkpoint(path)["epoch"] == 1 and leftovers(path.parent) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"nothere\.pt: checkpoint file not found"):
         load_checkpoint(tmp_path / "nothere.pt")
