@@ -350,7 +350,9 @@ def tune(
         raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
     if resolve_teacher(teacher, splits.fingerprint, device or "cpu") is None:
         raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
-    study_name = check_study_name(study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}")
+    # The dataset's fingerprint is part of the default name: a study on other data is another study.
+    study_name = check_study_name(
+        study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}-{cfg.data.dataset}-{splits.fingerprint[:8]}")
     if isinstance(pruner, optuna.pruners.BasePruner):
         pruner_obj, pruner = pruner, type(pruner).__name__
     else:

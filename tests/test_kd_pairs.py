@@ -111,6 +111,13 @@ def test_tune_takes_an_architecture_teacher_with_the_default_device(local_tracki
     summary = tune(tiny_config(tiny_set, epochs=1), teacher="tiny3d", n_trials=1, study_name="arch-teacher",
                    space=SearchSpace.parse("lr=0.002:0.01:log"), pruner="none", experiment="pairs", device="auto")
     assert summary["complete"] + summary["failed"] == 1
+    # The default study name names the data too (a study on other data is another study).
+    from kdhar.train import load_splits
+
+    fp = load_splits(tiny_config(tiny_set)).fingerprint
+    default = tune(tiny_config(tiny_set, epochs=1), teacher="tiny3d", n_trials=1, space=SearchSpace.parse("lr=none"),
+                   pruner="none", experiment="pairs", device="auto")
+    assert default["study_name"] == f"kd-tiny3d-tiny3d-ucf101-{fp[:8]}"
     [trial] = [r for r in MlflowClient(local_tracking).search_runs(
         [MlflowClient(local_tracking).get_experiment_by_name("pairs").experiment_id],
         "tags.optuna_study = 'arch-teacher' and tags.role = 'student'")]
