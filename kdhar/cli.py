@@ -480,7 +480,9 @@ def report_cmd(experiment, out) -> None:
     from kdhar.report import build_report
 
     tracking.check_project_experiment(experiment)
-    report = build_report(experiment, out / experiment)
+    from kdhar.report import report_folder
+
+    report = build_report(experiment, out / report_folder(experiment))
     click.echo(report.text)
     for path in report.files:
         click.echo(f"wrote {path}")

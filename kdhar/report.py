@@ -492,6 +492,12 @@ def _teacher_accuracy(experiment: str, students: Sequence[dict[str, Any]]) -> di
     return {t["run_id"]: t["metrics"][metric] for t in teachers if t["run_id"] in wanted and metric in t["metrics"]}
 
 
+def report_folder(experiment: str) -> str:
+    """The folder (under --out) an experiment's report goes to: its name as one safe path
+    component, so a name like ../x or /etc cannot write outside --out."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).lstrip(".") or "experiment"
+
+
 def build_report(experiment: str, out_dir: Path) -> Report:
     """Builds the comparison of an experiment's student and fine-tune runs and logs it as a report run.
 

@@ -157,6 +157,19 @@ def test_unknown_dataset_and_missing_root(tmp_path: Path) -> None:
         load_index("ucf101", tmp_path / "absent")
 
 
+def test_split_files_as_users_break_them_name_the_file(tmp_path: Path) -> None:
+    root = tiny_ucf(tmp_path / "ucf")
+    (root / "trainlist01.txt").write_text("")
+    with pytest.raises(SplitFileError, match=r"trainlist01.txt is empty"):
+        load_index("ucf101", root, subset="train")
+    (root / "trainlist01.txt").write_text("Archery/v_Archery_g08_c01.avi 1\n", encoding="utf-16")
+    with pytest.raises(SplitFileError, match=r"trainlist01.txt: not UTF-8 text .*save it as UTF-8"):
+        load_index("ucf101", root, subset="train")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        load_index("ucf101", tmp_path / "a_file")
+
+
 # --- HMDB51 and folders ------------------------------------------------------------------------
 
 

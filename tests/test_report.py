@@ -306,3 +306,11 @@ def test_row_without_stage_metrics_prints_dashes():
     row = Row("ucf101", "c3d", "none", 1.0, [0], ["a"], {"final": Stat(0.5, math.nan, 1)})
     line = format_table([row]).splitlines()[3]
     assert line.split()[:4] == ["scratch", "1", "1", "50.0"] and line.split().count("-") >= 6
+
+
+@pytest.mark.parametrize("name, folder", [("kdhar-cpu", "kdhar-cpu"), ("../evil", "_evil"), ("/etc/x", "_etc_x"),
+                                          ("..", "experiment"), ("a b", "a_b")])
+def test_report_folder_stays_inside_out(name, folder):
+    from kdhar.report import report_folder
+
+    assert report_folder(name) == folder

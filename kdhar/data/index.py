@@ -121,6 +121,8 @@ def read_split(
         raise DatasetError(f"subset must be 'train' or 'test', got {subset!r}")
     if split not in (1, 2, 3):
         raise DatasetError(f"split must be 1, 2 or 3, got {split!r}")
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"dataset root {root} is a file, not a folder; give the folder that holds the videos")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; check the root path")
     split_dir = Path(split_dir) if split_dir is not None else None
@@ -147,8 +149,14 @@ def fingerprint(index: DatasetIndex) -> str:
 
 def _lines(path: Path) -> list[tuple[int, str]]:
     # The official lists use CRLF; splitlines() handles both, and blank lines are harmless.
-    text = path.read_text(encoding="utf-8-sig")
-    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SplitFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise SplitFileError(f"{path} is empty; restore the split file (the official lists have one video per line)")
+    return lines
 
 
 def _find_file(name: str, places: list[Path]) -> Path:
