@@ -298,9 +298,10 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
     from kdhar.experiments import run_grid
 
     exp = "killed"
-    # Students train for 120 tiny epochs (~30 s idle) so the signal reaches them mid-training.
+    # Students train for 300 tiny epochs (~40 s idle, minutes on a loaded machine, where 120 epochs
+    # once ended before the test saw them running) so the signal reaches them mid-training.
     spec = write_spec(store, "k.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=False,
-                      seeds=[0, 1], overrides={**TINY, "epochs": 120}, teacher_overrides={"epochs": 1})
+                      seeds=[0, 1], overrides={**TINY, "epochs": 300}, teacher_overrides={"epochs": 1})
 
     def students(status: str) -> list[dict]:
         return tracking.find_runs(exp, f"tags.role = 'student' and attributes.status = '{status}'")
@@ -310,7 +311,9 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
         proc = subprocess.Popen([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--workers", "2"],
                                 cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            _wait_for(lambda: students("RUNNING"), 180, "a student run in flight")
+            # Both workers' students: with only the first one seen, the second could start before the
+            # signal and end KILLED without being counted.
+            _wait_for(lambda: len(students("RUNNING")) == 2, 180, "both student runs in flight")
             children = _children(proc.pid)
             in_flight = students("RUNNING")
             proc.send_signal(sig)
