@@ -306,16 +306,32 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
     def students(status: str) -> list[dict]:
         return tracking.find_runs(exp, f"tags.role = 'student' and attributes.status = '{status}'")
 
-    killed = 0
+    def running_students(seen: set[str]) -> list[str]:
+        # Read from the checkpoint files, not the tracking store: while two workers log every step,
+        # SQLite reads can lag a minute behind on a loaded machine (the students once finished
+        # before the test saw them running).
+        found = []
+        for path in (store / "runs" / "checkpoints").glob("*/last.pt"):
+            try:
+                state = load_checkpoint(path)
+            except Exception:
+                continue
+            if state["config"].get("optim.epochs") == 300 and state["epoch"] < 300 and path.parent.name not in seen:
+                found.append(path.parent.name)
+        return found
+
+    from kdhar.checkpoint import load_checkpoint
+
+    killed, seen = 0, set()
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--workers", "2"],
                                 cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             # Both workers' students: with only the first one seen, the second could start before the
             # signal and end KILLED without being counted.
-            _wait_for(lambda: len(students("RUNNING")) == 2, 180, "both student runs in flight")
+            in_flight = _wait_for(lambda: (lambda ids: ids if len(ids) == 2 else None)(running_students(seen)), 180,
+                                  "both student runs in flight")
             children = _children(proc.pid)
-            in_flight = students("RUNNING")
             proc.send_signal(sig)
             out, _ = proc.communicate(timeout=90)
         finally:
@@ -326,9 +342,10 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
         assert children
         _wait_for(lambda: not any(_alive(pid) for pid in children), 60, "the grid's workers to exit")
         assert students("RUNNING") == []
-        for run in in_flight:
-            assert tracking.run_status(run["run_id"]) == "KILLED", out
+        for run_id in in_flight:
+            assert tracking.run_status(run_id) == "KILLED", out
         killed += len(in_flight)
+        seen |= set(in_flight)
 
     # The same command trains what did not finish, and no more.
     outcomes = run_grid(spec, workers=2, log=lambda _: None)
