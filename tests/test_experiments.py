@@ -324,8 +324,11 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
 
     killed, seen = 0, set()
     for sig in (signal.SIGINT, signal.SIGKILL):
+        # SIGINT as at a terminal: a shell's background job (CI started with `&`, nohup) inherits it
+        # ignored, and a child started from there would never see the Ctrl-C this test sends.
         proc = subprocess.Popen([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--workers", "2"],
-                                cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             # Both workers' students: with only the first one seen, the second could start before the
             # signal and end KILLED without being counted.
