@@ -208,6 +208,40 @@ def kd_options(fn):
     return fn
 
 
+def pcl_options(fn=None, *, ssl: bool = True):
+    """PCL's knobs (pretrain; distill with --ssl pcl); spec keys of the same names. `ssl`: add --ssl."""
+    from kdhar.data.tuples import STRIDES
+    from kdhar.objectives.pretext import SPATIAL_PERMS, SWAP_PAIRS
+
+    p = C.PCLConfig
+    opts = [
+        click.option("--pcl-interval", type=INT, default=None,
+                     help=f"frames between a tuple's clips (default {p.interval}, Table 1; 2 at size cpu)"),
+        click.option("--clip-stride", type=_OptionalChoice(STRIDES), default=None,
+                     help="upstream: clips tuple_len+interval apart, as PCL's code (default); nominal: clip_len+interval"),
+        click.option("--spatial-perm", type=_OptionalChoice(SPATIAL_PERMS), default=None,
+                     help="pretext quadrant order: fixed [[D,C],[B,A]] (code, default) or random (paper's prose)"),
+        click.option("--swap-pairs", type=_OptionalChoice(SWAP_PAIRS), default=None,
+                     help="pretext chunk swap: any two of four chunks (code, default) or adjacent ones (prose)"),
+        click.option("--contrast", type=_OptionalChoice(C.CONTRASTS), default=None,
+                     help="nce: two memory banks with K negatives (code, default); ntxent: in-batch negatives"),
+        click.option("--contrast-weight", type=FLOAT, default=None, help=f"weight of the contrastive loss (default {p.contrast_weight:g})"),
+        click.option("--negatives", type=INT, default=None, help=f"K negatives per sample from the memory bank (default {p.negatives})"),
+        click.option("--nce-temperature", type=FLOAT, default=None, help=f"contrastive temperature (default {p.temperature:g})"),
+        click.option("--bank-momentum", type=FLOAT, default=None, help=f"memory-bank update momentum (default {p.momentum:g})"),
+    ]
+    if ssl:
+        opts.insert(0, click.option("--ssl", type=click.Choice(C.SSL_METHODS), default="none", show_default=True,
+                                    help="pcl: train inside PCL (pretext + contrastive terms on clip tuples), KD on its action head"))
+
+    def add(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
 def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = None) -> C.RunConfig:
     """Defaults -> size preset -> explicit options; checks what can be checked before any work."""
     from kdhar import tracking
@@ -370,9 +404,14 @@ def train_teacher(arch: str, **opts) -> None:
 @kd_options
 @click.option("--init", default=None, help="checkpoint or model URI to start the student from")
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayed views (needs --views, on the scratch twin too)")
+@pcl_options
 @run_options
 def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cache_teacher, **opts) -> None:
-    """Distil a teacher into a student (teacher=none: the paired scratch run)."""
+    """Distil a teacher into a student (teacher=none: the paired scratch run); --ssl pcl trains it inside PCL.
+
+    The SSKD preset (CE weight 0.1, KD weight 0.9) is --kd-weighting mix --alpha 0.9; the KD paper's
+    Eq. 7 is --kd-weighting sum --lam 1.
+    """
     from kdhar import distill as D
 
     cfg = build_config(student, opts, kd=dict(tau=tau, weighting=kd_weighting, alpha=alpha, lam=lam))
@@ -382,6 +421,23 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
         allow_config_change=bool(opts["allow_config_change"]),
         device=opts["device"], cache_teacher=cache_teacher, parent_run_id=_project_parent(opts),
     )
+    _print_result(res)
+
+
+@cli.command("pretrain")
+@click.option("--arch", default="c3d", show_default=True)
+@pcl_options(ssl=False)
+@run_options
+def pretrain_cmd(arch: str, **opts) -> None:
+    """Label-free PCL pretraining; the encoder is logged as a model for --init (distill, finetune)."""
+    from kdhar.train import run_training
+    from kdhar.objectives import build_objective
+
+    cfg = build_config(arch, {**opts, "ssl": "pcl"})
+    ensure_data(cfg.data.root)
+    res = run_training(cfg, role="pretrain", experiment=opts["experiment"], objective=build_objective(cfg, labels=False),
+                       resume=_text(opts["resume"]), allow_config_change=bool(opts["allow_config_change"]),
+                       device=opts["device"], parent_run_id=_project_parent(opts))
     _print_result(res)
 
 
@@ -402,15 +458,17 @@ def finetune_cmd(model_uri: str, **opts) -> None:
 
 @cli.command("evaluate")
 @click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to score")
+@click.option("--retrieval", type=BOOL, default=False, show_default=True,
+              help="also clip retrieval top-1/5/10/20/50 of test videos against training videos (label-free)")
 @run_options(only=EVAL_OPTIONS)
-def evaluate_cmd(model_uri: str, **opts) -> None:
-    """Score a logged model on a dataset's test split (clip/video accuracy)."""
+def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
+    """Score a logged model on a dataset's test split (clip/video accuracy, optionally retrieval)."""
     from kdhar.evaluation import evaluate_model
 
     cfg = build_config("c3d", opts)
     ensure_data(cfg.data.root)
     metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"],
-                             explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts))
+                             explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts), retrieval=bool(retrieval))
     click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 

@@ -114,6 +114,8 @@ def distill(
     if t is not None:  # refuse a mismatched teacher before any work (the logit cache included)
         check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)
         check_teacher_clips(t, cfg)
+    if init:
+        check_init_modality(init, cfg.model.modality)
     init_state = load_init(init) if init else None
     tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg), "teacher_spec": teacher, **(extra_tags or {})}
     objective = build_objective(cfg, t, cache_teacher=cache_teacher and t is not None, device=device)
@@ -148,6 +150,17 @@ def record_epochs_to_scratch(experiment: str, res: RunResult, key: str) -> None:
         return
     reached = next((h["epoch"] for h in res.history if h.get("test_video_top1", -1) >= target), None)
     tracking.log_metrics_to(res.run_id, {"scratch_final_acc": target, "epochs_to_scratch_acc": reached if reached is not None else -1})
+
+
+def check_init_modality(spec: str, modality: str) -> None:
+    """Refuses starting from a logged model trained on another input modality (a PCL encoder sees
+    residual frames): its filters would meet inputs of another kind."""
+    if not spec.startswith(("models:/", "runs:/")):
+        return
+    trained = tracking.load_run_dict(tracking.model_run_id(spec), "config.json").get("model.modality", "rgb")
+    if trained != modality:
+        raise ValueError(f"--init {spec} was trained on {trained} input but this run's modality is {modality}: "
+                         f"pass --modality {trained}")
 
 
 def load_init(spec: str) -> dict[str, torch.Tensor]:

@@ -40,14 +40,18 @@ def resolve_amp_dtype(device: torch.device | str, amp_dtype: torch.dtype | None)
 
 
 def _inputs(batch: Mapping[str, Any], device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The step's inputs: a clip batch (N, 3, T, H, W), or a tuple batch ("clips", (N, L, 3, T, H, W))
+    whose pretext labels and dataset indices go along as extras."""
     # non_blocking only overlaps the copy when the loader pinned the memory; otherwise it is a no-op.
-    x = batch["clip"].to(device, non_blocking=True)
-    if device.type == "cuda":
+    tuples = "clips" in batch
+    x = batch["clips" if tuples else "clip"].to(device, non_blocking=True)
+    if device.type == "cuda" and not tuples:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     y = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
     extra = {}
-    if "teacher_logits" in batch:
-        extra["teacher_logits"] = torch.as_tensor(batch["teacher_logits"]).to(device, non_blocking=True)
+    for name in ("teacher_logits", *(("pretext", "index") if tuples else ())):
+        if name in batch:
+            extra[name] = torch.as_tensor(batch[name]).to(device, non_blocking=True)
     return x, y, extra
 
 
@@ -62,7 +66,8 @@ def train_step(
     """One optimisation step on one batch; `max_grad_norm` > 0 clips the gradient's L2 norm.
 
     Returns:
-        The step's detached losses (every "*loss" entry) and "correct" (top-1 hits) as tensors
+        The step's detached losses (every "*loss" entry), "correct" (top-1 hits of "output" against
+        the step's "target", else the labels) and the step's own "*_correct" counts, as tensors
         left on `device`, so that no GPU synchronisation happens here, and "clips" (an int).
     """
     device = torch.device(device)
@@ -76,8 +81,8 @@ def train_step(
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith("loss")}
-    result["correct"] = (out["output"].detach().argmax(dim=1) == y).sum()
+    result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith(("loss", "_correct"))}
+    result["correct"] = (out["output"].detach().argmax(dim=1) == out.get("target", y)).sum()
     result["clips"] = int(y.shape[0])
     return result
 
@@ -142,8 +147,8 @@ def train_one_epoch(
             scheduler.step()
         skipped += int(batch.get("skipped", 0))
         clips = result.pop("clips")
-        weighted = {k: v * clips for k, v in result.items() if k != "correct"}
-        weighted.update(correct=result["correct"], clips=clips)
+        weighted = {k: v if k.endswith("correct") else v * clips for k, v in result.items()}
+        weighted["clips"] = clips
         for acc in (totals, window):
             for k, v in weighted.items():
                 acc[k] = acc[k] + v if k in acc else v
@@ -162,7 +167,8 @@ def train_one_epoch(
     means = _window_means(totals, epoch, i)  # the .item() calls also wait for queued GPU work
     seconds = time.perf_counter() - start
     n = int(totals["clips"])
-    return means | {k: float(v) for k, v in first.items()} | {
+    accs = {f"{k.removesuffix('_correct')}_acc": float(v) / n for k, v in totals.items() if k.endswith("_correct")}
+    return means | {k: float(v) for k, v in first.items()} | accs | {
         "acc": float(totals["correct"]) / n,
         "clips": n,
         "clips_per_s": n / seconds,
@@ -268,6 +274,29 @@ def evaluate(
         "videos": len(videos),
         "skipped": skipped,
     }
+
+
+@torch.inference_mode()
+def evaluate_terms(step: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device | str,
+                   amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Means over `loader` of what `step.validate(x, y, **extra)` returns: every "*loss" term
+    (batch-weighted) and every "*_correct" count as "*_acc" (e.g. PCL's pretext validation)."""
+    device = torch.device(device)
+    dtype = resolve_amp_dtype(device, amp_dtype)
+    step.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in loader:
+        x, y, extra = _inputs(batch, device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = step.validate(x, y, **extra)
+        size = int(y.shape[0])
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * (1 if k.endswith("_correct") else size)
+        n += size
+    if n == 0:
+        raise ValueError("the validation loader yielded no batches: check the dataset")
+    return {(f"{k.removesuffix('_correct')}_acc" if k.endswith("_correct") else k): v / n for k, v in sums.items()}
 
 
 def get_lr(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int = 0) -> float:

@@ -32,12 +32,13 @@ def trained_clip(cfg: RunConfig, trained: dict, explicit: frozenset[str] = froze
 
 def evaluate_model(
     model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None, explicit: frozenset[str] = frozenset(),
-    parent_run_id: str | None = None,
+    parent_run_id: str | None = None, retrieval: bool = False,
 ) -> dict[str, float]:
     """Evaluates a logged model on the test split and records the result as an `evaluation` run.
 
     Clip length, frame interval, resize and crop come from the model's training run, except the
-    ones named in `explicit` (options the user gave).
+    ones named in `explicit` (options the user gave). `retrieval`: also top-k clip retrieval of the
+    test videos against the whole training list (`kdhar.retrieval`).
 
     Raises:
         ValueError: the model's classes differ from the dataset's, or explicit clip settings the
@@ -70,6 +71,8 @@ def evaluate_model(
     loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0, pin_memory=dev.type == "cuda")
     result = evaluate(model, loader, dev, len(classes))
     metrics = {f"test_{k}": float(result[k]) for k in ("clip_top1", "clip_top5", "video_top1", "mean_class_acc", "loss")}
+    if retrieval:
+        metrics.update(_retrieval(model_uri, run_id, trained, cfg, splits, loader, len(classes), dev))
     tags = {"role": "evaluation", "source_model": model_uri, "source_run": run_id, "dataset": cfg.data.dataset,
             "dataset_fingerprint": splits.fingerprint}
     arch = tracking.run_tags(run_id).get("arch", "model")
@@ -80,3 +83,23 @@ def evaluate_model(
         tracker.log_figure(confusion_figure(result["confusion"], classes), "confusion_matrix.png")
         tracker.log_dict({"per_class": result["per_class"], "classes": classes}, "per_class_report.json")
     return metrics
+
+
+def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes, dev) -> dict[str, float]:
+    """Retrieval needs the trunk's feature maps, which an exported model does not expose: the
+    architecture is rebuilt from the model's run and given the logged weights."""
+    from kdhar.distill import load_init
+    from kdhar.models import build_model
+    from kdhar.retrieval import retrieval
+    from kdhar.train import load_compatible
+
+    arch = tracking.run_tags(run_id).get("arch")
+    encoder = build_model(arch, num_classes, width=int(float(trained.get("model.width", 64))),
+                          modality=trained.get("model.modality", "rgb"))
+    skipped = load_compatible(encoder, load_init(model_uri))
+    if skipped:
+        raise ValueError(f"model {model_uri}: weights {', '.join(skipped[:3])} do not fit a {arch} rebuilt from its run")
+    gallery = dataclasses.replace(splits.train, samples=splits.train.samples + (splits.val.samples if splits.val else []))
+    ds = VideoClipDataset(gallery, cfg.clip, train=False, on_bad=cfg.data.on_bad)
+    train_loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0)
+    return retrieval(encoder.to(dev), train_loader, test_loader, dev)

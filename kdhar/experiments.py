@@ -53,6 +53,17 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "warmup": ("optim", "warmup"),
     "grad_clip": ("optim", "grad_clip"),
     "threads": ("optim", "threads"),
+    # PCL (`ssl: pcl`): the tuple view and the self-supervised terms
+    "ssl": ("pcl", "ssl"),
+    "pcl_interval": ("pcl", "interval"),
+    "clip_stride": ("pcl", "clip_stride"),
+    "spatial_perm": ("pcl", "spatial_perm"),
+    "swap_pairs": ("pcl", "swap_pairs"),
+    "contrast": ("pcl", "contrast"),
+    "contrast_weight": ("pcl", "contrast_weight"),
+    "negatives": ("pcl", "negatives"),
+    "nce_temperature": ("pcl", "temperature"),
+    "bank_momentum": ("pcl", "momentum"),
 }
 
 # What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the
@@ -177,7 +188,12 @@ def build_run_config(
         raise SpecError(f"unknown override {', '.join(unknown)}; valid: {', '.join(sorted(OVERRIDES))}")
     base = C.RunConfig()
     preset = C.CPU_PRESET if size == "cpu" else {}
-    sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in ("data", "clip", "model", "optim")}
+    sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in ("data", "clip", "model", "optim", "pcl")}
+    if overrides.get("ssl") == "pcl":
+        sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
+        if size == "cpu":
+            for name, values in C.PCL_CPU_PRESET.items():
+                sections[name].update(values)
     for key, value in overrides.items():
         section, name = OVERRIDES[key]
         sections[section][name] = tuple(value) if name == "resize" else value
@@ -197,6 +213,7 @@ def build_run_config(
         model=dataclasses.replace(base.model, arch=arch, **sections["model"]),
         optim=dataclasses.replace(base.optim, seed=seed, **sections["optim"]),
         kd=kd or base.kd,
+        pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
     )
     try:
         C.check_run_config(cfg)

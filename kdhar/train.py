@@ -24,7 +24,8 @@ from kdhar.config import RunConfig, check_run_config
 from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.data.index import DatasetIndex, fingerprint, load_index
 from kdhar.data.subsets import class_balanced_subset, group_holdout
-from kdhar.engine import evaluate, make_scheduler, rng_state, set_determinism, set_rng_state, train_one_epoch
+from kdhar.engine import (evaluate, evaluate_terms, make_scheduler, rng_state, set_determinism, set_rng_state,
+                          train_one_epoch)
 from kdhar.models import build_model
 from kdhar.objectives import Objective, Teacher, build_objective
 from kdhar.plots import confusion_figure, curves_figure
@@ -223,29 +224,32 @@ def run_training(
     num_classes = len(splits.classes)
     clip, optim = cfg.clip, cfg.optim
 
-    train_ds = VideoClipDataset(
-        splits.train, clip, train=True, seed=optim.seed, on_bad=cfg.data.on_bad, num_views=cfg.data.views or None,
-        cache_bytes=TRAIN_FRAME_CACHE_BYTES,
-    )
-    eval_sets = {"test": VideoClipDataset(splits.test, clip, train=False, on_bad=cfg.data.on_bad)}
-    if splits.val is not None:
-        eval_sets["val"] = VideoClipDataset(splits.val, clip, train=False, on_bad=cfg.data.on_bad)
+    view = TrainingView.build(objective, cfg, splits)
+    train_ds = view.train
+    eval_sets = {}
+    if objective.labels:  # label-free pretraining has no classifier to score
+        eval_sets["test"] = VideoClipDataset(splits.test, clip, train=False, on_bad=cfg.data.on_bad)
+        if splits.val is not None:
+            eval_sets["val"] = VideoClipDataset(splits.val, clip, train=False, on_bad=cfg.data.on_bad)
     pin = dev.type == "cuda"
     workers = cfg.data.num_workers
     train_loader = make_loader(train_ds, optim.batch_size, shuffle=True, num_workers=workers, seed=optim.seed, pin_memory=pin)
-    eval_loaders = {
-        name: ReplayLoader(make_loader(ds, optim.batch_size, shuffle=False, num_workers=workers, seed=optim.seed,
-                                       pin_memory=pin), EVAL_REPLAY_BYTES)
-        for name, ds in eval_sets.items()
-    }
+
+    def replay(ds) -> ReplayLoader:
+        return ReplayLoader(make_loader(ds, optim.batch_size, shuffle=False, num_workers=workers, seed=optim.seed,
+                                        pin_memory=pin), EVAL_REPLAY_BYTES)
+
+    eval_loaders = {name: replay(ds) for name, ds in eval_sets.items()}
+    ssl_loader = replay(view.ssl_val) if view.ssl_val is not None else None
 
     model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                         modality=cfg.model.modality)
     if init_state is not None:
         load_compatible(model, init_state)
-    step = objective.make_step(model).to(dev)  # moves a step's frozen teacher too
+    step = objective.make_step(model, len(train_ds)).to(dev)  # moves a step's frozen teacher too
+    # Over the step's parameters: the model's, and a method's own heads (PCL's pretext head and projector).
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        step.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
     )
     steps_per_epoch = max(1, len(train_loader))
     warmup_steps = round(optim.warmup * steps_per_epoch)
@@ -254,6 +258,7 @@ def run_training(
     start_epoch, history, run_id = 0, [], None
     if state is not None:
         model.load_state_dict(state["model"])
+        step.load_state_dict(state.get("heads", {}), strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
@@ -306,6 +311,8 @@ def run_training(
             tracker.log_dict(cfg.params(kd=teacher is not None) | {"determinism": det_note}, "config.json")
             if splits.missing:
                 tracker.log_metrics({"missing_videos": splits.missing}, step=0)
+            if view.too_short:
+                tracker.log_metrics({"too_short_videos": view.too_short}, step=0)
         ckpt_path = Path(workdir) / "checkpoints" / run_id / "last.pt"
         stopped: str | None = None
         last_test: dict[str, Any] | None = None  # the test scores of the weights as they are now
@@ -335,10 +342,16 @@ def run_training(
                 metrics.update(_epoch_metrics(name, result))
                 if name == "test":
                     last_test = result
+            if ssl_loader is not None:
+                metrics.update({f"ssl_val_{k}": v for k, v in evaluate_terms(step, ssl_loader, dev).items()})
             done = epoch + 1
-            for stage, at in stages.items():
-                if done == at:
-                    metrics[f"acc_{stage}"] = metrics["test_video_top1"]
+            if "test_video_top1" in metrics:
+                best_test = max([h["test_video_top1"] for h in history] + [metrics["test_video_top1"]])
+                for stage, at in stages.items():
+                    if done == at:
+                        metrics[f"acc_{stage}"] = metrics["test_video_top1"]
+                        # The paper's stage value: the best test accuracy reached by then (pcl.md 5.2).
+                        metrics[f"best_acc_{stage}"] = best_test
             history.append({"epoch": done, **metrics})
             if progress:
                 _print_epoch(role, cfg.model.arch, done, optim.epochs, metrics)
@@ -347,6 +360,7 @@ def run_training(
                 ckpt_path,
                 {
                     "model": model.state_dict(),
+                    "heads": _heads(step),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "epoch": done,
@@ -366,7 +380,7 @@ def run_training(
                     tracker.set_tags({"stopped_early": stopped})
                     break
 
-        if last_test is None:  # a resumed run that had already trained every epoch
+        if last_test is None and "test" in eval_loaders:  # a resumed run that had already trained every epoch
             last_test = evaluate(model, eval_loaders["test"], dev, num_classes)
         if watch and history:
             collapsed = bool(history[-1].get("collapsed", 0.0))
@@ -374,12 +388,13 @@ def run_training(
             if collapsed and progress:
                 print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} did not come down "
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
-        final = _finish(tracker, model, last_test, splits, history, clip)
+        extra_final = view.final_metrics(model, cfg, splits, dev)
+        final = _finish(tracker, model, last_test, splits, history, clip, extra_final)
     model_uri = final.pop("_model_uri")
     # Registered once the run has ended FINISHED, so a run killed or failed before then leaves no
     # version behind (and cannot become champion).
     if register:
-        _register(model_uri, run_id, splits, cfg, role, objective.name)
+        _register(model_uri, run_id, splits, cfg, role, objective.registry_label, champion=objective.labels)
     return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=model_uri)
 
 
@@ -387,23 +402,32 @@ def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None) -> str:
     """A name that says what the run is, e.g. kd-c3d→r3d_18-f0.25-s0 (MLflow's random names would
     repeat for every run of a seed, since they come from Python's seeded `random`)."""
     arch, seed, frac = cfg.model.arch, cfg.optim.seed, f"f{cfg.data.fraction:g}"
+    pcl = "pcl-" if cfg.pcl.ssl == "pcl" else ""
     if role == "teacher":
         return f"teacher-{arch}-s{seed}"
+    if role == "pretrain":
+        return f"pretrain-pcl-{arch}-{frac}-s{seed}"
     if role == "student":
         prefix = f"kd-{teacher.arch or 'teacher'}→{arch}" if teacher is not None else f"scratch-{arch}"
-        return f"{prefix}-{frac}-s{seed}"
+        return f"{pcl}{prefix}-{frac}-s{seed}"
     return f"{role}-{arch}-{cfg.data.dataset}-{frac}-s{seed}"
 
 
 def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Splits) -> str:
     """One paragraph saying what the run is, shown as its description in the MLflow UI."""
     o, c, kd = cfg.optim, cfg.clip, cfg.kd
-    what = {"teacher": "Teacher", "student": "Student", "finetune": "Fine-tune"}.get(role, role.capitalize())
+    what = {"teacher": "Teacher", "student": "Student", "finetune": "Fine-tune",
+            "pretrain": "Label-free PCL pretraining of"}.get(role, role.capitalize())
     text = (
         f"{what} {cfg.model.arch} (width {cfg.model.width}{', residual frames' if cfg.model.modality == 'res' else ''}) on {cfg.data.dataset} ({cfg.data.root}), "
         f"{cfg.data.fraction:g} of the training videos ({len(splits.train.samples)}), seed {o.seed}: "
         f"{o.epochs} epochs, lr {o.lr:g}, batch {o.batch_size}, {c.clip_len}-frame {c.crop}x{c.crop} clips."
     )
+    if cfg.pcl.ssl == "pcl":
+        p = cfg.pcl
+        text += (f" Trained inside PCL on tuples of {c.tuple_len} clips {p.interval} apart ({p.clip_stride} stride): the "
+                 f"5-way pretext task plus {p.contrast_weight:g} x the {p.contrast} contrastive loss"
+                 + (", and the action head on the first and last clips." if role != "pretrain" else ", no labels."))
     if teacher is not None:
         weight = f"alpha {kd.alpha:g}" if kd.weighting == "mix" else f"lambda {kd.lam:g}"
         text += (f" Distilled from {teacher.arch or 'a'} teacher {teacher.uri} (run {teacher.run_id}) with logit KD, "
@@ -416,24 +440,28 @@ def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Spl
 CHAMPION_METRIC = "val_video_top1"
 
 
-def registered_name(role: str, method: str, arch: str) -> str:
+def registered_name(role: str, label: str, arch: str) -> str:
     """Registry name of a run's model: one per (method, architecture), so `@champion` compares like
-    with like: kdhar-teacher-c3d, kdhar-scratch-r3d_18, kdhar-kd-r3d_18, kdhar-finetune-c3d."""
+    with like: kdhar-teacher-c3d, kdhar-scratch-r3d_18, kdhar-kd-r3d_18, kdhar-pcl-kd-r3d_18,
+    kdhar-pretrain-c3d, kdhar-finetune-c3d. `label`: the objective's `registry_label`."""
     if role == "student":
-        return f"kdhar-{'scratch' if method == 'supervised' else 'kd'}-{arch}"
+        return f"kdhar-{label}-{arch}"
     return f"kdhar-{role}-{arch}"
 
 
-def _finish(tracker, model, result, splits, history, clip) -> dict:
-    """Final test metrics (`result`: the last evaluation), plots, reports and the logged model."""
-    final = _epoch_metrics("final_test", result)
+def _finish(tracker, model, result, splits, history, clip, extra: dict[str, float]) -> dict:
+    """Final test metrics (`result`: the last evaluation, None for a run without a classifier to
+    score), `extra` final metrics, plots, reports and the logged model."""
+    final = _epoch_metrics("final_test", result) if result is not None else {}
+    final.update(extra)
     best_val = max((h.get("val_video_top1", float("nan")) for h in history), default=float("nan"))
     if not math.isnan(best_val):
         final["best_val_video_top1"] = best_val
     tracker.log_metrics(final, step=len(history))
-    tracker.log_figure(confusion_figure(result["confusion"], splits.classes), "confusion_matrix.png")
+    if result is not None:
+        tracker.log_figure(confusion_figure(result["confusion"], splits.classes), "confusion_matrix.png")
+        tracker.log_dict({"per_class": result["per_class"], "classes": splits.classes}, "per_class_report.json")
     tracker.log_figure(curves_figure(history), "learning_curves.png")
-    tracker.log_dict({"per_class": result["per_class"], "classes": splits.classes}, "per_class_report.json")
     model.eval().cpu()
     example = np.zeros((2, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
     info = tracker.log_model(model, tracking.model_name(tracker.run_name or "model"), input_example=example)
@@ -441,14 +469,64 @@ def _finish(tracker, model, result, splits, history, clip) -> dict:
     return final
 
 
-def _register(model_uri: str, run_id: str, splits: Splits, cfg: RunConfig, role: str, method: str) -> None:
+def _register(model_uri: str, run_id: str, splits: Splits, cfg: RunConfig, role: str, label: str,
+              champion: bool = True) -> None:
     """Registers a FINISHED run's model as a new version and lets it compete for `@champion`: on
     the validation split only (the last epoch's, as the logged weights are the last epoch's); a run
-    without one registers a version but never becomes champion."""
-    name = registered_name(role, method, cfg.model.arch)
+    without one, or without a classifier to score (`champion` False), registers a version but
+    never becomes champion."""
+    name = registered_name(role, label, cfg.model.arch)
     version = tracking.register_model(model_uri, name, run_id)
-    if splits.val is not None:
+    if champion and splits.val is not None:
         tracking.promote_champion(name, version, CHAMPION_METRIC, splits.fingerprint)
+
+
+@dataclass
+class TrainingView:
+    """What a run trains on (its objective's view of the training videos), and for a tuple view the
+    fixed tuples of the test list that PCL validates its pretext task on."""
+
+    train: Any
+    ssl_val: Any = None
+    too_short: int = 0  # training videos left out: shorter than a tuple
+
+    @classmethod
+    def build(cls, objective: Objective, cfg: RunConfig, splits: Splits) -> TrainingView:
+        """Raises ValueError when no training video can give the view a sample."""
+        if objective.view == "clip":
+            return cls(VideoClipDataset(splits.train, cfg.clip, train=True, seed=cfg.optim.seed, on_bad=cfg.data.on_bad,
+                                        num_views=cfg.data.views or None, cache_bytes=TRAIN_FRAME_CACHE_BYTES))
+        train = objective.make_data(splits.train, True, cfg.optim.seed, TRAIN_FRAME_CACHE_BYTES)
+        if len(train) == 0:
+            raise ValueError(
+                f"none of the {train.too_short} training videos in {cfg.data.root} has the {train.layout.span} frames a "
+                f"tuple of {train.layout.tuple_len} {train.layout.clip_len}-frame clips {train.layout.interval} apart "
+                "needs: lower --clip-len or --pcl-interval"
+            )
+        if train.too_short:
+            print(f"[pcl] {train.too_short} of {train.too_short + len(train)} training videos are shorter than a tuple "
+                  f"({train.layout.span} frames) and are left out", file=sys.stderr, flush=True)
+        ssl_val = objective.make_data(splits.test, False, cfg.optim.seed)
+        return cls(train, ssl_val if len(ssl_val) else None, train.too_short)
+
+    def final_metrics(self, model: torch.nn.Module, cfg: RunConfig, splits: Splits, dev: torch.device) -> dict[str, float]:
+        """Clip retrieval (test videos against the training list) for a tuple-view run: a
+        label-free measure of its encoder; nothing for a single-clip run."""
+        if self.ssl_val is None:
+            return {}
+        from kdhar.retrieval import retrieval
+
+        gallery = dataclasses.replace(splits.train, samples=splits.train.samples + (splits.val.samples if splits.val else []))
+        loaders = [make_loader(VideoClipDataset(index, cfg.clip, train=False, on_bad=cfg.data.on_bad), cfg.optim.batch_size,
+                               shuffle=False, num_workers=cfg.data.num_workers) for index in (gallery, splits.test)]
+        return retrieval(model, *loaders, dev)
+
+
+def _heads(step: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A step's own saved weights beyond the model's (PCL's pretext head and projector), for a resume."""
+    model = getattr(step, "model", None)
+    prefix = next((f"{name}." for name, child in step.named_children() if child is model), None)
+    return {k: v for k, v in step.state_dict().items() if prefix is None or not k.startswith(prefix)}
 
 
 class _WithExtras:
@@ -468,6 +546,8 @@ class _WithExtras:
 
 def _print_epoch(role: str, arch: str, epoch: int, epochs: int, m: dict[str, float]) -> None:
     shown = [f"loss {m['train_loss']:.3f}", f"train acc {m.get('train_acc', float('nan')):.3f}"]
+    if "train_pretext_acc" in m:
+        shown.append(f"pretext acc {m['train_pretext_acc']:.3f} (val {m.get('ssl_val_pretext_acc', float('nan')):.3f})")
     shown += [f"{k.split('_')[0]} {m[k]:.3f}" for k in ("val_video_top1", "test_video_top1") if k in m]
     shown.append(f"{m['train_clips_per_s']:.0f} clips/s, {m['train_seconds']:.0f}s")
     print(f"[{role} {arch}] epoch {epoch}/{epochs}: " + ", ".join(shown), file=sys.stderr, flush=True)

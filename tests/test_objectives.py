@@ -178,7 +178,7 @@ def test_factory_builds_supervised_without_a_teacher_and_logs_only_acting_knobs(
     cfg = RunConfig(kd=KDConfig(weighting="mix", alpha=0.3))
     plain = build_objective(cfg)
     assert plain.name == "supervised" and plain.params == {} and plain.collapse_term is None
-    assert isinstance(plain.make_step(FixedLogits(STUDENT)), SupervisedStep)
+    assert isinstance(plain.make_step(FixedLogits(STUDENT), 1), SupervisedStep)
     teacher = Teacher(model=FixedLogits(TEACHER), uri="runs:/abc/model", classes=["a", "b", "c"], arch="c3d", run_id="abc")
     kd = build_objective(cfg, teacher)
     assert kd.params == {"kd.tau": 4.0, "kd.weighting": "mix", "kd.alpha": 0.3}  # no kd.lam: it does not act

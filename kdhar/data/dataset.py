@@ -232,7 +232,8 @@ class ReplayLoader:
         size = 0
         for batch in self.loader:
             if kept is not None:
-                size += batch["clip"].element_size() * batch["clip"].nelement()
+                x = batch["clips" if "clips" in batch else "clip"]  # tuple batches too
+                size += x.element_size() * x.nelement()
                 if size > self.max_bytes:
                     kept, self.too_large = None, True
                 else:

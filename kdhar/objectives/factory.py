@@ -1,8 +1,9 @@
 """One factory from method names to a built objective, so the training loop never learns a method.
 
-`build_objective` turns the run's configuration and its teacher (or none) into an `Objective`: how to
-wrap the student into a step module, the knobs to log, the tags that say what the run is, and what
-each batch needs beyond the clip (cached teacher logits). Teacher handling and the logit cache live
+`build_objective` turns the run's configuration (`--ssl none|pcl`) and its teacher (or none) into an
+`Objective`: how to wrap the student into a step module, the data view it trains on (single clips,
+or PCL's clip tuples), the knobs to log, the tags that say what the run is, and what each batch
+needs beyond the clip (cached teacher logits). Teacher handling, the logit cache and the views live
 here and in the step modules, not in `kdhar.train`.
 """
 
@@ -16,8 +17,12 @@ import torch
 from torch import nn
 
 from kdhar.config import RunConfig
-from kdhar.objectives.kd import KDStep, check_kd, is_collapsed
+from kdhar.objectives.kd import KDStep, LogitKD, check_kd, is_collapsed
 from kdhar.objectives.supervised import SupervisedStep
+
+# What a run of each method registers its model as (kdhar-<label>-<arch>), so @champion compares like with like.
+REGISTRY_LABELS = {"supervised": "scratch", "kd-logit": "kd", "pcl": "pcl-scratch", "pcl+kd-logit": "pcl-kd",
+                   "pcl-ssl": "pretrain"}
 
 @dataclass
 class Teacher:
@@ -36,9 +41,16 @@ class Objective:
     """A training method, built: everything `run_training` needs to know about it.
 
     Attributes:
-        name: "supervised" or "kd-<method>"; the run's `method` tag.
-        make_step: wraps the network being trained into a step module whose forward(x, y, **extra)
-            returns {"loss", "output", ...named "*_loss" terms}.
+        name: "supervised", "kd-logit", "pcl" (PCL with action CE), "pcl+kd-logit" or "pcl-ssl"
+            (label-free PCL); the run's `method` tag.
+        make_step: `make_step(model, num_train)` wraps the network being trained into a step module
+            whose forward(x, y, **extra) returns {"loss", "output", ...named "*_loss" terms}, and
+            optionally "target" (what "output" is scored against, default the labels) and
+            "*_correct" counts (reported as "*_acc"); `num_train` is the training view's length.
+        view: "clip" (single clips, `VideoClipDataset`) or "tuple" (`make_data` builds it).
+        make_data: `make_data(index, train, seed, cache_bytes)`, the dataset of the tuple view.
+        labels: whether the run learns the action labels (False: label-free pretraining, which
+            has no classifier to score).
         params: the method's knobs, logged as MLflow params (only those that act in this run).
         tags: what the run is (method, teacher run, cache key).
         teacher: the frozen teacher, if any (its classes are checked against the dataset).
@@ -47,38 +59,68 @@ class Objective:
     """
 
     name: str
-    make_step: Callable[[nn.Module], nn.Module]
+    make_step: Callable[[nn.Module, int], nn.Module]
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     teacher: Teacher | None = None
     batch_extras: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None
     collapse_term: str | None = None
+    view: str = "clip"
+    make_data: Callable[..., Any] | None = None
+    labels: bool = True
+
+    @property
+    def registry_label(self) -> str:
+        return REGISTRY_LABELS[self.name]
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The loss terms this method logs (train_<term>), for reports and the tuner."""
+        return METHOD_TERMS[self.name]
 
     def collapsed(self, train_acc: float, num_classes: int, start: float, end: float) -> bool:
         """Whether the run collapsed, from the `collapse_term` loss at the start and over the last epoch."""
         return self.collapse_term is not None and is_collapsed(train_acc, num_classes, start, end)
 
 
+METHOD_TERMS = {
+    "supervised": ("task_loss",),
+    "kd-logit": ("task_loss", "kd_loss"),
+    "pcl": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss", "task_loss"),
+    "pcl+kd-logit": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss", "task_loss", "kd_loss"),
+    "pcl-ssl": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss"),
+}
+
+
 def build_objective(
-    cfg: RunConfig, teacher: Teacher | None = None, *, cache_teacher: bool = False, device: str | None = None
+    cfg: RunConfig, teacher: Teacher | None = None, *, cache_teacher: bool = False, device: str | None = None,
+    labels: bool = True,
 ) -> Objective:
-    """The objective for a run: supervised without a teacher, logit KD with one.
+    """The objective for a run: supervised or PCL (`cfg.pcl.ssl`), each without a teacher or with
+    logit KD from one.
 
     Args:
-        cfg: the run's configuration (`cfg.kd` holds the KD knobs, `cfg.data.views` the replayed views).
+        cfg: the run's configuration (`cfg.kd` holds the KD knobs, `cfg.pcl` the PCL ones,
+            `cfg.data.views` the replayed views).
         teacher: the frozen teacher, or None for a scratch/teacher run.
         cache_teacher: look teacher logits up in a cache of the replayed views instead of running
-            the teacher each step; needs `cfg.data.views` > 0.
+            the teacher each step; needs `cfg.data.views` > 0 (single clips only).
         device: where the cache is computed on first use.
+        labels: False for label-free pretraining (PCL only, no teacher).
 
     Raises:
-        ValueError: unusable KD settings, or a cache without replayed views.
+        ValueError: unusable KD settings, a cache without replayed views or with PCL, or a
+            label-free run that is not PCL or has a teacher.
     """
+    if cfg.pcl.ssl == "pcl":
+        return _pcl_objective(cfg, teacher, cache_teacher, labels)
+    if not labels:
+        raise ValueError("label-free training is PCL's: use --ssl pcl")
     if teacher is None:
-        return Objective(name="supervised", make_step=SupervisedStep, tags={"method": "supervised"})
+        return Objective(name="supervised", make_step=lambda model, _n: SupervisedStep(model), tags={"method": "supervised"})
     kd = cfg.kd
     check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
-    tags = {"method": "kd-logit", "teacher_run_id": teacher.run_id or "", "teacher_uri": teacher.uri}
+    tags = _teacher_tags("kd-logit", teacher)
     extras = None
     if cache_teacher:
         if cfg.data.views < 1:
@@ -94,7 +136,7 @@ def build_objective(
         def extras(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
             return {"teacher_logits": cache.lookup(batch)}
 
-    def make_step(student: nn.Module) -> nn.Module:
+    def make_step(student: nn.Module, _num_train: int) -> nn.Module:
         return KDStep(student, teacher.model, tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
 
     return Objective(
@@ -102,3 +144,42 @@ def build_objective(
         params={f"kd.{k}": v for k, v in kd.method_params().items()}, tags=tags, teacher=teacher,
         batch_extras=extras, collapse_term="kd_loss",
     )
+
+
+def _teacher_tags(method: str, teacher: Teacher) -> dict[str, str]:
+    return {"method": method, "teacher_run_id": teacher.run_id or "", "teacher_uri": teacher.uri}
+
+
+def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool, labels: bool) -> Objective:
+    """PCL on clip tuples: label-free (pretraining), with action CE (the scratch twin), or with logit
+    KD from `teacher` on the action head (reading A of ../shared/methods/pcl.md)."""
+    from kdhar.data.tuples import TupleClipDataset, TupleLayout
+    from kdhar.objectives.pcl import PCLStep
+
+    if cache_teacher:
+        raise ValueError("--cache-teacher replays single clips; a PCL run feeds its teacher each tuple's clips: "
+                         "leave --cache-teacher out")
+    if teacher is not None and not labels:
+        raise ValueError("label-free PCL pretraining takes no teacher: use distill --ssl pcl for PCL with KD")
+    pcl, kd, clip = cfg.pcl, cfg.kd, cfg.clip
+    layout = TupleLayout(clip_len=clip.clip_len, interval=pcl.interval, tuple_len=clip.tuple_len, stride=pcl.clip_stride)
+    name = "pcl-ssl" if not labels else ("pcl" if teacher is None else "pcl+kd-logit")
+    params = {f"kd.{k}": v for k, v in kd.method_params().items()} if teacher is not None else {}
+    if teacher is not None:
+        check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
+
+    def make_step(model: nn.Module, num_train: int) -> nn.Module:
+        term = None
+        if teacher is not None:
+            term = LogitKD(teacher.model, tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
+        return PCLStep(model, num_train, pcl, tuple_len=layout.tuple_len, labels=labels, kd=term)
+
+    def make_data(index, train: bool, seed: int, cache_bytes: int = 0) -> TupleClipDataset:
+        return TupleClipDataset(index, clip, layout, train=train, seed=seed, spatial_perm=pcl.spatial_perm,
+                                swap_pairs=pcl.swap_pairs, cache_bytes=cache_bytes)
+
+    tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
+    tags["ssl"] = "pcl"
+    return Objective(name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
+                     collapse_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
+                     labels=labels)

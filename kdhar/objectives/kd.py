@@ -22,24 +22,22 @@ def kd_term(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tenso
     return tau * tau * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
-class KDStep(nn.Module):
-    """Trains `student` on CE and the soft term `kd_term(student, teacher, tau)`.
+class LogitKD(nn.Module):
+    """The labels-and-teacher term on a student's logits: weighted CE plus `kd_term` to a frozen teacher.
 
     weighting "mix": (1 - alpha) * CE + alpha * kd_term; "sum": CE + lam * kd_term (the paper's Eq. 7).
-    The constructor's defaults are the paper's; runs take theirs from `kdhar.config.KDConfig` (mix).
+    A building block: `KDStep` puts it on a student's clip logits, `PCLStep` on its action head inside
+    PCL, so both distil the same way.
 
     The teacher is frozen: always in eval mode, without gradients, and deliberately not registered
     as a submodule, so it is absent from `parameters()` (the optimiser never sees it) and from
     `state_dict()` (checkpoints hold only the student). `to()` / `cuda()` still move it.
     """
 
-    def __init__(
-        self, student: nn.Module, teacher: nn.Module, tau: float = 4.0, lam: float = 1.0,
-        weighting: str = "sum", alpha: float = 0.5,
-    ) -> None:
+    def __init__(self, teacher: nn.Module, tau: float = 4.0, lam: float = 1.0, weighting: str = "sum",
+                 alpha: float = 0.5) -> None:
         super().__init__()
         check_kd(tau, weighting, alpha, lam)
-        self.student = student
         self.tau = float(tau)
         self.weighting = weighting
         # (weight of CE, weight of the soft term)
@@ -48,17 +46,12 @@ class KDStep(nn.Module):
         # Stored in __dict__ so nn.Module does not register it as a child.
         self.__dict__["teacher"] = teacher
 
-    @property
-    def model(self) -> nn.Module:
-        """The network being trained (same name as `SupervisedStep.model`)."""
-        return self.student
-
-    def train(self, mode: bool = True) -> KDStep:
+    def train(self, mode: bool = True) -> LogitKD:
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KDStep:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LogitKD:
         # Device/dtype moves must reach the unregistered teacher too.
         self.teacher._apply(fn, recurse)
         return super()._apply(fn, recurse)
@@ -73,15 +66,12 @@ class KDStep(nn.Module):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             return self.teacher(x).float()
 
-    def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
-        """Returns {"loss", "output", "task_loss", "kd_loss"}; `kd_loss` is the tau^2-scaled KL before weighting.
+    def forward(self, output: Tensor, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """Returns {"loss", "task_loss", "kd_loss"} for student logits `output` on clips `x`.
 
         Args:
-            x: clips (N, 3, T, H, W).
-            y: labels (N,).
             teacher_logits: cached teacher logits (N, classes); when given the teacher is not run.
         """
-        output = self.student(x)
         if teacher_logits is None:
             teacher_logits = self.run_teacher(x)
         else:
@@ -94,8 +84,42 @@ class KDStep(nn.Module):
         task_loss = F.cross_entropy(output.float(), y)
         kd_loss = kd_term(output, teacher_logits, self.tau)
         w_task, w_kd = self.weights
-        loss = w_task * task_loss + w_kd * kd_loss
-        return {"loss": loss, "output": output, "task_loss": task_loss, "kd_loss": kd_loss}
+        return {"loss": w_task * task_loss + w_kd * kd_loss, "task_loss": task_loss, "kd_loss": kd_loss}
+
+
+class KDStep(nn.Module):
+    """Trains `student` on CE and the soft term `kd_term(student, teacher, tau)` (`LogitKD` on its logits).
+
+    The constructor's defaults are the paper's; runs take theirs from `kdhar.config.KDConfig` (mix).
+    """
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, tau: float = 4.0, lam: float = 1.0,
+        weighting: str = "sum", alpha: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.kd = LogitKD(teacher, tau=tau, lam=lam, weighting=weighting, alpha=alpha)
+
+    @property
+    def model(self) -> nn.Module:
+        """The network being trained (same name as `SupervisedStep.model`)."""
+        return self.student
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.kd.teacher
+
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """Returns {"loss", "output", "task_loss", "kd_loss"}; `kd_loss` is the tau^2-scaled KL before weighting.
+
+        Args:
+            x: clips (N, 3, T, H, W).
+            y: labels (N,).
+            teacher_logits: cached teacher logits (N, classes); when given the teacher is not run.
+        """
+        output = self.student(x)
+        return {**self.kd(output, x, y, teacher_logits), "output": output}
 
 
 def check_kd(tau: float, weighting: str, alpha: float, lam: float) -> None:

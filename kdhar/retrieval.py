@@ -1,0 +1,75 @@
+"""Clip retrieval, a label-free measure of an encoder (PCL's `retrieve_clips.py` protocol).
+
+Every test video is a query against the training videos: a query is a hit at k when one of its k
+nearest training videos (cosine similarity of their features) has its class. A video's feature is
+the mean over its clips of the last feature map max-pooled over (1, 2, 2) and flattened, as
+upstream does for R3D's conv5 (9,216-d at 112x112), here for any trunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TOP_K = (1, 5, 10, 20, 50)
+
+
+def clip_feature(maps: Tensor) -> Tensor:
+    """(N, C, T, H, W) feature maps -> (N, D): max-pooled over (1, 2, 2), flattened."""
+    return F.max_pool3d(maps, kernel_size=(1, 2, 2), ceil_mode=True).flatten(1)
+
+
+@torch.inference_mode()
+def video_features(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean clip feature per video and its label, videos in order of their dataset index.
+
+    Args:
+        model: has `forward_features(x)` (a `VideoClassifier`).
+        loader: batches with "clip", "label" and "index" (several clips may share an index).
+    """
+    device = torch.device(device)
+    model.eval()
+    feats, labels, indices = [], [], []
+    for batch in loader:
+        x = batch["clip"].to(device)
+        feats.append(clip_feature(model.forward_features(x)).float().cpu())
+        labels.append(torch.as_tensor(batch["label"]).cpu())
+        indices.append(torch.as_tensor(batch["index"]).cpu())
+    if not feats:
+        raise ValueError("the retrieval loader yielded no batches: check the dataset")
+    clip_feats = torch.cat(feats).double().numpy()
+    videos, inverse = np.unique(torch.cat(indices).numpy(), return_inverse=True)
+    sums = np.zeros((len(videos), clip_feats.shape[1]))
+    np.add.at(sums, inverse, clip_feats)
+    video_labels = np.empty(len(videos), dtype=np.int64)
+    video_labels[inverse] = torch.cat(labels).numpy()
+    return sums / np.bincount(inverse)[:, None], video_labels
+
+
+def topk_hits(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,
+              ks: Sequence[int] = TOP_K) -> dict[str, float]:
+    """Share of queries with a same-class gallery item among their k most cosine-similar, per k
+    ("retrieval_top<k>"); k larger than the gallery counts the whole gallery."""
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    similarity = unit(query) @ unit(gallery).T
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    same = gallery_labels[order] == query_labels[:, None]
+    return {f"retrieval_top{k}": float(same[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def retrieval(model: nn.Module, train_loader, test_loader, device: torch.device | str,
+              ks: Sequence[int] = TOP_K) -> dict[str, float]:
+    """Top-k retrieval of the test videos against the training videos (see the module docstring)."""
+    gallery, gallery_labels = video_features(model, train_loader, device)
+    query, query_labels = video_features(model, test_loader, device)
+    return topk_hits(query, query_labels, gallery, gallery_labels, ks)
+
+
+__all__ = ["TOP_K", "clip_feature", "video_features", "topk_hits", "retrieval"]

@@ -1,0 +1,234 @@
+"""PCL as a training method: the step's terms, KD inside it, retrieval, and runs end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow import MlflowClient
+
+from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, PCLConfig, RunConfig
+from kdhar.data.synthetic import SynthSpec, generate
+from kdhar.models import build_model
+from kdhar.objectives import build_objective
+from kdhar.objectives.factory import Teacher
+from kdhar.objectives.kd import LogitKD, kd_term
+from kdhar.objectives.pcl import PCLStep
+from kdhar.retrieval import topk_hits
+from kdhar.train import _heads, run_training
+
+KDHAR = [sys.executable, "-m", "kdhar.cli"]
+
+
+def tuple_batch(b: int = 4, classes: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "clips": torch.randn(b, 3, 3, 4, 16, 16, generator=g),
+        "label": torch.arange(b) % classes,
+        "pretext": torch.tensor([0, 1, 2, 3])[:b],
+        "index": torch.arange(b),
+    }
+
+
+def make_step(labels=True, teacher=None, contrast="nce", weighting="mix"):
+    torch.manual_seed(0)
+    model = build_model("tiny3d", 3, width=4, dropout=0.0)
+    pcl = PCLConfig(ssl="pcl", contrast=contrast, negatives=8)
+    kd = LogitKD(teacher, tau=4.0, weighting=weighting, alpha=0.5, lam=1.0) if teacher is not None else None
+    return PCLStep(model, num_rows=6, pcl=pcl, tuple_len=3, labels=labels, kd=kd)
+
+
+def test_pcl_loss_is_pretext_plus_half_the_contrast_plus_the_action_terms():
+    b = tuple_batch()
+    step = make_step().eval()  # BatchNorm on running statistics, so clips can be scored one by one below
+    bank0 = step.nce.bank0.clone()
+    out = step(b["clips"], b["label"], b["pretext"], b["index"])
+    assert out["loss"].item() == pytest.approx(
+        (out["pretext_loss"] + 0.5 * (out["nce0_loss"] + out["nce2_loss"]) + out["task_loss"]).item(), rel=1e-6)
+    # The action term is CE on the first and last clips (not the transformed middle one), averaged.
+    model = step.model
+    with torch.no_grad():
+        ends = torch.cat([model(b["clips"][:, 0]), model(b["clips"][:, 2])])
+        want = F.cross_entropy(ends, torch.cat([b["label"], b["label"]]))
+        pooled = torch.stack([model.forward_features(b["clips"][:, k]).mean(dim=(2, 3, 4)) for k in range(3)], 1)
+        pretext = F.cross_entropy(step.pretext_head(pooled.flatten(1)), b["pretext"])
+    assert out["task_loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert out["pretext_loss"].item() == pytest.approx(pretext.item(), rel=1e-4)
+    assert out["output"].shape == (4, 3) and torch.equal(out["target"], b["label"])
+    assert not torch.equal(step.nce.bank0, bank0)  # the banks moved after scoring
+    # Validation scores the pretext task only and leaves the banks alone.
+    moved = step.nce.bank0.clone()
+    val = step.validate(b["clips"], b["label"], b["pretext"], b["index"])
+    assert set(val) == {"pretext_loss", "pretext_correct"} and torch.equal(step.nce.bank0, moved)
+
+
+def test_label_free_pcl_trains_no_action_head_and_scores_the_pretext_task():
+    b = tuple_batch()
+    step = make_step(labels=False, contrast="ntxent")
+    out = step(b["clips"], b["label"], b["pretext"], b["index"])
+    assert "task_loss" not in out and "nce0_loss" not in out
+    assert out["loss"].item() == pytest.approx((out["pretext_loss"] + 0.5 * out["ntxent_loss"]).item(), rel=1e-6)
+    assert out["output"].shape == (4, 5) and torch.equal(out["target"], b["pretext"])
+    out["loss"].backward()
+    assert step.model.head.fc.weight.grad is None  # the classifier takes no part
+    assert step.pretext_head.weight.grad is not None and step.projector.net[0].weight.grad is not None
+
+
+def test_kd_inside_pcl_feeds_the_teacher_exactly_the_students_untransformed_clips():
+    torch.manual_seed(1)
+    teacher = build_model("tiny3d", 3, width=4, dropout=0.0)
+    with torch.no_grad():
+        teacher.head.fc.weight.mul_(300)  # a confident teacher, so the soft term is far from zero
+    seen = []
+    teacher.register_forward_hook(lambda _m, args, out: seen.append((args[0].detach().clone(), out.detach().clone())))
+    b = tuple_batch()
+    step = make_step(teacher=teacher, weighting="sum").eval()
+    out = step(b["clips"], b["label"], b["pretext"], b["index"])
+    [(x, t_logits)] = seen
+    want = torch.stack([b["clips"][:, 0], b["clips"][:, 2]], 1).flatten(0, 1)  # sample by sample: first, last
+    assert torch.equal(x, want)
+    with torch.no_grad():
+        s_logits = step.model(want)
+    assert out["kd_loss"].item() == pytest.approx(kd_term(s_logits, t_logits, 4.0).item(), rel=1e-4)
+    assert out["kd_loss"].item() > 0.01
+    assert out["loss"].item() == pytest.approx(
+        (out["pretext_loss"] + 0.5 * (out["nce0_loss"] + out["nce2_loss"]) + out["task_loss"] + out["kd_loss"]).item(),
+        rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())  # frozen
+    assert not any(k.startswith("kd.") for k in step.state_dict())  # the teacher is not saved with the student
+
+
+def test_a_resumable_pcl_checkpoint_holds_the_heads_but_not_the_model_twice():
+    heads = _heads(make_step())
+    assert {k.split(".")[0] for k in heads} == {"pretext_head", "projector"}
+    assert not any(k.startswith("nce.") for k in heads)  # memory banks are not checkpointed (upstream)
+
+
+def test_factory_names_methods_and_refuses_impossible_combinations():
+    cfg = RunConfig(pcl=PCLConfig(ssl="pcl"))
+    teacher = Teacher(model=build_model("tiny3d", 3, width=4), uri="runs:/t", classes=["a", "b", "c"], arch="tiny3d")
+    assert build_objective(cfg).name == "pcl" and build_objective(cfg).view == "tuple"
+    assert build_objective(cfg, teacher).name == "pcl+kd-logit"
+    assert build_objective(cfg, labels=False).registry_label == "pretrain"
+    assert build_objective(cfg, teacher).terms[-1] == "kd_loss"
+    with pytest.raises(ValueError, match="takes no teacher"):
+        build_objective(cfg, teacher, labels=False)
+    with pytest.raises(ValueError, match="leave --cache-teacher out"):
+        build_objective(cfg, teacher, cache_teacher=True)
+    with pytest.raises(ValueError, match="use --ssl pcl"):
+        build_objective(RunConfig(), labels=False)
+
+
+def test_retrieval_counts_a_hit_when_any_of_the_k_nearest_shares_the_class():
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.1]])
+    gallery_labels = np.array([0, 1, 2, 0])
+    query = np.array([[2.0, 0.1], [0.1, 3.0], [-1.0, 0.0]])
+    query_labels = np.array([1, 1, 2])
+    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 10))
+    # Independently: rank the gallery by cosine similarity for each query.
+    expected = {}
+    for k in (1, 2, 3, 10):
+        count = 0
+        for q, label in zip(query, query_labels):
+            sims = gallery @ q / (np.linalg.norm(gallery, axis=1) * np.linalg.norm(q))
+            count += label in gallery_labels[np.argsort(-sims)[:k]]
+        expected[f"retrieval_top{k}"] = count / len(query)
+    assert hits == pytest.approx(expected)
+    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top10"] == 1.0
+
+
+# ---------------------------------------------------------------- runs on real (synthetic) videos
+
+@pytest.fixture(scope="module")
+def pcl_set(tmp_path_factory) -> Path:
+    """16-frame videos (a 4-frame tuple 1 apart needs 14), one of them replaced by an 8-frame video."""
+    base = tmp_path_factory.mktemp("pcl")
+    root, short = base / "ucf101", base / "short"
+    generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=16, size=(48, 64), seed=3))
+    generate(short, "ucf101", SynthSpec(num_classes=3, groups=3, clips_per_group=1, frames=8, size=(48, 64), seed=3))
+    listed = (root / "trainlist01.txt").read_text().split()[0]
+    shutil.copy(next(short.rglob("*.avi")), root / listed)
+    return root
+
+
+def pcl_config(root: Path, ssl: str = "pcl", epochs: int = 2) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(root=str(root), num_workers=0, val_fraction=0.2),
+        clip=ClipConfig(clip_len=4, frame_interval=1, test_clips=2, resize=(40, 53), crop=32, augment=False, hflip=False),
+        model=ModelConfig(arch="tiny3d", width=4, dropout=0.0, modality="res"),
+        optim=OptimConfig(epochs=epochs, batch_size=8, threads=1, lr=0.02),
+        kd=KDConfig(),
+        pcl=PCLConfig(ssl=ssl, interval=1, negatives=16),
+    )
+
+
+@pytest.mark.slow
+def test_pretrain_then_distill_inside_pcl_log_every_term_and_the_encoder_carries_over(local_tracking, pcl_set, tmp_path):
+    client = MlflowClient(local_tracking)
+    cfg = pcl_config(pcl_set)
+    pre = run_training(cfg, role="pretrain", experiment="pcl", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False)
+    run = client.get_run(pre.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "pcl-ssl" and run.data.tags["ssl"] == "pcl"
+    m = run.data.metrics
+    for key in ("train_pretext_loss", "train_nce0_loss", "train_nce2_loss", "train_pretext_acc", "ssl_val_pretext_loss",
+                "ssl_val_pretext_acc", "epoch_lr", "retrieval_top1", "retrieval_top5", "too_short_videos"):
+        assert key in m, key
+    assert m["too_short_videos"] == 1.0  # the 8-frame video was left out, and counted
+    assert "final_test_video_top1" not in m and "train_task_loss" not in m  # no labels, no classifier
+    assert run.data.params["pcl.ssl"] == "pcl" and run.data.params["model.modality"] == "res"
+    assert run.info.run_name == "pretrain-pcl-tiny3d-f1-s0"
+    assert [str(v.version) for v in client.search_model_versions("name = 'kdhar-pretrain-tiny3d'")] == ["1"]
+
+    # A supervised teacher of another width on the same clips, then a PCL student distilled from it.
+    teacher_cfg = dataclasses.replace(pcl_config(pcl_set, ssl="none", epochs=1),
+                                      model=ModelConfig(arch="tiny3d", width=6, dropout=0.0))
+    teacher = run_training(teacher_cfg, role="teacher", experiment="pcl", workdir=tmp_path, progress=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
+    common = ["--student", "tiny3d", "--ssl", "pcl", "--root", str(pcl_set), "--epochs", "2", "--width", "4",
+              "--clip-len", "4", "--frame-interval", "1", "--crop", "32", "--test-clips", "2", "--pcl-interval", "1",
+              "--negatives", "16", "--num-workers", "0", "--threads", "1", "--batch-size", "8", "--experiment", "pcl",
+              "--init", f"runs:/{pre.run_id}"]
+    for spec in (f"runs:/{teacher.run_id}", "none"):
+        done = subprocess.run([*KDHAR, "distill", "--teacher", spec, *common], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    exp = client.get_experiment_by_name("pcl").experiment_id
+    students = {r.data.tags["method"]: r for r in client.search_runs([exp], "tags.role = 'student'")}
+    assert set(students) == {"pcl", "pcl+kd-logit"}
+    kd = students["pcl+kd-logit"]
+    for key in ("train_pretext_loss", "train_nce0_loss", "train_task_loss", "train_kd_loss", "test_video_top1",
+                "ssl_val_pretext_loss", "retrieval_top1", "acc_late", "best_acc_late", "epoch_lr"):
+        assert key in kd.data.metrics, key
+    assert kd.data.tags["teacher_run_id"] == teacher.run_id
+    assert kd.data.tags["pair_key"] == students["pcl"].data.tags["pair_key"]  # the pair is like for like
+    assert kd.info.run_name == "pcl-kd-tiny3d→tiny3d-f1-s0" and students["pcl"].info.run_name == "pcl-scratch-tiny3d-f1-s0"
+    assert {m.name for m in client.search_registered_models()} >= {"kdhar-pcl-kd-tiny3d", "kdhar-pcl-scratch-tiny3d"}
+
+    # The logged student evaluates as any model, and retrieval reads its trunk.
+    scored = subprocess.run([*KDHAR, "evaluate", "--model", f"runs:/{kd.info.run_id}", "--retrieval", "true",
+                             "--root", str(pcl_set), "--num-workers", "0", "--experiment", "pcl"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "test_video_top1=" in scored.stdout and "retrieval_top5=" in scored.stdout
+
+
+@pytest.mark.slow
+def test_videos_too_short_for_any_tuple_are_one_clear_error(local_tracking, pcl_set, tmp_path):
+    cfg = pcl_config(pcl_set)
+    cfg = dataclasses.replace(cfg, pcl=dataclasses.replace(cfg.pcl, interval=8))  # 4*3 + 8*2 = 28 > 16 frames
+    with pytest.raises(ValueError, match="has the 28 frames a tuple of 3 4-frame clips 8 apart needs"):
+        run_training(cfg, role="pretrain", experiment="short", objective=build_objective(cfg, labels=False),
+                     workdir=tmp_path, progress=False)
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("short")
+    assert exp is None or not client.search_runs([exp.experiment_id])  # refused before any run began
