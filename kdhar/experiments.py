@@ -76,7 +76,8 @@ MODEL_OVERRIDES = {
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
-    "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides",
+    "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
+    "fraction_overrides",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 
@@ -113,6 +114,9 @@ class GridSpec:
     # Per student architecture, on top of `overrides` (e.g. more epochs for the slower ResNets); its
     # scratch and distilled runs and their fine-tunes alike.
     student_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per training fraction, on top of those (e.g. a smaller batch where 2 % of the videos would
+    # give one step an epoch); scratch and distilled students alike.
+    fraction_overrides: dict[float, dict[str, Any]] = field(default_factory=dict)
     transfer: DatasetSpec | None = None
     self_distill: bool = False  # also distil an architecture into itself
     teacher_seed: int = 0  # teachers are trained once, on all training videos
@@ -123,6 +127,8 @@ class GridSpec:
     finetune: bool = False
     cache_teacher: bool = False
     tuned: str | None = None  # an Optuna study whose best KD settings (and lr) the KD cells use
+    # "pcl": students (scratch and distilled) train inside PCL; teachers and fine-tunes stay supervised.
+    ssl: str = "none"
     kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr)
 
     @property
@@ -158,7 +164,8 @@ class Cell:
             return f"teacher {self.arch}"
         if self.role == "student":
             via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
-            return f"student {self.arch} {via} fraction={self.fraction:g} seed={self.seed}"
+            pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
+            return f"student {self.arch}{pcl} {via} fraction={self.fraction:g} seed={self.seed}"
         src = self.source
         via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
         return f"finetune {self.arch} ({via} fraction={src.fraction:g} seed={src.seed}) on {self.cfg.data.dataset}"
@@ -305,9 +312,30 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
                            f"the clips it was trained on; allowed: {', '.join(sorted(MODEL_OVERRIDES))}")
         return {str(arch): dict(keys) for arch, keys in value.items()}
 
+    def per_fraction() -> dict[float, dict[str, Any]]:
+        value = raw.get("fraction_overrides") or {}
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise fail("fraction_overrides: expected a mapping of fraction -> overrides, e.g. {0.02: {batch_size: 4}}")
+        out = {}
+        for frac, keys in value.items():
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or float(frac) not in fractions:
+                raise fail(f"fraction_overrides: {frac!r} is not one of the fractions {fractions}")
+            clip_keys = sorted(set(keys) - MODEL_OVERRIDES)
+            if clip_keys:
+                raise fail(f"fraction_overrides.{frac} may not set {', '.join(clip_keys)}: a teacher takes only the "
+                           f"clips it was trained on; allowed: {', '.join(sorted(MODEL_OVERRIDES))}")
+            out[float(frac)] = dict(keys)
+        return out
+
     tuned = raw.get("tuned")
     if tuned is not None and not (isinstance(tuned, str) and tuned.strip()):
         raise fail(f"tuned: {tuned!r} must be the name of an Optuna study made by `kdhar tune`")
+    ssl = raw.get("ssl", "none")
+    if ssl not in C.SSL_METHODS:
+        raise fail(f"ssl: {ssl!r} must be one of {', '.join(C.SSL_METHODS)} (pcl: students train inside PCL)")
+    if "ssl" in (raw.get("overrides") or {}):
+        raise fail("ssl goes at the top of the spec (ssl: pcl), where it applies to the students only; "
+                   "teachers and fine-tunes stay supervised")
     finetune = flag("finetune")
     if finetune and "transfer" not in raw:
         raise fail("finetune is on but no 'transfer' dataset is given (e.g. {name: hmdb51, root: data/hmdb51})")
@@ -320,6 +348,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         teacher_overrides=dict(raw.get("teacher_overrides") or {}),
         transfer_overrides=dict(raw.get("transfer_overrides") or {}),
         student_overrides=per_student(),
+        fraction_overrides=per_fraction(),
         teachers=archs("teachers"),
         students=archs("students"),
         self_distill=flag("self_distill"),
@@ -333,6 +362,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         finetune=finetune,
         cache_teacher=flag("cache_teacher"),
         tuned=tuned,
+        ssl=str(ssl),
     )
     if spec.cache_teacher and int(spec.overrides.get("views", 0)) < 1:
         raise fail("cache_teacher replays fixed views: add e.g. 'views: 4' to overrides, so scratch and KD "
@@ -366,10 +396,12 @@ def plan(spec: GridSpec) -> list[Cell]:
     kd: list[Cell] = []
     for s in spec.students:
         overrides = {**spec.overrides, **spec.student_overrides.get(s, {})}
+        if spec.ssl != "none":
+            overrides["ssl"] = spec.ssl
         for frac in spec.fractions:
             for seed in spec.seeds:
-                cfg = build_run_config(s, size=spec.size, overrides=overrides, dataset=spec.dataset,
-                                       fraction=frac, seed=seed, kd=spec.kd)
+                cfg = build_run_config(s, size=spec.size, overrides={**overrides, **spec.fraction_overrides.get(frac, {})},
+                                       dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd)
                 scratch.append(Cell("student", s, "none", frac, seed, cfg))
                 # A tuned study's lr is the distilled students' only: the scratch twin keeps the
                 # preset lr, which was chosen for plain cross-entropy.
@@ -380,6 +412,7 @@ def plan(spec: GridSpec) -> list[Cell]:
     if spec.finetune and spec.transfer is not None:
         for src in scratch + kd:
             overrides = {**spec.overrides, **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
+            overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
             cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
                                    dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
             finetunes.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))

@@ -185,6 +185,11 @@ def _collapsed(run: dict[str, Any]) -> bool:
     return run["tags"].get("collapsed", "").lower() == "true" or run["metrics"].get("collapsed") == 1.0
 
 
+def _running_max(run: dict[str, Any]) -> bool:
+    """PCL runs read their stages as the paper does: the best test accuracy reached by then."""
+    return run["tags"].get("ssl", "none") != "none"
+
+
 def _views(run: dict[str, Any]) -> int:
     # Runs from before the teacher-logit cache have no tag: they drew a fresh view every epoch.
     return int(run["tags"].get("views", "0"))
@@ -193,6 +198,10 @@ def _views(run: dict[str, Any]) -> int:
 def _key(run: dict[str, Any]) -> tuple[str, str, str, float]:
     tags = run["tags"]
     student = tags.get("student_arch") or tags.get("arch", "?")
+    if tags.get("ssl", "none") != "none":
+        # Students trained inside PCL get tables of their own, beside the supervised ones, and pair
+        # with the scratch runs of their own regime.
+        student = f"{student} ({tags['ssl']})"
     return tags.get("dataset", "?"), student, tags.get("teacher_arch", SCRATCH), float(tags.get("fraction", "1.0"))
 
 
@@ -244,7 +253,8 @@ def aggregate(
     for key, members in groups.items():
         acc = {}
         for col, metric in ACC_METRICS.items():
-            vals = [m["metrics"][metric] for m in members if metric in m["metrics"]]
+            vals = [m["metrics"].get(f"best_{metric}", m["metrics"][metric]) if col in STAGES and _running_max(m)
+                    else m["metrics"][metric] for m in members if metric in m["metrics"]]
             if vals:
                 acc[col] = mean_std(vals)
         # A source fine-tuned twice counts once (its latest fine-tune), like a repeated seed.
@@ -373,8 +383,9 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
             "t(0.975, n-1)·sd/√n. verdict: helps when the whole interval is above 0, hurts when below 0, no "
             "evidence when it contains 0 or fewer than two seeds pair up. KD runs that replay a different "
             "number of fixed views than their scratch runs are not compared (mismatched views). "
-            "early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the transfer "
-            "dataset.")
+            "early/mid/late: after 25/75/100 % of the epochs; for students trained inside PCL (tables marked "
+            "(pcl)) the best test accuracy reached by then, as the KD paper reads its stages. transfer: after "
+            "fine-tuning on the transfer dataset.")
     return "\n\n".join(parts + [note]) + "\n"
 
 

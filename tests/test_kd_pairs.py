@@ -164,12 +164,14 @@ def test_default_kd_loss_comes_down_where_the_papers_form_collapses(local_tracki
     # A C3D teacher that fits its training videos gives confident soft targets (KD loss ~2 at the
     # start), as a real teacher does. At lr 0.08 a width-4 C3D student learns from scratch; the
     # paper's form (CE + tau^2 KL, no warm-up: the defaults before the mix weighting) stays at chance
-    # with its KD loss above where it started, while the default (0.5 CE + 0.5 tau^2 KL, one epoch of
-    # warm-up) learns and brings the KD loss down.
+    # with its KD loss where it started (flagged collapsed), while the default (0.5 CE + 0.5 tau^2
+    # KL, one epoch of warm-up) learns and brings the KD loss down. The trajectories differ in
+    # their last digits between CPUs (kernels), and at 15 epochs a slower one left the default
+    # still on its way down (1.91 -> 1.61, train accuracy 0.56); at 25 it ends near 1.2 and 0.75.
     teacher = run_training(plain_config(tiny_set, "c3d", width=8, epochs=20, lr=0.05), role="teacher",
                            experiment="collapse", progress=False, register=False)
     assert teacher.history[-1]["train_acc"] >= 0.9
-    cfg = plain_config(tiny_set, "c3d", width=4, epochs=15, lr=0.08)
+    cfg = plain_config(tiny_set, "c3d", width=4, epochs=25, lr=0.08)
     uri = f"runs:/{teacher.run_id}"
     scratch = distill(cfg, teacher="none", experiment="collapse", progress=False, register=False)
     default = distill(cfg, teacher=uri, experiment="collapse", progress=False, register=False)
@@ -182,5 +184,6 @@ def test_default_kd_loss_comes_down_where_the_papers_form_collapses(local_tracki
     assert start > 1.0
     assert default.history[-1]["train_kd_loss"] < 0.8 * start and default.history[-1]["train_acc"] >= 0.6
     assert default.history[-1]["collapsed"] == 0.0
-    assert paper.history[-1]["train_kd_loss"] > paper.history[0]["start_kd_loss"]
+    # Collapsed: at chance, its KD loss not even 5 % below where it started.
+    assert paper.history[-1]["train_kd_loss"] > 0.95 * paper.history[0]["start_kd_loss"]
     assert paper.history[-1]["collapsed"] == 1.0
