@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -153,7 +154,36 @@ def test_missing_spec_file(tmp_path):
         load_spec(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml"])
+def test_ssl_pcl_trains_the_students_inside_pcl_and_leaves_teachers_and_fine_tunes_supervised():
+    spec = parse_spec(minimal(seeds=[0], fractions=[0.25, 0.02], ssl="pcl", overrides={"epochs": 3},
+                              fraction_overrides={0.02: {"batch_size": 2}},
+                              finetune=True, transfer={"name": "hmdb51", "root": "data/hmdb51"}))
+    cells = plan(spec)
+    by_role = {role: [c for c in cells if c.role == role] for role in ("teacher", "student", "finetune")}
+    assert all(c.cfg.pcl.ssl == "none" for c in by_role["teacher"] + by_role["finetune"])
+    students = by_role["student"]
+    assert students and all(c.cfg.pcl.ssl == "pcl" and c.cfg.model.modality == "res" for c in students)
+    # The CPU preset for PCL: consecutive frames, tuples 2 apart, 3 test clips.
+    assert all((c.cfg.clip.frame_interval, c.cfg.pcl.interval, c.cfg.clip.test_clips) == (1, 2, 3) for c in students)
+    assert {(c.fraction, c.cfg.optim.batch_size) for c in students} == {(0.25, 16), (0.02, 2)}
+    assert "(pcl)" in students[0].label()
+    # A PCL student and a supervised one of the same settings are different runs.
+    plain = plan(parse_spec(minimal(seeds=[0], fractions=[0.25], overrides={"epochs": 3})))
+    assert cell_hash(students[0]) != cell_hash(next(c for c in plain if c.role == "student" and c.teacher == "none"))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"ssl": "simclr"}, "ssl: 'simclr' must be one of none, pcl"),
+    ({"overrides": {"ssl": "pcl"}}, "ssl goes at the top of the spec"),
+    ({"fraction_overrides": {0.5: {"epochs": 2}}}, "fraction_overrides: 0.5 is not one of the fractions"),
+    ({"fraction_overrides": {0.25: {"crop": 32}}}, "fraction_overrides.0.25 may not set crop"),
+])
+def test_pcl_and_fraction_spec_mistakes_name_the_key(changes, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(minimal(**changes))
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml"])
 def test_shipped_specs_parse(name):
     spec = load_spec(REPO / "experiments" / name)
     cells = plan(spec)

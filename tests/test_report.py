@@ -96,6 +96,25 @@ def test_aggregate_groups_by_student_teacher_fraction_with_deltas():
 T_1, T_2 = 12.7062, 4.3027
 
 
+def test_pcl_students_get_rows_of_their_own_with_running_max_stages():
+    pcl = {"ssl": "pcl"}
+    runs = [
+        run("a", "none", 0, 0.40, early=0.20, late=0.40),
+        run("b", "c3d", 0, 0.50, early=0.30, late=0.50),
+        run("p", "none", 0, 0.30, early=0.10, late=0.30, tags=pcl, best_acc_early=0.25, best_acc_late=0.45),
+        run("q", "c3d", 0, 0.35, early=0.20, late=0.35, tags=pcl, best_acc_early=0.30, best_acc_late=0.50),
+    ]
+    rows = {(r.student, r.teacher): r for r in aggregate(runs)}
+    assert set(rows) == {("r3d_18", "none"), ("r3d_18", "c3d"), ("r3d_18 (pcl)", "none"), ("r3d_18 (pcl)", "c3d")}
+    # Each KD row is compared with the scratch row of its own regime.
+    assert rows[("r3d_18", "c3d")].delta["final"] == pytest.approx(0.10)
+    assert rows[("r3d_18 (pcl)", "c3d")].delta["final"] == pytest.approx(0.05)
+    # PCL stages are the best accuracy reached so far (the paper's reading), supervised ones the value then.
+    assert rows[("r3d_18 (pcl)", "none")].acc["early"].mean == pytest.approx(0.25)
+    assert rows[("r3d_18 (pcl)", "c3d")].delta["late"] == pytest.approx(0.05)
+    assert rows[("r3d_18", "none")].acc["early"].mean == pytest.approx(0.20)
+
+
 def test_paired_interval_by_hand():
     kd = [run("k0", "c3d", 0, 0.60), run("k1", "c3d", 1, 0.72), run("k2", "c3d", 2, 0.84),
           run("k3", "c3d", 3, 0.99)]  # seed 3 has no scratch twin
