@@ -161,7 +161,10 @@ RUN_OPTIONS = {
     "crop": click.option("--crop", type=INT, default=None),
     "test_clips": click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
     "augment": click.option("--augment", type=BOOL, default=None, help="the paper's training augmentations (default: on, off at size cpu)"),
-    "schedule": click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True),
+    "schedule": click.option("--schedule", type=_OptionalChoice(["cosine", "step", "constant", "plateau"]), default=None,
+                             help="lr schedule (default cosine; plateau for --ssl pcl at size paper): plateau is x0.1 "
+                                  "after 50 epochs without a lower validation loss (PCL's self-supervised one), as "
+                                  "PCL's Table 1"),
     "warmup": click.option("--warmup", type=FLOAT, default=None, help="epochs of linear lr warm-up (default 1; 0 = none, as the paper)"),
     "grad_clip": click.option("--grad-clip", type=FLOAT, default=None, help="clip each step's gradient L2 norm to this (default 0 = off)"),
     "views": click.option("--views", type=INT, default=None, help="replay N fixed augmented views per video (default 0 = a new view every epoch)"),
@@ -194,12 +197,28 @@ def run_options(fn=None, *, only: tuple[str, ...] | None = None, exclude: tuple[
     return add(fn) if fn is not None else add
 
 
+# Named weightings: SSKD (the source of the KD paper's tau 4) weighs CE 0.1 and KD 0.9.
+KD_PRESETS = {"sskd": {"weighting": "mix", "alpha": 0.9}}
+
+
+def kd_settings(tau, weighting, alpha, lam) -> dict[str, Any]:
+    """The KD knobs as given, with a named preset (--kd-weighting sskd) spelled out."""
+    preset = KD_PRESETS.get(weighting)
+    if preset is None:
+        return dict(tau=tau, weighting=weighting, alpha=alpha, lam=lam)
+    if alpha is not None and alpha != preset["alpha"]:
+        raise UserError(f"--kd-weighting {weighting} means alpha {preset['alpha']}; leave --alpha {alpha} out, "
+                        "or use --kd-weighting mix with it")
+    return dict(tau=tau, weighting=preset["weighting"], alpha=preset["alpha"], lam=lam)
+
+
 def kd_options(fn):
     """The logit-KD knobs (distill, tune)."""
     opts = [
         click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)"),
-        click.option("--kd-weighting", type=click.Choice(C.KD_WEIGHTINGS), default=C.KDConfig.weighting, show_default=True,
-                     help="mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's Eq. 7)"),
+        click.option("--kd-weighting", type=click.Choice([*C.KD_WEIGHTINGS, *KD_PRESETS]), default=C.KDConfig.weighting,
+                     show_default=True, help="mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's "
+                                             "Eq. 7); sskd: SSKD's weights, mix with alpha 0.9 (CE 0.1, KD 0.9)"),
         click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix (default 0.5)"),
         click.option("--lam", type=FLOAT, default=None, help="soft-term weight under sum (default 1)"),
     ]
@@ -409,12 +428,12 @@ def train_teacher(arch: str, **opts) -> None:
 def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cache_teacher, **opts) -> None:
     """Distil a teacher into a student (teacher=none: the paired scratch run); --ssl pcl trains it inside PCL.
 
-    The SSKD preset (CE weight 0.1, KD weight 0.9) is --kd-weighting mix --alpha 0.9; the KD paper's
-    Eq. 7 is --kd-weighting sum --lam 1.
+    The SSKD preset (CE weight 0.1, KD weight 0.9) is --kd-weighting sskd; the KD paper's Eq. 7 is
+    --kd-weighting sum --lam 1.
     """
     from kdhar import distill as D
 
-    cfg = build_config(student, opts, kd=dict(tau=tau, weighting=kd_weighting, alpha=alpha, lam=lam))
+    cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam))
     ensure_data(cfg.data.root)
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
@@ -496,12 +515,13 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
     if dashboard:
         click.echo(tuning.dashboard_command(_text(storage)))
         return
-    cfg = build_config(student, opts, kd=dict(tau=tau, weighting=kd_weighting, alpha=alpha, lam=lam))
+    kd = kd_settings(tau, kd_weighting, alpha, lam)
+    cfg = build_config(student, opts, kd=kd)
     ensure_data(cfg.data.root)
     _project_parent(opts)  # the study's parent run holds the trials; the project run stays an umbrella
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
-        space=tuning.SearchSpace.parse(_text(space), kd_weighting), pruner=pruner, experiment=opts["experiment"],
+        space=tuning.SearchSpace.parse(_text(space), kd["weighting"]), pruner=pruner, experiment=opts["experiment"],
         seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"], log=lambda line: click.echo(line, err=True),
     )
     best = summary.get("best_params") or {}

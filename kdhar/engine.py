@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 LogFn = Callable[[dict[str, float], int], None]
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "plateau")
 
 
 def resolve_amp_dtype(device: torch.device | str, amp_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -305,8 +305,8 @@ def get_lr(step: int, total_steps: int, base_lr: float, schedule: str, warmup_st
     The first `warmup_steps` rise linearly from base_lr / warmup_steps to base_lr (the paper uses
     none; at the CE-tuned lr the KD term's large early gradient needs one, see config.OptimConfig).
     Then cosine: half a cosine from base_lr to 0; step: x0.1 at 50 % and again at 75 % of training;
-    constant: base_lr. The schedule runs over the whole of training, warm-up included, so a
-    warm-up does not change where the decay lands.
+    constant and plateau: base_lr (plateau's reductions are `Plateau`'s, applied on top). The schedule
+    runs over the whole of training, warm-up included, so a warm-up does not change where the decay lands.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -317,18 +317,46 @@ def get_lr(step: int, total_steps: int, base_lr: float, schedule: str, warmup_st
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":
         return base_lr * 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    if schedule == "constant":
+    if schedule in ("constant", "plateau"):
         return base_lr
     raise ValueError(f"unknown lr schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
 
 
+class Plateau:
+    """ReduceLROnPlateau's rule as a scale on the schedule (PCL's Table 1 settings): after `patience`
+    epochs without a new minimum of the watched loss, the lr is multiplied by `factor`, down to
+    `min_lr`. Stepped once per epoch; its state is plain numbers (checkpointed with the run)."""
+
+    def __init__(self, base_lr: float, factor: float = 0.1, patience: int = 50, min_lr: float = 1e-5) -> None:
+        self.min_scale = min(1.0, min_lr / base_lr)
+        self.factor, self.patience = factor, patience
+        self.scale, self.best, self.bad = 1.0, math.inf, 0
+
+    def step(self, value: float) -> None:
+        if value < self.best:
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad > self.patience:
+            self.scale, self.bad = max(self.min_scale, self.scale * self.factor), 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.scale, self.best, self.bad = float(state["scale"]), float(state["best"]), int(state["bad"])
+
+
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0,
+    plateau: Plateau | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration scheduler that scales each group's initial lr by `get_lr(step, ...)`."""
+    """A per-iteration scheduler that scales each group's initial lr by `get_lr(step, ...)` (times
+    `plateau.scale` when given)."""
     get_lr(total_steps, total_steps, 1.0, schedule)  # fail now on a bad name, not at the first step
+    scale = (lambda: plateau.scale) if plateau is not None else (lambda: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: get_lr(s, total_steps, 1.0, schedule, warmup_steps)
+        optimizer, lambda s: get_lr(s, total_steps, 1.0, schedule, warmup_steps) * scale()
     )
 
 

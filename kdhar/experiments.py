@@ -198,9 +198,8 @@ def build_run_config(
     sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in ("data", "clip", "model", "optim", "pcl")}
     if overrides.get("ssl") == "pcl":
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
-        if size == "cpu":
-            for name, values in C.PCL_CPU_PRESET.items():
-                sections[name].update(values)
+        for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
+            sections[name].update(values)
     for key, value in overrides.items():
         section, name = OVERRIDES[key]
         sections[section][name] = tuple(value) if name == "resize" else value

@@ -24,8 +24,8 @@ from kdhar.config import RunConfig, check_run_config
 from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.data.index import DatasetIndex, fingerprint, load_index
 from kdhar.data.subsets import class_balanced_subset, group_holdout
-from kdhar.engine import (evaluate, evaluate_terms, make_scheduler, rng_state, set_determinism, set_rng_state,
-                          train_one_epoch)
+from kdhar.engine import (Plateau, evaluate, evaluate_terms, make_scheduler, rng_state, set_determinism,
+                          set_rng_state, train_one_epoch)
 from kdhar.models import build_model
 from kdhar.objectives import Objective, Teacher, build_objective
 from kdhar.plots import confusion_figure, curves_figure
@@ -253,7 +253,8 @@ def run_training(
     )
     steps_per_epoch = max(1, len(train_loader))
     warmup_steps = round(optim.warmup * steps_per_epoch)
-    scheduler = make_scheduler(optimizer, optim.schedule, optim.epochs * steps_per_epoch, warmup_steps)
+    plateau = Plateau(optim.lr) if optim.schedule == "plateau" else None
+    scheduler = make_scheduler(optimizer, optim.schedule, optim.epochs * steps_per_epoch, warmup_steps, plateau)
 
     start_epoch, history, run_id = 0, [], None
     if state is not None:
@@ -261,6 +262,8 @@ def run_training(
         step.load_state_dict(state.get("heads", {}), strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if plateau is not None and "plateau" in state:
+            plateau.load_state_dict(state["plateau"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
         set_rng_state(state["rng"])
 
@@ -344,6 +347,9 @@ def run_training(
                     last_test = result
             if ssl_loader is not None:
                 metrics.update({f"ssl_val_{k}": v for k, v in evaluate_terms(step, ssl_loader, dev).items()})
+            if plateau is not None:
+                plateau.step(plateau_loss(metrics))
+                metrics["plateau_scale"] = plateau.scale
             done = epoch + 1
             if "test_video_top1" in metrics:
                 best_test = max([h["test_video_top1"] for h in history] + [metrics["test_video_top1"]])
@@ -363,6 +369,7 @@ def run_training(
                     "heads": _heads(step),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    **({"plateau": plateau.state_dict()} if plateau is not None else {}),
                     "epoch": done,
                     "history": history,
                     "rng": rng_state(),
@@ -396,6 +403,15 @@ def run_training(
     if register:
         _register(model_uri, run_id, splits, cfg, role, objective.registry_label, champion=objective.labels)
     return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=model_uri)
+
+
+def plateau_loss(metrics: dict[str, float]) -> float:
+    """What the plateau schedule watches: PCL's self-supervised validation loss (upstream), else the
+    validation split's loss, else the training loss; never the test split."""
+    for key in ("ssl_val_pretext_loss", "val_loss", "train_loss"):
+        if key in metrics:
+            return metrics[key]
+    raise KeyError("no loss to watch")
 
 
 def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None) -> str:

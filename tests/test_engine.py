@@ -235,3 +235,28 @@ def test_set_determinism_seeds_and_reports():
         assert "deterministic" in note
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_plateau_cuts_the_lr_tenfold_after_patience_epochs_without_a_new_minimum():
+    from kdhar.engine import Plateau
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    plateau = Plateau(0.01, patience=2)
+    sched = make_scheduler(opt, "plateau", total_steps=100, plateau=plateau)
+    lrs = []
+    for loss in (1.0, 0.9, 0.95, 0.92, 0.91, 0.8, 0.85, 0.85, 0.85):  # 3 epochs without a new minimum, twice
+        plateau.step(loss)
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.01] * 4)
+    assert lrs[4] == pytest.approx(0.001) and lrs[5:8] == pytest.approx([0.001] * 3)
+    assert lrs[8] == pytest.approx(0.0001)
+    resumed = Plateau(0.01, patience=2)
+    resumed.load_state_dict(plateau.state_dict())
+    assert resumed.state_dict() == plateau.state_dict()
+    floor = Plateau(1e-4, patience=0)
+    for loss in (1.0, 1.0, 1.0, 1.0):
+        floor.step(loss)
+    assert floor.scale == pytest.approx(0.1)  # never below min_lr 1e-5

@@ -172,6 +172,17 @@ def test_ssl_pcl_trains_the_students_inside_pcl_and_leaves_teachers_and_fine_tun
     assert cell_hash(students[0]) != cell_hash(next(c for c in plain if c.role == "student" and c.teacher == "none"))
 
 
+def test_pcl_at_the_papers_size_takes_table_1():
+    from kdhar.experiments import DatasetSpec
+
+    cfg = build_run_config("r3d_18", size="paper", overrides={"ssl": "pcl"}, dataset=DatasetSpec("ucf101", "x"),
+                           fraction=1.0, seed=0)
+    assert (cfg.clip.clip_len, cfg.clip.crop, cfg.clip.frame_interval, cfg.clip.test_clips) == (10, 112, 1, 10)
+    assert (cfg.pcl.interval, cfg.clip.tuple_len, cfg.pcl.negatives, cfg.pcl.temperature) == (8, 3, 1024, 0.07)
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.schedule) == (0.01, 16, 200, "plateau")
+    assert cfg.model.modality == "res" and cfg.optim.warmup == 0.0
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"ssl": "simclr"}, "ssl: 'simclr' must be one of none, pcl"),
     ({"overrides": {"ssl": "pcl"}}, "ssl goes at the top of the spec"),

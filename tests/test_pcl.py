@@ -128,6 +128,15 @@ def test_factory_names_methods_and_refuses_impossible_combinations():
         build_objective(RunConfig(), labels=False)
 
 
+def test_the_sskd_preset_is_mix_with_alpha_0_9_and_refuses_another_alpha():
+    from kdhar.cli import UserError, kd_settings
+
+    assert kd_settings(None, "sskd", None, None) == {"tau": None, "weighting": "mix", "alpha": 0.9, "lam": None}
+    assert kd_settings(4.0, "sum", None, 2.0)["weighting"] == "sum"
+    with pytest.raises(UserError, match="--kd-weighting sskd means alpha 0.9"):
+        kd_settings(None, "sskd", 0.5, None)
+
+
 def test_retrieval_counts_a_hit_when_any_of_the_k_nearest_shares_the_class():
     gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.1]])
     gallery_labels = np.array([0, 1, 2, 0])

@@ -146,3 +146,11 @@ def test_memory_bank_nce_scores_across_views_and_moves_the_banks(caplog):
 
     # In-batch NT-Xent is low when the two views agree and high when they do not.
     assert nt_xent(z0, z0, 0.1) < nt_xent(z0, z0.flip(0), 0.1)
+
+
+def test_pretext_labels_are_uniform_where_videos_are_long_enough():
+    # At 2000 frames the remote clip fits for all but ~3 % of tuple starts, so label 4 is redrawn rarely.
+    layout, rng = TupleLayout(), np.random.default_rng(1)
+    counts = Counter(draw_tuple(rng, 2000, layout).label for _ in range(10000))
+    assert set(counts) == {0, 1, 2, 3, 4}
+    assert all(abs(counts[k] / 10000 - 0.2) < 0.02 for k in range(5)), counts
