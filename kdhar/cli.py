@@ -503,6 +503,7 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
+@pcl_options
 @run_options(exclude=("resume", "allow_config_change"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
              cache_teacher, dashboard, **opts) -> None:

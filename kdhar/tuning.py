@@ -352,7 +352,8 @@ def tune(
         raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
     # The dataset's fingerprint is part of the default name: a study on other data is another study.
     study_name = check_study_name(
-        study_name or f"kd-{cfg.model.arch}-{_slug(teacher)}-{cfg.data.dataset}-{splits.fingerprint[:8]}")
+        study_name or f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}kd-{cfg.model.arch}-{_slug(teacher)}-{cfg.data.dataset}-"
+                      f"{splits.fingerprint[:8]}")
     if isinstance(pruner, optuna.pruners.BasePruner):
         pruner_obj, pruner = pruner, type(pruner).__name__
     else:

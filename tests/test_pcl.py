@@ -107,6 +107,23 @@ def test_kd_inside_pcl_feeds_the_teacher_exactly_the_students_untransformed_clip
     assert not any(k.startswith("kd.") for k in step.state_dict())  # the teacher is not saved with the student
 
 
+@pytest.mark.parametrize("arch", ["c3d", "r3d_18", "mc3_18", "r2plus1d_18", "tiny3d"])
+def test_every_registry_backbone_trains_inside_pcl_from_a_teacher_of_another_architecture(arch):
+    from kdhar.models import MODELS
+
+    assert arch in MODELS
+    torch.manual_seed(0)
+    teacher = build_model("c3d" if arch != "c3d" else "r3d_18", 3, width=4)
+    step = PCLStep(build_model(arch, 3, width=4, modality="res"), num_rows=4, pcl=PCLConfig(ssl="pcl", negatives=8),
+                   kd=LogitKD(teacher, weighting="mix"))
+    b = tuple_batch()
+    out = step(b["clips"], b["label"], b["pretext"], b["index"])
+    out["loss"].backward()
+    assert out["output"].shape == (4, 3) and torch.isfinite(out["loss"])
+    assert step.pretext_head.in_features == 3 * step.model.head.fc.in_features
+    assert all(p.grad is not None for p in step.model.backbone.parameters() if p.requires_grad)
+
+
 def test_a_resumable_pcl_checkpoint_holds_the_heads_but_not_the_model_twice():
     heads = _heads(make_step())
     assert {k.split(".")[0] for k in heads} == {"pretext_head", "projector"}

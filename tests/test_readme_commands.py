@@ -76,6 +76,9 @@ def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
                             "storage": f"sqlite:///{tmp_path / 'optuna.db'}"}),
         (lines["finetune"][0], {"root": str(hmdb), "epochs": "1"}),
         (lines["evaluate"][0], {"root": str(ucf)}),
+        # PCL: the tiny set's 12 frames hold a tuple of three 4-frame clips only back to back.
+        (lines["pretrain"][0], {**tiny_train, "pcl_interval": "0"}),
+        (lines["distill"][2], {**tiny_train, "pcl_interval": "0"}),
     ]
     client = MlflowClient(uri)
     for argv, params in plan:
@@ -89,10 +92,12 @@ def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
     assert all(r.info.status == "FINISHED" for r in runs)
-    own = {r.data.tags["role"]: r for r in runs if r.data.tags.get("role") in ("teacher", "finetune", "evaluation")}
-    assert set(own) == {"teacher", "finetune", "evaluation"}
+    roles = ("teacher", "finetune", "evaluation", "pretrain")
+    own = {r.data.tags["role"]: r for r in runs if r.data.tags.get("role") in roles}
+    assert set(own) == set(roles)
     students = [r for r in runs if r.data.tags.get("role") == "student" and "optuna_study" not in r.data.tags]
-    assert sorted(r.info.run_name for r in students) == ["kd-c3d→tiny3d-f1-s0", "scratch-tiny3d-f1-s0"]
+    assert sorted(r.info.run_name for r in students) == ["kd-c3d→tiny3d-f1-s0", "pcl-kd-c3d→r3d_18-f1-s0",
+                                                         "scratch-tiny3d-f1-s0"]
     for run in [*own.values(), *students]:
         parent = run.data.tags.get("mlflow.parentRunId")
         assert parent and client.get_run(parent).data.tags["role"] == "mlflow-project"
