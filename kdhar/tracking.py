@@ -83,16 +83,77 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+# Database stores MLflow takes, by URI scheme (before any "+driver").
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_store(uri: str, timeout: float = 3.0) -> None:
+    """Fails fast with a one-line message when a database or file tracking store is unusable: an
+    unknown scheme, a SQLite file in a folder that does not exist, a database driver that is not
+    installed, or a database that does not answer within `timeout` seconds (MLflow's own client
+    retries for about two minutes first).
+
+    Raises:
+        TrackingUnavailableError: naming the URI (password masked) and what to do.
+    """
+    from urllib.parse import urlsplit
+
+    shown = _mask(uri)
+    scheme = urlsplit(uri).scheme.split("+")[0] if "://" in uri else ""
+    if scheme in ("", "file"):
+        folder = Path(urlsplit(uri).path if scheme else uri).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise TrackingUnavailableError(f"tracking store {shown}: folder {folder} does not exist; create it or "
+                                           "point MLFLOW_TRACKING_URI elsewhere")
+        return
+    if scheme not in DB_SCHEMES:
+        raise TrackingUnavailableError(
+            f"tracking URI {shown}: unknown scheme {scheme!r}; use http(s)://host:port (a server), sqlite:///path.db, "
+            "postgresql://user@host/db or a folder")
+    if scheme == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if path and path != ":memory:" and not Path(path).expanduser().resolve().parent.is_dir():
+            raise TrackingUnavailableError(f"tracking store {shown}: folder {Path(path).parent} does not exist; "
+                                           "create it or point MLFLOW_TRACKING_URI elsewhere")
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(max(1, timeout))})
+    except ModuleNotFoundError as exc:
+        fix = f"pip install {exc.name}"
+        if scheme == "postgresql":  # SQLAlchemy's default PostgreSQL driver is psycopg 3; kdhar installs psycopg2
+            fix = f"write the URI as {shown.replace(uri.split('://', 1)[0], 'postgresql+psycopg2', 1)}"
+        raise TrackingUnavailableError(
+            f"tracking store {shown}: its database driver {exc.name!r} is not installed; {fix}") from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise TrackingUnavailableError(f"tracking store {shown}: {str(exc).splitlines()[0]}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200]
+        raise TrackingUnavailableError(f"tracking store {shown} does not answer: {reason}") from None
+    finally:
+        engine.dispose()
+
+
+def _mask(uri: str) -> str:
+    """The URI with any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)
+
+
 def check_server(uri: str, timeout: float = 3.0) -> None:
     """Fails fast with a one-line message when an http(s) tracking server is unusable.
 
     Without this, MLflow's client retries with back-off for minutes before giving up.
-    Non-http URIs (SQLite, file stores) are local and always pass.
+    Other URIs go through `check_store`.
 
     Raises:
         TrackingUnavailableError: the server is down, rejects our Host header or needs credentials.
     """
     if not uri.startswith(("http://", "https://")):
+        check_store(uri, timeout)
         return
     hint = (
         "Start it with `docker compose up` or unset MLFLOW_TRACKING_URI to use the local mlflow.db"

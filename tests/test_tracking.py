@@ -307,3 +307,30 @@ def test_git_commit(tmp_path):
     assert tracking.git_commit(tmp_path) is None
     commit = tracking.git_commit(REPO)
     assert commit is not None and re.fullmatch(r"[0-9a-f]{40}", commit)
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("bogus://host/x", "unknown scheme 'bogus'"),
+    ("sqlite:////no/such/folder/mlflow.db", "folder /no/such/folder does not exist"),
+    ("/no/such/folder/mlruns", "folder /no/such/folder does not exist"),
+    ("postgresql://kdhar:hunter2@127.0.0.1:5432/x", "write the URI as postgresql+psycopg2://kdhar:***@127.0.0.1:5432/x"),
+    ("postgresql+psycopg2://postgres@127.0.0.1:1/x", "does not answer: connection to server at"),
+])
+def test_unusable_tracking_stores_fail_fast_in_one_line_without_the_password(uri, message):
+    import time
+
+    from kdhar.tracking import TrackingUnavailableError, check_server
+
+    start = time.perf_counter()
+    with pytest.raises(TrackingUnavailableError) as err:
+        check_server(uri)
+    assert message in str(err.value) and "hunter2" not in str(err.value) and "\n" not in str(err.value)
+    assert time.perf_counter() - start < 30  # MLflow's own client retries for about two minutes
+
+
+def test_reachable_database_and_folder_stores_pass(postgres_db, tmp_path):
+    from kdhar.tracking import check_server
+
+    check_server(postgres_db)
+    check_server(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_server(str(tmp_path / "mlruns"))
