@@ -39,9 +39,18 @@ def pretrain(job: dict) -> dict:
     from kdhar.objectives import build_objective
     from kdhar.train import TrainingView, load_splits, run_training
 
+    from kdhar import tracking
+    from kdhar.train import config_hash
+
     cfg = config(job["root"], job["arch"], job["width"], job["pretrain_epochs"], 1.0, job["seed"], "pcl")
-    res = run_training(cfg, role="pretrain", experiment=job["experiment"], objective=build_objective(cfg, labels=False),
-                       progress=False, register=False)
+    # A pretraining this folder already finished is reused, so an interrupted benchmark picks up.
+    done = tracking.find_runs(job["experiment"], f"tags.config_hash = '{config_hash(cfg, None, None)}' and "
+                                                 "tags.role = 'pretrain' and attributes.status = 'FINISHED'")
+    if done:
+        res = type("Done", (), {"run_id": done[0]["run_id"], "final": done[0]["metrics"]})
+    else:
+        res = run_training(cfg, role="pretrain", experiment=job["experiment"],
+                           objective=build_objective(cfg, labels=False), progress=False, register=False)
     # The same retrieval on an untrained encoder of this seed: what pretraining is measured against.
     splits = load_splits(cfg)
     untrained = build_model(cfg.model.arch, len(splits.classes), width=cfg.model.width, modality=cfg.model.modality)
@@ -84,6 +93,9 @@ def main() -> None:
     os.chdir(work)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     common = dict(root=root, arch=args.arch, width=args.width, experiment="bench-pcl-init")
+    from mlflow import MlflowClient
+
+    MlflowClient().search_experiments()  # creates the store here, not in two workers at once
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(1,)) as pool:

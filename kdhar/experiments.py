@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -498,12 +499,14 @@ def run_grid(
                 report(i, CellOutcome(cell, "skipped", existing, 0.0))
             else:
                 teacher_uri = f"runs:/{teacher_run}" if teacher_run else None
-                todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}, teacher_uri))
+                resume = _interrupted_run(exp, cell, key, log)
+                todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}, teacher_uri, resume))
         if not todo:
             continue
-        jobs = [(cell, exp, device, tags, spec.cache_teacher, workers == 1, uri) for _, cell, tags, uri in todo]
+        jobs = [(cell, exp, device, tags, spec.cache_teacher, workers == 1, uri, resume)
+                for _, cell, tags, uri, resume in todo]
         if workers == 1:
-            for (i, cell, _, _), job in zip(todo, jobs):
+            for (i, cell, *_), job in zip(todo, jobs):
                 run_id, seconds = _run_cell(*job)
                 report(i, CellOutcome(cell, "done", run_id, seconds))
         else:
@@ -511,7 +514,7 @@ def run_grid(
             pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                                        initargs=(threads, os.getpid()))
             try:
-                pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, _, _), job in zip(todo, jobs)}
+                pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, *_), job in zip(todo, jobs)}
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
@@ -588,6 +591,43 @@ def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | N
     return config_hash(cell.cfg, None, None)
 
 
+CHECKPOINTS = Path("runs") / "checkpoints"  # where run_training writes them (its default workdir)
+
+
+def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str], None]) -> str | None:
+    """The checkpoint to resume this cell from: its newest run that ended KILLED, or is still RUNNING
+    although its process on this machine is gone (a worker killed outright), and left a checkpoint.
+    Other such runs of the cell are ended KILLED, so none stays RUNNING."""
+    from kdhar import tracking
+
+    runs = tracking.find_runs(experiment, f"tags.config_hash = '{key}' and tags.role = '{cell.role}' and "
+                                          "attributes.status != 'FINISHED'")
+    host, chosen = socket.gethostname(), None
+    for run in runs:  # newest first
+        status, tags = run["status"], run["tags"]
+        if status == "RUNNING" and (tags.get("host") != host or _process_alive(int(tags.get("pid") or 0))):
+            continue  # trained elsewhere, or still training here
+        checkpoint = CHECKPOINTS / run["run_id"] / "last.pt"
+        if status == "RUNNING":
+            tracking.end_run_as(run["run_id"], "KILLED")
+        if chosen is None and status in ("RUNNING", "KILLED") and checkpoint.exists():
+            chosen = str(checkpoint)
+            log(f"{cell.label()}: resuming run {run['run_id']} from its checkpoint")
+    return chosen
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _finished_run(experiment: str, role: str, key: str) -> str | None:
     from kdhar import tracking
 
@@ -652,23 +692,24 @@ def _run_cell_in_worker(*job: Any) -> tuple[str, float]:
 
 def _run_cell(
     cell: Cell, experiment: str, device: str | None, tags: dict[str, str], cache_teacher: bool, progress: bool,
-    teacher_uri: str | None = None,
+    teacher_uri: str | None = None, resume: str | None = None,
 ) -> tuple[str, float]:
-    """Trains one cell; returns its run id and wall-clock seconds. Runs in a worker process too."""
+    """Trains one cell (from `resume`, a checkpoint of its interrupted run, if given); returns its run
+    id and wall-clock seconds. Runs in a worker process too."""
     start = time.perf_counter()
     if cell.role == "teacher":
         from kdhar.train import run_training
 
         res = run_training(cell.cfg, role="teacher", experiment=experiment, tags=tags, device=device,
-                           progress=progress)
+                           progress=progress, resume=resume)
     elif cell.role == "student":
         from kdhar.distill import distill
 
         res = distill(cell.cfg, teacher=teacher_uri or "none", experiment=experiment, device=device, extra_tags=tags,
-                      cache_teacher=cache_teacher and cell.teacher != "none", progress=progress)
+                      cache_teacher=cache_teacher and cell.teacher != "none", progress=progress, resume=resume)
     else:
         from kdhar.finetune import finetune
 
         res = finetune(f"runs:/{tags['source_run']}", cell.cfg, experiment=experiment, tags=tags,
-                       device=device, progress=progress)
+                       device=device, progress=progress, resume=resume)
     return res.run_id, time.perf_counter() - start

@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +282,10 @@ def run_training(
         "torch_version": torch.__version__,
         "threads": str(cfg.optim.threads),
         "modality": cfg.model.modality,
+        # Which process trains the run, so a grid rerun can tell a run whose process died (SIGKILL,
+        # out of memory) from one still training, and resume it.
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
         **objective.tags,
         **(tags or {}),
     }

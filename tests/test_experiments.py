@@ -332,10 +332,14 @@ def _wait_for(predicate, timeout_s: float, what: str):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_killed_grid_ends_its_runs_and_resumes(store):
-    """Ctrl-C and SIGKILL of `kdhar experiment run` mid-wave: the workers stop with it, their runs end
-    KILLED (none left RUNNING), and the same command then trains only what did not finish."""
+def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store):
+    """Ctrl-C and SIGKILL of `kdhar experiment run` mid-wave: the workers stop with it and their runs end
+    KILLED (none left RUNNING); the same command then continues those very runs from their last
+    checkpoint, as it does a run left RUNNING by a worker that was killed outright."""
+    from mlflow import MlflowClient
+
     from kdhar import tracking
+    from kdhar.checkpoint import load_checkpoint
     from kdhar.experiments import run_grid
 
     exp = "killed"
@@ -347,23 +351,20 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
     def students(status: str) -> list[dict]:
         return tracking.find_runs(exp, f"tags.role = 'student' and attributes.status = '{status}'")
 
-    def running_students(seen: set[str]) -> list[str]:
+    def student_epochs() -> dict[str, int]:
         # Read from the checkpoint files, not the tracking store: while two workers log every step,
-        # SQLite reads can lag a minute behind on a loaded machine (the students once finished
-        # before the test saw them running).
-        found = []
+        # SQLite reads can lag a minute behind on a loaded machine.
+        found = {}
         for path in (store / "runs" / "checkpoints").glob("*/last.pt"):
             try:
                 state = load_checkpoint(path)
             except Exception:
                 continue
-            if state["config"].get("optim.epochs") == 300 and state["epoch"] < 300 and path.parent.name not in seen:
-                found.append(path.parent.name)
+            if state["config"].get("optim.epochs") == 300:
+                found[path.parent.name] = state["epoch"]
         return found
 
-    from kdhar.checkpoint import load_checkpoint
-
-    killed, seen = 0, set()
+    reached: dict[str, int] = {}
     for sig in (signal.SIGINT, signal.SIGKILL):
         # SIGINT as at a terminal: a shell's background job (CI started with `&`, nohup) inherits it
         # ignored, and a child started from there would never see the Ctrl-C this test sends.
@@ -371,10 +372,14 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
                                 cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
-            # Both workers' students: with only the first one seen, the second could start before the
-            # signal and end KILLED without being counted.
-            in_flight = _wait_for(lambda: (lambda ids: ids if len(ids) == 2 else None)(running_students(seen)), 180,
-                                  "both student runs in flight")
+            # Both students in flight, past where the previous signal left them (the second round
+            # continues the same two runs: no third run appears).
+            def progressed():
+                now = student_epochs()
+                moving = {k: v for k, v in now.items() if 0 < v < 300 and v > reached.get(k, 0)}
+                return now if len(moving) == 2 else None
+
+            now = _wait_for(progressed, 180, "both student runs in flight")
             children = _children(proc.pid)
             proc.send_signal(sig)
             out, _ = proc.communicate(timeout=90)
@@ -383,22 +388,28 @@ def test_killed_grid_ends_its_runs_and_resumes(store):
         assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), out
         if sig == signal.SIGINT:
             assert "aborted" in out and "Traceback" not in out, out
+        else:
+            assert set(now) == set(reached) and "resuming run" in out, out  # the same runs, continued
         assert children
         _wait_for(lambda: not any(_alive(pid) for pid in children), 60, "the grid's workers to exit")
         assert students("RUNNING") == []
-        for run_id in in_flight:
+        for run_id in now:
             assert tracking.run_status(run_id) == "KILLED", out
-        killed += len(in_flight)
-        seen |= set(in_flight)
+        reached = student_epochs()
 
-    # The same command trains what did not finish, and no more.
+    # A worker killed outright leaves its run RUNNING, its process gone: the rerun continues it too.
+    client = MlflowClient()
+    stale = sorted(reached)[0]
+    client.update_run(stale, status="RUNNING")
+    client.set_tag(stale, "pid", str(proc.pid))  # the grid process that was SIGKILLed above
     outcomes = run_grid(spec, workers=2, log=lambda _: None)
     assert outcomes[0].cell.role == "teacher" and outcomes[0].status == "skipped"
-    assert "done" in {o.status for o in outcomes[1:]}
     finished = students("FINISHED")
     assert sorted(r["tags"]["seed"] for r in finished) == ["0", "1"]
-    assert {o.run_id for o in outcomes[1:]} == {r["run_id"] for r in finished}
-    assert len(students("KILLED")) == killed >= 2 and students("RUNNING") == students("FAILED") == []
+    assert {r["run_id"] for r in finished} == set(reached) == {o.run_id for o in outcomes[1:]}
+    for run_id in reached:  # every epoch trained once: resumed where the checkpoint was, not from 0
+        assert sorted({step for step, _ in tracking.metric_history(run_id, "train_loss")}) == list(range(1, 301))
+    assert students("KILLED") == students("RUNNING") == students("FAILED") == []
 
 
 def test_report_on_missing_or_empty_experiment(store):
