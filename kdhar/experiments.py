@@ -195,6 +195,8 @@ def build_run_config(
     if unknown:
         raise SpecError(f"unknown override {', '.join(unknown)}; valid: {', '.join(sorted(OVERRIDES))}")
     base = C.RunConfig()
+    for key, value in overrides.items():
+        check_override(key, value, getattr(getattr(base, OVERRIDES[key][0]), OVERRIDES[key][1]))
     preset = C.CPU_PRESET if size == "cpu" else {}
     sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in ("data", "clip", "model", "optim", "pcl")}
     if overrides.get("ssl") == "pcl":
@@ -229,6 +231,31 @@ def build_run_config(
     return cfg
 
 
+def check_override(key: str, value: Any, default: Any) -> None:
+    """Refuses an override whose type differs from its knob's (a string for a number, a number for a
+    flag), naming the key, before any configuration is built.
+
+    Raises:
+        SpecError: e.g. "epochs='many': must be a whole number".
+    """
+    if isinstance(default, bool):
+        ok, what = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, what = isinstance(value, str), "a word"
+    elif isinstance(default, tuple):
+        ok = (isinstance(value, (list, tuple)) and len(value) == len(default)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        what = f"a list of {len(default)} whole numbers"
+    else:
+        return
+    if not ok:
+        raise SpecError(f"{key}={value!r}: must be {what}")
+
+
 def load_spec(path: str | Path) -> GridSpec:
     """Reads and checks an experiment spec.
 
@@ -238,8 +265,16 @@ def load_spec(path: str | Path) -> GridSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"experiment spec {path} does not exist; see experiments/*.yaml for examples")
-    with path.open() as f:
-        raw = yaml.safe_load(f)
+    try:
+        with path.open() as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of keys (experiment, dataset, teachers, ...)")
     return parse_spec(raw, source=str(path))
@@ -272,16 +307,31 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=int(d.get("split", 1)), fraction=frac,
                            split_dir=str(d.get("split_dir") or ""))
 
+    def listed(key: str, example: str) -> list[Any]:
+        value = raw[key]
+        if not isinstance(value, list) or not value:
+            raise fail(f"{key}: expected a non-empty list, e.g. {key}: {example}; got {value!r}")
+        return value
+
     def archs(key: str) -> list[str]:
         names = raw[key]
         if isinstance(names, str):
             names = [names]
+        names = listed(key, "[c3d, r3d_18]") if not isinstance(names, list) else names
         bad = [n for n in names if n not in MODELS]
         if bad:
             raise fail(f"{key}: unknown architecture {', '.join(map(str, bad))}; choose from {', '.join(sorted(MODELS))}")
         return [str(n) for n in names]
 
-    fractions = [float(f) for f in raw["fractions"]]
+    def numbers(key: str, kind: type, example: str) -> list[Any]:
+        values = listed(key, example)
+        ok = (int,) if kind is int else (int, float)
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, ok)]
+        if bad:
+            raise fail(f"{key}: {bad[0]!r} is not a {'whole ' if kind is int else ''}number (e.g. {key}: {example})")
+        return [kind(v) for v in values]
+
+    fractions = numbers("fractions", float, "[1.0, 0.25]")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise fail(f"fractions {bad} are outside (0, 1]; the paper uses 1.0, 0.5, 0.25, 0.02")
@@ -353,7 +403,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         students=archs("students"),
         self_distill=flag("self_distill"),
         fractions=fractions,
-        seeds=[int(s) for s in raw["seeds"]],
+        seeds=numbers("seeds", int, "[0, 1, 2]"),
         teacher_seed=int(raw.get("teacher_seed", 0)),
         tau=number("tau", C.KDConfig.tau),
         lam=number("lam", C.KDConfig.lam),

@@ -126,6 +126,15 @@ def test_hash_separates_teachers_and_sources():
         ({"student_overrides": {"r3d_18": 12}}, "student_overrides: expected a mapping"),
         ({"overrides": {"lr": float("nan")}}, "lr=nan: must be a finite number"),
         ({"teacher_overrides": {"epochs": 0}}, "epochs=0: must be at least 1"),
+        # Types are checked before any configuration is built, in every kind of overrides.
+        ({"transfer": {"name": "hmdb51", "root": "h"}, "finetune": True, "transfer_overrides": {"epochs": "many"}},
+         "epochs='many': must be a whole number"),
+        ({"overrides": {"augment": "false"}}, "augment='false': must be true or false"),
+        ({"overrides": {"resize": [64]}}, r"resize=\[64\]: must be a list of 2 whole numbers"),
+        ({"student_overrides": {"r3d_18": {"lr": "fast"}}}, "lr='fast': must be a number"),
+        ({"fractions": 0.5}, r"fractions: expected a non-empty list, e.g. fractions: \[1.0, 0.25\]; got 0.5"),
+        ({"seeds": "0"}, "seeds: expected a non-empty list"),
+        ({"seeds": [0.5]}, "seeds: 0.5 is not a whole number"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):
@@ -152,6 +161,17 @@ def test_student_overrides_apply_to_that_students_runs_and_fine_tunes():
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_spec_that_is_not_yaml_is_one_line_naming_where(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: e\ndataset: {name: ucf101, root: data/x\nteachers: [c3d]\n")
+    with pytest.raises(SpecError, match=r"bad.yaml: not valid YAML at line 3, column 9: expected ',' or '}'"):
+        load_spec(bad)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00e\x00x")
+    with pytest.raises(SpecError, match="not a UTF-8 text file"):
+        load_spec(binary)
 
 
 def test_ssl_pcl_trains_the_students_inside_pcl_and_leaves_teachers_and_fine_tunes_supervised():
