@@ -541,12 +541,23 @@ def runs() -> None:
 
 @runs.command("reconcile")
 @click.option("--storage", default=None, help="optuna storage URL (default: $KDHAR_OPTUNA_STORAGE, else sqlite:///optuna.db)")
-@click.option("--study-name", required=True)
-def runs_reconcile(storage, study_name) -> None:
-    """End the MLflow runs of trials whose worker died (left RUNNING) as KILLED."""
-    from kdhar import tuning
+@click.option("--study-name", default=None, help="a tuning study: its trials whose worker died")
+@click.option("--experiment", default=None, help="an MLflow experiment: its runs whose process on this machine is gone")
+def runs_reconcile(storage, study_name, experiment) -> None:
+    """End runs left RUNNING by a process that died (a tuning trial's worker, a killed grid cell) as KILLED."""
+    if not _text(study_name) and not _text(experiment):
+        raise UserError("give --study-name (a tuning study) or --experiment (runs of grids and commands), or both")
+    ended = []
+    if _text(study_name):
+        from kdhar import tuning
 
-    ended = tuning.reconcile(_text(storage), study_name)
+        ended += tuning.reconcile(_text(storage), study_name)
+    if _text(experiment):
+        from kdhar import tracking
+        from kdhar.experiments import reconcile_runs
+
+        tracking.check_server(tracking.tracking_uri())
+        ended += reconcile_runs(experiment)
     click.echo(f"ended {len(ended)} run(s) as KILLED" + (": " + ", ".join(ended) if ended else ""))
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -78,7 +79,7 @@ SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
-    "fraction_overrides",
+    "fraction_overrides", "keep_checkpoints",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 
@@ -130,6 +131,9 @@ class GridSpec:
     tuned: str | None = None  # an Optuna study whose best KD settings (and lr) the KD cells use
     # "pcl": students (scratch and distilled) train inside PCL; teachers and fine-tunes stay supervised.
     ssl: str = "none"
+    # A finished cell's model is in the tracking store; its checkpoint (optimizer state and all) is
+    # deleted unless this is set (the paper's grid would otherwise leave ~18 GB behind).
+    keep_checkpoints: bool = False
     kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr)
 
     @property
@@ -413,6 +417,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         cache_teacher=flag("cache_teacher"),
         tuned=tuned,
         ssl=str(ssl),
+        keep_checkpoints=flag("keep_checkpoints"),
     )
     if spec.cache_teacher and int(spec.overrides.get("views", 0)) < 1:
         raise fail("cache_teacher replays fixed views: add e.g. 'views: 4' to overrides, so scratch and KD "
@@ -525,6 +530,8 @@ def run_grid(
     teacher_runs: dict[str, str] = {}
 
     def report(i: int, outcome: CellOutcome) -> None:
+        if outcome.status == "done" and not spec.keep_checkpoints:
+            shutil.rmtree(CHECKPOINTS / outcome.run_id, ignore_errors=True)
         counter[0] += 1
         outcomes[i] = outcome
         finished_runs[i] = outcome.run_id
@@ -664,6 +671,21 @@ def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str],
             chosen = str(checkpoint)
             log(f"{cell.label()}: resuming run {run['run_id']} from its checkpoint")
     return chosen
+
+
+def reconcile_runs(experiment: str) -> list[str]:
+    """Ends as KILLED every run of `experiment` left RUNNING by a process of this machine that is gone
+    (recorded as the run's `host` and `pid` tags); returns their ids. Runs of other machines, and
+    runs from before those tags, are left alone: nothing here can tell whether they still train."""
+    from kdhar import tracking
+
+    host, ended = socket.gethostname(), []
+    for run in tracking.find_runs(experiment, "attributes.status = 'RUNNING'"):
+        tags = run["tags"]
+        if tags.get("host") == host and tags.get("pid") and not _process_alive(int(tags["pid"])):
+            tracking.end_run_as(run["run_id"], "KILLED")
+            ended.append(run["run_id"])
+    return ended
 
 
 def _process_alive(pid: int) -> bool:

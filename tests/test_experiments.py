@@ -285,6 +285,8 @@ def test_grid_runs_resumes_and_reports(store):
     assert kd["run_id"] == first[4].run_id and kd["tags"]["role"] == "student"
     # the KD run's hash names the teacher run it learnt from
     assert kd["tags"]["config_hash"] == cell_hash(first[4].cell, teacher_run=first[0].run_id)
+    # finished cells leave no checkpoint behind (their models are in the store)
+    assert not list((store / "runs" / "checkpoints").glob("*/last.pt"))
 
     # A dry run of the grid plus fine-tunes: the 5 finished cells are done, the 4 fine-tunes to train.
     status = grid_status(write_spec(store, "b.yaml", finetune=True))
@@ -299,7 +301,7 @@ def test_grid_runs_resumes_and_reports(store):
     fts = tracking.find_runs("grid", "tags.role = 'finetune'")
     assert {r["tags"]["source_run"] for r in fts} == {o.run_id for o in first[1:]}
 
-    third = run_grid(write_spec(store, "b.yaml", finetune=True), workers=2, log=lines.append)
+    third = run_grid(write_spec(store, "b.yaml", finetune=True, keep_checkpoints=True), workers=2, log=lines.append)
     assert all(o.status == "skipped" for o in third)
     assert len(tracking.find_runs("grid")) == 9  # no new runs
 
@@ -444,3 +446,30 @@ def test_report_on_missing_or_empty_experiment(store):
     report = build_report("teachers-only", store / "r1")
     assert report.rows == [] and "no finished student runs" in report.text and report.run_id is None
     assert not (store / "r1").exists()
+
+
+def test_reconcile_ends_runs_whose_process_on_this_machine_is_gone(local_tracking, tmp_path):
+    import os
+    import socket
+
+    from mlflow import MlflowClient
+
+    from kdhar import tracking
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    client = MlflowClient(local_tracking)
+    exp = client.create_experiment("orphans")
+    here = socket.gethostname()
+    runs = {name: client.create_run(exp, tags={"host": host, "pid": str(pid)}, run_name=name).info.run_id
+            for name, host, pid in [("dead", here, gone.pid), ("alive", here, os.getpid()),
+                                    ("elsewhere", "another-host", gone.pid)]}
+    done = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile", "--experiment", "orphans"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"ended 1 run(s) as KILLED: {runs['dead']}" in done.stdout
+    assert tracking.run_status(runs["dead"]) == "KILLED"
+    assert tracking.run_status(runs["alive"]) == tracking.run_status(runs["elsewhere"]) == "RUNNING"
+    neither = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert neither.returncode == 2 and "give --study-name" in neither.stderr
