@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import re
@@ -65,6 +66,9 @@ ATTR_SPACE = "search_space"
 ATTR_OBJECTIVE = "objective"
 ATTR_EXPERIMENT = "mlflow_experiment"
 ATTR_PARENT = "mlflow_parent_run_id"
+ATTR_CONFIG = "kdhar_config"  # what every trial shares (JSON), checked when a worker joins
+# Knobs that say how a trial runs, not what it measures: workers may differ in them.
+OPERATIONAL = {"data.num_workers", "data.on_missing", "data.on_bad", "optim.threads"}
 
 
 class StorageUnavailableError(ConnectionError, ValueError):
@@ -360,8 +364,9 @@ def tune(
         pruner_obj = make_pruner(pruner, cfg.optim.epochs)
     st = make_storage(storage, heartbeat_interval, grace_period)
     shown = mask_url(storage_url(storage))
+    shared = study_config(cfg, space, teacher, splits.fingerprint)
     study, parent_id = _open_study(
-        st, study_name, space, experiment, pruner_obj,
+        st, study_name, space, experiment, pruner_obj, shared=shared,
         params={"study_name": study_name, "storage": shown, "sampler": f"TPESampler(seed={seed}+trial)",
                 "search_space": str(space), "pruner": pruner, "objective": OBJECTIVE, "teacher": teacher,
                 "student": cfg.model.arch},
@@ -476,16 +481,28 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text.rsplit("/", 1)[-1])[:60]
 
 
+def study_config(cfg, space: SearchSpace, teacher: str, fingerprint: str) -> dict[str, Any]:
+    """Everything that changes what a trial's score measures except the searched knobs: the run
+    configuration (epochs, fraction, widths, clips, PCL, ...), the teacher and the data's fingerprint."""
+    searched = {"tau": "kd.tau", "alpha": "kd.alpha", "lam": "kd.lam", "lr": "optim.lr"}
+    skip = OPERATIONAL | {searched[n] for n in space.names()}
+    shared = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.params(kd=True).items() if k not in skip}
+    return {**shared, "teacher": teacher, "dataset_fingerprint": fingerprint}
+
+
 def _open_study(
     storage: RDBStorage, name: str, space: SearchSpace, experiment: str, pruner: optuna.pruners.BasePruner,
-    params: dict[str, Any],
+    params: dict[str, Any], shared: dict[str, Any] | None = None,
 ) -> tuple[optuna.Study, str]:
     """Creates or joins the study and returns it with its MLflow parent run id.
 
     Creating the study is atomic in the database, so exactly one worker wins it; that worker records
-    the search space and creates the parent run. Others wait for the parent id to appear.
+    the search space, the configuration every trial shares (`shared`) and creates the parent run.
+    Others check both and wait for the parent id to appear.
     """
     expected = {ATTR_SPACE: str(space), ATTR_OBJECTIVE: OBJECTIVE, ATTR_EXPERIMENT: experiment}
+    if shared is not None:
+        expected[ATTR_CONFIG] = json.dumps(shared, sort_keys=True, default=str)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner)
     except DuplicatedStudyError:
@@ -521,8 +538,18 @@ def _check_compatible(study: optuna.Study, expected: dict[str, str]) -> None:
         for key, value in expected.items():  # its creator died before setting it up: adopt it
             study.set_user_attr(key, value)
         return
+    if ATTR_CONFIG in expected:
+        if ATTR_CONFIG not in attrs:  # made before kdhar recorded it: record it now
+            study.set_user_attr(ATTR_CONFIG, expected[ATTR_CONFIG])
+        else:
+            was, now = json.loads(attrs[ATTR_CONFIG]), json.loads(expected[ATTR_CONFIG])
+            diff = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+            if diff:
+                raise ValueError(f"study '{name}' was created for other trials ({', '.join(diff[:4])}"
+                                 f"{', ...' if len(diff) > 4 else ''}); rerun with the same settings or pick another "
+                                 "study name")
     for key, value in expected.items():
-        if attrs.get(key) != value:
+        if key != ATTR_CONFIG and attrs.get(key) != value:
             raise ValueError(
                 f"study '{name}' was created with {key} '{attrs.get(key)}', not '{value}'; "
                 f"rerun with the same settings or pick another study name"

@@ -193,6 +193,14 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
     # A different search space under the same name is refused before any trial runs.
     with pytest.raises(ValueError, match="search_space"):
         tune(cfg, n_trials=6, **{**kw, "space": SearchSpace.parse("tau=1:4")})
+    # So is a worker whose trials would measure something else (more epochs, half the data), in one
+    # line naming the differences; a thread count of its own is fine (nothing more to run here).
+    longer = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs + 1),
+                                 data=dataclasses.replace(cfg.data, fraction=0.5))
+    with pytest.raises(ValueError, match=r"created for other trials \(data.fraction 1.0 -> 0.5, optim.epochs 2 -> 3\)"):
+        tune(longer, n_trials=6, **kw)
+    threads = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, threads=1))
+    assert tune(threads, n_trials=4, **kw)["trials"] == 4
     assert len(children_of(parent["run_id"])) == 4
 
 
