@@ -40,7 +40,7 @@ def test_compose_dashboard_reads_its_storage_from_the_environment(postgres_db):
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     service = compose["services"]["optuna-dashboard"]
     assert "command" not in service and not any("${POSTGRES_PASSWORD}" in part for part in service["entrypoint"])
-    assert "${POSTGRES_PASSWORD}" in service["environment"]["OPTUNA_STORAGE"]
+    assert "${OPTUNA_WORKER_PASSWORD}" in service["environment"]["OPTUNA_STORAGE"]
 
     import optuna
 

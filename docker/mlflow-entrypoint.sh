@@ -1,0 +1,34 @@
+#!/bin/sh
+# The compose `mlflow` service: refuses the example's or a short password, then starts
+# `mlflow server` with basic-auth. The backend URI (with its password), the admin password and the
+# key that signs the sign-in forms' CSRF tokens reach MLflow through its environment
+# (MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY), never a
+# command line. Paths and the bind address are variables so that
+# tests/test_team_stack.py can run this very script natively.
+set -eu
+
+for name in POSTGRES_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do
+    eval "value=\${$name:-}"
+    if [ "$value" = "change-me" ] || [ "${#value}" -lt 12 ]; then
+        echo "mlflow: $name is empty, the example's 'change-me' or shorter than 12 characters: set a real one in .env" >&2
+        exit 64
+    fi
+done
+
+auth_dir="${MLFLOW_AUTH_DIR:-/auth}"
+mkdir -p "$auth_dir"
+# Users and permissions live in their own SQLite file on the `mlauth` volume. READ: a signed-in
+# user may read every experiment; writes need a permission the admin grants (or their own).
+cat > "$auth_dir/basic_auth.ini" <<INI
+[mlflow]
+default_permission = ${MLFLOW_DEFAULT_PERMISSION:-READ}
+database_uri = sqlite:///$auth_dir/basic_auth.db
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
+
+exec mlflow server --app-name basic-auth \
+    --serve-artifacts --artifacts-destination "${MLFLOW_ARTIFACTS:-/mlartifacts}" \
+    --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT_IN:-5000}" \
+    --allowed-hosts "${MLFLOW_ALLOWED_HOSTS}" --workers "${MLFLOW_WORKERS:-2}"
