@@ -518,77 +518,122 @@ def run_grid(
         if not Path(ds.root).exists():
             raise SpecError(f"{spec_path}: dataset root {ds.root} ({ds.name}) does not exist; "
                             "generate it with `kdhar data synth` or fix 'root'")
-    cells = plan(spec)
-    total = len(cells)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    outcomes: dict[int, CellOutcome] = {}
-    finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
-    position = {id(c): i for i, c in enumerate(cells)}
-    counter = [0]
-    # Distilled students learn from the exact teacher run this grid trained (or found finished),
-    # never from whichever teacher is the registry's champion at the time.
-    teacher_runs: dict[str, str] = {}
+    log(f"grid {spec_path}: {len(plan(spec))} cells in experiment '{exp}' ({workers} worker{'s' if workers > 1 else ''})")
+    grid = _GridRun(spec, str(spec_path), exp, workers, device, log)
+    try:
+        for wave in ("teacher", "scratch", "kd", "finetune"):
+            grid.run_wave(wave)
+    finally:
+        grid.claims.release_all()
+    return [grid.outcomes[i] for i in range(len(grid.cells))]
 
-    def report(i: int, outcome: CellOutcome) -> None:
-        if outcome.status == "done" and not spec.keep_checkpoints:
+
+class _GridRun:
+    """One `run_grid` call: its cells, what they produced so far and the claims it holds."""
+
+    def __init__(self, spec: GridSpec, spec_path: str, experiment: str, workers: int, device: str | None,
+                 log: Callable[[str], None]) -> None:
+        self.spec, self.spec_path, self.experiment, self.workers, self.device, self.log = (
+            spec, spec_path, experiment, workers, device, log)
+        self.cells = plan(spec)
+        self.position = {id(c): i for i, c in enumerate(self.cells)}
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.outcomes: dict[int, CellOutcome] = {}
+        self.finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
+        # Distilled students learn from the exact teacher run this grid trained (or found finished),
+        # never from whichever teacher is the registry's champion at the time.
+        self.teacher_runs: dict[str, str] = {}
+        self.claims = Claims(experiment)
+
+    def report(self, i: int, outcome: CellOutcome) -> None:
+        if outcome.status == "done" and not self.spec.keep_checkpoints:
             shutil.rmtree(CHECKPOINTS / outcome.run_id, ignore_errors=True)
-        counter[0] += 1
-        outcomes[i] = outcome
-        finished_runs[i] = outcome.run_id
+        self.outcomes[i] = outcome
+        self.finished_runs[i] = outcome.run_id
         if outcome.cell.role == "teacher":
-            teacher_runs[outcome.cell.arch] = outcome.run_id
-        width = len(str(total))
+            self.teacher_runs[outcome.cell.arch] = outcome.run_id
+        width = len(str(len(self.cells)))
         what = "skipped (already finished)" if outcome.status == "skipped" else f"done in {outcome.seconds:.1f} s"
-        log(f"[{counter[0]:>{width}}/{total}] {outcome.cell.label()}: {what}, run {outcome.run_id}")
+        self.log(f"[{len(self.outcomes):>{width}}/{len(self.cells)}] {outcome.cell.label()}: {what}, run {outcome.run_id}")
 
-    log(f"grid {spec_path}: {total} cells in experiment '{exp}' ({workers} worker{'s' if workers > 1 else ''})")
-    for wave in ("teacher", "scratch", "kd", "finetune"):
-        todo: list[tuple[int, Cell, dict[str, str], str | None]] = []
-        for cell in (c for c in cells if c.wave == wave):
-            i = position[id(cell)]
-            source_run = finished_runs.get(position[id(cell.source)]) if cell.source is not None else None
-            teacher_run = teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
-            if cell.wave == "kd" and teacher_run is None:
-                raise SpecError(f"{spec_path}: teacher {cell.teacher} is not among the spec's teachers")
-            key = cell_hash(cell, source_run=source_run, teacher_run=teacher_run)
-            existing = _finished_run(exp, cell.role, key)
-            if existing:
-                report(i, CellOutcome(cell, "skipped", existing, 0.0))
-            else:
+    def run_wave(self, wave: str) -> None:
+        """Trains the cells of one wave that no run has finished and no other runner has claimed, then
+        waits for those another runner is training; a cell whose other runner stopped without
+        finishing it is claimed and trained on the next pass."""
+        exp = self.experiment
+        while True:
+            todo: list[tuple[int, Cell, dict[str, str], str | None, str | None]] = []
+            elsewhere: list[tuple[int, Cell, str]] = []
+            open_cells = []
+            for cell in (c for c in self.cells if c.wave == wave):
+                i = self.position[id(cell)]
+                if i in self.finished_runs:
+                    continue
+                source_run = self.finished_runs.get(self.position[id(cell.source)]) if cell.source is not None else None
+                teacher_run = self.teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
+                if cell.wave == "kd" and teacher_run is None:
+                    raise SpecError(f"{self.spec_path}: teacher {cell.teacher} is not among the spec's teachers")
+                key = cell_hash(cell, source_run=source_run, teacher_run=teacher_run)
+                existing = _finished_run(exp, cell.role, key)
+                if existing:
+                    self.report(i, CellOutcome(cell, "skipped", existing, 0.0))
+                else:
+                    open_cells.append((i, cell, key, source_run, teacher_run))
+            won = self.claims.take({key: cell.label() for _, cell, key, _, _ in open_cells}) if open_cells else set()
+            for i, cell, key, source_run, teacher_run in open_cells:
+                if key not in won:
+                    elsewhere.append((i, cell, key))
+                    continue
                 teacher_uri = f"runs:/{teacher_run}" if teacher_run else None
-                resume = _interrupted_run(exp, cell, key, log)
+                resume = _interrupted_run(exp, cell, key, self.log)
                 todo.append((i, cell, {"config_hash": key, **_cell_tags(cell, source_run)}, teacher_uri, resume))
-        if not todo:
-            continue
-        jobs = [(cell, exp, device, tags, spec.cache_teacher, workers == 1, uri, resume)
+            if todo:
+                self.train(todo)
+            if not elsewhere:
+                return
+            for i, cell, key in elsewhere:
+                self.log(f"{cell.label()}: another runner is training it; waiting")
+                while (run_id := _finished_run(exp, cell.role, key)) is None and self.claims.held_elsewhere(key):
+                    time.sleep(CLAIM_POLL_S)
+                if run_id is not None:
+                    self.report(i, CellOutcome(cell, "skipped", run_id, 0.0))
+
+    def train(self, todo) -> None:
+        """Trains claimed cells, in this process or in worker processes; each cell's claim is released
+        once it is reported."""
+        spec, workers = self.spec, self.workers
+        jobs = [(cell, self.experiment, self.device, tags, spec.cache_teacher, workers == 1, uri, resume)
                 for _, cell, tags, uri, resume in todo]
+        keys = {i: tags["config_hash"] for i, _, tags, _, _ in todo}
+
+        def done(i: int, cell: Cell, run_id: str, seconds: float) -> None:
+            self.report(i, CellOutcome(cell, "done", run_id, seconds))
+            self.claims.release(keys[i])
+
         if workers == 1:
             for (i, cell, *_), job in zip(todo, jobs):
-                run_id, seconds = _run_cell(*job)
-                report(i, CellOutcome(cell, "done", run_id, seconds))
-        else:
-            ctx = multiprocessing.get_context("spawn")  # forked workers would inherit torch/mlflow threads
-            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                                       initargs=(threads, os.getpid()))
-            try:
-                pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, *_), job in zip(todo, jobs)}
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        i, cell = pending.pop(fut)
-                        run_id, seconds = fut.result()  # a failed cell stops the grid; rerunning resumes
-                        report(i, CellOutcome(cell, "done", run_id, seconds))
-            except Exception:
-                # A failed cell: start nothing more, let the cells in flight finish, then stop.
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            except BaseException:
-                # Ctrl-C: stop the workers now; each ends its run as KILLED before it exits.
-                _stop_workers()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown()
-    return [outcomes[i] for i in range(total)]
+                done(i, cell, *_run_cell(*job))
+            return
+        ctx = multiprocessing.get_context("spawn")  # forked workers would inherit torch/mlflow threads
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                   initargs=(self.threads, os.getpid()))
+        try:
+            pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, *_), job in zip(todo, jobs)}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    i, cell = pending.pop(fut)
+                    done(i, cell, *fut.result())  # a failed cell stops the grid; rerunning resumes
+        except Exception:
+            # A failed cell: start nothing more, let the cells in flight finish, then stop.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        except BaseException:
+            # Ctrl-C: stop the workers now; each ends its run as KILLED before it exits.
+            _stop_workers()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
 
 def grid_status(spec_path: str | Path, experiment: str | None = None) -> list[tuple[Cell, str | None]]:
@@ -671,6 +716,69 @@ def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str],
             chosen = str(checkpoint)
             log(f"{cell.label()}: resuming run {run['run_id']} from its checkpoint")
     return chosen
+
+
+CLAIM_SETTLE_S = 1.0  # a second look at the claims, for a runner whose claim landed at the same moment
+CLAIM_POLL_S = 5.0
+
+
+class Claims:
+    """Cells this grid runner trains, claimed in the tracking store so that a second runner on the
+    same spec (on this machine or another) waits for them instead of training them again.
+
+    A claim is a marker run tagged with the cell's `config_hash`; of the live claims of a cell the
+    oldest (start time, then run id) wins, read right away and again `CLAIM_SETTLE_S` later (for a
+    runner whose claim landed at the same moment). A claim whose process on this machine is gone
+    does not count (it is deleted), so a killed runner's cells are taken over.
+    """
+
+    def __init__(self, experiment: str) -> None:
+        self.experiment, self.mine = experiment, {}
+
+    def _live(self, key: str) -> list[dict]:
+        from kdhar import tracking
+
+        runs = tracking.find_runs(self.experiment, f"tags.role = 'claim' and tags.claim = '{key}' and "
+                                                   "attributes.status = 'RUNNING'")
+        live = []
+        for run in runs:
+            tags = run["tags"]
+            if tags.get("host") == socket.gethostname() and not _process_alive(int(tags.get("pid") or 0)):
+                tracking.delete_run(run["run_id"])  # its runner died
+                continue
+            live.append(run)
+        return sorted(live, key=lambda r: (r["start_time"], r["run_id"]))
+
+    def take(self, cells: dict[str, str]) -> set[str]:
+        """Claims cells (config_hash -> label) at once; returns those won, not held by another live runner."""
+        from kdhar import tracking
+
+        tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+        mine = {key: tracking.create_claim(self.experiment, key, f"claim-{label}", tags) for key, label in cells.items()}
+        won = set(mine)
+        for wait in (0.0, CLAIM_SETTLE_S):
+            time.sleep(wait)
+            for key in sorted(won):
+                live = self._live(key)
+                if live and live[0]["run_id"] != mine[key]:
+                    tracking.delete_run(mine[key])
+                    won.discard(key)
+        self.mine.update({key: mine[key] for key in won})
+        return won
+
+    def held_elsewhere(self, key: str) -> bool:
+        return any(r["run_id"] != self.mine.get(key) for r in self._live(key))
+
+    def release(self, key: str) -> None:
+        from kdhar import tracking
+
+        run_id = self.mine.pop(key, None)
+        if run_id:
+            tracking.delete_run(run_id)
+
+    def release_all(self) -> None:
+        for key in list(self.mine):
+            self.release(key)
 
 
 def reconcile_runs(experiment: str) -> list[str]:

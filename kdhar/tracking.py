@@ -897,6 +897,19 @@ def release_project_run(tags: dict[str, str]) -> str | None:
     return run_id
 
 
+def create_claim(experiment: str, key: str, name: str, tags: dict[str, str]) -> str:
+    """A marker run (tag role=claim, claim=key) saying that a grid runner is training the cell `key`;
+    `delete_run` removes it (deleted runs are hidden from the UI and from `find_runs`)."""
+    client = _client()
+    exp_id = _get_or_create_experiment(client, experiment)
+    run = client.create_run(exp_id, run_name=name[:250], tags={"role": "claim", "claim": key, **tags})
+    return run.info.run_id
+
+
+def delete_run(run_id: str) -> None:
+    _client().delete_run(run_id)
+
+
 def end_run_as(run_id: str, status: str) -> None:
     """Sets a run's final status (FINISHED, FAILED or KILLED), e.g. for a run whose process died."""
     if status not in ("FINISHED", "FAILED", "KILLED"):

@@ -473,3 +473,26 @@ def test_reconcile_ends_runs_whose_process_on_this_machine_is_gone(local_trackin
     neither = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert neither.returncode == 2 and "give --study-name" in neither.stderr
+
+
+@pytest.mark.slow
+def test_two_runners_on_one_spec_train_each_cell_once(store):
+    """Two `kdhar experiment run` on the same spec at once: each cell is claimed by one of them, the
+    other waits for it, and both end with the whole grid trained exactly once."""
+    from kdhar import tracking
+
+    exp = "twice"
+    spec = write_spec(store, "t.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=True,
+                      seeds=[0, 1], overrides={**TINY, "epochs": 3}, teacher_overrides={"epochs": 3})
+    cmd = [sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec)]
+    procs = [subprocess.Popen(cmd, cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = tracking.find_runs(exp)
+    cells = [(r["tags"]["role"], r["tags"].get("teacher_arch"), r["tags"]["seed"]) for r in runs]
+    assert sorted(cells) == sorted([("teacher", "none", "0"), ("student", "none", "0"), ("student", "none", "1"),
+                                    ("student", "tiny3d", "0"), ("student", "tiny3d", "1")]), cells
+    assert all(r["status"] == "FINISHED" for r in runs)
+    assert "another runner is training it; waiting" in "".join(outs)
+    assert tracking.find_runs(exp, "tags.role = 'claim'") == []  # claims are removed once done
