@@ -503,10 +503,14 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
+@click.option("--heartbeat-interval", type=INT, default=60, show_default=True,
+              help="seconds between a trial's heartbeats; a trial silent for the grace period is failed and retried")
+@click.option("--grace-period", type=INT, default=None, help="seconds without a heartbeat before a trial counts as dead "
+              "(default twice the interval); a restarted single worker waits this long for its own dead trial")
 @pcl_options
 @run_options(exclude=("resume", "allow_config_change"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
-             cache_teacher, dashboard, **opts) -> None:
+             cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs)."""
     from kdhar import tuning
 
@@ -524,6 +528,7 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
         space=tuning.SearchSpace.parse(_text(space), kd["weighting"]), pruner=pruner, experiment=opts["experiment"],
         seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"], log=lambda line: click.echo(line, err=True),
+        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
     )
     best = summary.get("best_params") or {}
     click.echo(

@@ -225,8 +225,14 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
     (no heartbeat for `grace_period`, default twice the interval) and queue a retry of it.
 
     Raises:
+        ValueError: a heartbeat interval below 1 s, or a grace period shorter than the interval.
         StorageUnavailableError: the URL is malformed or its database cannot be reached.
     """
+    if heartbeat_interval < 1:
+        raise ValueError(f"--heartbeat-interval {heartbeat_interval}: must be at least 1 second")
+    if grace_period is not None and grace_period < heartbeat_interval:
+        raise ValueError(f"--grace-period {grace_period}: must be at least the heartbeat interval "
+                         f"({heartbeat_interval} s), or a live trial would be failed between two heartbeats")
     url = storage_url(url)
     shown = mask_url(url)
     with warnings.catch_warnings():

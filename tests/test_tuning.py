@@ -138,6 +138,14 @@ def test_search_space_errors_name_the_bad_part(text, bad):
     assert bad in str(err.value)
 
 
+def test_heartbeat_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="--heartbeat-interval 0: must be at least 1 second"):
+        make_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=0)
+    with pytest.raises(ValueError, match="--grace-period 5: must be at least the heartbeat interval"):
+        make_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=10, grace_period=5)
+    assert make_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=2, grace_period=4) is not None
+
+
 def test_storage_errors_are_one_line_and_hide_the_password():
     with pytest.raises(StorageUnavailableError) as err:
         make_storage("postgresql://postgres:s3cret@127.0.0.1:1/nothing")  # nothing listens on port 1
