@@ -545,7 +545,9 @@ def build_report(experiment: str, out_dir: Path) -> Report:
     for (dataset, student), group in _by_student(rows).items():
         curves = {(r.fraction, r.teacher): mean_curve([tracking.metric_history(rid, CURVE_METRIC) for rid in r.run_ids])
                   for r in group}
-        figures[f"curves_{dataset}_{student}.png"] = curves_figure(student, dataset, curves)
+        # "r3d_18 (pcl)" -> curves_ucf101_r3d_18_pcl.png: file names without spaces or brackets
+        slug = "".join(c if c.isalnum() or c in "_-." else "_" for c in student).strip("_").replace("__", "_")
+        figures[f"curves_{dataset}_{slug}.png"] = curves_figure(student, dataset, curves)
     for dataset in sorted({r.dataset for r in rows}):
         if any(r.teacher != SCRATCH for r in rows if r.dataset == dataset):
             figures[f"delta_{dataset}.png"] = delta_heatmap(rows, dataset)
