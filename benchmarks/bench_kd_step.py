@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from _timing import count_flops, interleaved_times
 
 from kdhar.engine import train_step
 from kdhar.models import build_model
@@ -44,13 +44,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (allocator, kernel choice)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args()
-
-
-def count_flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def main() -> None:
@@ -85,17 +78,7 @@ def main() -> None:
         "kd_cached": lambda: train_step(kd, cached, optimizer, device),
     }
     kd.train()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(args.warmup + args.repeats):
-        for name, run in variants.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if round_ >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times(variants, device, args.warmup, args.repeats)
 
     med = {name: statistics.median(t) for name, t in times.items()}
     ideal = 1 + teacher_fwd / student_train

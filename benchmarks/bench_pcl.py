@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from _timing import count_flops, interleaved_times
 
 from kdhar.config import PCLConfig
 from kdhar.engine import train_step
@@ -57,13 +58,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for part 2")
     p.add_argument("--batches", type=int, default=12, help="batches timed in part 2")
     return p.parse_args()
-
-
-def count_flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def step_costs(args: argparse.Namespace, device: torch.device) -> None:
@@ -95,17 +89,7 @@ def step_costs(args: argparse.Namespace, device: torch.device) -> None:
     }
     for step in (supervised, pcl, pcl_kd):
         step.train()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(args.warmup + args.repeats):
-        for name, run in variants.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if round_ >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times(variants, device, args.warmup, args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"device={device} threads={torch.get_num_threads()} batch {b} x {clip} student={args.student}@{args.width} "
           f"teacher={args.teacher}@{args.teacher_width} res frames, repeats={args.repeats} (interleaved, medians)")

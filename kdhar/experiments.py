@@ -756,8 +756,8 @@ class Claims:
         tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
         mine = {key: tracking.create_claim(self.experiment, key, f"claim-{label}", tags) for key, label in cells.items()}
         won = set(mine)
-        for wait in (0.0, CLAIM_SETTLE_S):
-            time.sleep(wait)
+        for delay in (0.0, CLAIM_SETTLE_S):
+            time.sleep(delay)
             for key in sorted(won):
                 live = self._live(key)
                 if live and live[0]["run_id"] != mine[key]:

@@ -110,6 +110,10 @@ class KDStep(nn.Module):
     def teacher(self) -> nn.Module:
         return self.kd.teacher
 
+    def run_teacher(self, x: Tensor) -> Tensor:
+        """The frozen teacher's float32 logits for `x` (see `LogitKD.run_teacher`)."""
+        return self.kd.run_teacher(x)
+
     def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
         """Returns {"loss", "output", "task_loss", "kd_loss"}; `kd_loss` is the tau^2-scaled KL before weighting.
 
