@@ -113,7 +113,7 @@ def loading_share(args: argparse.Namespace, device: torch.device) -> None:
     cfg = build_run_config(args.student, size=args.size, overrides={"ssl": "pcl", "width": args.width},
                            dataset=DatasetSpec("ucf101", args.root), fraction=1.0, seed=0)
     objective = build_objective(cfg)
-    train = objective.make_data(load_splits(cfg).train, True, 0, 0)  # no frame cache: every batch is decoded
+    train = objective.make_data(load_splits(cfg).train, 0, 0)  # no frame cache: every batch is decoded
     loader = make_loader(train, cfg.optim.batch_size, shuffle=True, num_workers=args.workers, seed=0)
     model = build_model(args.student, len(train.classes), width=args.width, modality=cfg.model.modality)
     step = objective.make_step(model, len(train)).to(device)

@@ -90,7 +90,7 @@ def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes
     architecture is rebuilt from the model's run and given the logged weights."""
     from kdhar.distill import load_init
     from kdhar.models import build_model
-    from kdhar.retrieval import retrieval
+    from kdhar.retrieval import retrieval_on_splits
     from kdhar.train import load_compatible
 
     arch = tracking.run_tags(run_id).get("arch")
@@ -99,7 +99,4 @@ def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes
     skipped = load_compatible(encoder, load_init(model_uri))
     if skipped:
         raise ValueError(f"model {model_uri}: weights {', '.join(skipped[:3])} do not fit a {arch} rebuilt from its run")
-    gallery = dataclasses.replace(splits.train, samples=splits.train.samples + (splits.val.samples if splits.val else []))
-    ds = VideoClipDataset(gallery, cfg.clip, train=False, on_bad=cfg.data.on_bad)
-    train_loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0)
-    return retrieval(encoder.to(dev), train_loader, test_loader, dev)
+    return retrieval_on_splits(encoder.to(dev), cfg, splits, dev, test_loader=test_loader)

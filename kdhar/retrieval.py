@@ -72,4 +72,20 @@ def retrieval(model: nn.Module, train_loader, test_loader, device: torch.device 
     return topk_hits(query, query_labels, gallery, gallery_labels, ks)
 
 
-__all__ = ["TOP_K", "clip_feature", "video_features", "topk_hits", "retrieval"]
+def retrieval_on_splits(model: nn.Module, cfg, splits, device: torch.device | str, test_loader=None) -> dict[str, float]:
+    """`retrieval` of a run's test videos against its whole training list (training and validation
+    videos), clips cut as `cfg.clip` says; `test_loader` reuses a loader of the test videos."""
+    import dataclasses
+
+    from kdhar.data.dataset import VideoClipDataset, make_loader
+
+    gallery = dataclasses.replace(splits.train, samples=splits.train.samples + (splits.val.samples if splits.val else []))
+
+    def loader(index):
+        ds = VideoClipDataset(index, cfg.clip, train=False, on_bad=cfg.data.on_bad)
+        return make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+
+    return retrieval(model, loader(gallery), test_loader or loader(splits.test), device)
+
+
+__all__ = ["TOP_K", "clip_feature", "video_features", "topk_hits", "retrieval", "retrieval_on_splits"]

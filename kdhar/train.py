@@ -242,14 +242,14 @@ def run_training(
                                         pin_memory=pin), EVAL_REPLAY_BYTES)
 
     eval_loaders = {name: replay(ds) for name, ds in eval_sets.items()}
-    ssl_loader = replay(view.ssl_val) if view.ssl_val is not None else None
+    val_loader = replay(view.validation) if view.validation is not None else None
 
     model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                         modality=cfg.model.modality)
     if init_state is not None:
         load_compatible(model, init_state)
     step = objective.make_step(model, len(train_ds)).to(dev)  # moves a step's frozen teacher too
-    # Over the step's parameters: the model's, and a method's own heads (PCL's pretext head and projector).
+    # Over the step's parameters: the model's and any heads of the method's own.
     optimizer = torch.optim.SGD(
         step.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
     )
@@ -291,7 +291,7 @@ def run_training(
     }
     if changed:
         run_tags["resumed_with_changes"] = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in sorted(changed.items()))
-    run_tags["mlflow.note.content"] = describe_run(cfg, role, teacher, splits)  # the run page's description
+    run_tags["mlflow.note.content"] = describe_run(cfg, role, teacher, splits, objective.description)
     git = tracking.git_commit()
     if git:
         run_tags["git_commit"] = git
@@ -299,7 +299,7 @@ def run_training(
     stages = stage_epochs(optim.epochs)
 
     with tracking.RunTracker(
-        experiment, run_name=run_name or default_run_name(cfg, role, teacher), tags=run_tags, resume_run_id=run_id, parent_run_id=parent_run_id
+        experiment, run_name=run_name or default_run_name(cfg, role, teacher, objective.name_prefix), tags=run_tags, resume_run_id=run_id, parent_run_id=parent_run_id
     ) as tracker:
         run_id = tracker.run_id
         if not resume:
@@ -351,10 +351,11 @@ def run_training(
                 metrics.update(_epoch_metrics(name, result))
                 if name == "test":
                     last_test = result
-            if ssl_loader is not None:
-                metrics.update({f"ssl_val_{k}": v for k, v in evaluate_terms(step, ssl_loader, dev).items()})
+            if val_loader is not None:
+                prefix = objective.validation_prefix
+                metrics.update({f"{prefix}_{k}": v for k, v in evaluate_terms(step, val_loader, dev).items()})
             if plateau is not None:
-                plateau.step(plateau_loss(metrics))
+                plateau.step(plateau_loss(metrics, objective.plateau_metric))
                 metrics["plateau_scale"] = plateau.scale
             done = epoch + 1
             if "test_video_top1" in metrics:
@@ -362,7 +363,7 @@ def run_training(
                 for stage, at in stages.items():
                     if done == at:
                         metrics[f"acc_{stage}"] = metrics["test_video_top1"]
-                        # The paper's stage value: the best test accuracy reached by then (pcl.md 5.2).
+                        # The best test accuracy reached by then, as the KD paper reads its stages.
                         metrics[f"best_acc_{stage}"] = best_test
             history.append({"epoch": done, **metrics})
             if progress:
@@ -401,7 +402,7 @@ def run_training(
             if collapsed and progress:
                 print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} did not come down "
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
-        extra_final = view.final_metrics(model, cfg, splits, dev)
+        extra_final = objective.final_metrics(model, cfg, splits, dev) if objective.final_metrics else {}
         final = _finish(tracker, model, last_test, splits, history, clip, extra_final)
     model_uri = final.pop("_model_uri")
     # Registered once the run has ended FINISHED, so a run killed or failed before then leaves no
@@ -411,45 +412,42 @@ def run_training(
     return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=model_uri)
 
 
-def plateau_loss(metrics: dict[str, float]) -> float:
-    """What the plateau schedule watches: PCL's self-supervised validation loss (upstream), else the
+def plateau_loss(metrics: dict[str, float], first: str | None = None) -> float:
+    """What the plateau schedule watches: the objective's own metric (`first`) when logged, else the
     validation split's loss, else the training loss; never the test split."""
-    for key in ("ssl_val_pretext_loss", "val_loss", "train_loss"):
+    for key in (first, "val_loss", "train_loss"):
         if key in metrics:
             return metrics[key]
     raise KeyError("no loss to watch")
 
 
-def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None) -> str:
-    """A name that says what the run is, e.g. kd-c3d→r3d_18-f0.25-s0 (MLflow's random names would
-    repeat for every run of a seed, since they come from Python's seeded `random`)."""
+def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None, method: str = "") -> str:
+    """A name that says what the run is, e.g. kd-c3d→r3d_18-f0.25-s0 or pcl-scratch-r3d_18-f1-s0
+    (`method`: the objective's name prefix). MLflow's random names would repeat for every run of a
+    seed, since they come from Python's seeded `random`."""
     arch, seed, frac = cfg.model.arch, cfg.optim.seed, f"f{cfg.data.fraction:g}"
-    pcl = "pcl-" if cfg.pcl.ssl == "pcl" else ""
     if role == "teacher":
         return f"teacher-{arch}-s{seed}"
     if role == "pretrain":
-        return f"pretrain-pcl-{arch}-{frac}-s{seed}"
+        return f"pretrain-{method}{arch}-{frac}-s{seed}"
     if role == "student":
         prefix = f"kd-{teacher.arch or 'teacher'}→{arch}" if teacher is not None else f"scratch-{arch}"
-        return f"{pcl}{prefix}-{frac}-s{seed}"
+        return f"{method}{prefix}-{frac}-s{seed}"
     return f"{role}-{arch}-{cfg.data.dataset}-{frac}-s{seed}"
 
 
-def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Splits) -> str:
-    """One paragraph saying what the run is, shown as its description in the MLflow UI."""
+def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Splits, method: str = "") -> str:
+    """One paragraph saying what the run is, shown as its description in the MLflow UI (`method`:
+    the objective's own sentence)."""
     o, c, kd = cfg.optim, cfg.clip, cfg.kd
     what = {"teacher": "Teacher", "student": "Student", "finetune": "Fine-tune",
-            "pretrain": "Label-free PCL pretraining of"}.get(role, role.capitalize())
+            "pretrain": "Label-free pretraining of"}.get(role, role.capitalize())
     text = (
         f"{what} {cfg.model.arch} (width {cfg.model.width}{', residual frames' if cfg.model.modality == 'res' else ''}) on {cfg.data.dataset} ({cfg.data.root}), "
         f"{cfg.data.fraction:g} of the training videos ({len(splits.train.samples)}), seed {o.seed}: "
         f"{o.epochs} epochs, lr {o.lr:g}, batch {o.batch_size}, {c.clip_len}-frame {c.crop}x{c.crop} clips."
     )
-    if cfg.pcl.ssl == "pcl":
-        p = cfg.pcl
-        text += (f" Trained inside PCL on tuples of {c.tuple_len} clips {p.interval} apart ({p.clip_stride} stride): the "
-                 f"5-way pretext task plus {p.contrast_weight:g} x the {p.contrast} contrastive loss"
-                 + (", and the action head on the first and last clips." if role != "pretrain" else ", no labels."))
+    text += method
     if teacher is not None:
         weight = f"alpha {kd.alpha:g}" if kd.weighting == "mix" else f"lambda {kd.lam:g}"
         text += (f" Distilled from {teacher.arch or 'a'} teacher {teacher.uri} (run {teacher.run_id}) with logit KD, "
@@ -505,47 +503,27 @@ def _register(model_uri: str, run_id: str, splits: Splits, cfg: RunConfig, role:
 
 @dataclass
 class TrainingView:
-    """What a run trains on (its objective's view of the training videos), and for a tuple view the
-    fixed tuples of the test list that PCL validates its pretext task on."""
+    """What a run trains on (its objective's view of the training videos) and the fixed set its
+    step validates on each epoch, if the objective has one."""
 
     train: Any
-    ssl_val: Any = None
-    too_short: int = 0  # training videos left out: shorter than a tuple
+    validation: Any = None
+    too_short: int = 0  # training videos the view left out
 
     @classmethod
     def build(cls, objective: Objective, cfg: RunConfig, splits: Splits) -> TrainingView:
         """Raises ValueError when no training video can give the view a sample."""
-        if objective.view == "clip":
-            return cls(VideoClipDataset(splits.train, cfg.clip, train=True, seed=cfg.optim.seed, on_bad=cfg.data.on_bad,
+        seed = cfg.optim.seed
+        if objective.make_data is None:
+            return cls(VideoClipDataset(splits.train, cfg.clip, train=True, seed=seed, on_bad=cfg.data.on_bad,
                                         num_views=cfg.data.views or None, cache_bytes=TRAIN_FRAME_CACHE_BYTES))
-        train = objective.make_data(splits.train, True, cfg.optim.seed, TRAIN_FRAME_CACHE_BYTES)
-        if len(train) == 0:
-            raise ValueError(
-                f"none of the {train.too_short} training videos in {cfg.data.root} has the {train.layout.span} frames a "
-                f"tuple of {train.layout.tuple_len} {train.layout.clip_len}-frame clips {train.layout.interval} apart "
-                "needs: lower --clip-len or --pcl-interval"
-            )
-        if train.too_short:
-            print(f"[pcl] {train.too_short} of {train.too_short + len(train)} training videos are shorter than a tuple "
-                  f"({train.layout.span} frames) and are left out", file=sys.stderr, flush=True)
-        ssl_val = objective.make_data(splits.test, False, cfg.optim.seed)
-        return cls(train, ssl_val if len(ssl_val) else None, train.too_short)
-
-    def final_metrics(self, model: torch.nn.Module, cfg: RunConfig, splits: Splits, dev: torch.device) -> dict[str, float]:
-        """Clip retrieval (test videos against the training list) for a tuple-view run: a
-        label-free measure of its encoder; nothing for a single-clip run."""
-        if self.ssl_val is None:
-            return {}
-        from kdhar.retrieval import retrieval
-
-        gallery = dataclasses.replace(splits.train, samples=splits.train.samples + (splits.val.samples if splits.val else []))
-        loaders = [make_loader(VideoClipDataset(index, cfg.clip, train=False, on_bad=cfg.data.on_bad), cfg.optim.batch_size,
-                               shuffle=False, num_workers=cfg.data.num_workers) for index in (gallery, splits.test)]
-        return retrieval(model, *loaders, dev)
+        train = objective.make_data(splits.train, seed, TRAIN_FRAME_CACHE_BYTES)
+        validation = objective.make_validation(splits.test, seed) if objective.make_validation else None
+        return cls(train, validation, getattr(train, "too_short", 0))
 
 
 def _heads(step: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A step's own saved weights beyond the model's (PCL's pretext head and projector), for a resume."""
+    """A step's own saved weights beyond the model's (a method's heads), for a resume."""
     model = getattr(step, "model", None)
     prefix = next((f"{name}." for name, child in step.named_children() if child is model), None)
     return {k: v for k, v in step.state_dict().items() if prefix is None or not k.startswith(prefix)}
@@ -568,8 +546,10 @@ class _WithExtras:
 
 def _print_epoch(role: str, arch: str, epoch: int, epochs: int, m: dict[str, float]) -> None:
     shown = [f"loss {m['train_loss']:.3f}", f"train acc {m.get('train_acc', float('nan')):.3f}"]
-    if "train_pretext_acc" in m:
-        shown.append(f"pretext acc {m['train_pretext_acc']:.3f} (val {m.get('ssl_val_pretext_acc', float('nan')):.3f})")
+    for key in sorted(k for k in m if k.startswith("train_") and k.endswith("_acc") and k != "train_acc"):
+        name = key.removeprefix("train_").removesuffix("_acc")  # a method's own accuracy, e.g. pretext
+        val = next((v for k, v in m.items() if k.endswith(f"val_{name}_acc")), float("nan"))
+        shown.append(f"{name} acc {m[key]:.3f} (val {val:.3f})")
     shown += [f"{k.split('_')[0]} {m[k]:.3f}" for k in ("val_video_top1", "test_video_top1") if k in m]
     shown.append(f"{m['train_clips_per_s']:.0f} clips/s, {m['train_seconds']:.0f}s")
     print(f"[{role} {arch}] epoch {epoch}/{epochs}: " + ", ".join(shown), file=sys.stderr, flush=True)

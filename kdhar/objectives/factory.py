@@ -9,6 +9,7 @@ here and in the step modules, not in `kdhar.train`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,15 @@ class Objective:
             optionally "target" (what "output" is scored against, default the labels) and
             "*_correct" counts (reported as "*_acc"); `num_train` is the training view's length.
         view: "clip" (single clips, `VideoClipDataset`) or "tuple" (`make_data` builds it).
-        make_data: `make_data(index, train, seed, cache_bytes)`, the dataset of the tuple view.
+        make_data: `make_data(index, seed, cache_bytes)`, the training dataset of a non-clip view;
+            it may have `too_short` (videos left out).
+        make_validation: `make_validation(index, seed)`, a fixed set that `step.validate` scores
+            each epoch (logged as `<validation_prefix>_*`), or None.
+        plateau_metric: the epoch metric the plateau schedule watches first (else the validation
+            split's loss, else the training loss).
+        final_metrics: `final_metrics(model, cfg, splits, device)`, metrics of the trained model
+            logged at the end (PCL: clip retrieval), or None.
+        name_prefix, description: what run names and the run's description add for the method.
         labels: whether the run learns the action labels (False: label-free pretraining, which
             has no classifier to score).
         params: the method's knobs, logged as MLflow params (only those that act in this run).
@@ -67,6 +76,12 @@ class Objective:
     collapse_term: str | None = None
     view: str = "clip"
     make_data: Callable[..., Any] | None = None
+    make_validation: Callable[..., Any] | None = None
+    validation_prefix: str = "ssl_val"
+    plateau_metric: str | None = None
+    final_metrics: Callable[..., dict[str, float]] | None = None
+    name_prefix: str = ""
+    description: str = ""
     labels: bool = True
 
     @property
@@ -174,12 +189,38 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
             term = LogitKD(teacher.model, tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
         return PCLStep(model, num_train, pcl, tuple_len=layout.tuple_len, labels=labels, kd=term)
 
-    def make_data(index, train: bool, seed: int, cache_bytes: int = 0) -> TupleClipDataset:
+    def tuples(index, train: bool, seed: int, cache_bytes: int = 0) -> TupleClipDataset:
         return TupleClipDataset(index, clip, layout, train=train, seed=seed, spatial_perm=pcl.spatial_perm,
                                 swap_pairs=pcl.swap_pairs, cache_bytes=cache_bytes)
 
+    def make_data(index, seed: int, cache_bytes: int = 0) -> TupleClipDataset:
+        data = tuples(index, True, seed, cache_bytes)
+        if len(data) == 0:
+            raise ValueError(
+                f"none of the {data.too_short} training videos in {index.root} has the {layout.span} frames a tuple of "
+                f"{layout.tuple_len} {layout.clip_len}-frame clips {layout.interval} apart needs: lower --clip-len or "
+                "--pcl-interval")
+        if data.too_short:
+            print(f"[pcl] {data.too_short} of {data.too_short + len(data)} training videos are shorter than a tuple "
+                  f"({layout.span} frames) and are left out", file=sys.stderr, flush=True)
+        return data
+
+    def make_validation(index, seed: int) -> TupleClipDataset | None:
+        # PCL's self-supervised validation: the pretext task on fixed tuples of the test list.
+        data = tuples(index, False, seed)
+        return data if len(data) else None
+
+    def final_metrics(model: nn.Module, run_cfg: RunConfig, splits: Any, device: Any) -> dict[str, float]:
+        from kdhar.retrieval import retrieval_on_splits
+
+        return retrieval_on_splits(model, run_cfg, splits, device)  # a label-free measure of the encoder
+
     tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
     tags["ssl"] = "pcl"
+    description = (f" Trained inside PCL on tuples of {clip.tuple_len} clips {pcl.interval} apart ({pcl.clip_stride} "
+                   f"stride): the 5-way pretext task plus {pcl.contrast_weight:g} x the {pcl.contrast} contrastive loss"
+                   + (", and the action head on the first and last clips." if labels else ", no labels."))
     return Objective(name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
                      collapse_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
-                     labels=labels)
+                     make_validation=make_validation, plateau_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
+                     name_prefix="pcl-", description=description, labels=labels)
