@@ -261,6 +261,45 @@ def pcl_options(fn=None, *, ssl: bool = True):
     return add(fn) if fn is not None else add
 
 
+def gkd_options(fn=None, *, kd: bool = True):
+    """GKD's knobs (distill, tune; train-teacher without --kd); spec keys of the same names."""
+    g = C.GKDConfig
+    opts = [
+        click.option("--gkd-variant", type=_OptionalChoice(C.GKD_VARIANTS), default=None,
+                     help="faithful: the paper's attention and CVAE layers scaled to the feature (default); light: "
+                          "pooled space and 1x1 convolutions, for wide trunks and CPUs (a deviation)"),
+        click.option("--gkd-ramp", type=FLOAT, default=None,
+                     help=f"share of the epochs over which the regeneration weight ramps up (default {g.ramp:g}: the "
+                          "paper's 20 of 200; teachers 1, the whole run)"),
+        click.option("--gkd-rec-weight", type=FLOAT, default=None, help=f"regeneration loss weight once ramped (default {g.rec_weight:g})"),
+        click.option("--cvae-lr", type=FLOAT, default=None,
+                     help=f"the CVAE's Adam lr (default {g.cvae_lr:g}, the paper's; 1e-3 at size cpu and for teachers)"),
+        click.option("--gkd-ce", type=_OptionalChoice(C.GKD_CE), default=None,
+                     help="mean: CE on time-averaged logits (default); sum-softmax: the code's CE on summed softmax"),
+        click.option("--gkd-rescale", type=_OptionalChoice(C.GKD_RESCALES), default=None,
+                     help="sample: the attended feature keeps each sample's activation mass (default); batch: the code's "
+                          "batch-global rescale"),
+    ]
+    if kd:
+        opts = [
+            click.option("--kd", type=click.Choice(C.KD_METHODS), default="logit", show_default=True,
+                         help="logit: Hinton KD on the logits; gkd: generative feature KD (attention + CVAE, needs a "
+                              "teacher from train-teacher --attention; with --teacher none the scratch + attention "
+                              "baseline); gkd+logit: both"),
+            click.option("--gkd-beta", type=FLOAT, default=None, help=f"attention-distillation weight (default {g.beta:g})"),
+            click.option("--gkd-gd-weight", type=FLOAT, default=None,
+                         help=f"generative-distillation weight in the CVAE pass (default {g.gd_weight:g})"),
+            *opts,
+        ]
+
+    def add(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
 def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = None) -> C.RunConfig:
     """Defaults -> size preset -> explicit options; checks what can be checked before any work."""
     from kdhar import tracking
@@ -404,14 +443,30 @@ def models_cmd(width, clip_len, crop, num_classes) -> None:
 # ---------------------------------------------------------------- training
 @cli.command("train-teacher")
 @click.option("--arch", default="c3d", show_default=True)
+@click.option("--attention", type=click.BOOL, default=False, show_default=True,
+              help="with GKD's attention module and CVAE, trained in two passes per epoch (GKD's phase 1), for "
+                   "distill --kd gkd; add --init runs:/<teacher> to continue from a trained teacher")
+@click.option("--init", default=None, help="checkpoint or model URI to start from (e.g. a teacher without attention)")
+@gkd_options(kd=False)
 @run_options
-def train_teacher(arch: str, **opts) -> None:
-    """Train a teacher from labels; registered as kdhar-teacher-<arch>."""
+def train_teacher(arch: str, attention: bool, init, **opts) -> None:
+    """Train a teacher from labels; registered as kdhar-teacher-<arch> (with --attention:
+    kdhar-teacher-attention-<arch>, network and CVAE together)."""
+    from kdhar.distill import check_init_modality, load_init
     from kdhar.train import run_training
 
+    gkd_knobs = ("gkd_variant", "gkd_ramp", "gkd_rec_weight", "cvae_lr", "gkd_ce", "gkd_rescale")
+    if attention:
+        # GKD's phase 1: the regeneration weight ramps over the whole run, the CVAE's Adam at 1e-3.
+        opts = {**opts, "attention": True, "gkd_ramp": opts["gkd_ramp"] or 1.0, "cvae_lr": opts["cvae_lr"] or 1e-3}
+    elif any(opts.get(k) is not None for k in gkd_knobs):
+        raise UserError("the --gkd-*/--cvae-lr options shape GKD's attention module: add --attention true")
     cfg = build_config(arch, opts)
     ensure_data(cfg.data.root)
+    if _text(init):
+        check_init_modality(_text(init), cfg.model.modality)
     res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]),
+                       init_state=load_init(_text(init)) if _text(init) else None,
                        allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
                        parent_run_id=_project_parent(opts))
     _print_result(res)
@@ -424,12 +479,13 @@ def train_teacher(arch: str, **opts) -> None:
 @click.option("--init", default=None, help="checkpoint or model URI to start the student from")
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayed views (needs --views, on the scratch twin too)")
 @pcl_options
+@gkd_options
 @run_options
 def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cache_teacher, **opts) -> None:
     """Distil a teacher into a student (teacher=none: the paired scratch run); --ssl pcl trains it inside PCL.
 
     The SSKD preset (CE weight 0.1, KD weight 0.9) is --kd-weighting sskd; the KD paper's Eq. 7 is
-    --kd-weighting sum --lam 1.
+    --kd-weighting sum --lam 1. --kd gkd distils features generatively (GKD, AAAI-24).
     """
     from kdhar import distill as D
 
@@ -508,6 +564,7 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @click.option("--grace-period", type=INT, default=None, help="seconds without a heartbeat before a trial counts as dead "
               "(default twice the interval); a restarted single worker waits this long for its own dead trial")
 @pcl_options
+@gkd_options
 @run_options(exclude=("resume", "allow_config_change"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
              cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:

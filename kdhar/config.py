@@ -137,6 +137,52 @@ class PCLConfig:
         return out
 
 
+KD_METHODS = ("logit", "gkd", "gkd+logit")
+GKD_VARIANTS = ("faithful", "light")
+GKD_CE = ("mean", "sum-softmax")
+GKD_RESCALES = ("sample", "batch")
+
+
+@dataclass(frozen=True)
+class GKDConfig:
+    """Generative feature distillation (GKD, AAAI-24; ../shared/methods/gkd.md) and its attention module.
+
+    `method` is the `--kd` choice: "logit" (Hinton KD on the logits), "gkd" (attention and generative
+    distillation) or "gkd+logit" (both). `attention` gives the network the channel x time attention
+    head (its classifier reads the attended feature) and a CVAE, trained in two passes per epoch (the
+    CVAE, then the network): a GKD teacher (`train-teacher --attention`), every GKD student, and,
+    without a teacher, the "scratch + attention module" baseline. The knobs only act (and are only
+    logged) when `attention` is on; `beta` and `gd_weight` only with a teacher.
+    """
+
+    method: str = "logit"
+    attention: bool = False
+    variant: str = "faithful"  # faithful: the paper's layers scaled to C; light: pooled space, 1x1 convs
+    beta: float = 0.1  # weight of attention distillation MSE(A_s, A_t) (recognition code)
+    # Share of the epochs over which the regeneration weight ramps up linearly (the paper's 20 of 200
+    # epochs is 0.1; its phase 1 ramps over the whole run, 1.0, the teacher's default).
+    ramp: float = 0.1
+    rec_weight: float = 0.5  # weight of the regeneration loss once ramped
+    gd_weight: float = 0.01  # weight of generative distillation in the CVAE pass (hard-coded upstream)
+    cvae_lr: float = 1e-4  # Adam, betas (0.8, 0.999); phase 1 (teachers) uses 1e-3
+    ce: str = "mean"  # mean: CE on time-averaged logits; sum-softmax: the code's CE on summed softmax
+    rescale: str = "sample"  # sample: per-sample activation-mass rescale; batch: the code's batch-global one
+
+    @property
+    def distils(self) -> bool:
+        """Whether a run with a teacher distils features (gkd, gkd+logit), not only logits."""
+        return self.method != "logit"
+
+    def method_params(self, teacher: bool) -> dict[str, Any]:
+        """The knobs that act (logged as gkd.*): none without the attention module."""
+        if not self.attention:
+            return {}
+        out = {k: getattr(self, k) for k in ("variant", "ramp", "rec_weight", "cvae_lr", "ce", "rescale")}
+        if teacher and self.distils:
+            out.update(method=self.method, beta=self.beta, gd_weight=self.gd_weight)
+        return out
+
+
 # Overrides for a 2-core CPU: small clips, narrow networks, few epochs; measured on the synthetic
 # set (see README). The synthetic videos are 128x96 and 32 frames long, so a 64x85 resize keeps
 # their aspect ratio and 8 frames 4 apart cover the whole action (so one test clip per video
@@ -162,6 +208,11 @@ PCL_CPU_PRESET: dict[str, dict[str, Any]] = {
     "clip": {"frame_interval": 1, "test_clips": 3},
     "pcl": {"interval": 2},
 }
+# GKD runs (the attention module on) at the paper's size: the recognition code's SGD at lr 1e-3, no
+# schedule and no warm-up, batch 6. At size cpu the CVAE's Adam runs at phase 1's 1e-3: a run has a
+# few dozen CVAE steps per epoch, not the paper's thousands.
+GKD_PAPER_PRESET: dict[str, dict[str, Any]] = {"optim": {"lr": 1e-3, "schedule": "constant", "warmup": 0.0, "batch_size": 6}}
+GKD_CPU_PRESET: dict[str, dict[str, Any]] = {"gkd": {"cvae_lr": 1e-3}}
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -224,6 +275,20 @@ def check_run_config(cfg: RunConfig) -> None:
         size = -(-c.clip_len // 4)
         need(-(-c.clip_len // size) == 4, "clip_len", c.clip_len,
              "torch.chunk must split it into 4 temporal chunks for PCL's chunk swap (e.g. 8, 10 or 16)")
+    g = cfg.gkd
+    need(g.method in KD_METHODS, "kd", g.method, f"must be one of {', '.join(KD_METHODS)}")
+    if g.attention:
+        need(g.variant in GKD_VARIANTS, "gkd_variant", g.variant, f"must be one of {', '.join(GKD_VARIANTS)}")
+        need(g.ce in GKD_CE, "gkd_ce", g.ce, f"must be one of {', '.join(GKD_CE)}")
+        need(g.rescale in GKD_RESCALES, "gkd_rescale", g.rescale, f"must be one of {', '.join(GKD_RESCALES)}")
+        need(finite(g.beta) and g.beta >= 0, "gkd_beta", g.beta, "must be >= 0 (the paper: 0.1)")
+        need(finite(g.ramp) and 0 < g.ramp <= 1, "gkd_ramp", g.ramp, "must be a share of the epochs in (0, 1] (the paper: 0.1)")
+        need(finite(g.rec_weight) and g.rec_weight >= 0, "gkd_rec_weight", g.rec_weight, "must be >= 0 (the paper: 0.5)")
+        need(finite(g.gd_weight) and g.gd_weight >= 0, "gkd_gd_weight", g.gd_weight, "must be >= 0 (the paper: 0.01)")
+        need(finite(g.cvae_lr) and g.cvae_lr > 0, "cvae_lr", g.cvae_lr, "must be > 0 (the paper: 1e-4)")
+        need(p.ssl == "none", "ssl", p.ssl, "GKD's attention module trains on single clips: leave --ssl pcl out")
+    elif g.method != "logit":
+        need(False, "kd", g.method, "needs the attention module (attention: true), which --kd gkd turns on")
 
 
 def with_overrides(obj: Any, **changes: Any) -> Any:
@@ -250,6 +315,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     pcl: PCLConfig = field(default_factory=PCLConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
 
     def params(self, kd: bool = True) -> dict[str, Any]:
         """`section.field` -> value; kd=False leaves the distillation knobs out (runs without a teacher),
@@ -257,6 +323,7 @@ class RunConfig:
         for PCL runs, so the identity of every other run is unchanged."""
         out = to_params(data=self.data, clip=self.clip, model=self.model, optim=self.optim)
         out.update({f"pcl.{k}": v for k, v in self.pcl.method_params().items()})
-        if kd:
+        out.update({f"gkd.{k}": v for k, v in self.gkd.method_params(teacher=kd).items()})
+        if kd and self.gkd.method != "gkd":  # GKD alone uses no logit-KD knob
             out.update({f"kd.{k}": v for k, v in self.kd.method_params().items()})
         return out

@@ -28,15 +28,17 @@ def pair_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train_command(arch: str) -> str:
-    return f"mlflow run . -e train_teacher -P arch={arch} --env-manager local"
+def train_command(arch: str, attention: bool = False) -> str:
+    return f"mlflow run . -e train_teacher -P arch={arch}{' -P attention=true' if attention else ''} --env-manager local"
 
 
-def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | str = "cpu") -> Teacher | None:
+def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | str = "cpu",
+                    attention: bool = False) -> Teacher | None:
     """Turns the `teacher` parameter into a frozen model.
 
-    Accepts `none`, an architecture name (its `champion` for this dataset), a `models:/` or `runs:/`
-    URI, or a checkpoint path written by kdhar.
+    Accepts `none`, an architecture name (its `champion` for this dataset: among the teachers with
+    GKD's attention module when `attention`), a `models:/` or `runs:/` URI, or a checkpoint path
+    written by kdhar.
     """
     if spec.lower() == "none":
         return None
@@ -54,11 +56,13 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
         model.load_state_dict(state["model"])
         return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"], run_id=state.get("run_id"))
     if spec in MODELS:
-        uri = tracking.champion_uri(f"kdhar-teacher-{spec}", dataset_fingerprint)
+        kind = "teacher-attention" if attention else "teacher"
+        uri = tracking.champion_uri(f"kdhar-{kind}-{spec}", dataset_fingerprint)
         if uri is None:
+            what = "teacher with GKD's attention module" if attention else "teacher"
             raise ValueError(
-                f"no trained {spec} teacher found for this dataset (fingerprint {dataset_fingerprint}); "
-                f"train one first: {train_command(spec)}"
+                f"no trained {spec} {what} found for this dataset (fingerprint {dataset_fingerprint}); "
+                f"train one first: {train_command(spec, attention)}"
             )
         return _teacher_from_uri(uri, device)
     raise ValueError(
@@ -110,7 +114,7 @@ def distill(
     """One student run: KD from `teacher`, or from scratch when teacher is "none"."""
     d = cfg.data
     train_index = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing, split_dir=d.split_dir or None)
-    t = resolve_teacher(teacher, fingerprint(train_index))
+    t = resolve_teacher(teacher, fingerprint(train_index), attention=cfg.gkd.attention)
     if t is not None:  # refuse a mismatched teacher before any work (the logit cache included)
         check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)
         check_teacher_clips(t, cfg)

@@ -66,6 +66,17 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "negatives": ("pcl", "negatives"),
     "nce_temperature": ("pcl", "temperature"),
     "bank_momentum": ("pcl", "momentum"),
+    # GKD (`kd: gkd`): the attention module, its CVAE and the distillation terms
+    "kd": ("gkd", "method"),
+    "attention": ("gkd", "attention"),
+    "gkd_variant": ("gkd", "variant"),
+    "gkd_beta": ("gkd", "beta"),
+    "gkd_ramp": ("gkd", "ramp"),
+    "gkd_rec_weight": ("gkd", "rec_weight"),
+    "gkd_gd_weight": ("gkd", "gd_weight"),
+    "cvae_lr": ("gkd", "cvae_lr"),
+    "gkd_ce": ("gkd", "ce"),
+    "gkd_rescale": ("gkd", "rescale"),
 }
 
 # What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the
@@ -202,10 +213,16 @@ def build_run_config(
     for key, value in overrides.items():
         check_override(key, value, getattr(getattr(base, OVERRIDES[key][0]), OVERRIDES[key][1]))
     preset = C.CPU_PRESET if size == "cpu" else {}
-    sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in ("data", "clip", "model", "optim", "pcl")}
+    sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {}))
+                                           for name in ("data", "clip", "model", "optim", "pcl", "gkd")}
     if overrides.get("ssl") == "pcl":
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
         for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
+            sections[name].update(values)
+    if overrides.get("kd", "logit") != "logit":
+        sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
+    if overrides.get("attention") or sections["gkd"].get("attention"):
+        for name, values in (C.GKD_CPU_PRESET if size == "cpu" else C.GKD_PAPER_PRESET).items():
             sections[name].update(values)
     for key, value in overrides.items():
         section, name = OVERRIDES[key]
@@ -227,6 +244,7 @@ def build_run_config(
         optim=dataclasses.replace(base.optim, seed=seed, **sections["optim"]),
         kd=kd or base.kd,
         pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
+        gkd=dataclasses.replace(base.gkd, **sections["gkd"]),
     )
     try:
         C.check_run_config(cfg)

@@ -50,6 +50,12 @@ def finetune(
     model_cfg = dataclasses.replace(cfg.model, arch=src["arch"], width=int(float(src["width"])))
     trained = tracking.load_run_dict(src["run_id"], "config.json")
     cfg = trained_clip(dataclasses.replace(cfg, model=model_cfg), trained, explicit)
+    if "gkd.variant" in trained:
+        # A model with GKD's attention module keeps it (its classifier reads the attended feature) and
+        # trains on as it was trained, CVAE pass included (a new CVAE: the logged graph has none).
+        gkd = dataclasses.replace(cfg.gkd, attention=True, **{k: trained[f"gkd.{k}"] for k in ("variant", "ce", "rescale")
+                                                              if f"gkd.{k}" in trained})
+        cfg = dataclasses.replace(cfg, gkd=gkd)
     run_tags = {
         "source_model": model_uri,
         "source_run": src["run_id"],

@@ -553,6 +553,17 @@ class RunTracker:
         """Stores `data` as a JSON (or YAML, by extension) artifact `name`."""
         self._client.log_dict(self.run_id, data, name)
 
+    def log_torch(self, data: dict[str, Any], name: str) -> None:
+        """Stores tensors (a dict of state dicts and plain values) as the artifact `name` (e.g.
+        "gkd/state.pt"), readable with `load_run_torch` (weights_only)."""
+        import tempfile
+
+        path = Path(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / path.name
+            torch.save(data, local)
+            self._client.log_artifact(self.run_id, str(local), str(path.parent) if str(path.parent) != "." else None)
+
     # -- models ----------------------------------------------------------------------------
 
     def log_model(
@@ -875,6 +886,19 @@ def load_run_dict(run_id: str, name: str) -> dict[str, Any]:
     """Reads back a JSON/YAML artifact stored with `RunTracker.log_dict`."""
     _client()
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
+
+
+def load_run_torch(run_id: str, name: str) -> dict[str, Any] | None:
+    """Reads back an artifact stored with `RunTracker.log_torch`; None when the run has none."""
+    import tempfile
+
+    client = _client()
+    parent = str(Path(name).parent) if str(Path(name).parent) != "." else None
+    if not any(Path(f.path).name == Path(name).name for f in client.list_artifacts(run_id, parent)):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp)
+        return torch.load(local, map_location="cpu", weights_only=True)
 
 
 def log_metrics_to(run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -246,13 +246,18 @@ def run_training(
 
     model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                         modality=cfg.model.modality)
-    if init_state is not None:
-        load_compatible(model, init_state)
     step = objective.make_step(model, len(train_ds)).to(dev)  # moves a step's frozen teacher too
+    model = step.model  # the network as trained and logged (a method may wrap it, e.g. GKD's attention)
+    if init_state is not None:  # after the wrapping, so a GKD model's attention head loads too
+        load_compatible(model, init_state)
+    # A step may train in several passes per epoch, each over the whole training set with its own
+    # parameters (GKD: its CVAE, then the network); "net" is the pass the configured SGD, schedule
+    # and warm-up drive, the others bring their optimiser.
+    passes = getattr(step, "passes", ("net",))
+    net_params = step.pass_parameters("net") if len(passes) > 1 else step.parameters()
     # Over the step's parameters: the model's and any heads of the method's own.
-    optimizer = torch.optim.SGD(
-        step.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-    )
+    optimizer = torch.optim.SGD(net_params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    side_optimizers = {name: step.pass_optimizer(name) for name in passes if name != "net"}
     steps_per_epoch = max(1, len(train_loader))
     warmup_steps = round(optim.warmup * steps_per_epoch)
     plateau = Plateau(optim.lr) if optim.schedule == "plateau" else None
@@ -263,6 +268,8 @@ def run_training(
         model.load_state_dict(state["model"])
         step.load_state_dict(state.get("heads", {}), strict=False)
         optimizer.load_state_dict(state["optimizer"])
+        for name, side in side_optimizers.items():
+            side.load_state_dict(state["side_optimizers"][name])
         scheduler.load_state_dict(state["scheduler"])
         if plateau is not None and "plateau" in state:
             plateau.load_state_dict(state["plateau"])
@@ -331,7 +338,21 @@ def run_training(
         start_loss = history[0].get(f"start_{watch}") if history and watch else None
         for epoch in range(start_epoch, optim.epochs):
             train_ds.set_epoch(epoch)
+            if hasattr(step, "set_epoch"):
+                step.set_epoch(epoch)
             batches = train_loader if objective.batch_extras is None else _WithExtras(train_loader, objective.batch_extras)
+            side_metrics = {}
+            for name, side in side_optimizers.items():
+                step.set_pass(name)
+                side_stats = train_one_epoch(
+                    step, batches, side, dev, amp_dtype=amp, progress=progress, epoch=epoch, max_grad_norm=optim.grad_clip,
+                    log=lambda m, global_step, p=name: tracker.log_metrics({f"{p}_{k}": v for k, v in m.items()}, step=global_step),
+                )
+                side_metrics.update({f"train_{name}_{k}": float(v) for k, v in side_stats.items()
+                                     if k.endswith("loss") and not k.startswith("first_")})
+                side_metrics[f"train_{name}_seconds"] = side_stats["seconds"]
+            if side_optimizers:
+                step.set_pass("net")
             stats = train_one_epoch(
                 step, batches, optimizer, dev, scheduler=scheduler, amp_dtype=amp, progress=progress, epoch=epoch,
                 log=lambda m, global_step: tracker.log_metrics(m, step=global_step), max_grad_norm=optim.grad_clip,
@@ -339,6 +360,7 @@ def run_training(
             metrics = {
                 f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("first_")
             }
+            metrics.update(side_metrics)
             metrics["epoch_lr"] = optimizer.param_groups[0]["lr"]
             if watch:
                 if start_loss is None:
@@ -375,6 +397,7 @@ def run_training(
                     "model": model.state_dict(),
                     "heads": _heads(step),
                     "optimizer": optimizer.state_dict(),
+                    "side_optimizers": {name: side.state_dict() for name, side in side_optimizers.items()},
                     "scheduler": scheduler.state_dict(),
                     **({"plateau": plateau.state_dict()} if plateau is not None else {}),
                     "epoch": done,
@@ -404,6 +427,8 @@ def run_training(
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
         extra_final = objective.final_metrics(model, cfg, splits, dev) if objective.final_metrics else {}
         final = _finish(tracker, model, last_test, splits, history, clip, extra_final)
+        for name, value in (objective.logged_state(step) if objective.logged_state else {}).items():
+            tracker.log_torch(value, name)
     model_uri = final.pop("_model_uri")
     # Registered once the run has ended FINISHED, so a run killed or failed before then leaves no
     # version behind (and cannot become champion).
@@ -427,7 +452,7 @@ def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None, method:
     seed, since they come from Python's seeded `random`."""
     arch, seed, frac = cfg.model.arch, cfg.optim.seed, f"f{cfg.data.fraction:g}"
     if role == "teacher":
-        return f"teacher-{arch}-s{seed}"
+        return f"teacher-{method}{arch}-s{seed}"
     if role == "pretrain":
         return f"pretrain-{method}{arch}-{frac}-s{seed}"
     if role == "student":
@@ -463,9 +488,11 @@ CHAMPION_METRIC = "val_video_top1"
 def registered_name(role: str, label: str, arch: str) -> str:
     """Registry name of a run's model: one per (method, architecture), so `@champion` compares like
     with like: kdhar-teacher-c3d, kdhar-scratch-r3d_18, kdhar-kd-r3d_18, kdhar-pcl-kd-r3d_18,
-    kdhar-pretrain-c3d, kdhar-finetune-c3d. `label`: the objective's `registry_label`."""
+    kdhar-pretrain-c3d, kdhar-finetune-c3d, kdhar-teacher-attention-c3d (GKD teachers). `label`: the objective's `registry_label`."""
     if role == "student":
         return f"kdhar-{label}-{arch}"
+    if role == "teacher" and label != "scratch":  # a teacher with a method's own parts, e.g. GKD's attention
+        return f"kdhar-teacher-{label}-{arch}"
     return f"kdhar-{role}-{arch}"
 
 

@@ -23,7 +23,9 @@ from kdhar.objectives.supervised import SupervisedStep
 
 # What a run of each method registers its model as (kdhar-<label>-<arch>), so @champion compares like with like.
 REGISTRY_LABELS = {"supervised": "scratch", "kd-logit": "kd", "pcl": "pcl-scratch", "pcl+kd-logit": "pcl-kd",
-                   "pcl-ssl": "pretrain"}
+                   "pcl-ssl": "pretrain", "attention": "attention", "gkd": "gkd", "gkd+kd-logit": "gkd-kd"}
+# Where a GKD model keeps what its exported graph drops (the CVAE), so that it can teach.
+GKD_STATE = "gkd/state.pt"
 
 @dataclass
 class Teacher:
@@ -60,6 +62,8 @@ class Objective:
         name_prefix, description: what run names and the run's description add for the method.
         labels: whether the run learns the action labels (False: label-free pretraining, which
             has no classifier to score).
+        logged_state: `logged_state(step)`, {artifact path: object} logged with the model (GKD:
+            the network and CVAE weights a teacher needs), or None.
         params: the method's knobs, logged as MLflow params (only those that act in this run).
         tags: what the run is (method, teacher run, cache key).
         teacher: the frozen teacher, if any (its classes are checked against the dataset).
@@ -83,6 +87,7 @@ class Objective:
     name_prefix: str = ""
     description: str = ""
     labels: bool = True
+    logged_state: Callable[[nn.Module], dict[str, Any]] | None = None
 
     @property
     def registry_label(self) -> str:
@@ -104,6 +109,11 @@ METHOD_TERMS = {
     "pcl": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss", "task_loss"),
     "pcl+kd-logit": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss", "task_loss", "kd_loss"),
     "pcl-ssl": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss"),
+    # GKD: the net pass's terms, then the CVAE pass's (logged with a cvae_ prefix)
+    "attention": ("task_loss", "rec_loss", "cvae_recon_loss", "cvae_kl_loss"),
+    "gkd": ("task_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss", "cvae_gd_loss"),
+    "gkd+kd-logit": ("task_loss", "kd_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss",
+                     "cvae_gd_loss"),
 }
 
 
@@ -129,6 +139,8 @@ def build_objective(
     """
     if cfg.pcl.ssl == "pcl":
         return _pcl_objective(cfg, teacher, cache_teacher, labels)
+    if cfg.gkd.attention:
+        return _gkd_objective(cfg, teacher, cache_teacher)
     if not labels:
         raise ValueError("label-free training is PCL's: use --ssl pcl")
     if teacher is None:
@@ -224,3 +236,74 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
                      collapse_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
                      make_validation=make_validation, plateau_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
                      name_prefix="pcl-", description=description, labels=labels)
+
+
+def load_gkd_teacher(teacher: Teacher) -> tuple[nn.Module, nn.Module]:
+    """The teacher's GKD network and CVAE, from the state its run logged (`GKD_STATE`).
+
+    Raises:
+        ValueError: the teacher was trained without the attention module (or is not a logged run).
+    """
+    from kdhar import tracking
+    from kdhar.objectives.gkd import load_gkd_state
+
+    hint = (f"teacher {teacher.uri} has no GKD attention module and CVAE: train one with `kdhar train-teacher "
+            f"--arch {teacher.arch or 'ARCH'} --attention` (add --init {teacher.uri} to continue from this teacher)")
+    if not teacher.run_id:
+        raise ValueError(hint)
+    state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    if state is None:
+        raise ValueError(hint)
+    return load_gkd_state(state)
+
+
+def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool) -> Objective:
+    """The attention module and its CVAE in two passes per epoch: without a teacher GKD's phase 1 (a
+    teacher for GKD, or the "scratch + attention module" baseline); with one, GKD (`--kd gkd`) or
+    GKD with logit KD on top (`--kd gkd+logit`)."""
+    from kdhar.objectives.gkd import GKDStep, build_gkd_net, gkd_state
+
+    g, kd, clip = cfg.gkd, cfg.kd, cfg.clip
+    if cache_teacher:
+        raise ValueError("--cache-teacher stores logits only; GKD needs the teacher's features each step: leave it out")
+    if teacher is not None and not g.distils:
+        raise ValueError("a run with the attention module distils with --kd gkd or gkd+logit; for logit KD leave "
+                         "--attention out")
+    parts = load_gkd_teacher(teacher) if teacher is not None else (None, None)
+    if teacher is None:
+        name = "attention"
+    else:
+        name = "gkd" if g.method == "gkd" else "gkd+kd-logit"
+    if name == "gkd+kd-logit":
+        check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
+    built: dict[str, Any] = {}
+    params: dict[str, Any] = {f"kd.{k}": v for k, v in kd.method_params().items()} if name == "gkd+kd-logit" else {}
+    if teacher is not None:  # the distillation knobs, which runs without a teacher do not log
+        params.update({f"gkd.{k}": v for k, v in g.method_params(teacher=True).items() if k in ("method", "beta", "gd_weight")})
+
+    def make_step(model: nn.Module, _num_train: int) -> nn.Module:
+        net, cvae = build_gkd_net(model, clip.clip_len, clip.crop, g.variant, g.rescale)
+        term = None
+        if name == "gkd+kd-logit":
+            term = LogitKD(parts[0], tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
+        step = GKDStep(net, cvae, g, cfg.optim.epochs, (clip.clip_len, clip.crop), *parts, kd=term)
+        if step.adapter is not None:  # what aligns the student's feature with the teacher's, for the params
+            params["gkd.adapter"] = step.adapter.describe()
+        built["meta"] = {"arch": cfg.model.arch, "num_classes": model.num_classes, "width": cfg.model.width,
+                         "modality": cfg.model.modality, "clip_len": clip.clip_len, "crop": clip.crop,
+                         "variant": g.variant, "rescale": g.rescale}
+        return step
+
+    def logged_state(step: nn.Module) -> dict[str, Any]:
+        return {GKD_STATE: gkd_state(step.model, step.cvae, built["meta"])}
+
+    tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
+    tags["gkd_variant"] = g.variant
+    description = (f" With GKD's channel x time attention module ({g.variant}) and a CVAE, trained in two passes per "
+                   f"epoch (CVAE, then network; regeneration weight ramped over {g.ramp:g} of the epochs)"
+                   + (f"; distilled with {name} (beta {g.beta:g})." if teacher is not None else ", no teacher."))
+    return Objective(
+        name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
+        collapse_term="kd_loss" if name == "gkd+kd-logit" else ("ad_loss" if teacher is not None else None),
+        name_prefix="gkd-" if teacher is not None else "att-", description=description, logged_state=logged_state,
+    )

@@ -20,6 +20,7 @@ Shapes follow the feature F = (B, C, T', H', W') of any registry trunk (`forward
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,10 @@ class FeatureAdapter(nn.Module):
         if not self.needed:
             return "none"
         (cs, *ss), (ct, *st) = self.student, self.teacher
-        return f"1x1x1 conv {cs}->{ct}, resize {'x'.join(map(str, ss))}->{'x'.join(map(str, st))}"
+        parts = [f"1x1x1 conv {cs}->{ct}"] if cs != ct else []
+        if ss != st:
+            parts.append(f"resize {'x'.join(map(str, ss))}->{'x'.join(map(str, st))}")
+        return ", ".join(parts)
 
 
 def feature_shape(model: nn.Module, clip_len: int, crop: int) -> tuple[int, int, int, int]:
@@ -166,4 +170,228 @@ def feature_shape(model: nn.Module, clip_len: int, crop: int) -> tuple[int, int,
         return tuple(model.forward_features(x).shape[1:])
 
 
-__all__ = ["VARIANTS", "RESCALES", "AttentionHead", "CVAE", "cvae_loss", "attend", "FeatureAdapter", "feature_shape"]
+class AttentionAdapter(nn.Module):
+    """Aligns a student attention (B, C_s, T_s) with a teacher's (B, C_t, T_t): a learned 1 x 1
+    convolution over channels (the 1 x 1 x 1 adapter's counterpart), then linear resizing of time."""
+
+    def __init__(self, student: tuple[int, int], teacher: tuple[int, int]) -> None:
+        super().__init__()
+        self.teacher_time = teacher[1]
+        self.proj = nn.Conv1d(student[0], teacher[0], 1) if student[0] != teacher[0] else nn.Identity()
+
+    def forward(self, attention: Tensor) -> Tensor:
+        x = self.proj(attention)
+        if x.shape[-1] != self.teacher_time:
+            x = F.interpolate(x, size=self.teacher_time, mode="linear", align_corners=False)
+        return x
+
+
+class GKDNet(nn.Module):
+    """A classifier whose head reads the attention-weighted last feature (§2.3): forward(x) =
+    head(attend(F, A(F))). The attention head is part of the model at inference, so a logged GKD
+    model carries it; the trunk and head keep the names of the plain classifier (`backbone.*`,
+    `head.*`), so its weights load into one (e.g. to fine-tune the trunk).
+
+    Args:
+        model: the plain classifier (`kdhar.models.build_model`) whose trunk and head are reused.
+        attention: its `AttentionHead`.
+        rescale: "sample" or "batch" (see `attend`).
+    """
+
+    def __init__(self, model: nn.Module, attention: AttentionHead, rescale: str = "sample") -> None:
+        super().__init__()
+        if rescale not in RESCALES:
+            raise ValueError(f"GKD rescale {rescale!r}: choose one of {', '.join(RESCALES)}")
+        self.modality, self.num_classes, self.rescale = model.modality, model.num_classes, rescale
+        self.backbone, self.head, self.attention = model.backbone, model.head, attention
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The trunk's last feature map, (N, C, T', H', W'), as the plain classifier's."""
+        from kdhar.models import residual_frames
+
+        return self.backbone(residual_frames(x) if self.modality == "res" else x)
+
+    def attended(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """(A, F_att) for a feature map."""
+        attention = self.attention(feature)
+        return attention, attend(feature, attention, self.rescale)
+
+    def time_logits(self, attended: Tensor) -> Tensor:
+        """Per-time-step logits (B, T', K) of the attended feature (space pooled)."""
+        return self.head.fc(self.head.dropout(attended.mean(dim=(3, 4)).transpose(1, 2)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attended(self.forward_features(x))[1])
+
+
+def gkd_task_loss(net: GKDNet, attended: Tensor, logits: Tensor, y: Tensor, ce: str) -> Tensor:
+    """CE on the time-averaged logits ("mean", default) or the code's CE on the softmax summed over
+    time ("sum-softmax", §2.4: a second softmax over probabilities)."""
+    if ce == "mean":
+        return F.cross_entropy(logits.float(), y)
+    return F.cross_entropy(net.time_logits(attended).float().softmax(dim=-1).sum(dim=1), y)
+
+
+def build_gkd_net(model: nn.Module, clip_len: int, crop: int, variant: str, rescale: str) -> tuple[GKDNet, CVAE]:
+    """A plain classifier turned into a GKD network and its CVAE, sized from its last feature."""
+    c, t, h, w = feature_shape(model, clip_len, crop)
+    return GKDNet(model, AttentionHead(c, t, (h, w), variant), rescale), CVAE(c, t, (h, w), variant)
+
+
+class GKDStep(nn.Module):
+    """The GKD step in two passes per epoch (`passes`; `set_pass` picks one): "cvae" trains the CVAE
+    (its VAE loss, plus `gd_weight` x generative distillation with a teacher), "net" the network
+    (CE on the attended feature, the ramped regeneration loss, plus `beta` x attention distillation
+    with a teacher, and optionally logit KD through `kd`). Without a teacher this is GKD's phase 1
+    (a teacher with its attention module) or the "scratch + attention module" baseline.
+
+    Teacher, teacher CVAE and the logit-KD term's teacher are frozen and unregistered (not in
+    `parameters()` or `state_dict()`). When the teacher's feature differs in shape, the student's is
+    aligned by `FeatureAdapter` / `AttentionAdapter` (trained in the net pass: the attention adapter
+    by attention distillation, the feature adapter by regressing the detached student feature on
+    the teacher's, `align_loss`, so the alignment itself puts no pull on the student).
+
+    Args:
+        net, cvae: the student's `GKDNet` and `CVAE` (`build_gkd_net`).
+        cfg: the run's `kdhar.config.GKDConfig`.
+        epochs: the run's epochs (the ramp's length is `cfg.ramp` of them).
+        clip: (clip_len, crop), to size the adapters.
+        teacher, teacher_cvae: the frozen GKD teacher, or None.
+        kd: a `LogitKD` term on the student's logits (gkd+logit), or None.
+    """
+
+    passes = ("cvae", "net")
+
+    def __init__(self, net: GKDNet, cvae: CVAE, cfg: Any, epochs: int, clip: tuple[int, int],
+                 teacher: GKDNet | None = None, teacher_cvae: CVAE | None = None, kd: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model, self.cvae, self.kd, self.cfg = net, cvae, kd, cfg
+        self.ramp_epochs = max(1, round(cfg.ramp * epochs))
+        self.epoch, self.stage = 1, "net"
+        self.adapter = self.attention_adapter = None
+        if teacher is not None:
+            for frozen in (teacher, teacher_cvae):
+                frozen.eval().requires_grad_(False)
+            self.__dict__["teacher"], self.__dict__["teacher_cvae"] = teacher, teacher_cvae
+            student, target = feature_shape(net, *clip), feature_shape(teacher, *clip)
+            self.adapter = FeatureAdapter(student, target)
+            self.attention_adapter = AttentionAdapter(student[:2], target[:2])
+        else:
+            self.__dict__["teacher"] = self.__dict__["teacher_cvae"] = None
+
+    def train(self, mode: bool = True) -> GKDStep:
+        super().train(mode)
+        for frozen in (self.teacher, self.teacher_cvae):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def _apply(self, fn, recurse: bool = True) -> GKDStep:
+        for frozen in (self.teacher, self.teacher_cvae):
+            if frozen is not None:
+                frozen._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def pass_parameters(self, name: str) -> list[nn.Parameter]:
+        """What the pass's optimiser steps: the CVAE's, or everything else (network and adapters)."""
+        cvae = {id(p) for p in self.cvae.parameters()}
+        return [p for p in self.parameters() if (id(p) in cvae) == (name == "cvae")]
+
+    def pass_optimizer(self, name: str) -> torch.optim.Optimizer:
+        """The CVAE's own optimiser: Adam at `cvae_lr`, betas (0.8, 0.999), as the recognition code."""
+        return torch.optim.Adam(self.pass_parameters(name), lr=self.cfg.cvae_lr, betas=(0.8, 0.999))
+
+    def set_pass(self, name: str) -> None:
+        """Freezes everything but the pass's parameters (the frozen part still runs in train mode,
+        so BatchNorm statistics move in the CVAE pass, as upstream)."""
+        if name not in self.passes:
+            raise ValueError(f"GKD pass {name!r}: one of {', '.join(self.passes)}")
+        self.stage = name
+        cvae = {id(p) for p in self.cvae.parameters()}
+        for p in self.parameters():
+            p.requires_grad_((id(p) in cvae) == (name == "cvae"))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch + 1  # the ramp counts epochs from 1, as upstream
+
+    @property
+    def ramp(self) -> float:
+        return min(self.epoch, self.ramp_epochs) / self.ramp_epochs
+
+    def _teacher_view(self, feature: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
+        return self.adapter(feature), self.attention_adapter(attention)
+
+    def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """{"loss", "output", named terms} of the current pass (`set_pass`)."""
+        if self.stage == "cvae":
+            return self._cvae_pass(x)
+        return self._net_pass(x, y, teacher_logits)
+
+    def _cvae_pass(self, x: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            feature = self.model.forward_features(x)
+            attention, attended = self.model.attended(feature)
+            logits = self.model.head(attended)
+        mu, logvar, _, regenerated = self.cvae(feature, attention)
+        terms = cvae_loss(feature, regenerated, mu, logvar, attention)
+        out = {"loss": terms["loss"], "recon_loss": terms["recon_loss"], "kl_loss": terms["kl_loss"], "output": logits}
+        if self.teacher is not None:
+            # Generative distillation: the teacher's CVAE regenerates the *student's* feature from
+            # the student's attention (both aligned to the teacher's shape); the student's CVAE
+            # output is pulled towards it.
+            with torch.no_grad():
+                target = self.teacher_cvae(*self._teacher_view(feature, attention))[3]
+            gd = F.mse_loss(self.adapter(regenerated).float(), target.float())
+            out["gd_loss"] = gd
+            out["loss"] = out["loss"] + self.cfg.gd_weight * gd
+        return out
+
+    def _net_pass(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None) -> dict[str, Tensor]:
+        feature = self.model.forward_features(x)
+        attention, attended = self.model.attended(feature)
+        logits = self.model.head(attended)
+        task = gkd_task_loss(self.model, attended, logits, y, self.cfg.ce)
+        # The regeneration target is not detached: its gradient reaches the trunk too (§8).
+        rec = F.mse_loss(self.cvae.inference(attention).float(), feature.float())
+        out = {"task_loss": task, "rec_loss": rec, "output": logits}
+        loss = task
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_feature = self.teacher.forward_features(x)
+                t_attention, t_attended = self.teacher.attended(t_feature)
+                t_logits = self.teacher.head(t_attended).float() if self.kd is not None and teacher_logits is None else None
+            ad = F.mse_loss(self.attention_adapter(attention).float(), t_attention.float())
+            out["ad_loss"] = ad
+            loss = loss + self.cfg.beta * ad
+            if self.adapter.needed:
+                align = F.mse_loss(self.adapter(feature.detach()).float(), t_feature.float())
+                out["align_loss"] = align
+                loss = loss + align
+            if self.kd is not None:
+                kd = self.kd(logits, x, y, teacher_logits if teacher_logits is not None else t_logits)
+                out["kd_loss"] = kd["kd_loss"]
+                loss = loss - task + kd["loss"]  # the KD term's weighted CE + soft term replace the plain CE
+        out["loss"] = loss + self.ramp * self.cfg.rec_weight * rec
+        return out
+
+
+def gkd_state(net: GKDNet, cvae: CVAE, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a GKD model logs beside its exported graph, so it can teach: the network's and the CVAE's
+    weights (the graph drops the CVAE, which inference never runs) and how to rebuild them."""
+    return {**meta, "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "cvae": {k: v.detach().cpu() for k, v in cvae.state_dict().items()}}
+
+
+def load_gkd_state(state: dict[str, Any]) -> tuple[GKDNet, CVAE]:
+    """Rebuilds a GKD network and its CVAE from `gkd_state`."""
+    from kdhar.models import build_model
+
+    model = build_model(state["arch"], state["num_classes"], width=state["width"], modality=state["modality"])
+    net, cvae = build_gkd_net(model, state["clip_len"], state["crop"], state["variant"], state["rescale"])
+    net.load_state_dict(state["net"])
+    cvae.load_state_dict(state["cvae"])
+    return net.eval(), cvae.eval()
+
+
+__all__ = ["VARIANTS", "RESCALES", "AttentionHead", "CVAE", "cvae_loss", "attend", "FeatureAdapter", "feature_shape",
+           "AttentionAdapter", "GKDNet", "GKDStep", "build_gkd_net", "gkd_state", "load_gkd_state", "gkd_task_loss"]
