@@ -90,8 +90,11 @@ SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
-    "fraction_overrides", "keep_checkpoints",
+    "fraction_overrides", "keep_checkpoints", "kd",
 }
+# What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
+# the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
+GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 
 
@@ -146,6 +149,10 @@ class GridSpec:
     # deleted unless this is set (the paper's grid would otherwise leave ~18 GB behind).
     keep_checkpoints: bool = False
     kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr)
+    # The distillation methods of the KD cells (`--kd`): with gkd or gkd+logit the teachers train with
+    # GKD's attention module (all methods distil from them) and each scratch cell gets a twin with the
+    # attention module and no teacher ("scratch + attention").
+    kd_methods: list[str] = field(default_factory=lambda: ["logit"])
 
     @property
     def kd(self) -> C.KDConfig:
@@ -181,7 +188,9 @@ class Cell:
         if self.role == "student":
             via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
             pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
-            return f"student {self.arch}{pcl} {via} fraction={self.fraction:g} seed={self.seed}"
+            g = self.cfg.gkd
+            method = "" if not g.attention else (" [attention]" if self.teacher == "none" else f" [{g.method}]")
+            return f"student {self.arch}{pcl} {via}{method} fraction={self.fraction:g} seed={self.seed}"
         src = self.source
         via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
         return f"finetune {self.arch} ({via} fraction={src.fraction:g} seed={src.seed}) on {self.cfg.data.dataset}"
@@ -408,6 +417,15 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
     if "ssl" in (raw.get("overrides") or {}):
         raise fail("ssl goes at the top of the spec (ssl: pcl), where it applies to the students only; "
                    "teachers and fine-tunes stay supervised")
+    kd_methods = raw.get("kd", ["logit"])
+    kd_methods = [kd_methods] if isinstance(kd_methods, str) else kd_methods
+    if not isinstance(kd_methods, list) or not kd_methods or any(m not in C.KD_METHODS for m in kd_methods):
+        raise fail(f"kd: {raw.get('kd')!r} must be a list of {', '.join(C.KD_METHODS)}, e.g. kd: [logit, gkd]")
+    if "kd" in (raw.get("overrides") or {}) or "attention" in (raw.get("overrides") or {}):
+        raise fail("kd goes at the top of the spec (kd: [logit, gkd]), where it picks the KD cells' methods; "
+                   "the teachers and scratch twins follow from it")
+    if ssl != "none" and any(m != "logit" for m in kd_methods):
+        raise fail("kd: GKD trains on single clips; it does not combine with ssl: pcl")
     finetune = flag("finetune")
     if finetune and "transfer" not in raw:
         raise fail("finetune is on but no 'transfer' dataset is given (e.g. {name: hmdb51, root: data/hmdb51})")
@@ -436,6 +454,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         tuned=tuned,
         ssl=str(ssl),
         keep_checkpoints=flag("keep_checkpoints"),
+        kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
     )
     if spec.cache_teacher and int(spec.overrides.get("views", 0)) < 1:
         raise fail("cache_teacher replays fixed views: add e.g. 'views: 4' to overrides, so scratch and KD "
@@ -459,9 +478,11 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
 
 def plan(spec: GridSpec) -> list[Cell]:
     """Every cell of the grid in run order: teachers, scratch students, distilled students, fine-tunes."""
+    gkd = any(m != "logit" for m in spec.kd_methods)
     teachers = [
         Cell("teacher", t, "none", 1.0, spec.teacher_seed,
-             build_run_config(t, size=spec.size, overrides={**spec.overrides, **spec.teacher_overrides},
+             build_run_config(t, size=spec.size, overrides={**spec.overrides, **(GKD_TEACHER if gkd else {}),
+                                                             **spec.teacher_overrides},
                               dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed))
         for t in spec.teachers
     ]
@@ -473,14 +494,20 @@ def plan(spec: GridSpec) -> list[Cell]:
             overrides["ssl"] = spec.ssl
         for frac in spec.fractions:
             for seed in spec.seeds:
-                cfg = build_run_config(s, size=spec.size, overrides={**overrides, **spec.fraction_overrides.get(frac, {})},
-                                       dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd)
-                scratch.append(Cell("student", s, "none", frac, seed, cfg))
-                # A tuned study's lr is the distilled students' only: the scratch twin keeps the
-                # preset lr, which was chosen for plain cross-entropy.
-                kd_cfg = cfg if "lr" not in spec.kd_overrides else dataclasses.replace(
-                    cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
-                kd += [Cell("student", s, t, frac, seed, kd_cfg) for t in spec.teachers if t != s or spec.self_distill]
+                def config(**method: Any) -> C.RunConfig:
+                    return build_run_config(s, size=spec.size, dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd,
+                                            overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method})
+
+                scratch.append(Cell("student", s, "none", frac, seed, config()))
+                if gkd:  # the attention module without a teacher, GKD's own baseline
+                    scratch.append(Cell("student", s, "none", frac, seed, config(attention=True)))
+                for method in spec.kd_methods:
+                    cfg = config(**({"kd": method} if method != "logit" else {}))
+                    # A tuned study's lr is the distilled students' only: the scratch twin keeps the
+                    # preset lr, which was chosen for plain cross-entropy.
+                    kd_cfg = cfg if "lr" not in spec.kd_overrides else dataclasses.replace(
+                        cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
+                    kd += [Cell("student", s, t, frac, seed, kd_cfg) for t in spec.teachers if t != s or spec.self_distill]
     finetunes: list[Cell] = []
     if spec.finetune and spec.transfer is not None:
         for src in scratch + kd:
@@ -904,7 +931,8 @@ def _run_cell(
         from kdhar.distill import distill
 
         res = distill(cell.cfg, teacher=teacher_uri or "none", experiment=experiment, device=device, extra_tags=tags,
-                      cache_teacher=cache_teacher and cell.teacher != "none", progress=progress, resume=resume)
+                      cache_teacher=cache_teacher and cell.teacher != "none" and not cell.cfg.gkd.attention,
+                      progress=progress, resume=resume)
     else:
         from kdhar.finetune import finetune
 

@@ -28,6 +28,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from kdhar.objectives.factory import REPORT_MARKS  # noqa: E402
+
 # Table column -> the metric it is read from. The stages are logged by kdhar.train at 25/75/100 % of
 # the epochs, the paper's 50/150/200 of 200.
 ACC_METRICS = {
@@ -202,7 +204,14 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float]:
         # Students trained inside PCL get tables of their own, beside the supervised ones, and pair
         # with the scratch runs of their own regime.
         student = f"{student} ({tags['ssl']})"
-    return tags.get("dataset", "?"), student, tags.get("teacher_arch", SCRATCH), float(tags.get("fraction", "1.0"))
+    teacher = tags.get("teacher_arch", SCRATCH)
+    method = REPORT_MARKS.get(tags.get("method", ""), "")
+    if method:
+        # Methods beyond logit KD (GKD's) get rows of their own, e.g. "c3d [gkd]"; the scratch run with
+        # GKD's attention module is "none [attention]", compared with plain scratch like a KD row.
+        teacher = f"{teacher} [{method}]"
+    return tags.get("dataset", "?"), student, teacher, float(tags.get("fraction", "1.0"))
+
 
 
 def one_run_per_seed(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -332,6 +341,8 @@ def _interval(paired: Paired | None) -> str:
 def _teacher_label(row: Row) -> str:
     if row.teacher == SCRATCH:
         return "scratch"
+    if row.teacher.startswith(f"{SCRATCH} ["):
+        return "scratch + " + row.teacher.removeprefix(f"{SCRATCH} [").removesuffix("]")
     if not row.teacher_acc:
         return row.teacher
     # One accuracy per teacher run, "?" where it is unknown, so two teachers are never read as one.
@@ -385,7 +396,8 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
             "number of fixed views than their scratch runs are not compared (mismatched views). "
             "early/mid/late: after 25/75/100 % of the epochs; for students trained inside PCL (tables marked "
             "(pcl)) the best test accuracy reached by then, as the KD paper reads its stages. transfer: after "
-            "fine-tuning on the transfer dataset.")
+            "fine-tuning on the transfer dataset. [gkd]: generative feature KD, [gkd+logit]: GKD with logit KD, "
+            "scratch + attention: GKD's attention module and CVAE without a teacher; all compared with plain scratch.")
     return "\n\n".join(parts + [note]) + "\n"
 
 
