@@ -568,7 +568,8 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @run_options(exclude=("resume", "allow_config_change"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
              cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:
-    """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs)."""
+    """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs); with --kd gkd
+    GKD's beta and ramp (and tau/alpha for gkd+logit)."""
     from kdhar import tuning
 
     if _text(storage) and tuning.mask_url(storage) != storage:
@@ -583,7 +584,7 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
     _project_parent(opts)  # the study's parent run holds the trials; the project run stays an umbrella
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
-        space=tuning.SearchSpace.parse(_text(space), kd["weighting"]), pruner=pruner, experiment=opts["experiment"],
+        space=tuning.SearchSpace.parse(_text(space), kd["weighting"], cfg.gkd.method), pruner=pruner, experiment=opts["experiment"],
         seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"], log=lambda line: click.echo(line, err=True),
         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
     )

@@ -148,7 +148,7 @@ class GridSpec:
     # A finished cell's model is in the tracking store; its checkpoint (optimizer state and all) is
     # deleted unless this is set (the paper's grid would otherwise leave ~18 GB behind).
     keep_checkpoints: bool = False
-    kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr)
+    kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr; GKD's beta and ramp)
     # The distillation methods of the KD cells (`--kd`): with gkd or gkd+logit the teachers train with
     # GKD's attention module (all methods distil from them) and each scratch cell gets a twin with the
     # attention module and no teacher ("scratch + attention").
@@ -502,7 +502,8 @@ def plan(spec: GridSpec) -> list[Cell]:
                 if gkd:  # the attention module without a teacher, GKD's own baseline
                     scratch.append(Cell("student", s, "none", frac, seed, config(attention=True)))
                 for method in spec.kd_methods:
-                    cfg = config(**({"kd": method} if method != "logit" else {}))
+                    tuned = {f"gkd_{k}": spec.kd_overrides[k] for k in ("beta", "ramp") if k in spec.kd_overrides}
+                    cfg = config(**({"kd": method, **tuned} if method != "logit" else {}))
                     # A tuned study's lr is the distilled students' only: the scratch twin keeps the
                     # preset lr, which was chosen for plain cross-entropy.
                     kd_cfg = cfg if "lr" not in spec.kd_overrides else dataclasses.replace(
@@ -713,7 +714,7 @@ def with_tuned(spec: GridSpec) -> GridSpec:
 
     best = tuning.best_settings(spec.tuned)
     kd = {k: best[k] for k in ("tau", "alpha", "lam") if k in best}
-    kd_overrides = {"lr": best["lr"]} if "lr" in best else {}
+    kd_overrides = {k: best[k] for k in ("lr", "beta", "ramp") if k in best}  # beta, ramp: GKD's, for its cells
     return dataclasses.replace(spec, **kd, kd_overrides=kd_overrides)
 
 

@@ -86,7 +86,9 @@ class ParamRange:
         return f"{self.low:g}:{self.high:g}" + (":log" if self.log else "")
 
 
-TUNABLE = ("tau", "alpha", "lam", "lr")
+TUNABLE = ("tau", "alpha", "lam", "lr", "beta", "ramp")
+# The logit-KD knobs and GKD's, by the `--kd` methods they act in.
+LOGIT_KNOBS, GKD_KNOBS = ("tau", "alpha", "lam"), ("beta", "ramp")
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,17 @@ class SearchSpace:
       hardly count.
     - lam in [0.1, 2] (weighting "sum"): the paper's 1 sits inside.
     - lr in [0.005, 0.05], log scale: a factor 2.5 either side of the CPU preset's 0.02.
+    - GKD (`--kd gkd`, `gkd+logit`): beta, the attention-distillation weight, in [0.01, 1], log scale
+      around the paper's 0.1; ramp, the share of the epochs over which the regeneration weight
+      ramps up, in [0.05, 1] (the paper's 0.1 inside).
     """
 
     tau: ParamRange | None = ParamRange(1.0, 8.0, log=True)
     alpha: ParamRange | None = ParamRange(0.1, 0.9)
     lam: ParamRange | None = None
     lr: ParamRange | None = ParamRange(0.005, 0.05, log=True)
+    beta: ParamRange | None = None
+    ramp: ParamRange | None = None
 
     def __str__(self) -> str:
         return ",".join(f"{name}={getattr(self, name)}" for name in TUNABLE if getattr(self, name) is not None)
@@ -118,22 +125,26 @@ class SearchSpace:
         return [name for name in TUNABLE if getattr(self, name) is not None]
 
     @classmethod
-    def default(cls, weighting: str = "mix") -> SearchSpace:
-        """The default ranges for a KD weighting: alpha under "mix", lam under "sum"."""
-        if weighting == "sum":
-            return cls(alpha=None, lam=ParamRange(0.1, 2.0))
-        return cls()
+    def default(cls, weighting: str = "mix", method: str = "logit") -> SearchSpace:
+        """The default ranges for a KD weighting (alpha under "mix", lam under "sum") and `--kd`
+        method: GKD's beta and ramp for gkd and gkd+logit, no logit-KD knob for gkd alone."""
+        space = cls(alpha=None, lam=ParamRange(0.1, 2.0)) if weighting == "sum" else cls()
+        if method != "logit":
+            space = dataclasses.replace(space, beta=ParamRange(0.01, 1.0, log=True), ramp=ParamRange(0.05, 1.0))
+        if method == "gkd":
+            space = dataclasses.replace(space, tau=None, alpha=None, lam=None)
+        return space
 
     @classmethod
-    def parse(cls, text: str | None, weighting: str = "mix") -> SearchSpace:
+    def parse(cls, text: str | None, weighting: str = "mix", method: str = "logit") -> SearchSpace:
         """Parses "tau=1:8:log,alpha=0.2:0.8,lr=none"; parameters left out keep their defaults for
-        the weighting, and `none` leaves a parameter out of the search (fixed at the run's value).
+        the weighting and method, and `none` leaves a parameter out of the search (fixed at the run's value).
 
         Raises:
             ValueError: naming the part that is an unknown parameter, bad syntax, an empty range, or
                 a weight that does not act under `weighting`.
         """
-        space = cls.default(weighting)
+        space = cls.default(weighting, method)
         if text is None or not text.strip():
             return space
         seen: set[str] = set()
@@ -149,6 +160,8 @@ class SearchSpace:
             unused = {"mix": "lam", "sum": "alpha"}.get(weighting)
             if name == unused:
                 raise ValueError(f"search space part '{part}': {name} does not act under --kd-weighting {weighting}")
+            if (name in GKD_KNOBS and method == "logit") or (name in LOGIT_KNOBS and method == "gkd"):
+                raise ValueError(f"search space part '{part}': {name} does not act under --kd {method}")
             seen.add(name)
             value = None if rng.strip() == "none" else _parse_range(name, rng.strip(), part)
             space = dataclasses.replace(space, **{name: value})
@@ -168,8 +181,10 @@ def _parse_range(name: str, text: str, part: str) -> ParamRange:
         raise ValueError(f"search space part '{part}' is an empty range: low must be below high")
     if name in ("tau", "lr") and low <= 0:
         raise ValueError(f"search space part '{part}': {name} must stay above 0")
-    if name in ("lam", "alpha") and low < 0:
+    if name in ("lam", "alpha", "beta") and low < 0:
         raise ValueError(f"search space part '{part}': the KD weight cannot be negative")
+    if name == "ramp" and (low <= 0 or high > 1):
+        raise ValueError(f"search space part '{part}': ramp is a share of the epochs in (0, 1]")
     if name == "alpha" and high > 1:
         raise ValueError(f"search space part '{part}': alpha is a share in [0, 1]")
     if log and low <= 0:
@@ -186,10 +201,12 @@ def _suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, float]:
 
 
 def trial_config(cfg: RunConfig, values: dict[str, float]) -> RunConfig:
-    """`cfg` with a trial's (or a study's best) values applied: KD knobs to cfg.kd, lr to cfg.optim."""
-    kd = dataclasses.replace(cfg.kd, **{k: v for k, v in values.items() if k in ("tau", "alpha", "lam")})
+    """`cfg` with a trial's (or a study's best) values applied: KD knobs to cfg.kd, GKD's to cfg.gkd,
+    lr to cfg.optim."""
+    kd = dataclasses.replace(cfg.kd, **{k: v for k, v in values.items() if k in LOGIT_KNOBS})
+    gkd = dataclasses.replace(cfg.gkd, **{k: v for k, v in values.items() if k in GKD_KNOBS})
     optim = dataclasses.replace(cfg.optim, lr=values["lr"]) if "lr" in values else cfg.optim
-    return dataclasses.replace(cfg, kd=kd, optim=optim)
+    return dataclasses.replace(cfg, kd=kd, gkd=gkd, optim=optim)
 
 
 # ---------------------------------------------------------------------------- storage
@@ -352,7 +369,7 @@ def tune(
 
         # Trials are compared with each other, not with a scratch twin: any fixed view count will do.
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=CACHE_VIEWS))
-    space = space or SearchSpace.default(cfg.kd.weighting)
+    space = space or SearchSpace.default(cfg.kd.weighting, cfg.gkd.method)
     if cfg.data.val_fraction <= 0:
         raise ValueError("tuning needs a validation split: set data.val_fraction above 0 (the test split is never tuned on)")
     splits = load_splits(cfg)
@@ -490,7 +507,8 @@ def _slug(text: str) -> str:
 def study_config(cfg, space: SearchSpace, teacher: str, fingerprint: str) -> dict[str, Any]:
     """Everything that changes what a trial's score measures except the searched knobs: the run
     configuration (epochs, fraction, widths, clips, PCL, ...), the teacher and the data's fingerprint."""
-    searched = {"tau": "kd.tau", "alpha": "kd.alpha", "lam": "kd.lam", "lr": "optim.lr"}
+    searched = {"tau": "kd.tau", "alpha": "kd.alpha", "lam": "kd.lam", "lr": "optim.lr", "beta": "gkd.beta",
+                "ramp": "gkd.ramp"}
     skip = OPERATIONAL | {searched[n] for n in space.names()}
     shared = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.params(kd=True).items() if k not in skip}
     return {**shared, "teacher": teacher, "dataset_fingerprint": fingerprint}
