@@ -232,6 +232,21 @@ def test_fingerprint_tracks_content_not_location(tmp_path: Path) -> None:
     assert fingerprint(load_index("ucf101", moved, 1, "train")) != first
 
 
+def test_fingerprint_sees_a_file_rewritten_at_the_same_size(tmp_path: Path) -> None:
+    root = tiny_ucf(tmp_path / "one")
+    index = load_index("ucf101", root, 1, "train")
+    first = fingerprint(index)
+    path = index.samples[0].path
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the same size, one byte of its tail changed
+    path.write_bytes(bytes(data))
+    assert fingerprint(load_index("ucf101", root, 1, "train")) != first
+    data[0] ^= 0xFF
+    data[-1] ^= 0xFF  # back at the tail, changed at the head
+    path.write_bytes(bytes(data))
+    assert fingerprint(load_index("ucf101", root, 1, "train")) != first
+
+
 # --- subsets ----------------------------------------------------------------------------------
 
 
