@@ -593,7 +593,9 @@ class _GridRun:
 
     def report(self, i: int, outcome: CellOutcome) -> None:
         if outcome.status == "done" and not self.spec.keep_checkpoints:
-            shutil.rmtree(CHECKPOINTS / outcome.run_id, ignore_errors=True)
+            # Pruned to the best validation epoch's weights: the resume state (optimiser and all) is
+            # of no use once the run finished, and its last weights are the logged model.
+            (CHECKPOINTS / outcome.run_id / "last.pt").unlink(missing_ok=True)
         self.outcomes[i] = outcome
         self.finished_runs[i] = outcome.run_id
         if outcome.cell.role == "teacher":

@@ -409,6 +409,14 @@ def run_training(
                     "config": {k: _plain(v) for k, v in cfg.params(kd=teacher is not None).items()},
                 },
             )
+            if _new_best(history, BEST_METRIC):
+                # The weights of the best validation epoch (the logged model is the last epoch's):
+                # weights only, loadable as a --teacher or --init checkpoint.
+                save_checkpoint(ckpt_path.with_name("best.pt"), {
+                    "model": model.state_dict(), "epoch": done, BEST_METRIC: metrics[BEST_METRIC], "run_id": run_id,
+                    "classes": splits.classes, "arch": cfg.model.arch,
+                    "config": {k: _plain(v) for k, v in cfg.params(kd=teacher is not None).items()},
+                })
             if epoch_callback is not None:
                 try:
                     epoch_callback(done, metrics)
@@ -435,6 +443,16 @@ def run_training(
     if register:
         _register(model_uri, run_id, splits, cfg, role, objective.registry_label, champion=objective.labels)
     return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=model_uri)
+
+
+BEST_METRIC = "val_video_top1"  # what best.pt keeps the best of; never the test split
+
+
+def _new_best(history: list[dict[str, float]], metric: str) -> bool:
+    """Whether the last epoch set a new maximum of `metric` (validation runs only)."""
+    if not history or metric not in history[-1]:
+        return False
+    return history[-1][metric] > max((h.get(metric, -math.inf) for h in history[:-1]), default=-math.inf)
 
 
 def plateau_loss(metrics: dict[str, float], first: str | None = None) -> float:

@@ -271,6 +271,7 @@ def write_spec(root: Path, name: str, **changes) -> Path:
 
 def test_grid_runs_resumes_and_reports(store):
     from kdhar import tracking
+    from kdhar.checkpoint import load_checkpoint
     from kdhar.experiments import run_grid
     from kdhar.report import build_report
 
@@ -285,8 +286,14 @@ def test_grid_runs_resumes_and_reports(store):
     assert kd["run_id"] == first[4].run_id and kd["tags"]["role"] == "student"
     # the KD run's hash names the teacher run it learnt from
     assert kd["tags"]["config_hash"] == cell_hash(first[4].cell, teacher_run=first[0].run_id)
-    # finished cells leave no checkpoint behind (their models are in the store)
+    # finished cells are pruned to their best validation epoch's weights (the last ones are the logged model)
     assert not list((store / "runs" / "checkpoints").glob("*/last.pt"))
+    best = {p.parent.name: load_checkpoint(p) for p in (store / "runs" / "checkpoints").glob("*/best.pt")}
+    assert set(best) == {o.run_id for o in first}
+    for run_id, state in best.items():
+        history = [v for _, v in tracking.metric_history(run_id, "val_video_top1")]
+        assert set(state) >= {"model", "epoch", "val_video_top1"} and "optimizer" not in state
+        assert state["val_video_top1"] == max(history) == history[state["epoch"] - 1]
 
     # A dry run of the grid plus fine-tunes: the 5 finished cells are done, the 4 fine-tunes to train.
     status = grid_status(write_spec(store, "b.yaml", finetune=True))
