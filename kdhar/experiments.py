@@ -566,10 +566,12 @@ def run_grid(
                             "generate it with `kdhar data synth` or fix 'root'")
     log(f"grid {spec_path}: {len(plan(spec))} cells in experiment '{exp}' ({workers} worker{'s' if workers > 1 else ''})")
     grid = _GridRun(spec, str(spec_path), exp, workers, device, log)
+    grid.claims.start()
     try:
         for wave in ("teacher", "scratch", "kd", "finetune"):
             grid.run_wave(wave)
     finally:
+        grid.claims.stop()
         grid.claims.release_all()
     return [grid.outcomes[i] for i in range(len(grid.cells))]
 
@@ -746,17 +748,18 @@ CHECKPOINTS = Path("runs") / "checkpoints"  # where run_training writes them (it
 
 def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str], None]) -> str | None:
     """The checkpoint to resume this cell from: its newest run that ended KILLED, or is still RUNNING
-    although its process on this machine is gone (a worker killed outright), and left a checkpoint.
-    Other such runs of the cell are ended KILLED, so none stays RUNNING."""
+    although its process is gone (a worker killed outright: its pid on this machine, or its heartbeat
+    on another, `tracking.seems_dead`), and left a checkpoint (on a machine of its own, one under a
+    shared working directory). Other such runs of the cell are ended KILLED, so none stays RUNNING."""
     from kdhar import tracking
 
     runs = tracking.find_runs(experiment, f"tags.config_hash = '{key}' and tags.role = '{cell.role}' and "
                                           "attributes.status != 'FINISHED'")
-    host, chosen = socket.gethostname(), None
+    chosen = None
     for run in runs:  # newest first
         status, tags = run["status"], run["tags"]
-        if status == "RUNNING" and (tags.get("host") != host or _process_alive(int(tags.get("pid") or 0))):
-            continue  # trained elsewhere, or still training here
+        if status == "RUNNING" and not tracking.seems_dead(tags):
+            continue  # still training, here or on a machine whose heartbeat is fresh
         checkpoint = CHECKPOINTS / run["run_id"] / "last.pt"
         if status == "RUNNING":
             tracking.end_run_as(run["run_id"], "KILLED")
@@ -776,12 +779,25 @@ class Claims:
 
     A claim is a marker run tagged with the cell's `config_hash`; of the live claims of a cell the
     oldest (start time, then run id) wins, read right away and again `CLAIM_SETTLE_S` later (for a
-    runner whose claim landed at the same moment). A claim whose process on this machine is gone
-    does not count (it is deleted), so a killed runner's cells are taken over.
+    runner whose claim landed at the same moment). A claim whose runner is gone (its process on this
+    machine, or its heartbeat, which `start` keeps beating, on another) does not count (it is deleted),
+    so a killed runner's cells are taken over.
     """
 
     def __init__(self, experiment: str) -> None:
         self.experiment, self.mine = experiment, {}
+        self._heartbeat = None
+
+    def start(self) -> None:
+        """Beats the heartbeat of this runner's claims until `stop`."""
+        from kdhar import tracking
+
+        self._heartbeat = tracking.Heartbeat(lambda: list(self.mine.values()))
+        self._heartbeat.start()
+
+    def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
 
     def _live(self, key: str) -> list[dict]:
         from kdhar import tracking
@@ -790,9 +806,8 @@ class Claims:
                                                    "attributes.status = 'RUNNING'")
         live = []
         for run in runs:
-            tags = run["tags"]
-            if tags.get("host") == socket.gethostname() and not _process_alive(int(tags.get("pid") or 0)):
-                tracking.delete_run(run["run_id"])  # its runner died
+            if tracking.seems_dead(run["tags"]):
+                tracking.delete_run(run["run_id"])  # its runner died (here, or its heartbeat stopped)
                 continue
             live.append(run)
         return sorted(live, key=lambda r: (r["start_time"], r["run_id"]))
@@ -830,30 +845,20 @@ class Claims:
 
 
 def reconcile_runs(experiment: str) -> list[str]:
-    """Ends as KILLED every run of `experiment` left RUNNING by a process of this machine that is gone
-    (recorded as the run's `host` and `pid` tags); returns their ids. Runs of other machines, and
-    runs from before those tags, are left alone: nothing here can tell whether they still train."""
+    """Ends as KILLED every run of `experiment` left RUNNING by a process that is gone: one of this
+    machine whose `pid` is not alive, or one of another machine whose `heartbeat` is older than
+    `tracking.stale_after()`; returns their ids. Runs from before those tags are left alone:
+    nothing here can tell whether they still train."""
     from kdhar import tracking
 
-    host, ended = socket.gethostname(), []
+    ended = []
     for run in tracking.find_runs(experiment, "attributes.status = 'RUNNING'"):
-        tags = run["tags"]
-        if tags.get("host") == host and tags.get("pid") and not _process_alive(int(tags["pid"])):
+        if tracking.seems_dead(run["tags"]):
             tracking.end_run_as(run["run_id"], "KILLED")
             ended.append(run["run_id"])
     return ended
 
 
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _finished_run(experiment: str, role: str, key: str) -> str | None:

@@ -21,6 +21,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -336,6 +337,73 @@ class _MetricSender(threading.Thread):
         self.join()
 
 
+# A run in progress sets its `heartbeat` tag (unix seconds) every HEARTBEAT_S; a RUNNING run of another
+# machine whose heartbeat is older than STALE_S (KDHAR_STALE_AFTER overrides it) is taken for dead:
+# its process cannot be asked, as one on this machine can (`host`, `pid`). Ten missed beats leave
+# room for a slow tracking server and for clocks a few minutes apart.
+HEARTBEAT_TAG = "heartbeat"
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
+
+
+def stale_after() -> float:
+    """Seconds without a heartbeat after which another machine's RUNNING run counts as dead."""
+    value = os.environ.get("KDHAR_STALE_AFTER", "")
+    try:
+        return float(value) if value.strip() else STALE_S
+    except ValueError:
+        raise ValueError(f"KDHAR_STALE_AFTER={value!r}: give seconds, e.g. 600") from None
+
+
+class Heartbeat(threading.Thread):
+    """Sets the `heartbeat` tag of the runs `run_ids()` names, now and every `interval` seconds,
+    until `stop()`. A process killed outright stops beating, which is how other machines see it."""
+
+    def __init__(self, run_ids: Any, interval: float | None = None) -> None:
+        super().__init__(name="kdhar-heartbeat", daemon=True)
+        self.run_ids, self.interval = run_ids, HEARTBEAT_S if interval is None else interval
+        self._stopped = threading.Event()
+
+    def beat(self) -> None:
+        client, now = _client(), str(int(time.time()))
+        for run_id in list(self.run_ids()):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, now)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the run's own calls report errors
+                logger.debug("heartbeat of run %s not sent", run_id, exc_info=True)
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def seems_dead(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether the process behind a RUNNING run (or grid claim) is gone: on this machine its `pid`
+    is not alive; on another its `heartbeat` is older than `stale_after()`. A run with neither
+    (from before these tags) is never taken for dead."""
+    if tags.get("host") == socket.gethostname():
+        return bool(tags.get("pid")) and not process_alive(int(tags["pid"]))
+    beat = tags.get(HEARTBEAT_TAG)
+    if not beat:
+        return False
+    return (time.time() if now is None else now) - float(beat) > stale_after()
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class RunTracker:
     """One MLflow run, opened by `with RunTracker(...) as run:`.
 
@@ -399,6 +467,9 @@ class RunTracker:
         self.run_id = active.info.run_id
         self._sender = _MetricSender(self._client, self.run_id)
         self._sender.start()
+        self._heartbeat = Heartbeat(lambda: [self.run_id])
+        self._heartbeat.beat()
+        self._heartbeat.start()
         self._install_signal_handlers()
         return self
 
@@ -418,6 +489,7 @@ class RunTracker:
             flush_error = err
             status = "FAILED" if status == "FINISHED" else status
         self._sender.stop()
+        self._heartbeat.stop()
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status=status)

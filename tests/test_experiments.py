@@ -455,7 +455,7 @@ def test_report_on_missing_or_empty_experiment(store):
     assert not (store / "r1").exists()
 
 
-def test_reconcile_ends_runs_whose_process_on_this_machine_is_gone(local_tracking, tmp_path):
+def test_reconcile_ends_runs_whose_process_is_gone_here_or_whose_heartbeat_stopped_elsewhere(local_tracking, tmp_path):
     import os
     import socket
 
@@ -467,16 +467,22 @@ def test_reconcile_ends_runs_whose_process_on_this_machine_is_gone(local_trackin
     gone.wait()
     client = MlflowClient(local_tracking)
     exp = client.create_experiment("orphans")
-    here = socket.gethostname()
-    runs = {name: client.create_run(exp, tags={"host": host, "pid": str(pid)}, run_name=name).info.run_id
-            for name, host, pid in [("dead", here, gone.pid), ("alive", here, os.getpid()),
-                                    ("elsewhere", "another-host", gone.pid)]}
+    here, now = socket.gethostname(), time.time()
+    cases = [("dead", here, gone.pid, None), ("alive", here, os.getpid(), None),
+             ("elsewhere", "another-host", gone.pid, None),  # no heartbeat: nothing tells it is gone
+             ("elsewhere-beating", "another-host", gone.pid, now - 30),
+             ("elsewhere-silent", "another-host", gone.pid, now - tracking.STALE_S - 60)]
+    runs = {}
+    for name, host, pid, beat in cases:
+        tags = {"host": host, "pid": str(pid), **({tracking.HEARTBEAT_TAG: str(int(beat))} if beat else {})}
+        runs[name] = client.create_run(exp, tags=tags, run_name=name).info.run_id
     done = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile", "--experiment", "orphans"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"ended 1 run(s) as KILLED: {runs['dead']}" in done.stdout
-    assert tracking.run_status(runs["dead"]) == "KILLED"
-    assert tracking.run_status(runs["alive"]) == tracking.run_status(runs["elsewhere"]) == "RUNNING"
+    assert "ended 2 run(s) as KILLED" in done.stdout
+    assert tracking.run_status(runs["dead"]) == tracking.run_status(runs["elsewhere-silent"]) == "KILLED"
+    for name in ("alive", "elsewhere", "elsewhere-beating"):
+        assert tracking.run_status(runs[name]) == "RUNNING", name
     neither = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert neither.returncode == 2 and "give --study-name" in neither.stderr
@@ -503,3 +509,37 @@ def test_two_runners_on_one_spec_train_each_cell_once(store):
     assert all(r["status"] == "FINISHED" for r in runs)
     assert "another runner is training it; waiting" in "".join(outs)
     assert tracking.find_runs(exp, "tags.role = 'claim'") == []  # claims are removed once done
+
+
+def test_a_run_beats_while_it_trains_and_a_silent_claim_of_another_machine_is_taken_over(local_tracking, monkeypatch):
+    from mlflow import MlflowClient
+
+    from kdhar import tracking
+    from kdhar.experiments import Claims
+
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.2)
+    with tracking.RunTracker("beats", run_name="r") as run:
+        first = int(MlflowClient().get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG])
+        assert abs(first - time.time()) < 30
+        time.sleep(1.5)  # several beats
+        assert int(MlflowClient().get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG]) > first  # it beat again
+    ended = tracking.run_status(run.run_id)
+    assert ended == "FINISHED"
+
+    # A claim of another machine: alive while it beats, taken over once its heartbeat is stale.
+    key = "cellkey"
+    old = str(int(time.time() - tracking.STALE_S - 60))
+    silent = tracking.create_claim("beats", key, "claim-x", {"host": "another-host", "pid": "1",
+                                                             tracking.HEARTBEAT_TAG: old})
+    claims = Claims("beats")
+    claims.start()
+    try:
+        assert claims.take({key: "cell"}) == {key}  # the silent claim does not count (and is deleted)
+        assert MlflowClient().get_run(silent).info.lifecycle_stage == "deleted"
+        beating = tracking.create_claim("beats", "other", "claim-y", {"host": "another-host", "pid": "1",
+                                                                      tracking.HEARTBEAT_TAG: str(int(time.time()))})
+        assert claims.take({"other": "cell"}) == set() and claims.held_elsewhere("other")
+        assert tracking.run_status(beating) == "RUNNING"
+    finally:
+        claims.stop()
+        claims.release_all()
