@@ -168,6 +168,8 @@ RUN_OPTIONS = {
     "warmup": click.option("--warmup", type=FLOAT, default=None, help="epochs of linear lr warm-up (default 1; 0 = none, as the paper)"),
     "grad_clip": click.option("--grad-clip", type=FLOAT, default=None, help="clip each step's gradient L2 norm to this (default 0 = off)"),
     "views": click.option("--views", type=INT, default=None, help="replay N fixed augmented views per video (default 0 = a new view every epoch)"),
+    "sync_bn": click.option("--sync-bn", type=BOOL, default=None,
+                            help="with --nproc > 1 on CUDA: BatchNorm over the whole global batch (SyncBatchNorm)"),
     "threads": click.option("--threads", type=INT, default=None, help="torch CPU threads (default 2); results repeat exactly only at the same count"),
     "seed": click.option("--seed", type=INT, default=0, show_default=True),
     "num_workers": click.option("--num-workers", type=INT, default=2, show_default=True),
@@ -182,6 +184,42 @@ RUN_OPTIONS = {
 # What scoring a model needs: where the data is and how to cut test clips, nothing about training.
 EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "modality", "clip_len", "frame_interval", "crop", "test_clips",
                 "batch_size", "threads", "num_workers", "on_missing", "on_bad", "experiment", "device")
+
+
+def launch_options(fn):
+    """Data-parallel training (train-teacher, distill, pretrain, finetune): --nproc N runs the same
+    command under torchrun with N processes on this machine; --max-restarts restarts them all from
+    the last checkpoint when one dies. A multi-node job runs `torchrun ... -m kdhar <command>` itself."""
+    opts = [
+        click.option("--nproc", type=INT, default=1, show_default=True,
+                     help="processes (one per GPU, or CPU processes with gloo) sharing each global batch, via torchrun"),
+        click.option("--max-restarts", type=INT, default=0, show_default=True,
+                     help="with --nproc > 1: restarts of the whole job after a process dies, each resuming the last checkpoint"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _launch(opts: dict[str, Any]) -> None:
+    """Re-runs this command under torchrun when --nproc > 1 and this process is not one of its ranks
+    already; exits with torchrun's status."""
+    nproc, restarts = opts.pop("nproc", 1) or 1, opts.pop("max_restarts", 0) or 0
+    if nproc < 1 or restarts < 0:
+        raise UserError(f"--nproc {nproc} / --max-restarts {restarts}: give --nproc >= 1 and --max-restarts >= 0")
+    if nproc == 1 or "LOCAL_RANK" in os.environ:
+        return
+    import subprocess
+
+    args, rest = [], iter(sys.argv[1:])
+    for arg in rest:  # the ranks run the command without the launcher's own options
+        if arg in ("--nproc", "--max-restarts"):
+            next(rest, None)
+        elif not arg.startswith(("--nproc=", "--max-restarts=")):
+            args.append(arg)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "--max-restarts", str(restarts), "-m", "kdhar", *args]
+    sys.exit(subprocess.run(argv).returncode)
 
 
 def run_options(fn=None, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()):
@@ -448,6 +486,7 @@ def models_cmd(width, clip_len, crop, num_classes) -> None:
                    "distill --kd gkd; add --init runs:/<teacher> to continue from a trained teacher")
 @click.option("--init", default=None, help="checkpoint or model URI to start from (e.g. a teacher without attention)")
 @gkd_options(kd=False)
+@launch_options
 @run_options
 def train_teacher(arch: str, attention: bool, init, **opts) -> None:
     """Train a teacher from labels; registered as kdhar-teacher-<arch> (with --attention:
@@ -455,6 +494,7 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
     from kdhar.distill import check_init_modality, load_init
     from kdhar.train import run_training
 
+    _launch(opts)
     gkd_knobs = ("gkd_variant", "gkd_ramp", "gkd_rec_weight", "cvae_lr", "gkd_ce", "gkd_rescale")
     if attention:
         # GKD's phase 1: the regeneration weight ramps over the whole run, the CVAE's Adam at 1e-3.
@@ -480,6 +520,7 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
 @click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayed views (needs --views, on the scratch twin too)")
 @pcl_options
 @gkd_options
+@launch_options
 @run_options
 def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cache_teacher, **opts) -> None:
     """Distil a teacher into a student (teacher=none: the paired scratch run); --ssl pcl trains it inside PCL.
@@ -489,6 +530,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     """
     from kdhar import distill as D
 
+    _launch(opts)
     cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam))
     ensure_data(cfg.data.root)
     res = D.distill(
@@ -502,12 +544,14 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
 @cli.command("pretrain")
 @click.option("--arch", default="c3d", show_default=True)
 @pcl_options(ssl=False)
+@launch_options
 @run_options
 def pretrain_cmd(arch: str, **opts) -> None:
     """Label-free PCL pretraining; the encoder is logged as a model for --init (distill, finetune)."""
     from kdhar.train import run_training
     from kdhar.objectives import build_objective
 
+    _launch(opts)
     cfg = build_config(arch, {**opts, "ssl": "pcl"})
     ensure_data(cfg.data.root)
     res = run_training(cfg, role="pretrain", experiment=opts["experiment"], objective=build_objective(cfg, labels=False),
@@ -518,11 +562,13 @@ def pretrain_cmd(arch: str, **opts) -> None:
 
 @cli.command("finetune")
 @click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to transfer")
+@launch_options
 @run_options
 def finetune_cmd(model_uri: str, **opts) -> None:
     """Fine-tune a logged model on another dataset (its classifier is replaced)."""
     from kdhar.finetune import finetune
 
+    _launch(opts)
     cfg = build_config("c3d", opts)  # the architecture and width come from the source model
     ensure_data(cfg.data.root)
     res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]),
@@ -748,6 +794,8 @@ def _spec_roots(spec) -> list[str]:
 
 
 def _print_result(res) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return
     shown = {k: v for k, v in res.final.items() if isinstance(v, float)}
     click.echo(f"run {res.run_id}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
     if res.model_uri:

@@ -76,6 +76,9 @@ class OptimConfig:
     # torch CPU threads. Results are bit-identical only for the same thread count (and torch build),
     # so it is pinned rather than left to torch's per-machine default, and recorded with the run.
     threads: int = 2
+    # Under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm, CUDA only)
+    # rather than each process's share of it.
+    sync_bn: bool = False
 
 
 KD_WEIGHTINGS = ("mix", "sum")

@@ -62,8 +62,11 @@ def train_step(
     device: torch.device | str,
     amp_dtype: torch.dtype | None = None,
     max_grad_norm: float = 0.0,
+    grad_sync: Callable[[list[Tensor]], None] | None = None,
 ) -> dict[str, Tensor | int]:
-    """One optimisation step on one batch; `max_grad_norm` > 0 clips the gradient's L2 norm.
+    """One optimisation step on one batch; `max_grad_norm` > 0 clips the gradient's L2 norm;
+    `grad_sync(params)` runs between backward and clipping (data-parallel training averages the
+    gradients over its processes there).
 
     Returns:
         The step's detached losses (every "*loss" entry), "correct" (top-1 hits of "output" against
@@ -77,8 +80,10 @@ def train_step(
         out = step(x, y, **extra)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_sync is not None:
+        grad_sync(params)
     if max_grad_norm > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith(("loss", "_correct"))}
@@ -99,6 +104,7 @@ def train_one_epoch(
     epoch: int = 0,
     log_every: int = 10,
     max_grad_norm: float = 0.0,
+    grad_sync: Callable[[list[Tensor]], None] | None = None,
 ) -> dict[str, float]:
     """Trains `step` for one pass over `loader`.
 
@@ -117,6 +123,7 @@ def train_one_epoch(
         epoch: numbers the bar and the global step passed to `log`.
         log_every: steps between `log` calls and progress-bar updates.
         max_grad_norm: clip each step's gradient to this L2 norm; 0 leaves it alone.
+        grad_sync: see `train_step` (data-parallel gradient averaging).
 
     Returns:
         Clip-weighted means of every loss the step returns, "first_<loss>" (each loss on the first
@@ -140,7 +147,7 @@ def train_one_epoch(
     i = -1
     for i, batch in enumerate(loader):
         lr = optimizer.param_groups[0]["lr"]
-        result = train_step(step, batch, optimizer, device, amp_dtype, max_grad_norm)
+        result = train_step(step, batch, optimizer, device, amp_dtype, max_grad_norm, grad_sync)
         if i == 0:
             first = {f"first_{k}": v for k, v in result.items() if isinstance(k, str) and k.endswith("loss")}
         if scheduler is not None:

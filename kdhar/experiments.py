@@ -55,6 +55,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "warmup": ("optim", "warmup"),
     "grad_clip": ("optim", "grad_clip"),
     "threads": ("optim", "threads"),
+    "sync_bn": ("optim", "sync_bn"),
     # PCL (`ssl: pcl`): the tuple view and the self-supervised terms
     "ssl": ("pcl", "ssl"),
     "pcl_interval": ("pcl", "interval"),

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdhar import tracking
+from kdhar import distributed, tracking
 from kdhar.checkpoint import load_checkpoint, save_checkpoint
 from kdhar.config import RunConfig, check_run_config
 from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
@@ -80,7 +80,7 @@ def pick_device(name: str | None = None) -> torch.device:
 
 # Knobs added after runs were already being identified by their hash: at these values they behave
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
-HASH_NEUTRAL = {"model.modality": "rgb"}
+HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False}
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
@@ -208,16 +208,31 @@ def run_training(
             checkpoint's configuration must match `cfg` (see `check_resume`).
         allow_config_change: let a resumed run change the RESUME_ALLOWED knobs (tagged on the run).
         epoch_callback: called after each epoch with its metrics; may raise StopTraining.
+
+    Under torchrun (WORLD_SIZE > 1) the run is data-parallel (`kdhar.distributed`): every rank
+    trains its share of each global batch, rank 0 alone tracks, evaluates, checkpoints and
+    registers, and a job torchrun restarts (--max-restarts) resumes from rank 0's last checkpoint.
     """
     check_run_config(cfg)
     objective = objective or build_objective(cfg)
     teacher = objective.teacher
+    dev = pick_device(device)
+    ddp = distributed.setup(dev)
+    main = ddp is None or ddp.main
+    if ddp is not None:
+        dev = ddp.device(dev)
+        progress = progress and main
+        if not resume and distributed.restarted():
+            resume = distributed.job_checkpoint(workdir)  # the job's first attempt died: continue it
+            if resume and main:
+                print(f"[{role} {cfg.model.arch}] restarted job: resuming from {resume}", file=sys.stderr, flush=True)
+        elif main and not distributed.restarted():
+            distributed.forget_job(workdir)
     state = load_checkpoint(resume) if resume else None
     changed = {}
     if state is not None:
         finished = tracking.run_status(state["run_id"]) == "FINISHED"
         changed = check_resume(resume, state, cfg, teacher is not None, allow_config_change, finished)
-    dev = pick_device(device)
     torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
     splits = load_splits(cfg)
@@ -235,7 +250,9 @@ def run_training(
             eval_sets["val"] = VideoClipDataset(splits.val, clip, train=False, on_bad=cfg.data.on_bad)
     pin = dev.type == "cuda"
     workers = cfg.data.num_workers
-    train_loader = make_loader(train_ds, optim.batch_size, shuffle=True, num_workers=workers, seed=optim.seed, pin_memory=pin)
+    train_batch = ddp.per_rank_batch(optim.batch_size) if ddp else optim.batch_size
+    train_loader = make_loader(train_ds, train_batch, shuffle=True, num_workers=workers, seed=optim.seed, pin_memory=pin,
+                               shard=(ddp.rank, ddp.world) if ddp else None)
 
     def replay(ds) -> ReplayLoader:
         return ReplayLoader(make_loader(ds, optim.batch_size, shuffle=False, num_workers=workers, seed=optim.seed,
@@ -250,6 +267,8 @@ def run_training(
     model = step.model  # the network as trained and logged (a method may wrap it, e.g. GKD's attention)
     if init_state is not None:  # after the wrapping, so a GKD model's attention head loads too
         load_compatible(model, init_state)
+    if ddp is not None and optim.sync_bn:
+        distributed.sync_batchnorm(step, dev)
     # A step may train in several passes per epoch, each over the whole training set with its own
     # parameters (GKD: its CVAE, then the network); "net" is the pass the configured SGD, schedule
     # and warm-up drive, the others bring their optimiser.
@@ -275,6 +294,8 @@ def run_training(
             plateau.load_state_dict(state["plateau"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
         set_rng_state(state["rng"])
+    if ddp is not None:
+        ddp.broadcast_module(step)  # every rank starts from rank 0's weights
 
     run_tags = {
         "role": role,
@@ -289,6 +310,8 @@ def run_training(
         "torch_version": torch.__version__,
         "threads": str(cfg.optim.threads),
         "modality": cfg.model.modality,
+        **({"world_size": str(ddp.world)} if ddp else {}),
+        **({"elastic_restarts": os.environ["TORCHELASTIC_RESTART_COUNT"]} if ddp and distributed.restarted() else {}),
         # Which process trains the run, so a grid rerun can tell a run whose process died (SIGKILL,
         # out of memory) from one still training, and resume it.
         "host": socket.gethostname(),
@@ -305,10 +328,11 @@ def run_training(
     amp = torch.bfloat16 if dev.type == "cuda" else None
     stages = stage_epochs(optim.epochs)
 
-    with tracking.RunTracker(
-        experiment, run_name=run_name or default_run_name(cfg, role, teacher, objective.name_prefix), tags=run_tags, resume_run_id=run_id, parent_run_id=parent_run_id
-    ) as tracker:
-        run_id = tracker.run_id
+    name = run_name or default_run_name(cfg, role, teacher, objective.name_prefix)
+    run_tracker = (tracking.RunTracker(experiment, run_name=name, tags=run_tags, resume_run_id=run_id,
+                                       parent_run_id=parent_run_id) if main else distributed.NullTracker(run_id, name))
+    with run_tracker as tracker:
+        run_id = tracker.run_id if ddp is None else ddp.broadcast_object(tracker.run_id)
         if not resume:
             params = {**cfg.params(kd=False), **objective.params, "role": role, "device": str(dev), "num_classes": num_classes}
             params.update({"train_videos": len(splits.train.samples), "test_videos": len(splits.test.samples)})
@@ -347,7 +371,9 @@ def run_training(
                 side_stats = train_one_epoch(
                     step, batches, side, dev, amp_dtype=amp, progress=progress, epoch=epoch, max_grad_norm=optim.grad_clip,
                     log=lambda m, global_step, p=name: tracker.log_metrics({f"{p}_{k}": v for k, v in m.items()}, step=global_step),
+                    grad_sync=ddp.sync_grads if ddp else None,
                 )
+                side_stats = ddp.reduce_stats(side_stats) if ddp else side_stats
                 side_metrics.update({f"train_{name}_{k}": float(v) for k, v in side_stats.items()
                                      if k.endswith("loss") and not k.startswith("first_")})
                 side_metrics[f"train_{name}_seconds"] = side_stats["seconds"]
@@ -356,7 +382,11 @@ def run_training(
             stats = train_one_epoch(
                 step, batches, optimizer, dev, scheduler=scheduler, amp_dtype=amp, progress=progress, epoch=epoch,
                 log=lambda m, global_step: tracker.log_metrics(m, step=global_step), max_grad_norm=optim.grad_clip,
+                grad_sync=ddp.sync_grads if ddp else None,
             )
+            if ddp is not None:
+                stats = ddp.reduce_stats(stats)
+                ddp.broadcast_module(step, buffers_only=True)  # rank 0's BatchNorm statistics on every rank
             metrics = {
                 f"train_{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not k.startswith("first_")
             }
@@ -368,14 +398,16 @@ def run_training(
                     metrics[f"start_{watch}"] = start_loss
                 collapsed = objective.collapsed(metrics["train_acc"], num_classes, start_loss, metrics[f"train_{watch}"])
                 metrics["collapsed"] = float(collapsed)
-            for name, loader in eval_loaders.items():
+            for name, loader in eval_loaders.items() if main else ():  # rank 0 scores, the others wait
                 result = evaluate(model, loader, dev, num_classes)
                 metrics.update(_epoch_metrics(name, result))
                 if name == "test":
                     last_test = result
-            if val_loader is not None:
+            if val_loader is not None and main:
                 prefix = objective.validation_prefix
                 metrics.update({f"{prefix}_{k}": v for k, v in evaluate_terms(step, val_loader, dev).items()})
+            if ddp is not None:
+                metrics = ddp.broadcast_object(metrics)  # one set of metrics (and plateau steps) on every rank
             if plateau is not None:
                 plateau.step(plateau_loss(metrics, objective.plateau_metric))
                 metrics["plateau_scale"] = plateau.scale
@@ -391,9 +423,8 @@ def run_training(
             if progress:
                 _print_epoch(role, cfg.model.arch, done, optim.epochs, metrics)
             tracker.log_metrics(metrics, step=done)
-            save_checkpoint(
-                ckpt_path,
-                {
+            if main:
+                _save_epoch(ckpt_path, {
                     "model": model.state_dict(),
                     "heads": _heads(step),
                     "optimizer": optimizer.state_dict(),
@@ -407,16 +438,7 @@ def run_training(
                     "classes": splits.classes,
                     "arch": cfg.model.arch,
                     "config": {k: _plain(v) for k, v in cfg.params(kd=teacher is not None).items()},
-                },
-            )
-            if _new_best(history, BEST_METRIC):
-                # The weights of the best validation epoch (the logged model is the last epoch's):
-                # weights only, loadable as a --teacher or --init checkpoint.
-                save_checkpoint(ckpt_path.with_name("best.pt"), {
-                    "model": model.state_dict(), "epoch": done, BEST_METRIC: metrics[BEST_METRIC], "run_id": run_id,
-                    "classes": splits.classes, "arch": cfg.model.arch,
-                    "config": {k: _plain(v) for k, v in cfg.params(kd=teacher is not None).items()},
-                })
+                }, history, workdir if ddp is not None else None)
             if epoch_callback is not None:
                 try:
                     epoch_callback(done, metrics)
@@ -425,7 +447,7 @@ def run_training(
                     tracker.set_tags({"stopped_early": stopped})
                     break
 
-        if last_test is None and "test" in eval_loaders:  # a resumed run that had already trained every epoch
+        if last_test is None and "test" in eval_loaders and main:  # a resumed run that had already trained every epoch
             last_test = evaluate(model, eval_loaders["test"], dev, num_classes)
         if watch and history:
             collapsed = bool(history[-1].get("collapsed", 0.0))
@@ -433,19 +455,35 @@ def run_training(
             if collapsed and progress:
                 print(f"[{role} {cfg.model.arch}] collapsed: train accuracy at chance while {watch} did not come down "
                       f"({start_loss:.3f} -> {history[-1][f'train_{watch}']:.3f})", file=sys.stderr, flush=True)
-        extra_final = objective.final_metrics(model, cfg, splits, dev) if objective.final_metrics else {}
-        final = _finish(tracker, model, last_test, splits, history, clip, extra_final)
-        for name, value in (objective.logged_state(step) if objective.logged_state else {}).items():
-            tracker.log_torch(value, name)
+        final = {"_model_uri": None}
+        if main:
+            extra_final = objective.final_metrics(model, cfg, splits, dev) if objective.final_metrics else {}
+            final = _finish(tracker, model, last_test, splits, history, clip, extra_final)
+            for name, value in (objective.logged_state(step) if objective.logged_state else {}).items():
+                tracker.log_torch(value, name)
+    if ddp is not None:
+        final = ddp.broadcast_object(final)
     model_uri = final.pop("_model_uri")
     # Registered once the run has ended FINISHED, so a run killed or failed before then leaves no
     # version behind (and cannot become champion).
-    if register:
+    if register and main:
         _register(model_uri, run_id, splits, cfg, role, objective.registry_label, champion=objective.labels)
     return RunResult(run_id=run_id, final=final, history=history, stopped=stopped, model_uri=model_uri)
 
 
 BEST_METRIC = "val_video_top1"  # what best.pt keeps the best of; never the test split
+
+
+def _save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None) -> None:
+    """The epoch's checkpoint (`last.pt`), `best.pt` when the validation accuracy reached a new best
+    (weights only, loadable as a --teacher or --init checkpoint; the logged model is the last
+    epoch's), and for a torchrun job the record its restart resumes from."""
+    save_checkpoint(path, state)
+    if _new_best(history, BEST_METRIC):
+        best = {k: state[k] for k in ("model", "epoch", "run_id", "classes", "arch", "config")}
+        save_checkpoint(path.with_name("best.pt"), {**best, BEST_METRIC: history[-1][BEST_METRIC]})
+    if elastic_dir is not None:
+        distributed.record_checkpoint(elastic_dir, path)
 
 
 def _new_best(history: list[dict[str, float]], metric: str) -> bool:

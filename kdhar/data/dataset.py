@@ -156,20 +156,35 @@ class EpochSampler(Sampler):
     main copy never reaches them; passing the view inside each key does.
     """
 
-    def __init__(self, dataset: VideoClipDataset, shuffle: bool, seed: int) -> None:
+    def __init__(self, dataset: VideoClipDataset, shuffle: bool, seed: int,
+                 shard: tuple[int, int, int] | None = None) -> None:
         self.dataset = dataset
         self.shuffle = shuffle
         self.seed = seed
+        # (rank, world, per-rank batch) of a data-parallel run: this rank's part of every global
+        # batch of the single-process order (the global batches stay the single-process ones; the
+        # last incomplete global batch is dropped, as a single-process training loader drops it).
+        self.shard = shard
+
+    def _order(self) -> np.ndarray:
+        n = len(self.dataset)
+        # The order depends on the view too, so each epoch sees the videos in a new order.
+        order = np.random.default_rng([self.seed, self.dataset.view]).permutation(n) if self.shuffle else np.arange(n)
+        if self.shard is None:
+            return order
+        rank, world, batch = self.shard
+        full = order[: len(order) - len(order) % (world * batch)].reshape(-1, world, batch)
+        return full[:, rank].reshape(-1)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        if self.shard is None:
+            return len(self.dataset)
+        rank, world, batch = self.shard
+        return len(self.dataset) // (world * batch) * batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         view = self.dataset.view
-        n = len(self.dataset)
-        # The order depends on the view too, so each epoch sees the videos in a new order.
-        order = np.random.default_rng([self.seed, view]).permutation(n) if self.shuffle else np.arange(n)
-        return iter([(int(i), view) for i in order])
+        return iter([(int(i), view) for i in self._order()])
 
 
 def make_loader(
@@ -180,6 +195,7 @@ def make_loader(
     seed: int = 0,
     pin_memory: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
+    shard: tuple[int, int] | None = None,
 ) -> DataLoader:
     """A DataLoader over `dataset` that honours `set_epoch`, drops bad items and seeds its workers.
 
@@ -188,6 +204,8 @@ def make_loader(
 
     Args:
         timeout: seconds to wait for one batch from the workers before raising.
+        shard: (rank, world) of a data-parallel run: `batch_size` is the rank's share and the rank
+            reads its part of every global batch (`EpochSampler`).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -195,7 +213,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(dataset, shuffle, seed),
+        sampler=EpochSampler(dataset, shuffle, seed, shard=(*shard, batch_size) if shard else None),
         num_workers=num_workers,
         collate_fn=collate_clips,
         pin_memory=pin_memory,

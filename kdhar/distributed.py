@@ -1,0 +1,197 @@
+"""Data-parallel training under torchrun: one process per device, gradients averaged every step.
+
+`setup()` returns None outside torchrun (or with one process), so a plain run never touches
+`torch.distributed`. Under `torchrun --nproc-per-node N -m kdhar ...` every rank builds the same
+model from the same seed; rank 0 broadcasts its weights and buffers so all ranks start equal, each
+rank trains on its share of every global batch (`shard` of the single-process order, so the global
+batches are the single-process ones), and the gradients are all-reduced (averaged) in one flat
+buffer after each backward pass, before clipping and the optimiser step. That works for any step
+module, including GKD's two passes whose trained parameters change between passes, which
+DistributedDataParallel's fixed gradient hooks would not. BatchNorm statistics are per rank (over
+the rank's part of the batch) unless `--sync-bn` converts them to SyncBatchNorm, which needs CUDA;
+rank 0's running statistics are broadcast after each epoch so every rank holds one model.
+
+Only rank 0 talks to MLflow, writes checkpoints and registers models; it evaluates and broadcasts
+the epoch's metrics. Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """The rank's own GPU on CUDA (cuda:LOCAL_RANK); the CPU otherwise."""
+        if device.type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def per_rank_batch(self, batch: int) -> int:
+        """The rank's share of the configured (global) batch.
+
+        Raises:
+            ValueError: the batch does not divide by the number of processes.
+        """
+        if batch % self.world:
+            raise ValueError(f"--batch-size {batch} does not divide by the {self.world} processes: the global batch "
+                             f"stays the configured one, so give a multiple of {self.world} (e.g. "
+                             f"{max(self.world, batch - batch % self.world)})")
+        return batch // self.world
+
+    def broadcast_module(self, module: nn.Module, buffers_only: bool = False) -> None:
+        """Rank 0's parameters (unless `buffers_only`) and buffers, copied to every rank."""
+        with torch.no_grad():
+            tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+            for t in tensors:
+                dist.broadcast(t.data, src=0)
+
+    def sync_grads(self, params: Iterable[nn.Parameter]) -> None:
+        """Averages the gradients over the ranks, in one flat buffer (one collective per step)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+    def reduce_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """An epoch's training statistics over all ranks: losses and accuracies weighted by each
+        rank's clips, clips and skipped videos summed, the slowest rank's seconds."""
+        clips = float(stats["clips"])
+        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
+        local = torch.tensor([float(stats[k]) * (clips if _weighted(k) else 1.0) for k in keys] + [clips],
+                             dtype=torch.float64)
+        total = local.clone()
+        dist.all_reduce(total)
+        slowest = torch.tensor([float(stats.get("seconds", 0.0))], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        n = total[-1].item()
+        out = dict(stats)
+        for k, value in zip(keys, total[:-1].tolist()):
+            # per-clip means weighted by clips; each rank's first-batch loss averaged; counts summed
+            out[k] = value / n if _weighted(k) else value / self.world if k.startswith("first_") else value
+        out["clips"] = int(n)
+        out["seconds"] = slowest.item()
+        out["clips_per_s"] = n / out["seconds"] if out["seconds"] > 0 else math.nan
+        return out
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (metrics, a run id)."""
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _weighted(key: str) -> bool:
+    """Statistics that are per-clip means (weighted by clips when combined); the rest are counts."""
+    return key.endswith(("loss", "acc")) and not key.startswith("first_")
+
+
+def setup(device: torch.device) -> Distributed | None:
+    """Joins the torchrun job this process belongs to (WORLD_SIZE > 1), or returns None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    ctx = Distributed(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ctx
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm layers synchronised over the ranks (`--sync-bn`); SyncBatchNorm runs on CUDA only.
+
+    Raises:
+        ValueError: asked for on a CPU run.
+    """
+    if device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); leave it out on CPU, "
+                         "where each rank's BatchNorm sees its share of the batch")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+# -- elastic restarts --------------------------------------------------------------------------
+# torchrun restarts every rank after one fails (--max-restarts). The job's rank 0 records its
+# checkpoint under the job's rendezvous id; a restarted job (TORCHELASTIC_RESTART_COUNT > 0)
+# resumes from it, so its MLflow run continues rather than starting again.
+
+
+def _session_path(workdir: str | Path) -> Path:
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)[:80]
+    return Path(workdir) / "elastic" / f"{safe}.json"
+
+
+def restarted() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def record_checkpoint(workdir: str | Path, checkpoint: Path) -> None:
+    """Rank 0: where this job's checkpoint is, for a restart of the job."""
+    path = _session_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(checkpoint)}))
+    os.replace(tmp, path)
+
+
+def forget_job(workdir: str | Path) -> None:
+    """A job's first start: an earlier job's record under the same rendezvous id is not ours."""
+    _session_path(workdir).unlink(missing_ok=True)
+
+
+def job_checkpoint(workdir: str | Path) -> str | None:
+    """The checkpoint a restarted job resumes from, if its first attempt wrote one."""
+    path = _session_path(workdir)
+    if not restarted() or not path.exists():
+        return None
+    checkpoint = json.loads(path.read_text())["checkpoint"]
+    return checkpoint if Path(checkpoint).exists() else None
+
+
+class NullTracker:
+    """What ranks other than 0 use in place of a `RunTracker`: every call does nothing."""
+
+    def __init__(self, run_id: str, run_name: str | None = None) -> None:
+        self.run_id, self.run_name = run_id, run_name
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
