@@ -424,7 +424,8 @@ def run_check(
                      "label": torch.randint(0, classes, (batch,), generator=g)}
         if dev.type == "cuda":
             synthetic = {k: v.pin_memory() for k, v in synthetic.items()}  # as the run's loader pins
-        log(f"device {dev}{f' ({name})' if dev.type == 'cuda' else ''}, {'dry run, tiny size' if dry_run else 'size paper'}: batch {batch}x3x"
+        where = f"{dev} ({name})" if dev.type == "cuda" else str(dev)
+        log(f"device {where}, {'dry run, tiny size' if dry_run else 'size paper'}: batch {batch}x3x"
             f"{clip.clip_len}x{clip.crop}x{clip.crop} from {clip.resize[0]}x{clip.resize[1]}, widths "
             f"{teacher} {t_cfg.model.width} / {student} {s_cfg.model.width}, budget {budget_s:.0f} s")
 
@@ -563,7 +564,8 @@ def run_check(
         recommendation = ("the measurement recommends changing kdhar/engine.py's CUDA default: "
                           + ", ".join(f"{k} {'on' if getattr(chosen, k) else 'off'}" for k in differs))
     else:
-        recommendation = "the engine's CUDA defaults (bf16 autocast, channels_last_3d, no torch.compile) are the fastest measured"
+        recommendation = ("the engine's CUDA defaults (bf16 autocast, channels_last_3d, no torch.compile) are the "
+                          "fastest measured")
     return {
         "dry_run": dry_run,
         "device": {"type": dev.type, "name": name, "capability": capability, "torch": torch.__version__,
