@@ -39,13 +39,23 @@ def resolve_amp_dtype(device: torch.device | str, amp_dtype: torch.dtype | None)
     return amp_dtype
 
 
-def _inputs(batch: Mapping[str, Any], device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def uses_channels_last(device: torch.device | str) -> bool:
+    """Whether the loops lay clips and weights out as channels_last_3d on `device`: on CUDA, where
+    cuDNN's 3D convolutions prefer it (`kdhar bench gpu` measures whether they do)."""
+    return torch.device(device).type == "cuda"
+
+
+def _inputs(batch: Mapping[str, Any], device: torch.device,
+            channels_last: bool | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The step's inputs: a clip batch (N, 3, T, H, W), or a tuple batch ("clips", (N, L, 3, T, H, W))
-    whose pretext labels and dataset indices go along as extras."""
+    whose pretext labels and dataset indices go along as extras. `channels_last` None: the device's
+    default (`uses_channels_last`)."""
     # non_blocking only overlaps the copy when the loader pinned the memory; otherwise it is a no-op.
     tuples = "clips" in batch
     x = batch["clips" if tuples else "clip"].to(device, non_blocking=True)
-    if device.type == "cuda" and not tuples:
+    if channels_last is None:
+        channels_last = uses_channels_last(device)
+    if channels_last and not tuples:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     y = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
     extra = {}
@@ -63,10 +73,14 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     max_grad_norm: float = 0.0,
     grad_sync: Callable[[list[Tensor]], None] | None = None,
+    channels_last: bool | None = None,
 ) -> dict[str, Tensor | int]:
     """One optimisation step on one batch; `max_grad_norm` > 0 clips the gradient's L2 norm;
     `grad_sync(params)` runs between backward and clipping (data-parallel training averages the
     gradients over its processes there).
+
+    `channels_last` lays the clip batch out as channels_last_3d (None: on CUDA only, as the loops
+    do); the step's weights are the caller's to lay out.
 
     Returns:
         The step's detached losses (every "*loss" entry), "correct" (top-1 hits of "output" against
@@ -75,7 +89,7 @@ def train_step(
     """
     device = torch.device(device)
     dtype = resolve_amp_dtype(device, amp_dtype)
-    x, y, extra = _inputs(batch, device)
+    x, y, extra = _inputs(batch, device, channels_last)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = step(x, y, **extra)
     optimizer.zero_grad(set_to_none=True)
@@ -135,7 +149,7 @@ def train_one_epoch(
     """
     device = torch.device(device)
     step.train()
-    if device.type == "cuda":
+    if uses_channels_last(device):
         step.to(memory_format=torch.channels_last_3d)
     steps_per_epoch = len(loader) if isinstance(loader, Sized) else None
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not progress or not sys.stderr.isatty())
@@ -217,7 +231,7 @@ def evaluate(
     device = torch.device(device)
     dtype = resolve_amp_dtype(device, amp_dtype)
     model.eval()
-    if device.type == "cuda":
+    if uses_channels_last(device):
         model.to(memory_format=torch.channels_last_3d)
     k = min(5, num_classes)
     loss_sum = torch.zeros((), device=device)

@@ -53,6 +53,22 @@ def test_training_lowers_the_loss_and_reports_metrics():
     assert set(logged[0][1]) == {"batch_loss", "batch_task_loss", "lr"}
 
 
+def test_train_step_lays_the_clips_out_as_asked_and_as_the_device_default_otherwise():
+    seen = []
+
+    class Probe(SupervisedStep):
+        def forward(self, x, y, **extra):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous())
+            return super().forward(x, y, **extra)
+
+    step = Probe(build_model("tiny3d", num_classes=3, width=4, dropout=0.0))
+    optimizer = torch.optim.SGD(step.parameters(), lr=0.01)
+    batch = toy_batches(1)[0]
+    for channels_last in (None, True, False):
+        train_step(step, batch, optimizer, "cpu", channels_last=channels_last)
+    assert seen == [False, True, False]  # None: channels_last_3d on CUDA only
+
+
 def test_scheduler_is_stepped_every_iteration():
     model = build_model("tiny3d", num_classes=3, width=4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
