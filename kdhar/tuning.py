@@ -375,7 +375,7 @@ def tune(
     splits = load_splits(cfg)
     if splits.val is None:
         raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
-    if resolve_teacher(teacher, splits.fingerprint, device or "cpu") is None:
+    if resolve_teacher(teacher, splits.fingerprint, device or "cpu", attention=cfg.gkd.attention) is None:
         raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
     # The dataset's fingerprint is part of the default name: a study on other data is another study.
     study_name = check_study_name(
