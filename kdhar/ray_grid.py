@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 
 import ray
 
 from kdhar.experiments import CellJob, _finished_run, _interrupted_run, _run_cell
+from kdhar.tracking import RunTerminated
 
 MAX_RETRIES = 3  # attempts after the first, for a worker process or node that died
 ATTEMPT_TAG = "grid_task"  # one value per cell submitted, kept by Ray's retries of it
-CANCEL_WAIT_S = 60.0  # after Ctrl-C, how long the driver waits for Ray to stop the tasks
+CANCEL_WAIT_S = 60.0  # after Ctrl-C or SIGTERM, how long the driver waits for Ray to stop the tasks
 
 
 class RayClusterError(ValueError):
@@ -39,9 +42,9 @@ class RayExecutor:
     """Trains each claimed cell of a wave as a Ray task (see the module's docstring).
 
     Args:
-        address: passed to `ray.init(address=...)`: "auto" (the cluster this node belongs to),
-            "ray://host:10001", "host:6379"; None starts a Ray instance on this machine. A Ray
-            already initialised in this process (a notebook's, a test's) is used as it is.
+        address: passed to `ray.init(address=...)`: "auto" (the cluster this node belongs to) or
+            "host:6379" (a head node); None starts a Ray instance on this machine. A Ray already
+            initialised in this process (a notebook's, a test's) is used as it is.
         log: receives a line when a cell fails.
     """
 
@@ -53,11 +56,12 @@ class RayExecutor:
     def start(self) -> None:
         if not ray.is_initialized():
             try:
+                _check_reachable(self.address)
                 ray.init(address=self.address)
-            except ConnectionError as exc:
+            except (ConnectionError, OSError) as exc:
                 raise RayClusterError(
-                    f"no Ray cluster at --address {self.address}: {str(exc).strip().splitlines()[0]}; start one "
-                    "with `ray start --head` (docs/scaling.md) or leave out --address for a local one") from None
+                    f"no Ray cluster at --address {self.address}: {_first_line(exc)}; start one with "
+                    "`ray start --head` (docs/scaling.md) or leave out --address for a local one") from None
             self._owns = True
         resources = ray.cluster_resources()
         self.cpus, self.gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -93,31 +97,38 @@ class RayExecutor:
                 retry_exceptions=False, name=f"kdhar {job.cell.label()}"[:200])
             pending[task.remote(job, device, uri, workdir, attempt)] = (job, attempt)
         failure: BaseException | None = None
+        sigterm, restore = _catch_sigterm()
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if sigterm:
+                    raise RunTerminated(sigterm[0])
                 for ref in ready:
                     job, attempt = pending.pop(ref)
                     try:
                         run_id, seconds = ray.get(ref)
                     except ray.exceptions.RayError as exc:
                         # The wave's other cells go on (each is a run of its own); the grid stops after them.
-                        failure = failure or _cause(job, exc)
+                        cause = _cause(job, exc)
+                        failure = failure or cause
                         _end_attempts(job.experiment, [attempt])  # a worker that died MAX_RETRIES + 1 times
-                        self.log(f"{job.cell.label()}: failed: {_first_line(failure)}; the grid stops once the "
+                        self.log(f"{job.cell.label()}: failed: {_first_line(cause)}; the grid stops once the "
                                  "cells in flight end (Ctrl-C stops them now)")
                         continue
                     done(job, run_id, seconds)
         except BaseException:
-            # Ctrl-C (or the driver failing): stop every task of the wave; force, because a task busy
-            # in torch would see a gentle cancel only at its next Python line.
+            # Ctrl-C, SIGTERM (e.g. a batch job's end) or the driver failing: stop every task of the wave;
+            # force, because a task busy in torch would see a gentle cancel only at its next Python line.
             for ref in pending:
                 ray.cancel(ref, force=True)
-            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
             # A killed worker cannot end its run: end it here, so none is left RUNNING.
             for job, attempt in pending.values():
                 _end_attempts(job.experiment, [attempt])
             raise
+        finally:
+            restore()
         if failure is not None:
             raise failure
 
@@ -149,6 +160,28 @@ def _train_cell(job: CellJob, device: str | None, tracking_uri: str, workdir: st
         print(*lines, sep="\n", flush=True)
     job = dataclasses.replace(job, device=device, tags={**job.tags, ATTEMPT_TAG: attempt}, resume=resume)
     return _run_cell(*job.args(progress=False))
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fails at once where a HOST:PORT address does not answer: Ray itself keeps trying for many
+    minutes. "auto" and other forms are left to Ray."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
+
+
+def _catch_sigterm() -> tuple[list[int], Callable[[], None]]:
+    """Notes a SIGTERM to the driver in the list returned, for the wait loop to stop the wave as
+    Ctrl-C does (raising RunTerminated: exit code 143). Raising in the handler itself would not do:
+    Ray turns an exception raised during its wait into SystemExit(1). Returns the list and what puts
+    the previous handler back. Only the main thread can set handlers."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        return caught, lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    return caught, lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _end_attempts(experiment: str, attempts: list[str]) -> None:

@@ -147,3 +147,13 @@ def test_executor_options_are_refused_where_they_do_not_apply(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     monkeypatch.delitem(sys.modules, "kdhar.ray_grid", raising=False)
     assert refused("--executor", "ray") == "Error: --executor ray needs Ray: pip install kdhar[ray]"
+
+
+def test_an_address_where_no_ray_answers_is_one_line_at_once(monkeypatch):
+    ray_grid = pytest.importorskip("kdhar.ray_grid")
+    monkeypatch.setattr(ray_grid.ray, "is_initialized", lambda: False)  # whatever this process started
+    monkeypatch.setattr(ray_grid.ray, "init", lambda **_: pytest.fail("ray.init would retry for minutes"))
+    started = time.monotonic()
+    with pytest.raises(ray_grid.RayClusterError, match=r"no Ray cluster at --address 127.0.0.1:1: .*ray start --head"):
+        ray_grid.RayExecutor("127.0.0.1:1").start()
+    assert time.monotonic() - started < 15
