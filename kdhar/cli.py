@@ -741,11 +741,20 @@ def experiment() -> None:
 @click.option("--workers", type=INT, default=1, show_default=True, help="worker processes per phase")
 @click.option("--experiment", "experiment_name", default=None, help="overrides the spec's experiment")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine's processes (--workers); ray: each cell a Ray task (pip install kdhar[ray])")
+@click.option("--address", default=None, help="with --executor ray: the Ray cluster (auto, host:6379); default: start Ray on this machine")
 @click.option("--dry-run", is_flag=True, help="list the cells in run order and which are already done; train nothing")
-def experiment_run(spec, workers, experiment_name, device, dry_run) -> None:
+def experiment_run(spec, workers, experiment_name, device, executor, address, dry_run) -> None:
     """Train every cell of a grid (teachers first), skipping cells already finished."""
     from kdhar.experiments import grid_status, load_spec, run_grid
 
+    address = _text(address)
+    if address and executor != "ray":
+        raise UserError("--address is the Ray cluster of --executor ray; add --executor ray or leave out --address")
+    if executor == "ray" and workers != 1:
+        raise UserError("--workers is for --executor local; on Ray as many cells run at once as the cluster's "
+                        "CPUs and GPUs allow")
     if not spec.exists():
         raise UserError(f"experiment spec {spec} does not exist (see experiments/*.yaml)")
     if dry_run:
@@ -759,12 +768,20 @@ def experiment_run(spec, workers, experiment_name, device, dry_run) -> None:
         todo = sum(run_id is None for _, run_id in status)
         click.echo(f"{len(status) - todo} done, {todo} to train")
         return
+    grid_executor = None
+    if executor == "ray":
+        try:
+            from kdhar.ray_grid import RayExecutor
+        except ImportError:
+            raise UserError("--executor ray needs Ray: pip install kdhar[ray]") from None
+        grid_executor = RayExecutor(address, log=click.echo)
     for root in _spec_roots(load_spec(spec)):
         ensure_data(root)
     from kdhar import tracking
 
     tracking.release_project_run({"role": "grid", "spec": str(spec)})  # each cell is a run of its own
-    outcomes = run_grid(spec, workers=workers, experiment=_text(experiment_name), device=device, log=click.echo)
+    outcomes = run_grid(spec, workers=workers, experiment=_text(experiment_name), device=device, log=click.echo,
+                        executor=grid_executor)
     done = sum(o.status == "done" for o in outcomes)
     click.echo(f"{done} trained, {len(outcomes) - done} already finished")
 

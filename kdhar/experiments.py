@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -540,16 +540,19 @@ def run_grid(
     *,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    executor: Executor | None = None,
 ) -> list[CellOutcome]:
     """Runs every cell of a spec that has no FINISHED run with the same configuration yet.
 
     Args:
         spec_path: the YAML spec.
         workers: processes training independent cells of one wave at once; each gets
-            cores // workers torch threads.
+            cores // workers torch threads. Only for the default executor.
         experiment: MLflow experiment name; defaults to the spec's.
         device: torch device for every run ("cpu", "cuda", ...); None picks one.
         log: receives one progress line per cell.
+        executor: what trains the cells each wave claims (`LocalExecutor(workers)` unless given,
+            e.g. `kdhar.ray_grid.RayExecutor`); which cells, in which order, is decided here.
 
     Returns:
         One outcome per cell, in plan order.
@@ -565,28 +568,32 @@ def run_grid(
         if not Path(ds.root).exists():
             raise SpecError(f"{spec_path}: dataset root {ds.root} ({ds.name}) does not exist; "
                             "generate it with `kdhar data synth` or fix 'root'")
-    log(f"grid {spec_path}: {len(plan(spec))} cells in experiment '{exp}' ({workers} worker{'s' if workers > 1 else ''})")
-    grid = _GridRun(spec, str(spec_path), exp, workers, device, log)
-    grid.claims.start()
+    executor = executor or LocalExecutor(workers)
+    executor.start()
     try:
-        for wave in ("teacher", "scratch", "kd", "finetune"):
-            grid.run_wave(wave)
+        log(f"grid {spec_path}: {len(plan(spec))} cells in experiment '{exp}' ({executor.describe()})")
+        grid = _GridRun(spec, str(spec_path), exp, executor, device, log)
+        grid.claims.start()
+        try:
+            for wave in ("teacher", "scratch", "kd", "finetune"):
+                grid.run_wave(wave)
+        finally:
+            grid.claims.stop()
+            grid.claims.release_all()
     finally:
-        grid.claims.stop()
-        grid.claims.release_all()
+        executor.close()
     return [grid.outcomes[i] for i in range(len(grid.cells))]
 
 
 class _GridRun:
     """One `run_grid` call: its cells, what they produced so far and the claims it holds."""
 
-    def __init__(self, spec: GridSpec, spec_path: str, experiment: str, workers: int, device: str | None,
+    def __init__(self, spec: GridSpec, spec_path: str, experiment: str, executor: Executor, device: str | None,
                  log: Callable[[str], None]) -> None:
-        self.spec, self.spec_path, self.experiment, self.workers, self.device, self.log = (
-            spec, spec_path, experiment, workers, device, log)
+        self.spec, self.spec_path, self.experiment, self.executor, self.device, self.log = (
+            spec, spec_path, experiment, executor, device, log)
         self.cells = plan(spec)
         self.position = {id(c): i for i, c in enumerate(self.cells)}
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.outcomes: dict[int, CellOutcome] = {}
         self.finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
         # Distilled students learn from the exact teacher run this grid trained (or found finished),
@@ -650,31 +657,92 @@ class _GridRun:
                     self.report(i, CellOutcome(cell, "skipped", run_id, 0.0))
 
     def train(self, todo) -> None:
-        """Trains claimed cells, in this process or in worker processes; each cell's claim is released
-        once it is reported."""
-        spec, workers = self.spec, self.workers
-        jobs = [(cell, self.experiment, self.device, tags, spec.cache_teacher, workers == 1, uri, resume)
-                for _, cell, tags, uri, resume in todo]
-        keys = {i: tags["config_hash"] for i, _, tags, _, _ in todo}
+        """Hands the claimed cells to the executor; each cell's claim is released once it is reported."""
+        jobs = [CellJob(i, cell, self.experiment, self.device, tags, self.spec.cache_teacher, uri, resume)
+                for i, cell, tags, uri, resume in todo]
 
-        def done(i: int, cell: Cell, run_id: str, seconds: float) -> None:
-            self.report(i, CellOutcome(cell, "done", run_id, seconds))
-            self.claims.release(keys[i])
+        def done(job: CellJob, run_id: str, seconds: float) -> None:
+            self.report(job.position, CellOutcome(job.cell, "done", run_id, seconds))
+            self.claims.release(job.key)
 
+        self.executor.train(jobs, done)
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """A claimed cell to train: `_run_cell`'s arguments, less whether it shows progress bars (the
+    executor's choice), and the cell's place in the plan."""
+
+    position: int
+    cell: Cell
+    experiment: str
+    device: str | None
+    tags: dict[str, str]  # config_hash and the cell's own tags
+    cache_teacher: bool
+    teacher_uri: str | None
+    resume: str | None  # a checkpoint of the cell's interrupted run
+
+    @property
+    def key(self) -> str:
+        return self.tags["config_hash"]
+
+    def args(self, progress: bool) -> tuple:
+        return (self.cell, self.experiment, self.device, self.tags, self.cache_teacher, progress, self.teacher_uri,
+                self.resume)
+
+
+class Executor(Protocol):
+    """Trains the cells of one wave that the grid claimed. The grid decides what to train and in
+    which order (waves, claims, skipping FINISHED cells, resuming from checkpoints, pruning); an
+    executor only decides where each `_run_cell` call runs."""
+
+    def start(self) -> None: ...
+
+    def describe(self) -> str:
+        """A few words for the grid's first line, e.g. "2 workers"."""
+        ...
+
+    def train(self, jobs: list[CellJob], done: Callable[[CellJob, str, float], None]) -> None:
+        """Trains every job, calling `done(job, run_id, seconds)` in this thread as each finishes.
+        A failed cell's exception is raised (after the cells in flight finish); Ctrl-C stops them all."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """The cells in this process (workers=1) or in a pool of `workers` processes on this machine."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise SpecError(f"workers {workers} must be >= 1")
+        self.workers = workers
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{self.workers} worker{'s' if self.workers > 1 else ''}"
+
+    def train(self, jobs: list[CellJob], done: Callable[[CellJob, str, float], None]) -> None:
+        workers = self.workers
         if workers == 1:
-            for (i, cell, *_), job in zip(todo, jobs):
-                done(i, cell, *_run_cell(*job))
+            for job in jobs:
+                done(job, *_run_cell(*job.args(progress=True)))
             return
         ctx = multiprocessing.get_context("spawn")  # forked workers would inherit torch/mlflow threads
         pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                                    initargs=(self.threads, os.getpid()))
         try:
-            pending = {pool.submit(_run_cell_in_worker, *job): (i, cell) for (i, cell, *_), job in zip(todo, jobs)}
+            pending = {pool.submit(_run_cell_in_worker, *job.args(progress=False)): job for job in jobs}
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    i, cell = pending.pop(fut)
-                    done(i, cell, *fut.result())  # a failed cell stops the grid; rerunning resumes
+                    done(pending.pop(fut), *fut.result())  # a failed cell stops the grid; rerunning resumes
         except Exception:
             # A failed cell: start nothing more, let the cells in flight finish, then stop.
             pool.shutdown(wait=True, cancel_futures=True)
@@ -747,11 +815,13 @@ def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | N
 CHECKPOINTS = Path("runs") / "checkpoints"  # where run_training writes them (its default workdir)
 
 
-def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str], None]) -> str | None:
+def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str], None],
+                     gone: Callable[[dict[str, str]], bool] | None = None) -> str | None:
     """The checkpoint to resume this cell from: its newest run that ended KILLED, or is still RUNNING
     although its process is gone (a worker killed outright: its pid on this machine, or its heartbeat
-    on another, `tracking.seems_dead`), and left a checkpoint (on a machine of its own, one under a
-    shared working directory). Other such runs of the cell are ended KILLED, so none stays RUNNING."""
+    on another, `tracking.seems_dead`, or whatever else `gone` says of its tags: a Ray task's earlier
+    attempt), and left a checkpoint (on a machine of its own, one under a shared working directory).
+    Other such runs of the cell are ended KILLED, so none stays RUNNING."""
     from kdhar import tracking
 
     runs = tracking.find_runs(experiment, f"tags.config_hash = '{key}' and tags.role = '{cell.role}' and "
@@ -759,7 +829,7 @@ def _interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str],
     chosen = None
     for run in runs:  # newest first
         status, tags = run["status"], run["tags"]
-        if status == "RUNNING" and not tracking.seems_dead(tags):
+        if status == "RUNNING" and not tracking.seems_dead(tags) and not (gone and gone(tags)):
             continue  # still training, here or on a machine whose heartbeat is fresh
         checkpoint = CHECKPOINTS / run["run_id"] / "last.pt"
         if status == "RUNNING":
