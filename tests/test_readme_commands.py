@@ -64,7 +64,10 @@ def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
                                                               size=(48, 64), seed=6)).root
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     bin_dir = str(Path(sys.executable).parent)  # `kdhar` and `mlflow` live beside this Python
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    # MLflow's "=== Run (ID ...) succeeded ===" is an INFO line: a kdhar command run in this process
+    # by an earlier test sets MLFLOW_LOGGING_LEVEL=WARNING in the environment, which would hide it.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+           "MLFLOW_LOGGING_LEVEL": "INFO"}
     lines = readme_lines()
     tiny_train = {**TINY, "root": str(ucf)}
     plan = [
