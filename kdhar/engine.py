@@ -94,11 +94,12 @@ def train_step(
         out = step(x, y, **extra)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if grad_sync is not None:
-        grad_sync(params)
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if grad_sync is not None or max_grad_norm > 0:  # gathered only when something needs them
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if grad_sync is not None:
+            grad_sync(params)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith(("loss", "_correct"))}
     result["correct"] = (out["output"].detach().argmax(dim=1) == out.get("target", y)).sum()

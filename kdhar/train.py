@@ -264,13 +264,13 @@ def run_training(
     model = build_model(cfg.model.arch, num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                         modality=cfg.model.modality)
     step = objective.make_step(model, len(train_ds)).to(dev)  # moves a step's frozen teacher too
-    model = step.model  # the network as trained and logged (a method may wrap it, e.g. GKD's attention)
-    if init_state is not None:  # after the wrapping, so a GKD model's attention head loads too
+    model = step.model  # the network as trained and logged (a step may wrap the plain one with its own parts)
+    if init_state is not None:  # after the wrapping, so the wrapper's own weights load too
         load_compatible(model, init_state)
     if ddp is not None and optim.sync_bn:
         distributed.sync_batchnorm(step, dev)
     # A step may train in several passes per epoch, each over the whole training set with its own
-    # parameters (GKD: its CVAE, then the network); "net" is the pass the configured SGD, schedule
+    # parameters (see the step's `passes`); "net" is the pass the configured SGD, schedule
     # and warm-up drive, the others bring their optimiser.
     passes = getattr(step, "passes", ("net",))
     net_params = step.pass_parameters("net") if len(passes) > 1 else step.parameters()
@@ -544,10 +544,10 @@ CHAMPION_METRIC = "val_video_top1"
 def registered_name(role: str, label: str, arch: str) -> str:
     """Registry name of a run's model: one per (method, architecture), so `@champion` compares like
     with like: kdhar-teacher-c3d, kdhar-scratch-r3d_18, kdhar-kd-r3d_18, kdhar-pcl-kd-r3d_18,
-    kdhar-pretrain-c3d, kdhar-finetune-c3d, kdhar-teacher-attention-c3d (GKD teachers). `label`: the objective's `registry_label`."""
+    kdhar-pretrain-c3d, kdhar-finetune-c3d, kdhar-teacher-<label>-c3d (a teacher of another method). `label`: the objective's `registry_label`."""
     if role == "student":
         return f"kdhar-{label}-{arch}"
-    if role == "teacher" and label != "scratch":  # a teacher with a method's own parts, e.g. GKD's attention
+    if role == "teacher" and label != "scratch":  # a teacher trained with a method's own parts
         return f"kdhar-teacher-{label}-{arch}"
     return f"kdhar-{role}-{arch}"
 
