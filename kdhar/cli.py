@@ -201,15 +201,23 @@ def launch_options(fn):
     return fn
 
 
-def _launch(opts: dict[str, Any]) -> None:
+def _launch(opts: dict[str, Any], batch_size: int) -> None:
     """Re-runs this command under torchrun when --nproc > 1 and this process is not one of its ranks
-    already; exits with torchrun's status."""
+    already. Called once the command's settings are checked and its data is there, so a mistake is
+    one line from this process rather than from every rank, and the ranks do not race to write the
+    synthetic data. torchrun replaces this process: a signal sent to it (Ctrl-C, SIGTERM from a
+    scheduler) reaches torchrun, which stops the ranks, and its exit status is the command's."""
     nproc, restarts = opts.pop("nproc", 1) or 1, opts.pop("max_restarts", 0) or 0
     if nproc < 1 or restarts < 0:
         raise UserError(f"--nproc {nproc} / --max-restarts {restarts}: give --nproc >= 1 and --max-restarts >= 0")
     if nproc == 1 or "LOCAL_RANK" in os.environ:
         return
-    import subprocess
+    from kdhar import distributed
+
+    try:
+        distributed.Distributed(rank=0, world=nproc, local_rank=0).per_rank_batch(batch_size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     args, rest = [], iter(sys.argv[1:])
     for arg in rest:  # the ranks run the command without the launcher's own options
@@ -219,7 +227,9 @@ def _launch(opts: dict[str, Any]) -> None:
             args.append(arg)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "--max-restarts", str(restarts), "-m", "kdhar", *args]
-    sys.exit(subprocess.run(argv).returncode)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, distributed.launcher_env(dict(os.environ)))
 
 
 def run_options(fn=None, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()):
@@ -494,7 +504,6 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
     from kdhar.distill import check_init_modality, load_init
     from kdhar.train import run_training
 
-    _launch(opts)
     gkd_knobs = ("gkd_variant", "gkd_ramp", "gkd_rec_weight", "cvae_lr", "gkd_ce", "gkd_rescale")
     if attention:
         # GKD's phase 1: the regeneration weight ramps over the whole run, the CVAE's Adam at 1e-3.
@@ -505,6 +514,7 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
     ensure_data(cfg.data.root)
     if _text(init):
         check_init_modality(_text(init), cfg.model.modality)
+    _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]),
                        init_state=load_init(_text(init)) if _text(init) else None,
                        allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
@@ -530,9 +540,9 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     """
     from kdhar import distill as D
 
-    _launch(opts)
     cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam))
     ensure_data(cfg.data.root)
+    _launch(opts, cfg.optim.batch_size)
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
         allow_config_change=bool(opts["allow_config_change"]),
@@ -551,9 +561,9 @@ def pretrain_cmd(arch: str, **opts) -> None:
     from kdhar.train import run_training
     from kdhar.objectives import build_objective
 
-    _launch(opts)
     cfg = build_config(arch, {**opts, "ssl": "pcl"})
     ensure_data(cfg.data.root)
+    _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="pretrain", experiment=opts["experiment"], objective=build_objective(cfg, labels=False),
                        resume=_text(opts["resume"]), allow_config_change=bool(opts["allow_config_change"]),
                        device=opts["device"], parent_run_id=_project_parent(opts))
@@ -568,9 +578,9 @@ def finetune_cmd(model_uri: str, **opts) -> None:
     """Fine-tune a logged model on another dataset (its classifier is replaced)."""
     from kdhar.finetune import finetune
 
-    _launch(opts)
     cfg = build_config("c3d", opts)  # the architecture and width come from the source model
     ensure_data(cfg.data.root)
+    _launch(opts, cfg.optim.batch_size)
     res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]),
                        allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
                    explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Distributed:
     rank: int
     world: int
     local_rank: int
+    restarts: int = 0  # how often torchrun has restarted this job (see `setup`)
 
     @property
     def main(self) -> bool:
@@ -120,14 +122,48 @@ def _weighted(key: str) -> bool:
 
 
 def setup(device: torch.device) -> Distributed | None:
-    """Joins the torchrun job this process belongs to (WORLD_SIZE > 1), or returns None."""
+    """Joins the torchrun job this process belongs to (WORLD_SIZE > 1), or returns None.
+
+    The job's restart count is the largest over the ranks: each node's torchrun counts only the
+    restarts it caused, and one whose processes were restarted because another node's died counts
+    none, yet every rank must agree on whether the job continues a checkpoint.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
     ctx = Distributed(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if ctx.main and _restart_count() == 0 and shared_store_breaks_restarts():
+        print(f"kdhar: warning: {SHARED_STORE_WARNING}", file=sys.stderr, flush=True)
+    device = ctx.device(device)  # before joining: nccl binds each rank to its own GPU
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    count = torch.tensor([_restart_count()], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    ctx.restarts = int(count.item())
     return ctx
+
+
+# torchrun's c10d rendezvous hands its own key-value store to the ranks (unless
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) and keeps it across restarts, so the restarted ranks find
+# the dead ranks' addresses still there: gloo or nccl then connects to a port nobody listens on
+# ("connectFullMesh failed ... Connection refused") or waits on keys of the last attempt, and the
+# restart fails or hangs (pytorch/pytorch#135712). With the variable set, every attempt's rank 0
+# serves a fresh store.
+SHARE_STORE_VAR = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+SHARED_STORE_WARNING = (f"torchrun shares its rendezvous store with the processes and keeps it across restarts, so a "
+                        f"restart after a process dies can fail to reconnect; start torchrun with {SHARE_STORE_VAR}=1 "
+                        f"in its environment (kdhar --nproc does) for --max-restarts to work")
+
+
+def launcher_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment `kdhar ... --nproc N` starts torchrun with: restarts get a fresh store."""
+    return {**env, SHARE_STORE_VAR: env.get(SHARE_STORE_VAR, "1")}
+
+
+def shared_store_breaks_restarts() -> bool:
+    """Whether this job may be restarted (--max-restarts > 0) while its torchrun shares its store."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
@@ -144,8 +180,9 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 # -- elastic restarts --------------------------------------------------------------------------
 # torchrun restarts every rank after one fails (--max-restarts). The job's rank 0 records its
-# checkpoint under the job's rendezvous id; a restarted job (TORCHELASTIC_RESTART_COUNT > 0)
-# resumes from it, so its MLflow run continues rather than starting again.
+# checkpoint under the job's rendezvous id; rank 0 of a restarted job (`Distributed.restarts` > 0)
+# loads it and hands the state to the other ranks, so its MLflow run continues rather than
+# starting again, and every rank continues from the same epoch, weights and optimiser state.
 
 
 def _session_path(workdir: str | Path) -> Path:
@@ -154,8 +191,8 @@ def _session_path(workdir: str | Path) -> Path:
     return Path(workdir) / "elastic" / f"{safe}.json"
 
 
-def restarted() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+def _restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def record_checkpoint(workdir: str | Path, checkpoint: Path) -> None:
@@ -173,9 +210,9 @@ def forget_job(workdir: str | Path) -> None:
 
 
 def job_checkpoint(workdir: str | Path) -> str | None:
-    """The checkpoint a restarted job resumes from, if its first attempt wrote one."""
+    """Rank 0 of a restarted job: the checkpoint its earlier attempts wrote last, if any."""
     path = _session_path(workdir)
-    if not restarted() or not path.exists():
+    if not path.exists():
         return None
     checkpoint = json.loads(path.read_text())["checkpoint"]
     return checkpoint if Path(checkpoint).exists() else None

@@ -222,17 +222,21 @@ def run_training(
     if ddp is not None:
         dev = ddp.device(dev)
         progress = progress and main
-        if not resume and distributed.restarted():
-            resume = distributed.job_checkpoint(workdir)  # the job's first attempt died: continue it
-            if resume and main:
+        if main and not resume and ddp.restarts:
+            resume = distributed.job_checkpoint(workdir)  # the job's earlier attempt died: continue it
+            if resume:
                 print(f"[{role} {cfg.model.arch}] restarted job: resuming from {resume}", file=sys.stderr, flush=True)
-        elif main and not distributed.restarted():
+        elif main and not ddp.restarts:
             distributed.forget_job(workdir)
-    state = load_checkpoint(resume) if resume else None
+    # Rank 0 reads and checks the checkpoint and hands it on: the ranks must continue from one
+    # state, and rank 0's files need not be on the other nodes.
+    state = load_checkpoint(resume) if resume and main else None
     changed = {}
     if state is not None:
         finished = tracking.run_status(state["run_id"]) == "FINISHED"
         changed = check_resume(resume, state, cfg, teacher is not None, allow_config_change, finished)
+    if ddp is not None:
+        state, resume = ddp.broadcast_object((state, resume))
     torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
     splits = load_splits(cfg)
@@ -311,7 +315,7 @@ def run_training(
         "threads": str(cfg.optim.threads),
         "modality": cfg.model.modality,
         **({"world_size": str(ddp.world)} if ddp else {}),
-        **({"elastic_restarts": os.environ["TORCHELASTIC_RESTART_COUNT"]} if ddp and distributed.restarted() else {}),
+        **({"elastic_restarts": str(ddp.restarts)} if ddp and ddp.restarts else {}),
         # Which process trains the run, so a grid rerun can tell a run whose process died (SIGKILL,
         # out of memory) from one still training, and resume it.
         "host": socket.gethostname(),

@@ -4,8 +4,10 @@ job whose rank dies is restarted (--max-restarts) and finishes from its checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +87,27 @@ def test_two_ranks_on_shards_of_each_global_batch_reproduce_single_process_train
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def _restarts(rank: int, port: int, counts: tuple[int, int], out: str) -> None:
+    from kdhar.distributed import setup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      TORCHELASTIC_RESTART_COUNT=str(counts[rank]))
+    ctx = setup(torch.device("cpu"))
+    Path(out, f"rank{rank}").write_text(str(ctx.restarts))
+    ctx.close()
+
+
+def test_the_ranks_agree_the_job_restarted_when_only_one_nodes_torchrun_counted_the_restart(tmp_path):
+    # torchrun counts only the restarts it caused: the node whose process died says 1, a node whose
+    # processes were restarted to rejoin says 0. Each rank deciding alone would resume on one rank
+    # and start afresh on the other.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_restarts, args=(port, (0, 1), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["1", "1"]
+
+
 def test_each_rank_gets_its_part_of_every_global_batch():
     from kdhar.data.dataset import EpochSampler
 
@@ -140,7 +163,8 @@ def test_nproc_2_is_one_finished_run_close_to_the_single_process_one(tiny, tmp_p
     assert abs(a.data.metrics["final_test_loss"] - b.data.metrics["final_test_loss"]) < 0.05
     assert abs(a.data.metrics["final_test_video_top1"] - b.data.metrics["final_test_video_top1"]) <= 2 / tests + 1e-9
     odd = _distill(tiny, two, "--epochs", "1", "--nproc", "2", "--batch-size", "7")
-    assert odd.returncode != 0 and "does not divide by the 2 processes" in odd.stderr
+    # refused by the launcher, before torchrun starts: one line, no traceback of torchrun's
+    assert odd.returncode != 0 and "does not divide by the 2 processes" in odd.stderr and "Traceback" not in odd.stderr
 
 
 def _rank_pid(rank: int, cwd: Path) -> int | None:
@@ -157,32 +181,53 @@ def _rank_pid(rank: int, cwd: Path) -> int | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="on CPU the restarted job's rank 1 often fails to join gloo's full mesh "
-                   "(connection refused by the new rank 0 within gloo's 3 retries), so the restart is not yet reliable")
-def test_a_killed_rank_restarts_the_job_which_finishes_the_run_from_its_checkpoint(tiny, tmp_path):
-    env = {**CLEAN_ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(Path(__file__).parents[1])}
+def _kill_rank_1_mid_run(root: Path, workdir: Path, max_restarts: int) -> tuple[int, str]:
+    """Starts an 8-epoch `distill --nproc 2` job, SIGKILLs its rank 1 once the first checkpoint is
+    written, and returns the job's exit status and output."""
+    env = {**CLEAN_ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "PYTHONPATH": str(Path(__file__).parents[1])}
     argv = [sys.executable, "-m", "kdhar", "distill", "--teacher", "none", "--student", "tiny3d", "--width", "4",
             "--clip-len", "4", "--crop", "32", "--batch-size", "8", "--num-workers", "0", "--threads", "1",
-            "--root", str(tiny / "ucf101"), "--experiment", "ddp", "--epochs", "8", "--nproc", "2", "--max-restarts", "1"]
-    job = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            "--root", str(root / "ucf101"), "--experiment", "ddp", "--epochs", "8", "--nproc", "2",
+            "--max-restarts", str(max_restarts)]
+    job = subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # torchrun and its ranks in one group, to end them all below
     try:
         deadline = time.time() + 240
-        while not list(tmp_path.glob("runs/checkpoints/*/last.pt")) and time.time() < deadline and job.poll() is None:
+        while not list(workdir.glob("runs/checkpoints/*/last.pt")) and time.time() < deadline and job.poll() is None:
             time.sleep(0.2)
-        assert list(tmp_path.glob("runs/checkpoints/*/last.pt")), "no checkpoint was written"
-        pid = _rank_pid(1, tmp_path)
+        assert list(workdir.glob("runs/checkpoints/*/last.pt")), "no checkpoint was written"
+        pid = _rank_pid(1, workdir)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)  # mid-run: one rank dies outright
         out, _ = job.communicate(timeout=300)
     finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, out[-3000:]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # nothing of a failed job left to load the machine
+    return job.returncode, out
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_job_which_finishes_the_run_from_its_checkpoint(tiny, tmp_path):
+    # Before the launcher gave torchrun TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, about half of these
+    # restarts failed or hung: the restarted ranks read the dead ranks' addresses from the store
+    # torchrun kept across attempts.
+    code, out = _kill_rank_1_mid_run(tiny, tmp_path, max_restarts=1)
+    assert code == 0, out[-3000:]
+    assert "shares its rendezvous store" not in out  # the launcher's torchrun gives each attempt a fresh store
+    assert "restarted job: resuming from" in out
     client, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
     run = runs[0]
     assert run.data.tags.get("elastic_restarts") == "1"
     epochs = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert sorted(set(epochs)) == list(range(1, 9))  # every epoch once in the end, the first attempt's kept
-    assert "resuming" in out or "resum" in out.lower()
+    # Every epoch in the end, the first attempt's kept; the epoch the kill interrupted may have
+    # been logged before its checkpoint was written, and is then logged again.
+    assert sorted(set(epochs)) == list(range(1, 9)) and len(epochs) <= 9
+
+
+@pytest.mark.slow
+def test_a_killed_rank_without_restarts_fails_the_job_and_ends_its_run(tiny, tmp_path):
+    code, out = _kill_rank_1_mid_run(tiny, tmp_path, max_restarts=0)
+    assert code != 0
+    _, runs = _runs(tmp_path)
+    assert [r.info.status for r in runs] in (["FAILED"], ["KILLED"]), out[-3000:]  # never left RUNNING
