@@ -15,6 +15,7 @@ This is the only module that imports optuna.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -399,7 +401,10 @@ def tune(
 
     ran: list[int] = []
 
+    gate = _TrialGate(st, study_name)
+
     def objective(trial: optuna.Trial) -> float:
+        gate.release()  # this trial is in the storage now: other workers' budget checks count it
         ran.append(trial.number)
         # A fresh sampler seeded by trial number: a resumed study and concurrent workers draw
         # distinct points (one shared seed would repeat them), yet a rerun draws the same ones.
@@ -445,13 +450,16 @@ def tune(
         if log is not None:
             value = f"{OBJECTIVE} {trial.value:.3f}" if trial.value is not None else trial.user_attrs.get("fail_reason", "")
             log(f"trial {trial.number} {trial.state.name.lower()}: {value} ({_fmt(trial.params)})".replace(" ()", ""))
-        if not _budget_left(study_, n_trials, poll_s):
+        if not _budget_left(study_, n_trials, poll_s, gate):
             study_.stop()
 
     # Optimize's own n_trials counts this worker's trials only; the budget is the study's.
     poll_s = min(float(heartbeat_interval), 5.0)
-    if _budget_left(study, n_trials, poll_s):
-        study.optimize(objective, callbacks=[stop_when_full], catch=(TrialCollapsed,))
+    try:
+        if _budget_left(study, n_trials, poll_s, gate):
+            study.optimize(objective, callbacks=[stop_when_full], catch=(TrialCollapsed,))
+    finally:
+        gate.close()
     reconcile_study(study)
     summary = summarize(study, storage)
     _log_study_to_parent(study, parent_id, experiment, summary, plots=bool(ran))
@@ -611,27 +619,63 @@ def _absorb_project_run(experiment: str, study_name: str, parent_id: str) -> Non
         pass
 
 
-def _budget_left(study: optuna.Study, n_trials: int, poll_s: float) -> bool:
-    """Whether this worker should start another trial.
+def _budget_left(study: optuna.Study, n_trials: int, poll_s: float, gate: _TrialGate) -> bool:
+    """Whether this worker should start another trial; when it should, `gate` is left held until
+    the trial exists (the objective releases it).
 
     A queued retry always runs; a new trial runs while fewer than `n_trials` are finished or
-    running (trials of dead workers are replaced by their retries; collapsed trials count as finished). When only other workers' running trials
-    fill the budget, wait: they either finish it or die, and a dead one's retry must still run.
-    So a worker returns only when the study is done, and its summary is final.
+    running (trials of dead workers are replaced by their retries; collapsed trials count as
+    finished). When only other workers' running trials fill the budget, wait: they either finish it
+    or die, and a dead one's retry must still run. So a worker returns only when the study is done,
+    and its summary is final.
     """
     while True:
+        gate.acquire()
         _fail_stale(study)
         trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials):
-            return True
         # A collapsed trial failed on its own settings (no retry comes): it spends budget too.
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or "fail_reason" in t.user_attrs for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
+        if any(t.state == TrialState.WAITING for t in trials) or done + running < n_trials:
+            return True
+        gate.release()
         if done >= n_trials:
             return False
-        if done + running < n_trials:
-            return True
         time.sleep(poll_s)
+
+
+class _TrialGate:
+    """Makes a worker's budget check and the creation of its next trial one step on PostgreSQL.
+
+    Two workers that checked at the same moment would each see room for one more trial and the
+    study would end with more than `n_trials`. The gate is a PostgreSQL advisory lock keyed by the
+    study, held from the check until the new trial is in the storage. A SQLite study is for one
+    worker (`tune`'s storage argument), so there the gate does nothing.
+    """
+
+    def __init__(self, storage: RDBStorage, study_name: str) -> None:
+        engine = storage.engine
+        self._conn = (engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                      if engine.dialect.name == "postgresql" else None)
+        digest = hashlib.sha256(f"kdhar-tune:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+        self._held = False
+
+    def acquire(self) -> None:
+        if self._conn is not None and not self._held:
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+            self._held = True
+
+    def release(self) -> None:
+        if self._conn is not None and self._held:
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+            self._held = False
+
+    def close(self) -> None:
+        """Releases the lock if held; closing the session would release it anyway."""
+        if self._conn is not None:
+            self.release()
+            self._conn.close()
 
 
 def _fail_stale(study: optuna.Study) -> None:
