@@ -277,18 +277,15 @@ def kd_options(fn):
 
 def pcl_options(fn=None, *, ssl: bool = True):
     """PCL's knobs (pretrain; distill with --ssl pcl); spec keys of the same names. `ssl`: add --ssl."""
-    from kdhar.data.tuples import STRIDES
-    from kdhar.objectives.pretext import SPATIAL_PERMS, SWAP_PAIRS
-
     p = C.PCLConfig
     opts = [
         click.option("--pcl-interval", type=INT, default=None,
                      help=f"frames between a tuple's clips (default {p.interval}, Table 1; 2 at size cpu)"),
-        click.option("--clip-stride", type=_OptionalChoice(STRIDES), default=None,
+        click.option("--clip-stride", type=_OptionalChoice(C.CLIP_STRIDES), default=None,
                      help="upstream: clips tuple_len+interval apart, as PCL's code (default); nominal: clip_len+interval"),
-        click.option("--spatial-perm", type=_OptionalChoice(SPATIAL_PERMS), default=None,
+        click.option("--spatial-perm", type=_OptionalChoice(C.SPATIAL_PERMS), default=None,
                      help="pretext quadrant order: fixed [[D,C],[B,A]] (code, default) or random (paper's prose)"),
-        click.option("--swap-pairs", type=_OptionalChoice(SWAP_PAIRS), default=None,
+        click.option("--swap-pairs", type=_OptionalChoice(C.SWAP_PAIRS), default=None,
                      help="pretext chunk swap: any two of four chunks (code, default) or adjacent ones (prose)"),
         click.option("--contrast", type=_OptionalChoice(C.CONTRASTS), default=None,
                      help="nce: two memory banks with K negatives (code, default); ntxent: in-batch negatives"),

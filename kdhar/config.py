@@ -107,6 +107,10 @@ class KDConfig:
 
 SSL_METHODS = ("none", "pcl")
 CONTRASTS = ("nce", "ntxent")
+# The choices of PCL's tuple layout and pretext tasks: the code's default first, then the paper's prose.
+CLIP_STRIDES = ("upstream", "nominal")
+SPATIAL_PERMS = ("fixed", "random")
+SWAP_PAIRS = ("any", "adjacent")
 
 
 @dataclass(frozen=True)
@@ -262,11 +266,8 @@ def check_run_config(cfg: RunConfig) -> None:
     p = cfg.pcl
     need(p.ssl in SSL_METHODS, "ssl", p.ssl, f"must be one of {', '.join(SSL_METHODS)}")
     if p.ssl == "pcl":
-        from kdhar.data.tuples import STRIDES
-        from kdhar.objectives.pretext import SPATIAL_PERMS, SWAP_PAIRS
-
         need(p.interval >= 0, "pcl_interval", p.interval, "must be >= 0 frames")
-        need(p.clip_stride in STRIDES, "clip_stride", p.clip_stride, f"must be one of {', '.join(STRIDES)}")
+        need(p.clip_stride in CLIP_STRIDES, "clip_stride", p.clip_stride, f"must be one of {', '.join(CLIP_STRIDES)}")
         need(p.spatial_perm in SPATIAL_PERMS, "spatial_perm", p.spatial_perm, f"must be one of {', '.join(SPATIAL_PERMS)}")
         need(p.swap_pairs in SWAP_PAIRS, "swap_pairs", p.swap_pairs, f"must be one of {', '.join(SWAP_PAIRS)}")
         need(p.contrast in CONTRASTS, "contrast", p.contrast, f"must be one of {', '.join(CONTRASTS)}")

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-STRIDES = ("upstream", "nominal")
+from kdhar.config import CLIP_STRIDES
+
+STRIDES = CLIP_STRIDES
 PRETEXT_LABELS = 5  # unchanged, rotation, spatial permutation, chunk swap, remote clip
 REMOTE = 4  # the label whose middle clip is replaced by the remote clip
 REMOTE_GAP = 16  # frames between the tuple and its remote clip, at least
