@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,19 @@ class _OptionalChoice(click.Choice):
 INT, FLOAT, BOOL = _Optional(int), _Optional(float), _OptionalBool()
 
 
+def bool_option(*decls: str, default: bool | None = None, **kwargs: Any) -> Callable[[Any], Any]:
+    """A boolean option that takes a bare flag (`--attention` means true) or a value (`--attention
+    false`; "" means not given, as MLproject passes an empty parameter).
+
+    A bare flag followed by another option (`--attention --epochs 3`) is still the flag: click
+    leaves a next word starting with "-" alone. Used for options a run can take from MLproject, not
+    for switches before a subcommand or an argument (`--debug`, `experiment run --dry-run SPEC`),
+    where the next word is not a value.
+    """
+    return click.option(*decls, type=BOOL, is_flag=False, flag_value=True, default=default,
+                        metavar="[true|false]", **kwargs)
+
+
 def _text(value: str | None) -> str | None:
     return value if value not in (None, "", "None") else None
 
@@ -160,7 +174,7 @@ RUN_OPTIONS = {
     "frame_interval": click.option("--frame-interval", type=INT, default=None),
     "crop": click.option("--crop", type=INT, default=None),
     "test_clips": click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
-    "augment": click.option("--augment", type=BOOL, default=None, help="the paper's training augmentations (default: on, off at size cpu)"),
+    "augment": bool_option("--augment", help="the paper's training augmentations (default: on, off at size cpu)"),
     "schedule": click.option("--schedule", type=_OptionalChoice(["cosine", "step", "constant", "plateau"]), default=None,
                              help="lr schedule (default cosine; plateau for --ssl pcl at size paper): plateau is x0.1 "
                                   "after 50 epochs without a lower validation loss (PCL's self-supervised one), as "
@@ -168,8 +182,7 @@ RUN_OPTIONS = {
     "warmup": click.option("--warmup", type=FLOAT, default=None, help="epochs of linear lr warm-up (default 1; 0 = none, as the paper)"),
     "grad_clip": click.option("--grad-clip", type=FLOAT, default=None, help="clip each step's gradient L2 norm to this (default 0 = off)"),
     "views": click.option("--views", type=INT, default=None, help="replay N fixed augmented views per video (default 0 = a new view every epoch)"),
-    "sync_bn": click.option("--sync-bn", type=BOOL, default=None,
-                            help="with --nproc > 1 on CUDA: BatchNorm over the whole global batch (SyncBatchNorm)"),
+    "sync_bn": bool_option("--sync-bn", help="with --nproc > 1 on CUDA: BatchNorm over the whole global batch (SyncBatchNorm)"),
     "threads": click.option("--threads", type=INT, default=None, help="torch CPU threads (default 2); results repeat exactly only at the same count"),
     "seed": click.option("--seed", type=INT, default=0, show_default=True),
     "num_workers": click.option("--num-workers", type=INT, default=2, show_default=True),
@@ -178,8 +191,8 @@ RUN_OPTIONS = {
     "experiment": click.option("--experiment", default="kdhar", show_default=True, help="MLflow experiment name"),
     "device": click.option("--device", default="auto", show_default=True),
     "resume": click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
-    "allow_config_change": click.option("--allow-config-change", type=BOOL, default=False, show_default=True,
-                                        help="with --resume: accept other --epochs/--threads than the checkpoint's"),
+    "allow_config_change": bool_option("--allow-config-change", default=False, show_default=True,
+                                       help="with --resume: accept other --epochs/--threads than the checkpoint's"),
 }
 # What scoring a model needs: where the data is and how to cut test clips, nothing about training.
 EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "modality", "clip_len", "frame_interval", "crop", "test_clips",
@@ -488,9 +501,9 @@ def models_cmd(width, clip_len, crop, num_classes) -> None:
 # ---------------------------------------------------------------- training
 @cli.command("train-teacher")
 @click.option("--arch", default="c3d", show_default=True)
-@click.option("--attention", type=click.BOOL, default=False, show_default=True,
-              help="with GKD's attention module and CVAE, trained in two passes per epoch (GKD's phase 1), for "
-                   "distill --kd gkd; add --init runs:/<teacher> to continue from a trained teacher")
+@bool_option("--attention", default=False, show_default=True,
+             help="with GKD's attention module and CVAE, trained in two passes per epoch (GKD's phase 1), for "
+                  "distill --kd gkd; add --init runs:/<teacher> to continue from a trained teacher")
 @click.option("--init", default=None, help="checkpoint or model URI to start from (e.g. a teacher without attention)")
 @gkd_options(kd=False)
 @launch_options
@@ -524,7 +537,8 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
 @click.option("--student", default="tiny3d", show_default=True)
 @kd_options
 @click.option("--init", default=None, help="checkpoint or model URI to start the student from")
-@click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True, help="reuse teacher logits for replayed views (needs --views, on the scratch twin too)")
+@bool_option("--cache-teacher", default=False, show_default=True,
+             help="reuse teacher logits for replayed views (needs --views, on the scratch twin too)")
 @pcl_options
 @gkd_options
 @launch_options
@@ -543,7 +557,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
         allow_config_change=bool(opts["allow_config_change"]),
-        device=opts["device"], cache_teacher=cache_teacher, parent_run_id=_project_parent(opts),
+        device=opts["device"], cache_teacher=bool(cache_teacher), parent_run_id=_project_parent(opts),
     )
     _print_result(res)
 
@@ -586,8 +600,8 @@ def finetune_cmd(model_uri: str, **opts) -> None:
 
 @cli.command("evaluate")
 @click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to score")
-@click.option("--retrieval", type=BOOL, default=False, show_default=True,
-              help="also clip retrieval top-1/5/10/20/50 of test videos against training videos (label-free)")
+@bool_option("--retrieval", default=False, show_default=True,
+             help="also clip retrieval top-1/5/10/20/50 of test videos against training videos (label-free)")
 @run_options(only=EVAL_OPTIONS)
 def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
     """Score a logged model on a dataset's test split (clip/video accuracy, optionally retrieval)."""
@@ -610,7 +624,8 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @kd_options
 @click.option("--space", default=None, help='search space, e.g. "tau=1:8:log,alpha=0.1:0.9,lr=none" (none: not searched)')
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
-@click.option("--cache-teacher", type=click.BOOL, default=False, show_default=True)
+@bool_option("--cache-teacher", default=False, show_default=True,
+             help="reuse teacher logits across trials for replayed views (needs --views)")
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
 @click.option("--heartbeat-interval", type=INT, default=60, show_default=True,
               help="seconds between a trial's heartbeats; a trial silent for the grace period is failed and retried")
@@ -638,7 +653,7 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
         space=tuning.SearchSpace.parse(_text(space), kd["weighting"], cfg.gkd.method), pruner=pruner, experiment=opts["experiment"],
-        seed=opts["seed"], cache_teacher=cache_teacher, device=opts["device"], log=lambda line: click.echo(line, err=True),
+        seed=opts["seed"], cache_teacher=bool(cache_teacher), device=opts["device"], log=lambda line: click.echo(line, err=True),
         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
     )
     best = summary.get("best_params") or {}
@@ -672,7 +687,7 @@ def _distill_default(name: str) -> str:
 @click.option("--student", default=_distill_default("student"), show_default=True, help="architecture of the student")
 @click.option("--root", default=DEFAULT_ROOT, show_default=True,
               help="videos to load (UCF101 layout); the default, when absent, is a small synthetic set made in a temporary folder")
-@click.option("--deterministic", type=BOOL, default=None, help="deterministic kernels, cuDNN autotuning off (default: on, as runs)")
+@bool_option("--deterministic", help="deterministic kernels, cuDNN autotuning off (default: on, as runs)")
 @click.option("--device", default="auto", show_default=True, help="auto: CUDA when available (the CPU in a dry run)")
 def bench_gpu(dry_run, json_path, budget_s, peak_tflops, num_workers, batch_size, teacher, student, root, deterministic,
               device) -> None:
