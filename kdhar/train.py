@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -364,6 +365,7 @@ def run_training(
         # The watched loss where training starts (the first batch, before any step); kept in the
         # history so that a resumed run still has it.
         start_loss = history[0].get(f"start_{watch}") if history and watch else None
+        clock = EpochClock(start_epoch, optim.epochs)
         for epoch in range(start_epoch, optim.epochs):
             train_ds.set_epoch(epoch)
             if hasattr(step, "set_epoch"):
@@ -425,7 +427,7 @@ def run_training(
                         metrics[f"best_acc_{stage}"] = best_test
             history.append({"epoch": done, **metrics})
             if progress:
-                _print_epoch(role, cfg.model.arch, done, optim.epochs, metrics)
+                _print_epoch(role, cfg.model.arch, done, optim.epochs, metrics, clock.eta(done))
             tracker.log_metrics(metrics, step=done)
             if main:
                 _save_epoch(ckpt_path, {
@@ -631,14 +633,37 @@ class _WithExtras:
             yield batch
 
 
-def _print_epoch(role: str, arch: str, epoch: int, epochs: int, m: dict[str, float]) -> None:
+class EpochClock:
+    """The time since training began in this process and, at the mean pace of its epochs so far, the
+    time the remaining epochs will take (a resumed run counts only the epochs it trains itself)."""
+
+    def __init__(self, first_epoch: int, epochs: int):
+        self.first_epoch, self.epochs, self.start = first_epoch, epochs, time.perf_counter()
+
+    def eta(self, done: int) -> str:
+        """E.g. "elapsed 0:36, remaining ~2:00" after `done` of the run's epochs."""
+        elapsed = time.perf_counter() - self.start
+        remaining = elapsed / max(done - self.first_epoch, 1) * max(self.epochs - done, 0)
+        return f"elapsed {clock_text(elapsed)}, remaining ~{clock_text(remaining)}"
+
+
+def clock_text(seconds: float) -> str:
+    """M:SS, or H:MM:SS from an hour on."""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _print_epoch(role: str, arch: str, epoch: int, epochs: int, m: dict[str, float], eta: str) -> None:
+    # One line per epoch on stderr, piped or not: a log file or a scheduler's output shows how far a
+    # run is and when it should end (the in-epoch bar appears on a terminal only).
     shown = [f"loss {m['train_loss']:.3f}", f"train acc {m.get('train_acc', float('nan')):.3f}"]
     for key in sorted(k for k in m if k.startswith("train_") and k.endswith("_acc") and k != "train_acc"):
         name = key.removeprefix("train_").removesuffix("_acc")  # a method's own accuracy, e.g. pretext
         val = next((v for k, v in m.items() if k.endswith(f"val_{name}_acc")), float("nan"))
         shown.append(f"{name} acc {m[key]:.3f} (val {val:.3f})")
     shown += [f"{k.split('_')[0]} {m[k]:.3f}" for k in ("val_video_top1", "test_video_top1") if k in m]
-    shown.append(f"{m['train_clips_per_s']:.0f} clips/s, {m['train_seconds']:.0f}s")
+    shown += [f"{m['train_clips_per_s']:.0f} clips/s, {m['train_seconds']:.0f}s", eta]
     print(f"[{role} {arch}] epoch {epoch}/{epochs}: " + ", ".join(shown), file=sys.stderr, flush=True)
 
 

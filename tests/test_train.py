@@ -4,6 +4,7 @@ kill, and one-line errors for bad input."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from kdhar.checkpoint import load_checkpoint
 from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.models import build_model
-from kdhar.train import run_training, stage_epochs
+from kdhar.train import clock_text, run_training, stage_epochs
 
 KDHAR = [sys.executable, "-m", "kdhar.cli"]
 TINY_OPTS = ["--width", "4", "--clip-len", "4", "--crop", "32", "--num-workers", "0", "--batch-size", "8"]
@@ -184,3 +185,26 @@ def test_unreachable_server_is_a_clear_error(tiny_ucf, tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "127.0.0.1:9" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_piped_run_prints_one_line_per_epoch_with_elapsed_and_remaining(tiny_ucf, tmp_path):
+    # Output sent to a file or a pipe (a scheduler, `| tee`) gets no progress bar, so the epoch lines
+    # alone tell how far the run is. `--augment` is given bare, followed by another option.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--augment", "--epochs", "3", *TINY_OPTS,
+            "--experiment", "piped"]
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("[teacher tiny3d] epoch ")]
+    assert [line.split()[3].rstrip(":") for line in lines] == ["1/3", "2/3", "3/3"]
+    for line in lines:
+        assert re.search(r", elapsed \d+:\d\d, remaining ~\d+:\d\d$", line), line
+    assert lines[-1].endswith("remaining ~0:00")
+    elapsed = [int(m) * 60 + int(s) for m, s in (re.search(r"elapsed (\d+):(\d\d)", line).groups() for line in lines)]
+    assert elapsed == sorted(elapsed)
+    run_id = out.stdout.split("run ")[1].split(":")[0]
+    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.params["clip.augment"] == "True"
+
+
+def test_clock_text_reads_minutes_then_hours():
+    assert [clock_text(s) for s in (0, 36.4, 125, 3723)] == ["0:00", "0:36", "2:05", "1:02:03"]
