@@ -57,7 +57,7 @@ def test_readme_lists_the_entry_points_as_a_new_user_types_them():
 
 
 @pytest.mark.slow
-def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
+def test_readme_mlflow_run_lines_end_finished_as_top_level_named_runs_and_report_finds_them(tmp_path):
     ucf = generate(tmp_path / "ucf101", "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
                                                               size=(48, 64), seed=5)).root
     hmdb = generate(tmp_path / "hmdb51", "hmdb51", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
