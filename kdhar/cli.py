@@ -155,6 +155,17 @@ def _text(value: str | None) -> str | None:
     return value if value not in (None, "", "None") else None
 
 
+def _experiment(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """--experiment: empty means the experiment `mlflow run` filed the run under (else kdhar);
+    under `mlflow run` one line says which it is."""
+    from kdhar import tracking
+
+    name, note = tracking.resolve_experiment(_text(value))
+    if note and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        click.echo(note, err=True)
+    return name
+
+
 # Every option a run can take, by name; `run_options` gives a command all of them or a subset.
 RUN_OPTIONS = {
     "dataset": click.option("--dataset", default="ucf101", show_default=True, help="ucf101 | hmdb51 | folder"),
@@ -188,7 +199,8 @@ RUN_OPTIONS = {
     "num_workers": click.option("--num-workers", type=INT, default=2, show_default=True),
     "on_missing": click.option("--on-missing", type=click.Choice(["error", "skip"]), default="error", show_default=True),
     "on_bad": click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True),
-    "experiment": click.option("--experiment", default="kdhar", show_default=True, help="MLflow experiment name"),
+    "experiment": click.option("--experiment", default=None, callback=_experiment,
+                               help="MLflow experiment (default: where `mlflow run` filed the run, else kdhar)"),
     "device": click.option("--device", default="auto", show_default=True),
     "resume": click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
     "allow_config_change": bool_option("--allow-config-change", default=False, show_default=True,
@@ -366,7 +378,6 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
     if arch not in MODELS:
         raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(MODELS)}")
     tracking.check_server(tracking.tracking_uri())
-    tracking.check_project_experiment(opts["experiment"])
     opts = {"fraction": 1.0, "seed": 0, **opts}  # scoring commands take neither
     if not 0 < opts["fraction"] <= 1:
         raise UserError(f"--fraction {opts['fraction']} is outside (0, 1]; use e.g. 0.25 for 25 % of the training videos")
@@ -526,9 +537,8 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
         check_init_modality(_text(init), cfg.model.modality)
     _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=_text(opts["resume"]),
-                       init_state=load_init(_text(init)) if _text(init) else None,
-                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
-                       parent_run_id=_project_parent(opts))
+                       init_state=load_init(_text(init)) if _text(init) else None, init=_text(init),
+                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"])
     _print_result(res)
 
 
@@ -557,7 +567,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     res = D.distill(
         cfg, teacher=teacher, init=_text(init), experiment=opts["experiment"], resume=_text(opts["resume"]),
         allow_config_change=bool(opts["allow_config_change"]),
-        device=opts["device"], cache_teacher=bool(cache_teacher), parent_run_id=_project_parent(opts),
+        device=opts["device"], cache_teacher=bool(cache_teacher),
     )
     _print_result(res)
 
@@ -577,7 +587,7 @@ def pretrain_cmd(arch: str, **opts) -> None:
     _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="pretrain", experiment=opts["experiment"], objective=build_objective(cfg, labels=False),
                        resume=_text(opts["resume"]), allow_config_change=bool(opts["allow_config_change"]),
-                       device=opts["device"], parent_run_id=_project_parent(opts))
+                       device=opts["device"])
     _print_result(res)
 
 
@@ -594,7 +604,7 @@ def finetune_cmd(model_uri: str, **opts) -> None:
     _launch(opts, cfg.optim.batch_size)
     res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=_text(opts["resume"]),
                        allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
-                   explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts))
+                   explicit=_explicit_clip(opts))
     _print_result(res)
 
 
@@ -610,7 +620,7 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
     cfg = build_config("c3d", opts)
     ensure_data(cfg.data.root)
     metrics = evaluate_model(model_uri, cfg, experiment=opts["experiment"], device=opts["device"],
-                             explicit=_explicit_clip(opts), parent_run_id=_project_parent(opts), retrieval=bool(retrieval))
+                             explicit=_explicit_clip(opts), retrieval=bool(retrieval))
     click.echo(", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -649,7 +659,6 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting,
     kd = kd_settings(tau, kd_weighting, alpha, lam)
     cfg = build_config(student, opts, kd=kd)
     ensure_data(cfg.data.root)
-    _project_parent(opts)  # the study's parent run holds the trials; the project run stays an umbrella
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
         space=tuning.SearchSpace.parse(_text(space), kd["weighting"], cfg.gkd.method), pruner=pruner, experiment=opts["experiment"],
@@ -737,20 +746,24 @@ def runs_reconcile(storage, study_name, experiment) -> None:
 
 
 @cli.command("report")
-@click.option("--experiment", default="kdhar", show_default=True)
+@click.option("--experiment", default=None, help="default: every experiment that holds kdhar student runs")
 @click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
 def report_cmd(experiment, out) -> None:
-    """KD-vs-scratch tables and plots (paper layout) from an experiment's runs."""
+    """KD-vs-scratch tables and plots (paper layout) from an experiment's runs; each report is
+    logged as a run of the experiment `<experiment>-reports`."""
     from kdhar import tracking
-    from kdhar.report import build_report
+    from kdhar.report import build_report, report_folder, reported_experiments
 
-    tracking.check_project_experiment(experiment)
-    from kdhar.report import report_folder
-
-    report = build_report(experiment, out / report_folder(experiment))
-    click.echo(report.text)
-    for path in report.files:
-        click.echo(f"wrote {path}")
+    tracking.check_server(tracking.tracking_uri())
+    names = [experiment] if _text(experiment) else reported_experiments()
+    tracking.release_project_run({"role": "report-launcher"}, name="report",
+                                 description=f"Launched `kdhar report` for {', '.join(names)}; each report is a run "
+                                             "of the experiment <experiment>-reports.")
+    for name in names:
+        report = build_report(name, out / report_folder(name))
+        click.echo(report.text)
+        for path in report.files:
+            click.echo(f"wrote {path}")
 
 
 @cli.group()
@@ -801,7 +814,8 @@ def experiment_run(spec, workers, experiment_name, device, executor, address, dr
         ensure_data(root)
     from kdhar import tracking
 
-    tracking.release_project_run({"role": "grid", "spec": str(spec)})  # each cell is a run of its own
+    tracking.release_project_run({"role": "grid", "spec": str(spec)}, name=f"grid-{spec.stem}",
+                                 description=f"Launched the grid {spec}: each cell is a run of its own in the spec's experiment.")
     outcomes = run_grid(spec, workers=workers, experiment=_text(experiment_name), device=device, log=click.echo,
                         executor=grid_executor)
     done = sum(o.status == "done" for o in outcomes)
@@ -823,7 +837,8 @@ def demo(spec, n_trials, tune_epochs) -> None:
 
     grid = load_spec(spec)
     tracking.check_server(tracking.tracking_uri())
-    tracking.release_project_run({"role": "demo", "spec": str(spec)})  # each step is a run of its own
+    tracking.release_project_run({"role": "demo", "spec": str(spec)}, name="demo",
+                                 description=f"Launched the demo ({spec}): its runs are in the experiment {grid.experiment}.")
     for root in _spec_roots(grid):
         ensure_data(root)
     click.echo(f"== 1/3 teacher, distilled student and its scratch twin ({spec})")
@@ -850,17 +865,6 @@ def demo(spec, n_trials, tune_epochs) -> None:
         "\nSee every run, curve and model in the MLflow UI:\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n  then open http://127.0.0.1:5000 and choose \"Model training\""
     )
-
-
-def _project_parent(opts: dict[str, Any]) -> str | None:
-    """Under `mlflow run`, the project's run (which MLflow gives the raw entry-point strings as
-    params) becomes the parent of kdhar's own run, whose params are the typed values alone, so the
-    compare view shows one clean set. A resumed run keeps its own place."""
-    from kdhar import tracking
-
-    if _text(opts.get("resume")):
-        return None
-    return tracking.release_project_run({"role": "mlflow-project"})
 
 
 def _explicit_clip(opts: dict[str, Any]) -> frozenset[str]:

@@ -21,10 +21,17 @@ from kdhar.train import RunResult, Teacher, check_same_classes, config_hash, pic
 CACHE_VIEWS = 4
 
 
-def pair_key(cfg: RunConfig) -> str:
+def pair_key(cfg: RunConfig, init: str | None = None) -> str:
     """Same for a KD run and its scratch twin: the configuration without the teacher and KD weights
-    (the number of replayed views included, so a cached KD run pairs only with a like scratch run)."""
+    (the number of replayed views included, so a cached KD run pairs only with a like scratch run).
+    The weights a run starts from (`init`) and, with GKD's attention module, the `--kd` method are
+    part of it: an --init run pairs only with a twin started from the same weights, and `--kd gkd`
+    and `--kd gkd+logit` each with the twin run with the same --kd and --teacher none."""
     params = cfg.params(kd=False)
+    if init:
+        params["init"] = init
+    if cfg.gkd.attention:
+        params["gkd.method"] = cfg.gkd.method
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -121,7 +128,7 @@ def distill(
     if init:
         check_init_modality(init, cfg.model.modality)
     init_state = load_init(init) if init else None
-    tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg), "teacher_spec": teacher, **(extra_tags or {})}
+    tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg, init), "teacher_spec": teacher, **(extra_tags or {})}
     objective = build_objective(cfg, t, cache_teacher=cache_teacher and t is not None, device=device)
     res = run_training(
         cfg,
@@ -130,6 +137,7 @@ def distill(
         run_name=run_name,
         objective=objective,
         init_state=init_state,
+        init=init,
         resume=resume,
         allow_config_change=allow_config_change,
         tags=tags,

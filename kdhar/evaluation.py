@@ -76,6 +76,9 @@ def evaluate_model(
     tags = {"role": "evaluation", "source_model": model_uri, "source_run": run_id, "dataset": cfg.data.dataset,
             "dataset_fingerprint": splits.fingerprint}
     arch = tracking.run_tags(run_id).get("arch", "model")
+    tags["mlflow.note.content"] = (f"Scores {model_uri} ({arch}, run {run_id}) on the {cfg.data.dataset} test split "
+                                   f"({cfg.data.root}, {len(splits.test.samples)} videos)"
+                                   + (", with clip retrieval." if retrieval else "."))
     name = f"evaluate-{arch}-{run_id[:8]}-{cfg.data.dataset}"  # which model, which data
     with tracking.RunTracker(experiment, run_name=name, tags=tags, parent_run_id=parent_run_id) as tracker:
         tracker.log_params({**cfg.params(kd=False), "model_uri": model_uri})

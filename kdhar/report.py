@@ -92,6 +92,7 @@ class Row:
     teacher_acc: dict[str, float] = field(default_factory=dict)  # teacher run id -> its final accuracy
     paired: Paired | None = None  # final accuracy, KD - scratch, paired by seed
     verdict: str = ""  # read from `paired`; empty for scratch rows
+    pair_key: str = ""  # the runs' `pair_key` tag: a KD row is compared only with scratch runs sharing it
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _views(run: dict[str, Any]) -> int:
     return int(run["tags"].get("views", "0"))
 
 
-def _key(run: dict[str, Any]) -> tuple[str, str, str, float]:
+def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str]:
     tags = run["tags"]
     student = tags.get("student_arch") or tags.get("arch", "?")
     if tags.get("ssl", "none") != "none":
@@ -205,12 +206,25 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float]:
         # with the scratch runs of their own regime.
         student = f"{student} ({tags['ssl']})"
     teacher = tags.get("teacher_arch", SCRATCH)
-    method = REPORT_MARKS.get(tags.get("method", ""), "")
-    if method:
-        # Methods beyond logit KD (GKD's) get rows of their own, e.g. "c3d [gkd]"; the scratch run with
-        # GKD's attention module is "none [attention]", compared with plain scratch like a KD row.
-        teacher = f"{teacher} [{method}]"
-    return tags.get("dataset", "?"), student, teacher, float(tags.get("fraction", "1.0"))
+    marks = [REPORT_MARKS.get(tags.get("method", ""), ""), "init" if tags.get("init") else ""]
+    if any(marks):
+        # Methods beyond logit KD (GKD's) and runs started from other weights (--init) get rows of
+        # their own, e.g. "c3d [gkd]", "none [init]"; the scratch run with GKD's attention module is
+        # "none [attention]".
+        teacher = f"{teacher} [{', '.join(m for m in marks if m)}]"
+    return tags.get("dataset", "?"), student, teacher, float(tags.get("fraction", "1.0")), tags.get("pair_key", "")
+
+
+def _scratch_partner(key: tuple, rows: Mapping[tuple, Row]) -> tuple | None:
+    """The scratch row a row is compared with: the plain scratch row sharing its `pair_key` (same
+    configuration but the teacher and KD weights), else another teacher-less row sharing it (a GKD
+    run's "scratch + attention" twin, an --init run's twin started from the same weights)."""
+    dataset, student, _teacher, fraction, pkey = key
+    plain = (dataset, student, SCRATCH, fraction, pkey)
+    if plain in rows and plain != key:
+        return plain
+    return next((k for k in rows if k != key and k[2].startswith(f"{SCRATCH} [") and k[:2] == key[:2]
+                 and k[3:] == key[3:]), None)
 
 
 
@@ -272,7 +286,7 @@ def aggregate(
                if m["metrics"].get("epochs_to_scratch_acc", -1) >= 0]
         teacher_runs = sorted({m["tags"]["teacher_run_id"] for m in members if m["tags"].get("teacher_run_id")})
         rows[key] = Row(
-            dataset=key[0], student=key[1], teacher=key[2], fraction=key[3],
+            dataset=key[0], student=key[1], teacher=key[2], fraction=key[3], pair_key=key[4],
             seeds=sorted(_seed(m) for m in members),
             run_ids=[m["run_id"] for m in members],
             acc=acc,
@@ -286,10 +300,11 @@ def aggregate(
     for key, row in rows.items():
         if row.teacher == SCRATCH:
             continue
-        scratch = rows.get((key[0], key[1], SCRATCH, key[3]))
-        if scratch is None:
+        partner = _scratch_partner(key, rows)
+        if partner is None:
             row.verdict = "no scratch runs"
             continue
+        scratch = rows[partner]
         if len(set(row.views) | set(scratch.views)) > 1:
             # A cached-views run sees less augmentation than a fresh-view run: comparing them would
             # credit (or blame) distillation for the data pipeline.
@@ -298,9 +313,10 @@ def aggregate(
         row.delta = {col: row.acc[col].mean - scratch.acc[col].mean for col in row.acc if col in scratch.acc}
         if row.transfer is not None and scratch.transfer is not None:
             row.transfer_delta = row.transfer.mean - scratch.transfer.mean
-        row.paired = paired_interval(groups[key], groups[(key[0], key[1], SCRATCH, key[3])])
+        row.paired = paired_interval(groups[key], groups[partner])
         row.verdict = verdict(row.paired)
-    return sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher, -r.fraction))
+    return sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher, -r.fraction,
+                                                 r.pair_key))
 
 
 def _join(values: Iterable[int]) -> str:
@@ -521,11 +537,33 @@ def report_folder(experiment: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).lstrip(".") or "experiment"
 
 
+def reports_experiment(experiment: str) -> str:
+    """Where the report runs of `experiment` go, so they do not pile up among its training runs."""
+    return f"{experiment}-reports"
+
+
+def reported_experiments() -> list[str]:
+    """The experiments holding finished kdhar student runs, for `kdhar report` without --experiment.
+
+    Raises:
+        ReportError: none does; the message names the experiments that hold any kdhar runs.
+    """
+    from kdhar import tracking
+
+    names = tracking.experiments_with_runs("tags.role = 'student' and attributes.status = 'FINISHED'")
+    if names:
+        return names
+    others = [n for n in tracking.experiments_with_runs("tags.role LIKE '%'") if not n.endswith("-reports")]
+    where = f"experiments with kdhar runs: {', '.join(others)}" if others else "no experiment holds kdhar runs"
+    raise ReportError(f"no finished student runs in the tracking store ({tracking.tracking_uri()}; {where}); "
+                      "train some with `kdhar distill` (or mlflow run . -e distill), then run the report again")
+
+
 def build_report(experiment: str, out_dir: Path) -> Report:
     """Builds the comparison of an experiment's student and fine-tune runs and logs it as a report run.
 
     Writes `report.md`, `report.csv`, `curves_<dataset>_<student>.png` and `delta_<dataset>.png` into
-    `out_dir` and logs them to a new run tagged role=report in the same experiment.
+    `out_dir` and logs them to a new run tagged role=report in `reports_experiment(experiment)`.
 
     Raises:
         ReportError: the experiment does not exist.
@@ -569,7 +607,10 @@ def build_report(experiment: str, out_dir: Path) -> Report:
         plt.close(fig)
         files.append(out_dir / name)
 
-    with tracking.RunTracker(experiment, run_name="report", tags={"role": "report"}) as tracker:
+    description = (f"KD-vs-scratch report of experiment '{experiment}': {len(rows)} rows from {len(students)} student "
+                   f"and {len(finetunes)} fine-tune runs; the table and plots are under Artifacts > report.")
+    tags = {"role": "report", "source_experiment": experiment, "mlflow.note.content": description}
+    with tracking.RunTracker(reports_experiment(experiment), run_name=f"report-{experiment}", tags=tags) as tracker:
         tracker.log_params({"student_runs": len(students), "finetune_runs": len(finetunes), "rows": len(rows)})
         for path in files:
             tracker.log_artifact(path, "report")

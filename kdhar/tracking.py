@@ -258,29 +258,61 @@ class ExperimentMismatchError(TrackingError, ValueError):
     """`mlflow run` filed its run under another experiment than the one kdhar was asked for."""
 
 
-def check_project_experiment(name: str) -> None:
-    """Under `mlflow run` (MLFLOW_RUN_ID set), refuses an experiment other than the project run's.
+DEFAULT_EXPERIMENT = "kdhar"  # where a plain `kdhar` command logs when no experiment is given
 
-    kdhar adopts the project's run, which MLflow files under `--experiment-name` (else `Default`);
-    a different `-P experiment=...` would leave the run where `kdhar report` never looks.
 
-    Raises:
-        ExperimentMismatchError: naming the flag to add.
-    """
-    project = os.environ.get("MLFLOW_RUN_ID")
+def project_run_id() -> str | None:
+    """The run `mlflow run` opened for this command (MLFLOW_RUN_ID), which kdhar's run adopts; None outside it."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def project_experiment() -> str | None:
+    """The experiment `mlflow run` filed the project run under (`--experiment-name`, else
+    MLFLOW_EXPERIMENT_NAME, else `Default`); None outside `mlflow run`."""
+    project = project_run_id()
     if not project:
-        return
+        return None
     client = _client()
     try:
         run = client.get_run(project)
     except MlflowException:
-        return  # not a run of this store: MLflow itself reports it when the run starts
-    actual = client.get_experiment(run.info.experiment_id).name
-    if actual != name:
+        return None  # not a run of this store: MLflow itself reports it when the run starts
+    return client.get_experiment(run.info.experiment_id).name
+
+
+def resolve_experiment(requested: str | None) -> tuple[str, str | None]:
+    """The experiment a command logs to, and a one-line note for the user when `mlflow run` chose it.
+
+    An empty `requested` means "wherever `mlflow run` filed the project run", else
+    MLFLOW_EXPERIMENT_NAME, else `kdhar`. kdhar's run *is* the project run, so an explicit
+    `requested` must match the project run's experiment.
+
+    Raises:
+        ExperimentMismatchError: an explicit experiment other than the project run's.
+    """
+    actual = project_experiment()
+    if actual is None:
+        return requested or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT, None
+    if requested and requested != actual:
         raise ExperimentMismatchError(
-            f"`mlflow run` filed this run under experiment '{actual}', not '{name}': add "
-            f"--experiment-name {name} to the mlflow run command (the same name as -P experiment)"
+            f"`mlflow run` filed this run under experiment '{actual}', not '{requested}': add "
+            f"--experiment-name {requested} to the mlflow run command, or leave out -P experiment"
         )
+    note = None
+    if not requested:
+        note = (f"note: this run is in MLflow experiment '{actual}', where `mlflow run` filed it; to group runs "
+                "in an experiment of their own, add --experiment-name NAME to mlflow run")
+    return actual, note
+
+
+def check_project_experiment(name: str) -> None:
+    """Under `mlflow run`, refuses an experiment other than the project run's (see `resolve_experiment`).
+
+    Raises:
+        ExperimentMismatchError: naming the flag to add.
+    """
+    if name:
+        resolve_experiment(name)
 
 
 @dataclass(frozen=True)
@@ -415,8 +447,10 @@ class RunTracker:
         nested: create the run under the run currently open in this thread.
         parent_run_id: create the run under this run (e.g. a study's parent run).
 
-    Under `mlflow run`, MLflow passes its own run in `MLFLOW_RUN_ID`; the first tracker opened
-    adopts that run, so the project run and ours are the same.
+    Under `mlflow run`, MLflow passes its own run in `MLFLOW_RUN_ID`; the first top-level tracker
+    opened adopts that run, so the project run and ours are the same: it gets our name, tags and
+    description, and the runs table shows it as such. The project run already holds the entry
+    point's raw parameter strings; a param of ours that would contradict one is logged as `<key>.used`.
     """
 
     def __init__(
@@ -445,8 +479,14 @@ class RunTracker:
 
     def __enter__(self) -> RunTracker:
         self._client = _client()
-        if not self.resume_run_id and mlflow.active_run() is None:
-            check_project_experiment(self.experiment)  # this tracker would adopt the project run
+        nested = self.nested or self.parent_run_id is not None
+        project = None if self.resume_run_id else project_run_id()
+        self._preset_params: dict[str, str] = {}
+        if project and not nested and mlflow.active_run() is None:
+            check_project_experiment(self.experiment)  # this tracker adopts the project run
+            self._preset_params = dict(self._client.get_run(project).data.params)
+        elif project:
+            project = None  # a nested run is a new run: MLflow would otherwise take MLFLOW_RUN_ID for it
         experiment_id = _get_or_create_experiment(self._client, self.experiment)
         if self.resume_run_id:
             run = self._get_run(self.resume_run_id)
@@ -457,13 +497,18 @@ class RunTracker:
                 )
             active = mlflow.start_run(run_id=self.resume_run_id, tags=self.tags or None)
         else:
-            active = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=self.run_name,
-                tags=self.tags or None,
-                nested=self.nested or self.parent_run_id is not None,
-                parent_run_id=self.parent_run_id,
-            )
+            kept = None if project else os.environ.pop("MLFLOW_RUN_ID", None)
+            try:
+                active = mlflow.start_run(
+                    experiment_id=experiment_id,
+                    run_name=self.run_name,
+                    tags=self.tags or None,
+                    nested=nested,
+                    parent_run_id=self.parent_run_id,
+                )
+            finally:
+                if kept:
+                    os.environ["MLFLOW_RUN_ID"] = kept
         self.run_id = active.info.run_id
         self._sender = _MetricSender(self._client, self.run_id)
         self._sender.start()
@@ -547,6 +592,8 @@ class RunTracker:
         """Logs params as strings; values longer than MLflow's limit are shortened and the full
         set is stored as `params.json`. On a resumed run, changed values raise TrackingError."""
         values = {key: _param_value(value) for key, value in params.items()}
+        preset = self._preset_params
+        values = {(f"{k}.used" if preset.get(k, v) != v else k): v for k, v in values.items()}
         if self.resume_run_id:
             old = self._get_run(self.run_id).data.params
             changed = [f"{k} ({old[k]} -> {v})" for k, v in values.items() if k in old and old[k] != v]
@@ -802,6 +849,11 @@ def promote_champion(
                 continue
         client.set_registered_model_alias(registered_name, alias, version)
         moved.append(alias)
+    # The registry shows the score each version competed with, and whether it won.
+    client.set_model_version_tag(registered_name, version, metric_name, f"{score:.4f}")
+    verdict = f"champion ({', '.join(moved)})" if moved else "not champion"
+    client.update_model_version(registered_name, version, description=(
+        f"{metric_name} {score:.4f} on dataset {dataset_fingerprint}: {verdict} when registered"))
     return moved
 
 
@@ -927,6 +979,16 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
 # -- small helpers on existing runs and models --------------------------------------------------
 
 
+def experiments_with_runs(filter_string: str) -> list[str]:
+    """Names of the active experiments holding at least one active run that matches `filter_string`."""
+    client = _client()
+    names = []
+    for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY):
+        if client.search_runs([exp.experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1):
+            names.append(exp.name)
+    return sorted(names)
+
+
 def experiment_exists(name: str) -> bool:
     """Whether an active experiment called `name` exists in the tracking store."""
     exp = _client().get_experiment_by_name(name)
@@ -980,16 +1042,20 @@ def log_metrics_to(run_id: str, metrics: dict[str, float], step: int = 0) -> Non
     _client().log_batch(run_id, metrics=items)
 
 
-def release_project_run(tags: dict[str, str]) -> str | None:
-    """Under `mlflow run`, tags the project's run (MLFLOW_RUN_ID) as the umbrella of a multi-run
-    command and stops later runs from adopting it: each run of a grid or demo is its own run.
+def release_project_run(tags: dict[str, str], name: str | None = None, description: str | None = None) -> str | None:
+    """Under `mlflow run`, names and tags the project's run (MLFLOW_RUN_ID) as the umbrella of a
+    multi-run command and stops later runs from adopting it: each run of a grid or demo is its own run.
 
     Returns:
         The project run's id, or None outside `mlflow run`.
     """
     run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     if run_id:
-        _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client = _client()
+        tags = {**tags, **({"mlflow.note.content": description} if description else {})}
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if name:
+            client.update_run(run_id, name=name)
     return run_id
 
 

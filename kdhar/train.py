@@ -184,6 +184,7 @@ def run_training(
     role: str,
     experiment: str,
     init_state: dict[str, torch.Tensor] | None = None,
+    init: str | None = None,
     run_name: str | None = None,
     resume: str | None = None,
     allow_config_change: bool = False,
@@ -204,7 +205,10 @@ def run_training(
         experiment: MLflow experiment name.
         objective: what the run optimises (`kdhar.objectives.build_objective`); None is plain
             supervised training.
-        init_state: weights to start from (classifier weights of a different shape are skipped).
+        init_state: weights to start from (classifier weights of a different shape are skipped); refused
+            when they fill less than INIT_MIN_SHARE of the model (see `load_init_weights`).
+        init: where `init_state` came from (the --init URI or path): recorded as param and tag `init`,
+            and the run's default name starts with "init-".
         resume: a checkpoint path to continue from; the same MLflow run is re-opened. The
             checkpoint's configuration must match `cfg` (see `check_resume`).
         allow_config_change: let a resumed run change the RESUME_ALLOWED knobs (tagged on the run).
@@ -271,7 +275,7 @@ def run_training(
     step = objective.make_step(model, len(train_ds)).to(dev)  # moves a step's frozen teacher too
     model = step.model  # the network as trained and logged (a step may wrap the plain one with its own parts)
     if init_state is not None:  # after the wrapping, so the wrapper's own weights load too
-        load_compatible(model, init_state)
+        load_init_weights(model, init_state, init or "the initial weights")
     if ddp is not None and optim.sync_bn:
         distributed.sync_batchnorm(step, dev)
     # A step may train in several passes per epoch, each over the whole training set with its own
@@ -322,6 +326,7 @@ def run_training(
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
         **objective.tags,
+        **({"init": init} if init else {}),
         **(tags or {}),
     }
     if changed:
@@ -333,7 +338,7 @@ def run_training(
     amp = torch.bfloat16 if dev.type == "cuda" else None
     stages = stage_epochs(optim.epochs)
 
-    name = run_name or default_run_name(cfg, role, teacher, objective.name_prefix)
+    name = run_name or ("init-" if init else "") + default_run_name(cfg, role, teacher, objective.name_prefix)
     run_tracker = (tracking.RunTracker(experiment, run_name=name, tags=run_tags, resume_run_id=run_id,
                                        parent_run_id=parent_run_id) if main else distributed.NullTracker(run_id, name))
     with run_tracker as tracker:
@@ -342,6 +347,8 @@ def run_training(
             params = {**cfg.params(kd=False), **objective.params, "role": role, "device": str(dev), "num_classes": num_classes}
             params.update({"train_videos": len(splits.train.samples), "test_videos": len(splits.test.samples)})
             params["val_videos"] = len(splits.val.samples) if splits.val else 0
+            if init:
+                params["init"] = init
             if teacher is not None:
                 params.update({"teacher.uri": teacher.uri, "teacher.run_id": teacher.run_id or "", "teacher.arch": teacher.arch or ""})
             tracker.log_params(params)
@@ -669,6 +676,31 @@ def _print_epoch(role: str, arch: str, epoch: int, epochs: int, m: dict[str, flo
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+# An --init that fills less than this share of the model's tensors is refused: the run would be a
+# scratch run in all but name (a PCL encoder loaded into another architecture matched 2-21 of 122).
+# Between this and 100 % a warning says how much loaded (a new classifier is always left out).
+INIT_MIN_SHARE = 0.5
+
+
+def load_init_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> float:
+    """Loads the tensors of `state` that fit `model` and returns the share of the model they fill.
+
+    Raises:
+        ValueError: the share is below INIT_MIN_SHARE; the message names `source` and the counts.
+    """
+    own = model.state_dict()
+    skipped = set(load_compatible(model, state))
+    matched = sum(k in own and k not in skipped for k in state)
+    share = matched / max(1, len(own))
+    if share < INIT_MIN_SHARE:
+        raise ValueError(f"--init {source} fits only {matched} of the model's {len(own)} tensors ({share:.0%}, below "
+                         f"{INIT_MIN_SHARE:.0%}): start from a model of the same architecture, width and modality")
+    if matched < len(own):
+        print(f"warning: --init {source} fills {matched} of the model's {len(own)} tensors ({share:.0%}); the rest "
+              "start from random weights", file=sys.stderr, flush=True)
+    return share
 
 
 def load_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

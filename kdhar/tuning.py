@@ -379,10 +379,12 @@ def tune(
         raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
     if resolve_teacher(teacher, splits.fingerprint, device or "cpu", attention=cfg.gkd.attention) is None:
         raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
-    # The dataset's fingerprint is part of the default name: a study on other data is another study.
+    # The dataset's fingerprint and the method are part of the default name: a study on other data,
+    # or of another --kd method (whose search space differs), is another study.
+    method = {"logit": "kd", "gkd": "gkd", "gkd+logit": "gkd-logit"}[cfg.gkd.method]
     study_name = check_study_name(
-        study_name or f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}kd-{cfg.model.arch}-{_slug(teacher)}-{cfg.data.dataset}-"
-                      f"{splits.fingerprint[:8]}")
+        study_name or f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}{method}-{cfg.model.arch}-{_slug(teacher)}-"
+                      f"{cfg.data.dataset}-{splits.fingerprint[:8]}")
     if isinstance(pruner, optuna.pruners.BasePruner):
         pruner_obj, pruner = pruner, type(pruner).__name__
     else:
@@ -410,7 +412,9 @@ def tune(
         # distinct points (one shared seed would repeat them), yet a rerun draws the same ones.
         study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
         values = _suggest(trial, space)
-        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING"}
+        # A pair_key of their own: trials differ in their searched settings, and grouping the runs
+        # table by pair_key should show a KD run beside its scratch twin, not a study's trials.
+        tags = {TAG_STUDY: study_name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", "pair_key": f"study-{study_name}"}
         retry_of = _retried_number(study, trial.number)
         if retry_of is not None:
             tags[TAG_RETRY_OF] = str(retry_of)
@@ -602,7 +606,11 @@ def _join_parent(study: optuna.Study, experiment: str, params: dict[str, Any]) -
 
 
 def _create_parent(experiment: str, name: str, params: dict[str, Any]) -> str:
-    with tracking.RunTracker(experiment, run_name=f"tune-{name}", tags={TAG_STUDY: name, "role": "tuning"}) as run:
+    description = (f"Optuna study '{name}': tunes {params.get('search_space', '')} of {params.get('student', '')} "
+                   f"distilled from {params.get('teacher', '')}, maximising {OBJECTIVE} on the validation split. "
+                   "Each trial is a child run (trial-N); the best value and the study's plots are logged here.")
+    tags = {TAG_STUDY: name, "role": "tuning", "mlflow.note.content": description}
+    with tracking.RunTracker(experiment, run_name=f"tune-{name}", tags=tags) as run:
         run.log_params(params)
         return run.run_id
 
@@ -614,8 +622,9 @@ def _absorb_project_run(experiment: str, study_name: str, parent_id: str) -> Non
     project_run = os.environ.get("MLFLOW_RUN_ID")
     if not project_run or project_run == parent_id:
         return
-    tags = {TAG_STUDY: study_name, "role": "tuning-worker", "mlflow.parentRunId": parent_id}
-    with tracking.RunTracker(experiment, tags=tags):
+    tags = {TAG_STUDY: study_name, "role": "tuning-worker", "mlflow.parentRunId": parent_id,
+            "mlflow.note.content": f"A worker that joined the Optuna study '{study_name}'; its trials are under tune-{study_name}."}
+    with tracking.RunTracker(experiment, run_name=f"worker-{study_name}", tags=tags):
         pass
 
 

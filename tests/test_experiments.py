@@ -326,7 +326,8 @@ def test_grid_runs_resumes_and_reports(store):
     names = sorted(p.name for p in report.files)
     assert names == ["curves_ucf101_c3d.png", "curves_ucf101_tiny3d.png", "delta_ucf101.png", "report.csv", "report.md"]
     assert all(p.stat().st_size > 0 for p in report.files)
-    (logged,) = tracking.find_runs("grid", "tags.role = 'report'")
+    assert not tracking.find_runs("grid", "tags.role = 'report'")  # reports have an experiment of their own
+    (logged,) = tracking.find_runs("grid-reports", "tags.role = 'report'")
     assert logged["run_id"] == report.run_id and logged["status"] == "FINISHED"
 
 

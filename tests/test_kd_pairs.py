@@ -187,3 +187,44 @@ def test_default_kd_loss_comes_down_where_the_papers_form_collapses(local_tracki
     # Collapsed: at chance, its KD loss not even 5 % below where it started.
     assert paper.history[-1]["train_kd_loss"] > 0.95 * paper.history[0]["start_kd_loss"]
     assert paper.history[-1]["collapsed"] == 1.0
+
+
+def test_an_init_run_is_named_tagged_and_paired_apart_from_scratch_and_a_low_match_init_is_refused(
+    local_tracking, tiny_set, teacher_run, tmp_path
+):
+    from kdhar.checkpoint import save_checkpoint
+    from kdhar.models import build_model
+    from kdhar.report import aggregate
+    from kdhar.tracking import find_runs
+    from kdhar.train import INIT_MIN_SHARE
+
+    client = MlflowClient(local_tracking)
+    cfg = tiny_config(tiny_set, epochs=1)
+    scratch = distill(cfg, teacher="none", experiment="pairs", progress=False)
+    init = f"runs:/{teacher_run}"  # a tiny3d of the same width: every tensor fits
+    started = distill(cfg, teacher="none", init=init, experiment="pairs", progress=False)
+    kd_started = distill(cfg, teacher=f"runs:/{teacher_run}", init=init, experiment="pairs", progress=False)
+    s_run, i_run, k_run = (client.get_run(r.run_id) for r in (scratch, started, kd_started))
+    assert s_run.info.run_name == "scratch-tiny3d-f1-s0" and "init" not in s_run.data.tags
+    assert i_run.info.run_name == "init-scratch-tiny3d-f1-s0" and k_run.info.run_name == "init-kd-tiny3d→tiny3d-f1-s0"
+    assert i_run.data.tags["init"] == init and i_run.data.params["init"] == init
+    assert i_run.data.tags["pair_key"] != s_run.data.tags["pair_key"]  # never the twin of a true scratch run
+    assert k_run.data.tags["pair_key"] == i_run.data.tags["pair_key"]  # but of a KD run from the same weights
+
+    # The report compares the init KD run with the init scratch run, not with the true scratch run.
+    rows = {r.teacher: r for r in aggregate(find_runs("pairs", "tags.role = 'student'"))}
+    assert set(rows) >= {"none", "none [init]", "tiny3d [init]"}
+    kd_row, twin = rows["tiny3d [init]"], rows["none [init]"]
+    assert kd_row.pair_key == twin.pair_key != rows["none"].pair_key
+    final = "final_test_video_top1"
+    assert kd_row.delta["final"] == pytest.approx(k_run.data.metrics[final] - i_run.data.metrics[final])
+
+    # An encoder of another width fills only the tensors whose shapes agree (the BatchNorm counters).
+    wide = build_model("tiny3d", 3, width=8, dropout=0.0).state_dict()
+    path = tmp_path / "wide.pt"
+    save_checkpoint(path, {"model": wide})
+    before = len(client.search_runs([client.get_experiment_by_name("pairs").experiment_id]))
+    with pytest.raises(ValueError, match=rf"--init {path} fits only \d+ of the model's \d+ tensors .*below "
+                                         rf"{INIT_MIN_SHARE:.0%}"):
+        distill(cfg, teacher="none", init=str(path), experiment="pairs", progress=False)
+    assert len(client.search_runs([client.get_experiment_by_name("pairs").experiment_id])) == before  # no run left

@@ -54,8 +54,9 @@ def test_entry_point_exposes_every_option_of_its_command(name, entry_point, tmp_
 
 
 @pytest.mark.slow
-def test_mlflow_run_in_another_experiment_is_refused_with_the_flag_to_add(tmp_path):
-    """`mlflow run` without --experiment-name files its run under Default: kdhar says which flag to add."""
+def test_mlflow_run_in_another_experiment_than_asked_is_refused_with_the_flag_to_add(tmp_path):
+    """An explicit -P experiment that differs from where `mlflow run` filed the run (Default without
+    --experiment-name) is refused in one line naming the flag; a report run adds its own experiment."""
     import os
     import subprocess
     import sys
@@ -66,15 +67,17 @@ def test_mlflow_run_in_another_experiment_is_refused_with_the_flag_to_add(tmp_pa
     bin_dir = str(Path(sys.executable).parent)  # where `kdhar` and `mlflow` are installed
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     mlflow_bin = str(Path(bin_dir) / "mlflow")
-    base = [mlflow_bin, "run", str(ROOT), "-e", "report", "-P", "experiment=kd-ui", "--env-manager", "local"]
-    wrong = subprocess.run(base, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    wrong = subprocess.run([mlflow_bin, "run", str(ROOT), "-e", "train_teacher", "-P", "experiment=kd-ui",
+                            "-P", f"root={tmp_path / 'none'}", "--env-manager", "local"],
+                           env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert wrong.returncode != 0
     assert "add --experiment-name kd-ui to the mlflow run command" in wrong.stderr
     assert "Traceback" not in wrong.stderr.split("kd-ui to the mlflow run command")[0].splitlines()[-1]
 
+    base = [mlflow_bin, "run", str(ROOT), "-e", "report", "-P", "experiment=kd-ui", "--env-manager", "local"]
     right = subprocess.run([*base, "--experiment-name", "kd-ui"], env=env, capture_output=True, text=True,
                            cwd=tmp_path, timeout=300)
     assert right.returncode == 0, right.stderr[-2000:]
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("kd-ui").experiment_id])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_name == "report"

@@ -237,7 +237,8 @@ def test_pretrain_then_distill_inside_pcl_log_every_term_and_the_encoder_carries
         assert key in kd.data.metrics, key
     assert kd.data.tags["teacher_run_id"] == teacher.run_id
     assert kd.data.tags["pair_key"] == students["pcl"].data.tags["pair_key"]  # the pair is like for like
-    assert kd.info.run_name == "pcl-kd-tiny3d→tiny3d-f1-s0" and students["pcl"].info.run_name == "pcl-scratch-tiny3d-f1-s0"
+    # Both start from the encoder: named for it, and paired with each other
+    assert kd.info.run_name == "init-pcl-kd-tiny3d→tiny3d-f1-s0" and students["pcl"].info.run_name == "init-pcl-scratch-tiny3d-f1-s0"
     assert {m.name for m in client.search_registered_models()} >= {"kdhar-pcl-kd-tiny3d", "kdhar-pcl-scratch-tiny3d"}
 
     # The logged student evaluates as any model, and retrieval reads its trunk.

@@ -1,6 +1,7 @@
-"""The README's `mlflow run` lines, run as written (plus tiny-size parameters) on a tiny synthetic set:
-each ends FINISHED in the experiment the user named, and kdhar's run, nested under the project's
-run, carries its typed parameters only (the raw entry-point strings stay on the project run)."""
+"""The README's `mlflow run` lines, run as a new user types them (no --experiment-name; tiny-size
+parameters added) in a fresh store: each run lands in `Default`, where `mlflow run` files it, as the
+top-level run kdhar names (the project run itself, not a parent of it), and `kdhar report` without
+--experiment finds them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from mlflow import MlflowClient
 from kdhar.data.synthetic import SynthSpec, generate
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENT = "kdhar"  # the README's lines all name this experiment
+EXPERIMENT = "Default"  # where `mlflow run` files a run without --experiment-name
 # Tiny-size parameters added to each README line (entry point -> -P values).
 TINY = {"width": "4", "epochs": "1", "clip_len": "4", "crop": "32", "num_workers": "0", "batch_size": "8"}
 
@@ -48,16 +49,15 @@ def with_params(argv: list[str], params: dict[str, str]) -> list[str]:
     return out
 
 
-def test_readme_lists_the_entry_points_with_the_experiment_flag():
+def test_readme_lists_the_entry_points_as_a_new_user_types_them():
     lines = readme_lines()
     assert {"train_teacher", "distill", "tune", "finetune", "evaluate", "experiment"} <= set(lines)
-    for name in ("train_teacher", "distill", "tune", "finetune", "evaluate"):
-        for argv in lines[name]:
-            assert argv[argv.index("--experiment-name") + 1] == EXPERIMENT, argv
+    for argv in (a for group in lines.values() for a in group):
+        assert "--experiment-name" not in argv and argv[-2:] == ["--env-manager", "local"], argv
 
 
 @pytest.mark.slow
-def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
+def test_readme_mlflow_run_lines_end_finished_as_top_level_named_runs_and_report_finds_them(tmp_path):
     ucf = generate(tmp_path / "ucf101", "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
                                                               size=(48, 64), seed=5)).root
     hmdb = generate(tmp_path / "hmdb51", "hmdb51", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
@@ -88,20 +88,35 @@ def test_readme_mlflow_run_lines_end_finished_in_the_named_experiment(tmp_path):
         command = with_params(argv, params)
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{shlex.join(command)}\n{done.stderr[-3000:]}"
+        assert f"this run is in MLflow experiment '{EXPERIMENT}'" in done.stderr  # the one line saying where
         project_id = re.findall(r"=== Run \(ID '([0-9a-f]+)'\) succeeded ===", done.stderr)[-1]
         project = client.get_run(project_id)
         assert client.get_experiment(project.info.experiment_id).name == EXPERIMENT
         assert project.info.status == "FINISHED"
+        # The project run is kdhar's run: named and tagged by kdhar, at the top level.
+        assert project.data.tags.get("role") in ("teacher", "student", "tuning", "finetune", "evaluation", "pretrain")
+        assert "mlflow.parentRunId" not in project.data.tags and "mlflow.note.content" in project.data.tags
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id])
     assert all(r.info.status == "FINISHED" for r in runs)
     roles = ("teacher", "finetune", "evaluation", "pretrain")
     own = {r.data.tags["role"]: r for r in runs if r.data.tags.get("role") in roles}
     assert set(own) == set(roles)
+    trials = [r for r in runs if "optuna_study" in r.data.tags and r.data.tags.get("role") == "student"]
+    (study,) = [r for r in runs if r.data.tags.get("role") == "tuning"]
+    assert trials and all(t.data.tags["mlflow.parentRunId"] == study.info.run_id for t in trials)
+    assert study.info.run_name.startswith("tune-kd-tiny3d-c3d-")  # the default study name says the method
     students = [r for r in runs if r.data.tags.get("role") == "student" and "optuna_study" not in r.data.tags]
     assert sorted(r.info.run_name for r in students) == ["kd-c3d→tiny3d-f1-s0", "pcl-kd-c3d→r3d_18-f1-s0",
                                                          "scratch-tiny3d-f1-s0"]
-    for run in [*own.values(), *students]:
-        parent = run.data.tags.get("mlflow.parentRunId")
-        assert parent and client.get_run(parent).data.tags["role"] == "mlflow-project"
-        assert not {"lr", "epochs", "width", "root"} & set(run.data.params)  # no raw entry-point strings
+    top_level = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(top_level) == len(plan)  # one row per command: no unnamed umbrella runs
+    assert all(r.data.tags.get("role") != "mlflow-project" for r in runs)
+
+    report = subprocess.run(["kdhar", "report", "--out", str(tmp_path / "reports")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "Student tiny3d on ucf101" in report.stdout and (tmp_path / "reports" / EXPERIMENT / "report.md").exists()
+    (logged,) = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-reports").experiment_id])
+    assert logged.data.tags["role"] == "report" and logged.info.status == "FINISHED"
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)  # the report added no run among the training runs

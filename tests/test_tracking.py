@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Param
 
 from kdhar import tracking
 from kdhar.tracking import RunTracker, TrackingError, TrackingUnavailableError
@@ -249,6 +250,39 @@ def test_local_store_nested_runs_and_find_runs(local_tracking):
     assert runs[0]["status"] == "FINISHED"
     assert runs[0]["tags"]["mlflow.parentRunId"] == parent.run_id
     assert tracking.find_runs("no-such-experiment") == []
+
+
+def test_the_project_run_of_mlflow_run_is_the_named_run(local_tracking, monkeypatch):
+    """As `mlflow run` hands its run over (MLFLOW_RUN_ID, raw entry-point strings as params, filed
+    under Default): kdhar's run is that run, named and tagged, with no parent; a nested run made
+    meanwhile is a new run; an explicit other experiment is refused with the flag to add."""
+    client = MlflowClient(local_tracking)
+    default = client.get_experiment_by_name("Default").experiment_id
+    project = client.create_run(default, tags={"mlflow.source.type": "PROJECT"}).info.run_id
+    client.log_batch(project, params=[Param("device", "auto"), Param("epochs", "1")])
+    monkeypatch.setenv("MLFLOW_RUN_ID", project)
+
+    assert tracking.resolve_experiment(None) == ("Default", tracking.resolve_experiment(None)[1])
+    assert "experiment 'Default'" in tracking.resolve_experiment(None)[1]
+    assert "--experiment-name" in tracking.resolve_experiment(None)[1]
+    assert tracking.resolve_experiment("Default") == ("Default", None)
+    with pytest.raises(tracking.ExperimentMismatchError, match="add --experiment-name kdhar to the mlflow run command"):
+        tracking.resolve_experiment("kdhar")
+
+    with RunTracker("Default", run_name="kd-c3d→tiny3d-f1-s0",
+                    tags={"role": "student", "mlflow.note.content": "Student tiny3d"}) as run:
+        with RunTracker("Default", run_name="inner", nested=True) as inner:
+            pass
+        run.log_params({"device": "cpu", "optim.epochs": 1})
+    assert run.run_id == project and inner.run_id != project
+    adopted = client.get_run(project)
+    assert adopted.info.run_name == "kd-c3d→tiny3d-f1-s0" and adopted.info.status == "FINISHED"
+    assert adopted.data.tags["role"] == "student" and adopted.data.tags["mlflow.note.content"] == "Student tiny3d"
+    assert "mlflow.parentRunId" not in adopted.data.tags
+    # The raw string stays; kdhar's own value beside it, where they differ.
+    assert adopted.data.params == {"device": "auto", "epochs": "1", "device.used": "cpu", "optim.epochs": "1"}
+    assert "MLFLOW_RUN_ID" not in os.environ  # adopted once: later runs of the process are runs of their own
+    assert tracking.resolve_experiment(None) == ("kdhar", None)
 
 
 def test_sigterm_inside_a_finalizer_still_ends_the_run_killed(local_tracking, capfd):

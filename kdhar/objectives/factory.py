@@ -308,5 +308,6 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
     return Objective(
         name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
         collapse_term="kd_loss" if name == "gkd+kd-logit" else ("ad_loss" if teacher is not None else None),
-        name_prefix="gkd-" if teacher is not None else "att-", description=description, logged_state=logged_state,
+        # gkd and gkd+logit runs of one pair are told apart by name, as by pair_key
+        name_prefix={"gkd": "gkd-", "gkd+kd-logit": "gkd+logit-"}.get(name, "att-"), description=description, logged_state=logged_state,
     )
