@@ -727,15 +727,17 @@ def runs_reconcile(storage, study_name, experiment) -> None:
 @cli.command("report")
 @click.option("--experiment", default="kdhar", show_default=True)
 @click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
-def report_cmd(experiment, out) -> None:
-    """KD-vs-scratch tables and plots (paper layout) from an experiment's runs."""
+@click.option("--margin", default=5.0, show_default=True, type=click.FloatRange(0, 100, min_open=True, max_open=True),
+              help="equivalence margin in accuracy points: within ±margin counts as no effect (TOST)")
+def report_cmd(experiment, out, margin) -> None:
+    """KD-vs-scratch tables, paired tests and plots (paper layout) from an experiment's runs."""
     from kdhar import tracking
     from kdhar.report import build_report
 
     tracking.check_project_experiment(experiment)
     from kdhar.report import report_folder
 
-    report = build_report(experiment, out / report_folder(experiment))
+    report = build_report(experiment, out / report_folder(experiment), margin=margin / 100)
     click.echo(report.text)
     for path in report.files:
         click.echo(f"wrote {path}")
