@@ -394,3 +394,82 @@ def test_report_folder_stays_inside_out(name, folder):
     from kdhar.report import report_folder
 
     assert report_folder(name) == folder
+
+
+def _log_student(client, exp, teacher, seed, final, best, teacher_run=""):
+    tags = {"role": "student", "student_arch": "tiny3d", "arch": "tiny3d", "teacher_arch": teacher,
+            "fraction": "0.25", "seed": str(seed), "dataset": "ucf101",
+            **({"teacher_run_id": teacher_run} if teacher_run else {})}
+    run_id = client.create_run(exp, tags=tags).info.run_id
+    # a two-epoch curve whose best (first epoch) is above its last, as the best-so-far reading sees it
+    client.log_metric(run_id, "test_video_top1", best, step=1)
+    client.log_metric(run_id, "test_video_top1", final, step=2)
+    for name, value in (("final_test_video_top1", final), ("acc_late", final), ("best_acc_late", best)):
+        client.log_metric(run_id, name, value, step=2)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_report_from_a_real_store_tests_each_teacher_run_in_both_readings(local_tracking, tmp_path):
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from kdhar import tracking
+    from kdhar.cli import cli
+    from kdhar.report import ReportError, build_report
+
+    client = MlflowClient(local_tracking)
+    exp = client.create_experiment("kd-stats")
+    teachers = {}
+    for name, acc in (("strong", 0.99), ("weak", 0.90)):
+        teachers[name] = client.create_run(exp, tags={"role": "teacher"}).info.run_id
+        client.log_metric(teachers[name], "final_test_video_top1", acc)
+        client.set_terminated(teachers[name])
+    scratch = [0.40, 0.45, 0.50, 0.42, 0.48, 0.44]
+    for seed, acc in enumerate(scratch):
+        _log_student(client, exp, "none", seed, acc, acc + 0.05)
+        # the strong teacher's students gain 20 points at the last epoch (±1), 15 at their best
+        jitter = 0.01 * (-1) ** seed
+        _log_student(client, exp, "c3d", seed, acc + 0.20 + jitter, acc + 0.20 + jitter, teachers["strong"])
+        # the weak teacher's students end level with scratch (±1 point), and their best is level too
+        _log_student(client, exp, "c3d", seed, acc + jitter, acc + 0.05 + jitter, teachers["weak"])
+
+    report = build_report("kd-stats", tmp_path / "out", margin=0.05)
+    scratch_row, *kd_rows = report.rows
+    assert [(r.teacher, r.teacher_run) for r in report.rows] == [
+        ("none", ""), *sorted(("c3d", t) for t in teachers.values())]
+    strong = next(r for r in kd_rows if r.teacher_run == teachers["strong"])
+    weak = next(r for r in kd_rows if r.teacher_run == teachers["weak"])
+    # 6 pairs all positive: exact p = 2/64 = 0.03125; Holm over 4 tests (2 rows x 2 readings): the two
+    # smallest p-values are the strong teacher's, 4·0.03125 = 0.125, so even a 20-point gain on every
+    # seed is not "helps" with 6 seeds in a family of 4.
+    assert (strong.tests["last"].p_perm, strong.tests["last"].p_holm) == (pytest.approx(2 / 64), pytest.approx(0.125))
+    assert strong.verdict == "inconclusive" and strong.tests["last"].mean == pytest.approx(0.20)
+    assert strong.tests["best"].mean == pytest.approx(0.15)
+    assert weak.verdict == "equivalent" and weak.tests["best"].verdict == "equivalent"
+    assert (strong.teacher_acc, weak.teacher_acc) == (pytest.approx(0.99), pytest.approx(0.90))
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "### KD - scratch, paired by seed: student tiny3d on ucf101" in md
+    assert f"| c3d ({teachers['strong'][:8]}, 99.0 %) | 0.25 | last | 6 | +20.0 [" in md
+    assert "Verdicts (4 KD-vs-scratch tests in one Holm family, margin ±5 points)" in md
+    lines = {r["teacher_run"]: r for r in csv.DictReader((tmp_path / "out" / "report.csv").open())}
+    assert set(lines) == {"", *teachers.values()}
+    row = lines[teachers["strong"]]
+    assert (row["pairs"], row["perm_method"], row["verdict"], row["holm_family"]) == ("6", "exact", "inconclusive", "4")
+    assert float(row["p_holm"]) == pytest.approx(0.125) and float(row["best_delta_final_paired"]) == pytest.approx(0.15)
+    assert float(row["best_final_mean"]) == pytest.approx(sum(scratch) / 6 + 0.20)
+    # sd of ±0.01 over 6 pairs = 0.010954: 2 pairs give 12.706·0.010954/√2 = 0.098, 3 give 4.303·0.010954/√3 = 0.027
+    assert int(row["seeds_for_margin"]) == 3 and row["best_verdict"] == "inconclusive"
+    (logged,) = tracking.find_runs("kd-stats", "tags.role = 'report'")
+    assert (logged["params"]["margin"], logged["params"]["holm_family"]) == ("0.05", "4")
+
+    # The CLI takes the margin in points; a wider one changes the equivalence tests only.
+    result = CliRunner().invoke(cli, ["report", "--experiment", "kd-stats", "--out", str(tmp_path / "cli"),
+                                      "--margin", "2"], catch_exceptions=False)
+    assert result.exit_code == 0 and "margin ±2 points" in result.output and "p TOST ±2" in result.output
+    bad = CliRunner().invoke(cli, ["report", "--experiment", "kd-stats", "--margin", "0"])
+    assert bad.exit_code == 2 and "Invalid value for '--margin'" in bad.output and "Traceback" not in bad.output
+    with pytest.raises(ReportError, match="give --margin between 0 and 100"):
+        build_report("kd-stats", tmp_path / "nan", margin=float("nan"))
+    assert len(tracking.find_runs("kd-stats", "tags.role = 'report'")) == 2  # the refused ones logged nothing
