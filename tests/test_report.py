@@ -473,3 +473,13 @@ def test_report_from_a_real_store_tests_each_teacher_run_in_both_readings(local_
     with pytest.raises(ReportError, match="give --margin between 0 and 100"):
         build_report("kd-stats", tmp_path / "nan", margin=float("nan"))
     assert len(tracking.find_runs("kd-stats", "tags.role = 'report'")) == 2  # the refused ones logged nothing
+
+
+def test_report_and_stats_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, kdhar.stats; assert 'mlflow' not in sys.modules; import kdhar.report; "
+            "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the report loads torch (or MLflow) only when it reads a store
