@@ -103,7 +103,8 @@ def main() -> None:
                      init=f"runs:/{r['run']}" if arm == "pcl-init" else None)
                 for r in pre for arm in ("pcl-init", "random")]
         results = list(pool.map(supervised, jobs))
-    from kdhar.report import Paired, mean_std, paired_interval, verdict
+    from kdhar.report import mean_std, paired_interval, verdict
+    from kdhar.stats import PairedTest
 
     def fmt(values):
         s = mean_std(values)
@@ -111,7 +112,7 @@ def main() -> None:
 
     runs = {arm: [{"tags": {"seed": str(r["seed"])}, "metrics": {METRIC: r["acc"]}} for r in results if r["arm"] == arm]
             for arm in ("pcl-init", "random")}
-    paired: Paired | None = paired_interval(runs["pcl-init"], runs["random"])
+    paired: PairedTest | None = paired_interval(runs["pcl-init"], runs["random"])
     print(f"{args.arch} width {args.width}, res frames, {args.pretrain_epochs} label-free PCL epochs on all training "
           f"videos, then {args.epochs} supervised epochs on {args.fraction:g} of them; seeds {args.seeds}; "
           f"{(time.perf_counter() - start) / 60:.1f} min")

@@ -748,9 +748,11 @@ def runs_reconcile(storage, study_name, experiment) -> None:
 @cli.command("report")
 @click.option("--experiment", default=None, help="default: every experiment that holds kdhar student runs")
 @click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
-def report_cmd(experiment, out) -> None:
-    """KD-vs-scratch tables and plots (paper layout) from an experiment's runs; each report is
-    logged as a run of the experiment `<experiment>-reports`."""
+@click.option("--margin", default=5.0, show_default=True, type=click.FloatRange(0, 100, min_open=True, max_open=True),
+              help="equivalence margin in accuracy points: within ±margin counts as no effect (TOST)")
+def report_cmd(experiment, out, margin) -> None:
+    """KD-vs-scratch tables, paired tests and plots (paper layout) from an experiment's runs; each
+    report is logged as a run of the experiment `<experiment>-reports`."""
     from kdhar import tracking
     from kdhar.report import build_report, report_folder, reported_experiments
 
@@ -760,7 +762,7 @@ def report_cmd(experiment, out) -> None:
                                  description=f"Launched `kdhar report` for {', '.join(names)}; each report is a run "
                                              "of the experiment <experiment>-reports.")
     for name in names:
-        report = build_report(name, out / report_folder(name))
+        report = build_report(name, out / report_folder(name), margin=margin / 100)
         click.echo(report.text)
         for path in report.files:
             click.echo(f"wrote {path}")

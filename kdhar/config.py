@@ -148,6 +148,10 @@ KD_METHODS = ("logit", "gkd", "gkd+logit")
 GKD_VARIANTS = ("faithful", "light")
 GKD_CE = ("mean", "sum-softmax")
 GKD_RESCALES = ("sample", "batch")
+# The `method` tag -> its mark in a report row ("c3d [gkd]"), for methods that share a student and
+# teacher with logit KD; plain scratch, logit KD and the PCL methods (tables of their own) have none.
+# Kept here, beside the method names, so that the report reads it without importing torch.
+REPORT_MARKS = {"attention": "attention", "gkd": "gkd", "gkd+kd-logit": "gkd+logit"}
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,22 @@
 Runs are found by their tags: students (`role=student`, `student_arch`, `teacher_arch` = "none" for
 scratch, `fraction`, `seed`, `dataset`, optionally `views`, `collapsed` and `teacher_run_id`) and
 fine-tunes (`role=finetune`, `source_run`). For every student, dataset and fraction there is one row per
-teacher (and one for scratch) with the final and early/mid/late accuracy as mean ± std over seeds, the
-number of collapsed runs, the KD - scratch differences and the accuracy after transfer. The final
-accuracy is also compared seed by seed: a paired 95 % t-interval of KD - scratch and a verdict read from
-it. Rows are only compared when both were trained on the same number of fixed views. The maths
-(`mean_std`, `paired_interval`, `verdict`, `aggregate`, `mean_curve`) are pure functions of run dicts.
+teacher run (and one for scratch): two runs of the same teacher recipe are never merged. Each row has
+the accuracy at the end and at the early/mid stages as mean ± std over seeds, in two readings: the
+epoch's own value ("last") and the best test accuracy reached by then ("best", as the KD paper's tables
+read it), the number of collapsed runs, the KD - scratch differences and the accuracy after transfer.
+The final accuracy of each KD row is also compared with its scratch twin seed by seed, in both readings
+(`kdhar.stats`): a paired t-interval, an exact sign-flip p-value, Holm's correction over every such test
+of the report, an equivalence test against a margin, a verdict, and the seeds the margin calls for.
+Rows are only compared when both were trained on the same number of fixed views. The maths (`mean_std`,
+`paired_interval`, `compare_rows`, `aggregate`, `mean_curve`) are pure functions of run dicts.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +30,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from scipy import stats  # noqa: E402
 
-from kdhar.objectives.factory import REPORT_MARKS  # noqa: E402
+from kdhar import stats  # noqa: E402
+from kdhar.config import REPORT_MARKS  # noqa: E402
+from kdhar.stats import PairedTest  # noqa: E402
 
 # Table column -> the metric it is read from. The stages are logged by kdhar.train at 25/75/100 % of
 # the epochs, the paper's 50/150/200 of 200.
@@ -39,9 +44,20 @@ ACC_METRICS = {
     "late": "acc_late",
 }
 STAGES = ("early", "mid", "late")
+# The two readings of a stage: its epoch's own test accuracy, or the best one reached by then.
+READINGS = ("last", "best")
+READING_NAMES = {"last": "last epoch", "best": "best so far"}
 CURVE_METRIC = "test_video_top1"
 SCRATCH = "none"
-CONFIDENCE = 0.95
+DEFAULT_MARGIN = 0.05  # equivalence margin, as a fraction (5 points)
+
+
+def reading_metric(col: str, reading: str) -> str:
+    """The metric a column is read from: `acc_mid` last, `best_acc_mid` best; the best final accuracy is
+    the best of the whole run (`best_acc_late`)."""
+    if reading == "last":
+        return ACC_METRICS[col]
+    return "best_" + ACC_METRICS["late" if col == "final" else col]
 
 
 @dataclass(frozen=True)
@@ -53,26 +69,13 @@ class Stat:
     n: int
 
 
-@dataclass(frozen=True)
-class Paired:
-    """Mean of the per-seed differences KD - scratch over n paired seeds, with its 95 % t-interval.
-
-    `low` and `high` are NaN when fewer than two seeds pair up (no spread to estimate).
-    """
-
-    mean: float
-    low: float
-    high: float
-    n: int
-
-
 @dataclass
 class Row:
-    """One (dataset, student, teacher, fraction) cell of the comparison; teacher "none" is scratch.
+    """One (dataset, student, teacher run, fraction) cell of the comparison; teacher "none" is scratch.
 
-    `delta` and `transfer_delta` are differences of means; `paired` and `verdict` compare the final
-    accuracy seed by seed. A KD row whose views differ from its scratch twin's has neither, and its
-    verdict says so.
+    `delta`, `best_delta` and `transfer_delta` are differences of means; `tests` compares the final
+    accuracy seed by seed, per reading. A KD row whose views differ from its scratch twin's has none of
+    them, and its verdict says so.
     """
 
     dataset: str
@@ -81,17 +84,19 @@ class Row:
     fraction: float
     seeds: list[int]
     run_ids: list[str]
-    acc: dict[str, Stat]  # keys of ACC_METRICS present in the runs
+    acc: dict[str, Stat]  # last-epoch reading, keys of ACC_METRICS present in the runs
+    best: dict[str, Stat] = field(default_factory=dict)  # best-so-far reading, likewise
     delta: dict[str, float] = field(default_factory=dict)  # KD mean - scratch mean, per ACC_METRICS key
+    best_delta: dict[str, float] = field(default_factory=dict)
     transfer: Stat | None = None
     transfer_delta: float | None = None
     epochs_to_scratch: Stat | None = None
     collapsed: int = 0  # runs whose training collapsed; they stay in `acc`
     views: list[int] = field(default_factory=list)  # distinct `views` tags of the runs (0 = fresh views)
-    teacher_runs: list[str] = field(default_factory=list)  # `teacher_run_id` tags of the KD runs
-    teacher_acc: dict[str, float] = field(default_factory=dict)  # teacher run id -> its final accuracy
-    paired: Paired | None = None  # final accuracy, KD - scratch, paired by seed
-    verdict: str = ""  # read from `paired`; empty for scratch rows
+    teacher_run: str = ""  # `teacher_run_id` tag of the KD runs; empty for scratch and untagged runs
+    teacher_acc: float | None = None  # that teacher run's final accuracy, when known
+    tests: dict[str, PairedTest] = field(default_factory=dict)  # reading -> final accuracy, KD - scratch
+    verdict: str = ""  # the last-epoch reading's verdict, or why there is no comparison; empty for scratch
     pair_key: str = ""  # the runs' `pair_key` tag: a KD row is compared only with scratch runs sharing it
 
 
@@ -125,9 +130,10 @@ def mean_std(values: Iterable[float]) -> Stat:
 
 
 def paired_interval(
-    kd_runs: Sequence[dict[str, Any]], scratch_runs: Sequence[dict[str, Any]], metric: str = ACC_METRICS["final"]
-) -> Paired | None:
-    """Per-seed differences d_s = kd_s - scratch_s over the seeds both lists have, with a t-interval.
+    kd_runs: Sequence[dict[str, Any]], scratch_runs: Sequence[dict[str, Any]], metric: str = ACC_METRICS["final"],
+    margin: float = DEFAULT_MARGIN,
+) -> PairedTest | None:
+    """Per-seed differences d_s = kd_s - scratch_s over the seeds both lists have, tested by `stats.compare`.
 
     Pairing by seed removes the part of the spread the two runs of a seed share (same data order and
     initialisation), so the interval is narrower than one from two independent means. The interval is
@@ -138,32 +144,51 @@ def paired_interval(
             by `tracking.find_runs`).
         scratch_runs: run dicts of the scratch row, likewise.
         metric: the metric compared; a seed whose run lacks it is not paired.
+        margin: the equivalence margin, in the metric's unit.
 
     Returns:
-        The paired mean and interval (bounds NaN for one pair), or None when no seed pairs up.
+        The paired test of this cell alone (no Holm adjustment, no verdict), or None when no seed pairs up.
     """
     kd, scratch = _by_seed(kd_runs, metric), _by_seed(scratch_runs, metric)
     diffs = [kd[seed] - scratch[seed] for seed in sorted(kd.keys() & scratch.keys())]
-    if not diffs:
-        return None
-    d = mean_std(diffs)
-    if d.n < 2:
-        return Paired(d.mean, math.nan, math.nan, d.n)
-    half = stats.t.ppf(1 - (1 - CONFIDENCE) / 2, d.n - 1) * d.std / math.sqrt(d.n)
-    return Paired(d.mean, d.mean - half, d.mean + half, d.n)
+    return stats.compare(diffs, margin) if diffs else None
 
 
-def verdict(paired: Paired | None) -> str:
-    """Reads a paired interval: "helps" / "hurts" when it lies above / below 0, else "no evidence"."""
-    if paired is None:
+def compare_rows(kd_runs: Sequence[dict[str, Any]], scratch_runs: Sequence[dict[str, Any]],
+                 margin: float = DEFAULT_MARGIN) -> dict[str, PairedTest]:
+    """The final accuracy of a KD row against its scratch twin (rows already paired), per reading.
+
+    Which scratch row a KD row is compared with is decided by the caller; this only pairs their runs
+    by seed. A reading that no seed pairs up in is left out.
+    """
+    out = {}
+    for reading in READINGS:
+        test = paired_interval(kd_runs, scratch_runs, reading_metric("final", reading), margin)
+        if test is not None:
+            out[reading] = test
+    return out
+
+
+def verdict(test: PairedTest | None) -> str:
+    """The verdict of one comparison on its own (a family of one, so no multiplicity correction)."""
+    if test is None:
         return "no paired seeds"
-    if paired.n < 2:
-        return f"no evidence (n={paired.n})"
-    if paired.low > 0:
-        return "helps"
-    if paired.high < 0:
-        return "hurts"
-    return "no evidence"
+    return stats.adjust([test])[0].verdict
+
+
+def adjust_family(rows: Sequence[Row]) -> int:
+    """Holm-adjusts every test of every row as one family, sets the verdicts, and returns the family size.
+
+    The family is all KD-vs-scratch tests of the report, both readings of every KD row: rejecting
+    where Holm's p < 0.05 keeps the chance of any false "helps" or "hurts" among them at most 5 %.
+    """
+    members = [(row, reading) for row in rows for reading in READINGS if reading in row.tests]
+    for (row, reading), test in zip(members, stats.adjust([row.tests[r] for row, r in members])):
+        row.tests[reading] = test
+    for row in rows:
+        if "last" in row.tests:
+            row.verdict = row.tests["last"].verdict
+    return len(members)
 
 
 def _seed(run: dict[str, Any]) -> int:
@@ -188,17 +213,12 @@ def _collapsed(run: dict[str, Any]) -> bool:
     return run["tags"].get("collapsed", "").lower() == "true" or run["metrics"].get("collapsed") == 1.0
 
 
-def _running_max(run: dict[str, Any]) -> bool:
-    """PCL runs read their stages as the paper does: the best test accuracy reached by then."""
-    return run["tags"].get("ssl", "none") != "none"
-
-
 def _views(run: dict[str, Any]) -> int:
     # Runs from before the teacher-logit cache have no tag: they drew a fresh view every epoch.
     return int(run["tags"].get("views", "0"))
 
 
-def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str]:
+def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
     tags = run["tags"]
     student = tags.get("student_arch") or tags.get("arch", "?")
     if tags.get("ssl", "none") != "none":
@@ -212,24 +232,26 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str]:
         # their own, e.g. "c3d [gkd]", "none [init]"; the scratch run with GKD's attention module is
         # "none [attention]".
         teacher = f"{teacher} [{', '.join(m for m in marks if m)}]"
-    return tags.get("dataset", "?"), student, teacher, float(tags.get("fraction", "1.0")), tags.get("pair_key", "")
+    # Each teacher run is a row of its own: two teachers of one recipe can teach very differently.
+    teacher_run = tags.get("teacher_run_id", "") if not teacher.startswith(SCRATCH) else ""
+    return (tags.get("dataset", "?"), student, teacher, float(tags.get("fraction", "1.0")), tags.get("pair_key", ""),
+            teacher_run)
 
 
 def _scratch_partner(key: tuple, rows: Mapping[tuple, Row]) -> tuple | None:
     """The scratch row a row is compared with: the plain scratch row sharing its `pair_key` (same
     configuration but the teacher and KD weights), else another teacher-less row sharing it (a GKD
     run's "scratch + attention" twin, an --init run's twin started from the same weights)."""
-    dataset, student, _teacher, fraction, pkey = key
-    plain = (dataset, student, SCRATCH, fraction, pkey)
+    dataset, student, _teacher, fraction, pkey, _teacher_run = key
+    plain = (dataset, student, SCRATCH, fraction, pkey, "")
     if plain in rows and plain != key:
         return plain
     return next((k for k in rows if k != key and k[2].startswith(f"{SCRATCH} [") and k[:2] == key[:2]
-                 and k[3:] == key[3:]), None)
-
+                 and k[3:5] == key[3:5]), None)
 
 
 def one_run_per_seed(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keeps the first run of each (dataset, student, teacher, fraction, seed).
+    """Keeps the first run of each (dataset, student, teacher run, fraction, seed).
 
     `tracking.find_runs` lists the newest run first, so a repeated cell counts once, with its latest run.
     """
@@ -243,23 +265,75 @@ def one_run_per_seed(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _accuracy(members: Sequence[dict[str, Any]], reading: str) -> dict[str, Stat]:
+    out = {}
+    for col in ACC_METRICS:
+        metric = reading_metric(col, reading)
+        vals = [m["metrics"][metric] for m in members if metric in m["metrics"]]
+        if vals:
+            out[col] = mean_std(vals)
+    return out
+
+
+def _row(key: tuple, members: Sequence[dict[str, Any]], transfer_by_source: Mapping[str, list[float]],
+         teacher_acc: Mapping[str, float]) -> Row:
+    # A source fine-tuned twice counts once (its latest fine-tune), like a repeated seed.
+    transfers = [transfer_by_source[m["run_id"]][0] for m in members if transfer_by_source.get(m["run_id"])]
+    ets = [m["metrics"]["epochs_to_scratch_acc"] for m in members
+           if m["metrics"].get("epochs_to_scratch_acc", -1) >= 0]
+    return Row(
+        dataset=key[0], student=key[1], teacher=key[2], fraction=key[3], pair_key=key[4],
+        seeds=sorted(_seed(m) for m in members),
+        run_ids=[m["run_id"] for m in members],
+        acc=_accuracy(members, "last"),
+        best=_accuracy(members, "best"),
+        transfer=mean_std(transfers) if transfers else None,
+        epochs_to_scratch=mean_std(ets) if ets else None,
+        collapsed=sum(_collapsed(m) for m in members),
+        views=sorted({_views(m) for m in members}),
+        teacher_run=key[5],
+        teacher_acc=float(teacher_acc[key[5]]) if key[5] in teacher_acc else None,
+    )
+
+
+def _compare_with_scratch(row: Row, scratch: Row | None, kd_runs: Sequence[dict[str, Any]],
+                          scratch_runs: Sequence[dict[str, Any]], margin: float) -> None:
+    if scratch is None:
+        row.verdict = "no scratch runs"
+        return
+    if len(set(row.views) | set(scratch.views)) > 1:
+        # A cached-views run sees less augmentation than a fresh-view run: comparing them would
+        # credit (or blame) distillation for the data pipeline.
+        row.verdict = f"mismatched views (kd {_join(row.views)} vs scratch {_join(scratch.views)})"
+        return
+    row.delta = {col: row.acc[col].mean - scratch.acc[col].mean for col in row.acc if col in scratch.acc}
+    row.best_delta = {col: row.best[col].mean - scratch.best[col].mean for col in row.best if col in scratch.best}
+    if row.transfer is not None and scratch.transfer is not None:
+        row.transfer_delta = row.transfer.mean - scratch.transfer.mean
+    row.tests = compare_rows(kd_runs, scratch_runs, margin)
+    row.verdict = "" if row.tests else "no paired seeds"
+
+
 def aggregate(
     student_runs: Sequence[dict[str, Any]],
     finetune_runs: Sequence[dict[str, Any]] = (),
     teacher_acc: Mapping[str, float] | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> list[Row]:
-    """Groups FINISHED student runs into rows, with KD - scratch deltas, verdicts and transfer accuracy.
+    """Groups FINISHED student runs into rows, with KD - scratch deltas, tests, verdicts and transfer accuracy.
 
     A KD row is compared with the scratch row of the same dataset, student and fraction only when all
     runs of both share one `views` value; otherwise it gets no deltas and a "mismatched views" verdict.
+    The tests of all rows form one Holm family (`adjust_family`).
 
     Args:
         student_runs: run dicts (run_id, tags, metrics, status) with role=student.
         finetune_runs: run dicts with role=finetune; each joins the row of its `source_run` tag.
         teacher_acc: final accuracy per teacher run id, shown beside the teacher; optional.
+        margin: equivalence margin of the tests, as a fraction (0.05 = 5 points).
 
     Returns:
-        Rows sorted by dataset, student, teacher (scratch first) and fraction (largest first).
+        Rows sorted by dataset, student, teacher (scratch first), teacher run and fraction (largest first).
     """
     runs = one_run_per_seed([r for r in student_runs if r.get("status", "FINISHED") == "FINISHED"])
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -271,52 +345,15 @@ def aggregate(
         if ft.get("status", "FINISHED") == "FINISHED" and value is not None and ft["tags"].get("source_run"):
             transfer_by_source[ft["tags"]["source_run"]].append(float(value))
 
-    rows: dict[tuple, Row] = {}
-    teacher_acc = teacher_acc or {}
-    for key, members in groups.items():
-        acc = {}
-        for col, metric in ACC_METRICS.items():
-            vals = [m["metrics"].get(f"best_{metric}", m["metrics"][metric]) if col in STAGES and _running_max(m)
-                    else m["metrics"][metric] for m in members if metric in m["metrics"]]
-            if vals:
-                acc[col] = mean_std(vals)
-        # A source fine-tuned twice counts once (its latest fine-tune), like a repeated seed.
-        transfers = [transfer_by_source[m["run_id"]][0] for m in members if transfer_by_source.get(m["run_id"])]
-        ets = [m["metrics"]["epochs_to_scratch_acc"] for m in members
-               if m["metrics"].get("epochs_to_scratch_acc", -1) >= 0]
-        teacher_runs = sorted({m["tags"]["teacher_run_id"] for m in members if m["tags"].get("teacher_run_id")})
-        rows[key] = Row(
-            dataset=key[0], student=key[1], teacher=key[2], fraction=key[3], pair_key=key[4],
-            seeds=sorted(_seed(m) for m in members),
-            run_ids=[m["run_id"] for m in members],
-            acc=acc,
-            transfer=mean_std(transfers) if transfers else None,
-            epochs_to_scratch=mean_std(ets) if ets else None,
-            collapsed=sum(_collapsed(m) for m in members),
-            views=sorted({_views(m) for m in members}),
-            teacher_runs=teacher_runs,
-            teacher_acc={t: float(teacher_acc[t]) for t in teacher_runs if t in teacher_acc},
-        )
+    rows = {key: _row(key, members, transfer_by_source, teacher_acc or {}) for key, members in groups.items()}
     for key, row in rows.items():
-        if row.teacher == SCRATCH:
-            continue
-        partner = _scratch_partner(key, rows)
-        if partner is None:
-            row.verdict = "no scratch runs"
-            continue
-        scratch = rows[partner]
-        if len(set(row.views) | set(scratch.views)) > 1:
-            # A cached-views run sees less augmentation than a fresh-view run: comparing them would
-            # credit (or blame) distillation for the data pipeline.
-            row.verdict = f"mismatched views (kd {_join(row.views)} vs scratch {_join(scratch.views)})"
-            continue
-        row.delta = {col: row.acc[col].mean - scratch.acc[col].mean for col in row.acc if col in scratch.acc}
-        if row.transfer is not None and scratch.transfer is not None:
-            row.transfer_delta = row.transfer.mean - scratch.transfer.mean
-        row.paired = paired_interval(groups[key], groups[partner])
-        row.verdict = verdict(row.paired)
-    return sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher, -r.fraction,
-                                                 r.pair_key))
+        if row.teacher != SCRATCH:
+            twin = _scratch_partner(key, rows)
+            _compare_with_scratch(row, rows.get(twin), groups[key], groups.get(twin, []), margin)
+    out = sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher,
+                                               r.teacher_run, -r.fraction, r.pair_key))
+    adjust_family(out)
+    return out
 
 
 def _join(values: Iterable[int]) -> str:
@@ -343,15 +380,32 @@ def _pct(stat: Stat | None) -> str:
 
 
 def _signed(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:+.1f}"
+    # Rounded first, so that a tiny negative difference prints as +0.0 and not -0.0.
+    return "-" if value is None else f"{round(100 * value, 1) + 0.0:+.1f}"
 
 
-def _interval(paired: Paired | None) -> str:
-    if paired is None:
+def _interval(test: PairedTest | None) -> str:
+    if test is None:
         return "-"
-    if paired.n < 2:
-        return _signed(paired.mean)
-    return f"{_signed(paired.mean)} [{_signed(paired.low)}, {_signed(paired.high)}]"
+    if test.n < 2:
+        return _signed(test.mean)
+    return f"{_signed(test.mean)} [{_signed(test.low)}, {_signed(test.high)}]"
+
+
+def _p(p: float, approx: bool = False) -> str:
+    if math.isnan(p):
+        return "-"
+    text = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return ("≈" if approx else "") + text
+
+
+def _short(run_id: str) -> str:
+    return run_id[:8]
+
+
+def _teacher_name(row: Row) -> str:
+    """The teacher and, when known, its run: "c3d (1a2b3c4d)", so two teacher runs never share a label."""
+    return f"{row.teacher} ({_short(row.teacher_run)})" if row.teacher_run else row.teacher
 
 
 def _teacher_label(row: Row) -> str:
@@ -359,62 +413,113 @@ def _teacher_label(row: Row) -> str:
         return "scratch"
     if row.teacher.startswith(f"{SCRATCH} ["):
         return "scratch + " + row.teacher.removeprefix(f"{SCRATCH} [").removesuffix("]")
-    if not row.teacher_acc:
+    if not row.teacher_run:
         return row.teacher
-    # One accuracy per teacher run, "?" where it is unknown, so two teachers are never read as one.
-    accs = [f"{100 * row.teacher_acc[t]:.1f} %" if t in row.teacher_acc else "?" for t in row.teacher_runs]
-    return f"{row.teacher} ({', '.join(accs)})"
+    acc = "?" if row.teacher_acc is None else f"{100 * row.teacher_acc:.1f} %"
+    return f"{row.teacher} ({_short(row.teacher_run)}, {acc})"
 
 
-HEADERS = ["teacher", "fraction", "n", "final", "collapsed", "Δ final", "Δ final 95 % CI", "verdict",
-           "transfer", "Δ transfer", "early", "mid", "late", "Δ early", "Δ mid", "Δ late"]
+def _margin(rows: Sequence[Row]) -> float:
+    return next((t.margin for r in rows for t in r.tests.values()), DEFAULT_MARGIN)
 
 
-def _cells(row: Row) -> list[str]:
-    return [
-        _teacher_label(row),
-        f"{row.fraction:g}",
-        str(len(row.seeds)),
-        _pct(row.acc.get("final")),
-        f"{row.collapsed}/{len(row.run_ids)}",
-        _signed(row.delta.get("final")),
-        _interval(row.paired),
-        row.verdict or "-",
-        _pct(row.transfer),
-        _signed(row.transfer_delta),
-        *(_pct(row.acc.get(s)) for s in STAGES),
-        *(_signed(row.delta.get(s)) for s in STAGES),
-    ]
+HEADERS = ["teacher", "fraction", "n", "collapsed", "reading", "final", "early", "mid", "late",
+           "Δ final", "Δ early", "Δ mid", "Δ late", "transfer", "Δ transfer"]
+
+
+def _stat_headers(margin: float) -> list[str]:
+    return ["teacher", "fraction", "reading", "pairs", "Δ final [95 % CI]", "p sign-flip", "p Holm",
+            f"p TOST ±{100 * margin:g}", "TOST Holm", "verdict", f"seeds for ±{100 * margin:g}"]
+
+
+def _acc_cells(row: Row, reading: str) -> list[str]:
+    """One line of the accuracy table; the row's own columns only on its first (last-epoch) line."""
+    acc, delta = (row.acc, row.delta) if reading == "last" else (row.best, row.best_delta)
+    own = [_teacher_label(row), f"{row.fraction:g}", str(len(row.seeds)), f"{row.collapsed}/{len(row.run_ids)}"]
+    transfer = [_pct(row.transfer), _signed(row.transfer_delta)]
+    if reading != "last":
+        own, transfer = [""] * len(own), [""] * len(transfer)
+    return [*own, reading, *(_pct(acc.get(c)) for c in ("final", *STAGES)),
+            *(_signed(delta.get(c)) for c in ("final", *STAGES)), *transfer]
+
+
+def _stat_cells(row: Row) -> list[list[str]]:
+    """Lines of the KD - scratch table for a KD row: one per reading, or one saying why it has none."""
+    if not row.tests:
+        return [[_teacher_label(row), f"{row.fraction:g}", "-", "0", "-", "-", "-", "-", "-", row.verdict or "-", "-"]]
+    lines = []
+    for reading, t in row.tests.items():
+        first = not lines
+        lines.append([
+            _teacher_label(row) if first else "", f"{row.fraction:g}" if first else "", reading, str(t.n),
+            _interval(t), _p(t.p_perm, t.perm_method != "exact"), _p(t.p_holm), _p(t.p_tost), _p(t.p_tost_holm),
+            t.verdict or "-", "-" if t.seeds_for_margin is None else str(t.seeds_for_margin),
+        ])
+    return lines
+
+
+def _render(title: str, headers: list[str], body: list[list[str]], markdown: bool, level: str = "##") -> str:
+    if markdown:
+        lines = [f"{level} {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([title, fmt.format(*headers), "  ".join("-" * w for w in widths)] + [fmt.format(*c) for c in body])
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """One sentence: the verdicts per reading, the Holm family and the margin."""
+    family = sum(len(r.tests) for r in rows)
+    if not family:
+        return "No KD row has paired seeds with a scratch twin: nothing was tested."
+    parts = []
+    for reading in READINGS:
+        counts = Counter(r.tests[reading].verdict for r in rows if reading in r.tests)
+        if counts:
+            verdicts = (stats.HELPS, stats.HURTS, stats.EQUIVALENT, stats.INCONCLUSIVE)
+            parts.append(f"{READING_NAMES[reading]}: " + ", ".join(f"{counts[v]} {v}" for v in verdicts))
+    return (f"Verdicts ({family} KD-vs-scratch tests in one Holm family, margin ±{100 * _margin(rows):g} points): "
+            + "; ".join(parts) + ".")
+
+
+def _note(margin: float) -> str:
+    m = f"{100 * margin:g}"
+    return (
+        "Accuracy: test video top-1 in %, mean ± std over n seeds, collapsed runs included. reading: last = "
+        "the accuracy at that epoch, best = the best test accuracy reached by then (the KD paper's reading; "
+        "the best final accuracy is the best of the whole run). Teacher: one row per teacher run, with its "
+        "run id and final accuracy. collapsed: runs whose train accuracy stayed at chance while the KD loss "
+        "did not come down, of n. Δ: distilled minus scratch at the same fraction (difference of means). "
+        "early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the transfer dataset. "
+        "KD - scratch: the final accuracy compared seed by seed over the seeds both rows ran (pairs). "
+        "Δ final [95 % CI]: mean of the differences with a Student-t interval, mean ± t(0.975, n-1)·sd/√n. "
+        "p sign-flip: two-sided paired permutation test, exact over all 2^n sign flips up to 16 pairs, "
+        f"≈ a Monte-Carlo estimate from {stats.MC_DRAWS} seeded draws beyond; with 5 pairs or fewer it "
+        "cannot go below 0.05. p Holm: Holm's step-down correction over the family of every KD-vs-scratch "
+        "test in this report (every KD row, both readings). p TOST: equivalence within ±"
+        f"{m} points (two one-sided paired t-tests), TOST Holm: the same correction over the same family. "
+        "verdict: helps / hurts when p Holm < 0.05 (by the sign of Δ), equivalent when TOST Holm < 0.05 "
+        f"instead, else inconclusive. seeds for ±{m}: pairs needed for a 95 % half-width of at most {m} "
+        "points at the observed sd of the differences. KD runs that replay a different number of fixed "
+        "views than their scratch runs are not compared (mismatched views). (pcl): students trained inside "
+        "PCL. [gkd]: generative feature KD, [gkd+logit]: GKD with logit KD, scratch + attention: GKD's "
+        "attention module and CVAE without a teacher; all compared with plain scratch."
+    )
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """One table per (dataset, student): accuracy in %, mean ± std over n seeds, Δ = KD - scratch, verdicts."""
+    """Per (dataset, student): the accuracy table (both readings) and the KD - scratch tests, then a
+    summary of the verdicts and what every column means."""
+    margin = _margin(rows)
     parts = []
     for (dataset, student), group in _by_student(rows).items():
-        title = f"Student {student} on {dataset}"
-        body = [_cells(r) for r in group]
-        if markdown:
-            lines = [f"## {title}", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-            lines += ["| " + " | ".join(c) + " |" for c in body]
-        else:
-            widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(HEADERS)]
-            fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-            lines = [title, fmt.format(*HEADERS), "  ".join("-" * w for w in widths)]
-            lines += [fmt.format(*c) for c in body]
-        parts.append("\n".join(lines))
-    note = ("Accuracy: test video top-1 in %, mean ± std over n seeds, collapsed runs included. Teacher in "
-            "parentheses: final accuracy of each teacher run distilled from. collapsed: runs whose train "
-            "accuracy stayed at chance while the KD loss did not come down, of n. Δ: distilled minus scratch at the same "
-            "fraction (difference of means). Δ final 95 % CI: mean of the per-seed differences KD - scratch "
-            "over the seeds both rows ran (paired by seed) with a two-sided Student-t interval, mean ± "
-            "t(0.975, n-1)·sd/√n. verdict: helps when the whole interval is above 0, hurts when below 0, no "
-            "evidence when it contains 0 or fewer than two seeds pair up. KD runs that replay a different "
-            "number of fixed views than their scratch runs are not compared (mismatched views). "
-            "early/mid/late: after 25/75/100 % of the epochs; for students trained inside PCL (tables marked "
-            "(pcl)) the best test accuracy reached by then, as the KD paper reads its stages. transfer: after "
-            "fine-tuning on the transfer dataset. [gkd]: generative feature KD, [gkd+logit]: GKD with logit KD, "
-            "scratch + attention: GKD's attention module and CVAE without a teacher; all compared with plain scratch.")
-    return "\n\n".join(parts + [note]) + "\n"
+        body = [_acc_cells(r, reading) for r in group for reading in READINGS if reading == "last" or r.best]
+        parts.append(_render(f"Student {student} on {dataset}", HEADERS, body, markdown))
+        kd = [line for r in group if r.teacher != SCRATCH for line in _stat_cells(r)]
+        if kd:
+            parts.append(_render(f"KD - scratch, paired by seed: student {student} on {dataset}",
+                                 _stat_headers(margin), kd, markdown, level="###"))
+    return "\n\n".join(parts + [summary(rows), _note(margin)]) + "\n"
 
 
 def _by_student(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
@@ -424,36 +529,59 @@ def _by_student(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
     return out
 
 
+TEST_COLUMNS = ["delta_final_paired", "delta_final_low", "delta_final_high", "pairs", "sd_diff", "p_perm",
+                "perm_method", "p_holm", "p_tost", "p_tost_holm", "verdict", "seeds_for_margin", "seeds_for_power"]
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None or math.isnan(v) else f"{v:.6g}"
+
+
+def _test_values(row: Row, reading: str) -> list[Any]:
+    t = row.tests.get(reading)
+    if t is None:
+        # Why there is no test (no scratch twin, mismatched views) holds for both readings.
+        return ["", "", "", 0, "", "", "", "", "", "", "" if row.tests else row.verdict, "", ""]
+    return [_num(t.mean), _num(t.low), _num(t.high), t.n, _num(t.sd), _num(t.p_perm), t.perm_method,
+            _num(t.p_holm), _num(t.p_tost), _num(t.p_tost_holm), t.verdict,
+            "" if t.seeds_for_margin is None else t.seeds_for_margin,
+            "" if t.seeds_for_power is None else t.seeds_for_power]
+
+
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     """One line per row; accuracies and their differences as fractions in [0, 1], blank where not available.
 
-    `delta_final_paired`, `delta_final_low` and `delta_final_high` are the paired mean and 95 % interval
-    of `paired_interval` over `pairs` seeds; `collapsed` counts the row's collapsed runs.
+    `<col>_mean`, `_std` and `delta_<col>` are the last-epoch reading, `best_<col>_mean`, `_std` and
+    `delta_best_<col>` the best-so-far one. The tests of the final accuracy (`delta_final_paired` with
+    its interval `delta_final_low/high` over `pairs` seeds, `p_perm` and whether it is `exact` or
+    `monte carlo`, `p_holm`, `p_tost`, `p_tost_holm`, `verdict`, `seeds_for_margin` for a 95 % half-width
+    within the margin and `seeds_for_power` for 80 % power at the margin) come once per reading, the
+    best-so-far ones prefixed `best_`. `margin` is the equivalence margin, `holm_family` the number of
+    tests Holm's correction ran over; `collapsed` counts the row's collapsed runs.
     """
-
-    def num(v: float | None) -> str:
-        return "" if v is None or math.isnan(v) else f"{v:.6g}"
-
-    header = ["dataset", "student", "teacher", "fraction", "n", "seeds"]
-    for col in ACC_METRICS:
-        header += [f"{col}_mean", f"{col}_std", f"delta_{col}"]
-    header += ["delta_final_paired", "delta_final_low", "delta_final_high", "pairs", "verdict", "collapsed",
-               "views", "teacher_runs"]
+    header = ["dataset", "student", "teacher", "teacher_run", "fraction", "n", "seeds"]
+    for prefix in ("", "best_"):
+        for col in ACC_METRICS:
+            header += [f"{prefix}{col}_mean", f"{prefix}{col}_std", f"delta_{prefix}{col}"]
+    header += TEST_COLUMNS + [f"best_{c}" for c in TEST_COLUMNS]
+    header += ["margin", "holm_family", "collapsed", "views"]
     header += ["transfer_n", "transfer_mean", "transfer_std", "delta_transfer", "epochs_to_scratch_mean", "run_ids"]
+    family = sum(len(r.tests) for r in rows)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for r in rows:
-            line = [r.dataset, r.student, r.teacher, f"{r.fraction:g}", len(r.seeds), " ".join(map(str, r.seeds))]
-            for col in ACC_METRICS:
-                s = r.acc.get(col)
-                line += [num(s.mean if s else None), num(s.std if s else None), num(r.delta.get(col))]
-            p = r.paired
-            line += [num(p.mean if p else None), num(p.low if p else None), num(p.high if p else None),
-                     p.n if p else 0, r.verdict, r.collapsed, _join(r.views), " ".join(r.teacher_runs)]
+            line = [r.dataset, r.student, r.teacher, r.teacher_run, f"{r.fraction:g}", len(r.seeds),
+                    " ".join(map(str, r.seeds))]
+            for acc, delta in ((r.acc, r.delta), (r.best, r.best_delta)):
+                for col in ACC_METRICS:
+                    s = acc.get(col)
+                    line += [_num(s.mean if s else None), _num(s.std if s else None), _num(delta.get(col))]
+            line += _test_values(r, "last") + _test_values(r, "best")
+            line += [_num(_margin(rows)), family, r.collapsed, _join(r.views)]
             t, e = r.transfer, r.epochs_to_scratch
-            line += [t.n if t else 0, num(t.mean if t else None), num(t.std if t else None), num(r.transfer_delta),
-                     num(e.mean if e else None), " ".join(r.run_ids)]
+            line += [t.n if t else 0, _num(t.mean if t else None), _num(t.std if t else None), _num(r.transfer_delta),
+                     _num(e.mean if e else None), " ".join(r.run_ids)]
             w.writerow(line)
 
 
@@ -483,7 +611,7 @@ def curves_figure(student: str, dataset: str, curves: dict[tuple[float, str], li
 def delta_heatmap(rows: Sequence[Row], dataset: str) -> Figure:
     """KD - scratch accuracy (points) per (student <- teacher, fraction), one panel per stage."""
     kd = [r for r in rows if r.dataset == dataset and r.teacher != SCRATCH]
-    pairs = sorted({(r.student, r.teacher) for r in kd})
+    pairs = sorted({(r.student, _teacher_name(r)) for r in kd})
     fractions = sorted({r.fraction for r in kd}, reverse=True)
     cols = [c for c in ("final", *STAGES) if any(c in r.delta for r in kd)]
     if any(r.transfer_delta is not None for r in kd):
@@ -491,7 +619,7 @@ def delta_heatmap(rows: Sequence[Row], dataset: str) -> Figure:
     cols = cols or ["final"]
     grids = {c: np.full((len(pairs), len(fractions)), np.nan) for c in cols}
     for r in kd:
-        i, j = pairs.index((r.student, r.teacher)), fractions.index(r.fraction)
+        i, j = pairs.index((r.student, _teacher_name(r))), fractions.index(r.fraction)
         for c in cols:
             v = r.transfer_delta if c == "transfer" else r.delta.get(c)
             if v is not None:
@@ -559,17 +687,21 @@ def reported_experiments() -> list[str]:
                       "train some with `kdhar distill` (or mlflow run . -e distill), then run the report again")
 
 
-def build_report(experiment: str, out_dir: Path) -> Report:
+def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN) -> Report:
     """Builds the comparison of an experiment's student and fine-tune runs and logs it as a report run.
 
     Writes `report.md`, `report.csv`, `curves_<dataset>_<student>.png` and `delta_<dataset>.png` into
-    `out_dir` and logs them to a new run tagged role=report in `reports_experiment(experiment)`.
+    `out_dir` and logs them to a new run tagged role=report in `reports_experiment(experiment)`. `margin` is the
+    equivalence margin of the KD-vs-scratch tests, as a fraction (0.05 = 5 points).
 
     Raises:
-        ReportError: the experiment does not exist.
+        ReportError: the experiment does not exist, or the margin is not between 0 and 1.
     """
     from kdhar import tracking
 
+    if not 0 < margin < 1:
+        raise ReportError(f"margin {100 * margin:g} points is not an accuracy difference; "
+                          "give --margin between 0 and 100 (points), e.g. --margin 5")
     if not tracking.experiment_exists(experiment):
         raise ReportError(f"experiment '{experiment}' does not exist in the tracking store "
                           f"({tracking.tracking_uri()}); check --experiment or MLFLOW_TRACKING_URI")
@@ -580,7 +712,7 @@ def build_report(experiment: str, out_dir: Path) -> Report:
         if "optuna_study" not in r["tags"]
     ]
     finetunes = tracking.find_runs(experiment, f"tags.role = 'finetune' and {finished}")
-    rows = aggregate(students, finetunes, _teacher_accuracy(experiment, students))
+    rows = aggregate(students, finetunes, _teacher_accuracy(experiment, students), margin)
     if not rows:
         return Report(experiment, [], f"experiment '{experiment}' has no finished student runs yet; train some with "
                       "`kdhar distill` or `kdhar experiment run experiments/cpu.yaml`, then run the report again.\n")
@@ -593,7 +725,7 @@ def build_report(experiment: str, out_dir: Path) -> Report:
     write_csv(rows, csv_path)
     figures: dict[str, Figure] = {}
     for (dataset, student), group in _by_student(rows).items():
-        curves = {(r.fraction, r.teacher): mean_curve([tracking.metric_history(rid, CURVE_METRIC) for rid in r.run_ids])
+        curves = {(r.fraction, _teacher_name(r)): mean_curve([tracking.metric_history(rid, CURVE_METRIC) for rid in r.run_ids])
                   for r in group}
         # "r3d_18 (pcl)" -> curves_ucf101_r3d_18_pcl.png: file names without spaces or brackets
         slug = "".join(c if c.isalnum() or c in "_-." else "_" for c in student).strip("_").replace("__", "_")
@@ -611,7 +743,8 @@ def build_report(experiment: str, out_dir: Path) -> Report:
                    f"and {len(finetunes)} fine-tune runs; the table and plots are under Artifacts > report.")
     tags = {"role": "report", "source_experiment": experiment, "mlflow.note.content": description}
     with tracking.RunTracker(reports_experiment(experiment), run_name=f"report-{experiment}", tags=tags) as tracker:
-        tracker.log_params({"student_runs": len(students), "finetune_runs": len(finetunes), "rows": len(rows)})
+        tracker.log_params({"student_runs": len(students), "finetune_runs": len(finetunes), "rows": len(rows),
+                            "margin": margin, "holm_family": sum(len(r.tests) for r in rows)})
         for path in files:
             tracker.log_artifact(path, "report")
         run_id = tracker.run_id

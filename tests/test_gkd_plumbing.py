@@ -107,6 +107,6 @@ def test_report_has_a_row_per_method_each_compared_with_plain_scratch():
     assert set(rows) == {"none", "none [attention]", "c3d", "c3d [gkd]", "c3d [gkd+logit]"}
     assert rows["c3d [gkd]"].delta["final"] == pytest.approx(0.67 - 0.55)
     assert rows["none [attention]"].delta["final"] == pytest.approx(0.58 - 0.55)
-    assert rows["c3d [gkd+logit]"].paired.mean == pytest.approx(0.21)
+    assert rows["c3d [gkd+logit]"].tests["last"].mean == pytest.approx(0.21)
     text = format_table(list(rows.values()))
     assert "scratch + attention" in text and "c3d [gkd+logit]" in text

@@ -1,4 +1,5 @@
-"""Report maths against numbers worked out by hand, and the table/CSV/figure writers."""
+"""Report maths against numbers worked out by hand, the table/CSV/figure writers, and a whole report
+built from runs in a real MLflow store."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 
 from kdhar import report
 from kdhar.report import (
-    Paired,
     Row,
     Stat,
     aggregate,
@@ -22,6 +22,7 @@ from kdhar.report import (
     verdict,
     write_csv,
 )
+from kdhar.stats import compare
 
 
 def run(run_id, teacher, seed, final, early=None, mid=None, late=None, student="r3d_18", fraction="0.5",
@@ -85,18 +86,19 @@ def test_aggregate_groups_by_student_teacher_fraction_with_deltas():
     # only the run that reached the scratch accuracy (-1 = never) gives epochs-to-scratch
     assert (kd.epochs_to_scratch.mean, kd.epochs_to_scratch.n) == (3.0, 1)
     assert kd_full.delta == {} and kd_full.acc["final"].n == 1
-    assert (kd_full.paired, kd_full.verdict) == (None, "no scratch runs")
-    assert (scratch.paired, scratch.verdict) == (None, "")
+    assert (kd_full.tests, kd_full.verdict) == ({}, "no scratch runs")
+    assert (scratch.tests, scratch.verdict) == ({}, "")
     # Paired over seeds 0 and 1 only (scratch seed 2 has no KD twin): d = 0.65 - 0.50, 0.75 - 0.60 = 0.15,
     # 0.15, so 0.15 and not the 0.10 difference of means, which includes the unpaired scratch 0.70.
-    assert kd.paired.n == 2 and kd.paired.mean == pytest.approx(0.15)
+    assert kd.tests["last"].n == 2 and kd.tests["last"].mean == pytest.approx(0.15)
+    assert "best" not in kd.tests  # these runs log no best-so-far accuracy
 
 
 # t quantiles from a printed table, not from scipy: t(0.975, 1) = 12.7062, t(0.975, 2) = 4.3027.
 T_1, T_2 = 12.7062, 4.3027
 
 
-def test_pcl_students_get_rows_of_their_own_with_running_max_stages():
+def test_pcl_students_get_rows_of_their_own_and_both_readings_of_their_stages():
     pcl = {"ssl": "pcl"}
     runs = [
         run("a", "none", 0, 0.40, early=0.20, late=0.40),
@@ -109,10 +111,13 @@ def test_pcl_students_get_rows_of_their_own_with_running_max_stages():
     # Each KD row is compared with the scratch row of its own regime.
     assert rows[("r3d_18", "c3d")].delta["final"] == pytest.approx(0.10)
     assert rows[("r3d_18 (pcl)", "c3d")].delta["final"] == pytest.approx(0.05)
-    # PCL stages are the best accuracy reached so far (the paper's reading), supervised ones the value then.
-    assert rows[("r3d_18 (pcl)", "none")].acc["early"].mean == pytest.approx(0.25)
+    # Every stage in both readings: the value at that epoch, and the best reached so far (the paper's).
+    assert rows[("r3d_18 (pcl)", "none")].acc["early"].mean == pytest.approx(0.10)
+    assert rows[("r3d_18 (pcl)", "none")].best["early"].mean == pytest.approx(0.25)
     assert rows[("r3d_18 (pcl)", "c3d")].delta["late"] == pytest.approx(0.05)
-    assert rows[("r3d_18", "none")].acc["early"].mean == pytest.approx(0.20)
+    assert rows[("r3d_18 (pcl)", "c3d")].best_delta["late"] == pytest.approx(0.05)
+    assert rows[("r3d_18 (pcl)", "c3d")].best_delta["final"] == pytest.approx(0.05)  # best of the run = best late
+    assert rows[("r3d_18", "none")].acc["early"].mean == pytest.approx(0.20) and rows[("r3d_18", "none")].best == {}
 
 
 def test_paired_interval_by_hand():
@@ -150,34 +155,77 @@ def test_paired_interval_pairs_only_shared_seeds_and_the_first_run_of_a_seed():
     assert newest.mean == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize(("paired", "expected"), [
-    (Paired(0.12, 0.07, 0.17, 3), "helps"),
-    (Paired(-0.12, -0.17, -0.07, 3), "hurts"),
-    (Paired(0.03, -0.02, 0.08, 3), "no evidence"),
-    (Paired(0.05, 0.0, 0.10, 3), "no evidence"),  # touching 0 is not above 0
-    (Paired(0.2, math.nan, math.nan, 1), "no evidence (n=1)"),
-    (None, "no paired seeds"),
+@pytest.mark.parametrize(("diffs", "expected"), [
+    ([0.10, 0.12, 0.14, 0.11, 0.13, 0.12, 0.10], "helps"),  # 7 of 7 positive: sign-flip p = 2/128 = 0.016
+    ([-0.10, -0.12, -0.14, -0.11, -0.13, -0.12, -0.10], "hurts"),
+    ([0.10, 0.12, 0.14], "inconclusive"),  # 3 pairs: p = 0.25 at best, and 0.12 is outside ±5 points
+    ([0.01, -0.01, 0.0, 0.01], "equivalent"),  # centred on 0, sd 0.0096: well within ±5 points
+    ([0.2], "inconclusive"),
 ])
-def test_verdict_reads_the_interval(paired, expected):
-    assert verdict(paired) == expected
+def test_verdict_of_one_comparison(diffs, expected):
+    assert verdict(compare(diffs, 0.05)) == expected
+    assert verdict(None) == "no paired seeds"
 
 
-def test_aggregate_gives_each_kd_row_its_interval_and_verdict():
-    scratch = [run(f"s{i}", "none", i, v) for i, v in enumerate((0.50, 0.60, 0.70))]
-    helps = [run(f"h{i}", "c3d", i, v) for i, v in enumerate((0.60, 0.72, 0.84))]  # d 0.10, 0.12, 0.14
-    flat = [run(f"f{i}", "x3d", i, v) for i, v in enumerate((0.51, 0.63, 0.75))]  # d 0.01, 0.03, 0.05
-    rows = {r.teacher: r for r in aggregate(scratch + helps + flat)}
-    assert rows["c3d"].verdict == "helps"
-    assert rows["c3d"].paired.low == pytest.approx(0.070317, abs=1e-5)
-    # d 0.01, 0.03, 0.05: mean 0.03, sd 0.02, half width 0.049683 -> [-0.019683, 0.079683] contains 0
-    assert rows["x3d"].verdict == "no evidence"
-    assert rows["x3d"].paired.low == pytest.approx(-0.019683, abs=1e-5)
+# Ten seeds of scratch and four KD rows whose differences are worked out by hand; every run also logs
+# its best-so-far final accuracy (2 points above its last), so both readings give the same differences.
+SCRATCH_10 = [0.50 + 0.02 * i for i in range(10)]
+JITTER = [0.01 * (-1) ** i for i in range(10)]  # +0.01, -0.01, ...: mean 0, sd sqrt(10·0.0001/9) = 0.010541
+
+
+def ten_seeds(teacher, shift, jitter=JITTER):
+    scratch_or_kd = SCRATCH_10 if teacher == "none" else [s + shift + j for s, j in zip(SCRATCH_10, jitter)]
+    return [run(f"{teacher}{i}", teacher, i, v, best_acc_late=v + 0.02) for i, v in enumerate(scratch_or_kd)]
+
+
+def test_aggregate_tests_every_kd_row_in_one_holm_family():
+    runs = (ten_seeds("none", 0) + ten_seeds("c3d", 0.12) + ten_seeds("r3d_18", -0.10) + ten_seeds("x3d", 0.0)
+            + ten_seeds("r2plus1d_18", 0.03, jitter=[0.2 * (-1) ** i for i in range(10)]))
+    rows = {r.teacher: r for r in aggregate(runs)}
+    helps, hurts, flat, noisy = rows["c3d"], rows["r3d_18"], rows["x3d"], rows["r2plus1d_18"]
+    for row in (helps, hurts, flat, noisy):
+        assert set(row.tests) == {"last", "best"} and row.tests["best"].mean == pytest.approx(row.tests["last"].mean)
+    t = helps.tests["last"]
+    # d = 0.12 ± 0.01: sd 0.010541, se 0.0033333, t(0.975, 9) = 2.2622 -> half width 0.0075407
+    assert (t.n, t.mean, t.sd) == (10, pytest.approx(0.12), pytest.approx(0.010541, abs=1e-6))
+    assert (t.low, t.high) == (pytest.approx(0.12 - 0.0075407, abs=1e-6), pytest.approx(0.12 + 0.0075407, abs=1e-6))
+    # All 10 positive: exact sign-flip p = 2/1024. Family of 8 (4 rows, 2 readings); the four such
+    # p-values come first in Holm's order: 8, 7, 6, 5 times 2/1024 -> running max 8·2/1024 = 0.015625.
+    assert (t.p_perm, t.perm_method) == (pytest.approx(2 / 1024), "exact")
+    assert t.p_holm == pytest.approx(8 * 2 / 1024)
+    assert hurts.tests["best"].p_holm == pytest.approx(8 * 2 / 1024)
+    # sd 0.010541 and margin 0.05: 2 pairs give 12.706·0.010541/√2 = 0.0947, 3 pairs 4.303·0.010541/√3 = 0.0262
+    assert t.seeds_for_margin == 3
+    assert [r.tests[reading].verdict for r in (helps, hurts, flat, noisy) for reading in ("last", "best")] == [
+        "helps", "helps", "hurts", "hurts", "equivalent", "equivalent", "inconclusive", "inconclusive"]
+    assert [r.verdict for r in (helps, hurts, flat, noisy)] == ["helps", "hurts", "equivalent", "inconclusive"]
+    # Flat: Σd = 0, so every sign assignment is as extreme (p = 1); TOST: t = (0 ± 0.05)/0.0033333 = ±15.0
+    assert flat.tests["last"].p_perm == pytest.approx(1.0) and flat.tests["last"].p_tost < 1e-6
+    # The same three helps/hurts/equivalent rows with only 3 seeds cannot decide anything.
+    few = [r for r in runs if _seed_of(r) < 3]
+    assert {r.verdict for r in aggregate(few) if r.teacher != "none"} == {"inconclusive"}
+
     text = format_table(list(rows.values()))
-    c3d_line = next(line for line in text.splitlines() if line.startswith("c3d"))
-    assert "+12.0 [+7.0, +17.0]" in c3d_line and c3d_line.split()[-9] == "helps"  # 8 columns follow
-    assert "paired by seed" in text and "helps when" in text
+    line = next(line for line in text.splitlines() if line.startswith("c3d") and "[" in line)
+    assert "+12.0 [+11.2, +12.8]" in line and "0.002" in line and "0.016" in line and "helps" in line
+    assert line.split()[-1] == "3"  # seeds for ±5
+    assert "KD - scratch, paired by seed: student r3d_18 on ucf101" in text
+    assert ("Verdicts (8 KD-vs-scratch tests in one Holm family, margin ±5 points): last epoch: 1 helps, 1 hurts, "
+            "1 equivalent, 1 inconclusive; best so far: 1 helps, 1 hurts, 1 equivalent, 1 inconclusive.") in text
+    assert "Holm's step-down correction over the family of every KD-vs-scratch test in this report" in text
     md = format_table(list(rows.values()), markdown=True)
-    assert "| +3.0 [-2.0, +8.0] | no evidence |" in md
+    assert ("| teacher | fraction | reading | pairs | Δ final [95 % CI] | p sign-flip | p Holm | p TOST ±5 | TOST Holm "
+            "| verdict | seeds for ±5 |") in md
+    assert "| c3d | 0.5 | last | 10 | +12.0 [+11.2, +12.8] | 0.002 | 0.016 |" in md
+    assert "|  |  | best | 10 | +12.0 [+11.2, +12.8] | 0.002 | 0.016 |" in md
+    # A wider margin changes the equivalence test and the seeds needed, nothing else.
+    wide = {r.teacher: r for r in aggregate(runs, margin=0.15)}
+    assert wide["c3d"].verdict == "helps" and wide["r2plus1d_18"].tests["last"].seeds_for_margin < 20
+    assert "margin ±15 points" in format_table(list(wide.values()))
+
+
+def _seed_of(run_dict):
+    return int(run_dict["tags"]["seed"])
 
 
 def test_collapsed_runs_are_counted_and_stay_in_the_mean(tmp_path):
@@ -194,7 +242,7 @@ def test_collapsed_runs_are_counted_and_stay_in_the_mean(tmp_path):
     assert kd.acc["final"].mean == pytest.approx(0.85 / 3)
     kd_line = next(line for line in format_table([scratch, kd]).splitlines() if line.startswith("c3d"))
     # std: deviations -0.263, -0.253, 0.517 -> squares sum 0.4005 / 2 = 0.2002 -> 0.447; 2 of 3 collapsed
-    assert kd_line.split()[3:7] == ["28.3", "±", "44.7", "2/3"]
+    assert kd_line.split()[3:8] == ["2/3", "last", "28.3", "±", "44.7"]
     path = tmp_path / "r.csv"
     write_csv([scratch, kd], path)
     lines = list(csv.DictReader(path.open()))
@@ -208,7 +256,7 @@ def test_mismatched_views_refuse_the_comparison(tmp_path):
               run("k1", "c3d", 1, 0.8, early=0.4, tags={"views": "4"})]
     fts = [finetune_run("f0", "s0", 0.3), finetune_run("f1", "k0", 0.5)]
     _, kd = aggregate(scratch + cached, fts)
-    assert kd.delta == {} and kd.transfer_delta is None and kd.paired is None
+    assert kd.delta == {} and kd.transfer_delta is None and kd.tests == {}
     assert kd.verdict == "mismatched views (kd 4 vs scratch 0)"
     text = format_table(aggregate(scratch + cached, fts))
     assert "mismatched views (kd 4 vs scratch 0)" in text
@@ -224,19 +272,28 @@ def test_mismatched_views_refuse_the_comparison(tmp_path):
     assert aggregate(same)[1].delta["final"] == pytest.approx(0.2)
 
 
-def test_teacher_runs_and_their_accuracy_label_the_row():
-    runs = [run("s0", "none", 0, 0.5),
-            run("k0", "c3d", 0, 0.7, tags={"teacher_run_id": "t1"}),
-            run("k1", "c3d", 1, 0.8, tags={"teacher_run_id": "t1"})]
+def test_each_teacher_run_is_a_row_of_its_own_labelled_with_its_accuracy():
+    runs = [run("s0", "none", 0, 0.5), run("s1", "none", 1, 0.6),
+            run("k0", "c3d", 0, 0.7, tags={"teacher_run_id": "t1aaaaaaaaaa"}),
+            run("k1", "c3d", 1, 0.8, tags={"teacher_run_id": "t1aaaaaaaaaa"})]
     plain = aggregate(runs)[1]
-    assert plain.teacher_runs == ["t1"] and plain.teacher_acc == {}
-    assert format_table([plain]).splitlines()[3].startswith("c3d  ")
-    labelled = aggregate(runs, teacher_acc={"t1": 0.839, "other": 0.5})[1]
-    assert labelled.teacher_acc == {"t1": 0.839}
-    assert format_table([labelled]).splitlines()[3].startswith("c3d (83.9 %)")
-    # two teacher runs in one row, one of unknown accuracy: both shown, never merged into one number
-    runs[2]["tags"]["teacher_run_id"] = "t2"
-    assert format_table(aggregate(runs, teacher_acc={"t1": 0.839})[1:]).splitlines()[3].startswith("c3d (83.9 %, ?)")
+    assert (plain.teacher_run, plain.teacher_acc) == ("t1aaaaaaaaaa", None)
+    assert format_table([plain]).splitlines()[3].startswith("c3d (t1aaaaaa, ?)  ")
+    labelled = aggregate(runs, teacher_acc={"t1aaaaaaaaaa": 0.839, "other": 0.5})[1]
+    assert labelled.teacher_acc == pytest.approx(0.839)
+    assert format_table([labelled]).splitlines()[3].startswith("c3d (t1aaaaaa, 83.9 %)")
+    # Two teacher runs of one recipe: two rows, each compared with the same scratch twin, never merged.
+    runs[3]["tags"]["teacher_run_id"] = "t2bbbbbbbbbb"
+    runs.append(run("k2", "c3d", 0, 0.4, tags={"teacher_run_id": "t2bbbbbbbbbb"}))
+    scratch, first, second = aggregate(runs, teacher_acc={"t1aaaaaaaaaa": 0.839})
+    assert (first.teacher_run, first.run_ids, first.teacher_acc) == ("t1aaaaaaaaaa", ["k0"], pytest.approx(0.839))
+    assert (second.teacher_run, second.run_ids, second.teacher_acc) == ("t2bbbbbbbbbb", ["k1", "k2"], None)
+    assert first.delta["final"] == pytest.approx(0.7 - 0.55) and second.delta["final"] == pytest.approx(0.6 - 0.55)
+    # paired: t1 over seed 0 (0.7 - 0.5); t2 over seeds 0 and 1 (0.4 - 0.5, 0.8 - 0.6)
+    assert (first.tests["last"].n, first.tests["last"].mean) == (1, pytest.approx(0.2))
+    assert (second.tests["last"].n, second.tests["last"].mean) == (2, pytest.approx(0.05))
+    text = format_table([scratch, first, second])
+    assert "c3d (t1aaaaaa, 83.9 %)" in text and "c3d (t2bbbbbb, ?)" in text
 
 
 def test_teacher_accuracy_is_read_for_the_named_teacher_runs_only(local_tracking):
@@ -282,10 +339,10 @@ def test_table_shows_percent_mean_std_and_signed_delta():
     scratch_line = next(line for line in text.splitlines() if line.startswith("scratch"))
     assert "60.0 ± 10.0" in scratch_line and scratch_line.split()[2] == "3"
     kd_line = next(line for line in text.splitlines() if line.startswith("c3d") and " 0.5 " in line)
-    assert "70.0 ± 7.1" in kd_line and "+10.0" in kd_line and "+15.0" in kd_line
+    assert "70.0 ± 7.1" in kd_line and "+10.0" in kd_line and "+15.0" in kd_line  # Δ final, Δ early
     md = format_table(rows, markdown=True)
-    assert "## Student r3d_18 on ucf101" in md and "| scratch | 0.5 | 3 | 60.0 ± 10.0 | 0/3 |" in md
-    assert "| final | collapsed | Δ final | Δ final 95 % CI | verdict |" in md
+    assert "## Student r3d_18 on ucf101" in md and "| scratch | 0.5 | 3 | 0/3 | last | 60.0 ± 10.0 |" in md
+    assert "| teacher | fraction | n | collapsed | reading | final | early | mid | late | Δ final |" in md
 
 
 def test_csv_holds_raw_fractions(tmp_path):
@@ -296,10 +353,14 @@ def test_csv_holds_raw_fractions(tmp_path):
     assert float(kd["final_mean"]) == pytest.approx(0.7)
     assert float(kd["delta_final"]) == pytest.approx(0.1)
     assert kd["seeds"] == "0 1" and kd["run_ids"] == "k0 k1"
-    # paired over seeds 0 and 1: d = 0.15, 0.15, no spread -> [0.15, 0.15]
+    # paired over seeds 0 and 1: d = 0.15, 0.15, no spread -> [0.15, 0.15]; of the 4 sign flips, ++ and --
+    # reach |0.30|: p = 0.5, the only test of the report (Holm leaves it as it is); 0.15 is outside ±0.05.
     assert float(kd["delta_final_paired"]) == pytest.approx(0.15)
     assert float(kd["delta_final_low"]) == pytest.approx(0.15) == float(kd["delta_final_high"])
-    assert (kd["pairs"], kd["verdict"], kd["collapsed"], kd["views"]) == ("2", "helps", "0", "0")
+    assert (kd["pairs"], kd["verdict"], kd["collapsed"], kd["views"]) == ("2", "inconclusive", "0", "0")
+    assert (kd["p_perm"], kd["perm_method"], kd["p_holm"], kd["p_tost"]) == ("0.5", "exact", "0.5", "1")
+    assert (kd["seeds_for_margin"], kd["margin"], kd["holm_family"]) == ("2", "0.05", "1")  # sd 0: 2 pairs do
+    assert kd["best_pairs"] == "0" and kd["best_verdict"] == ""  # no best-so-far metrics logged
     assert lines[0]["delta_final"] == "" and lines[0]["verdict"] == ""  # scratch row
 
 
@@ -324,7 +385,7 @@ def test_delta_heatmap_places_each_pair_and_fraction(tmp_path):
 def test_row_without_stage_metrics_prints_dashes():
     row = Row("ucf101", "c3d", "none", 1.0, [0], ["a"], {"final": Stat(0.5, math.nan, 1)})
     line = format_table([row]).splitlines()[3]
-    assert line.split()[:4] == ["scratch", "1", "1", "50.0"] and line.split().count("-") >= 6
+    assert line.split()[:6] == ["scratch", "1", "1", "0/1", "last", "50.0"] and line.split().count("-") >= 6
 
 
 @pytest.mark.parametrize("name, folder", [("kdhar-cpu", "kdhar-cpu"), ("../evil", "_evil"), ("/etc/x", "_etc_x"),
@@ -333,3 +394,92 @@ def test_report_folder_stays_inside_out(name, folder):
     from kdhar.report import report_folder
 
     assert report_folder(name) == folder
+
+
+def _log_student(client, exp, teacher, seed, final, best, teacher_run=""):
+    tags = {"role": "student", "student_arch": "tiny3d", "arch": "tiny3d", "teacher_arch": teacher,
+            "fraction": "0.25", "seed": str(seed), "dataset": "ucf101",
+            **({"teacher_run_id": teacher_run} if teacher_run else {})}
+    run_id = client.create_run(exp, tags=tags).info.run_id
+    # a two-epoch curve whose best (first epoch) is above its last, as the best-so-far reading sees it
+    client.log_metric(run_id, "test_video_top1", best, step=1)
+    client.log_metric(run_id, "test_video_top1", final, step=2)
+    for name, value in (("final_test_video_top1", final), ("acc_late", final), ("best_acc_late", best)):
+        client.log_metric(run_id, name, value, step=2)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_report_from_a_real_store_tests_each_teacher_run_in_both_readings(local_tracking, tmp_path):
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from kdhar import tracking
+    from kdhar.cli import cli
+    from kdhar.report import ReportError, build_report
+
+    client = MlflowClient(local_tracking)
+    exp = client.create_experiment("kd-stats")
+    teachers = {}
+    for name, acc in (("strong", 0.99), ("weak", 0.90)):
+        teachers[name] = client.create_run(exp, tags={"role": "teacher"}).info.run_id
+        client.log_metric(teachers[name], "final_test_video_top1", acc)
+        client.set_terminated(teachers[name])
+    scratch = [0.40, 0.45, 0.50, 0.42, 0.48, 0.44]
+    for seed, acc in enumerate(scratch):
+        _log_student(client, exp, "none", seed, acc, acc + 0.05)
+        # the strong teacher's students gain 20 points at the last epoch (±1), 15 at their best
+        jitter = 0.01 * (-1) ** seed
+        _log_student(client, exp, "c3d", seed, acc + 0.20 + jitter, acc + 0.20 + jitter, teachers["strong"])
+        # the weak teacher's students end level with scratch (±1 point), and their best is level too
+        _log_student(client, exp, "c3d", seed, acc + jitter, acc + 0.05 + jitter, teachers["weak"])
+
+    report = build_report("kd-stats", tmp_path / "out", margin=0.05)
+    scratch_row, *kd_rows = report.rows
+    assert [(r.teacher, r.teacher_run) for r in report.rows] == [
+        ("none", ""), *sorted(("c3d", t) for t in teachers.values())]
+    strong = next(r for r in kd_rows if r.teacher_run == teachers["strong"])
+    weak = next(r for r in kd_rows if r.teacher_run == teachers["weak"])
+    # 6 pairs all positive: exact p = 2/64 = 0.03125; Holm over 4 tests (2 rows x 2 readings): the two
+    # smallest p-values are the strong teacher's, 4·0.03125 = 0.125, so even a 20-point gain on every
+    # seed is not "helps" with 6 seeds in a family of 4.
+    assert (strong.tests["last"].p_perm, strong.tests["last"].p_holm) == (pytest.approx(2 / 64), pytest.approx(0.125))
+    assert strong.verdict == "inconclusive" and strong.tests["last"].mean == pytest.approx(0.20)
+    assert strong.tests["best"].mean == pytest.approx(0.15)
+    assert weak.verdict == "equivalent" and weak.tests["best"].verdict == "equivalent"
+    assert (strong.teacher_acc, weak.teacher_acc) == (pytest.approx(0.99), pytest.approx(0.90))
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "### KD - scratch, paired by seed: student tiny3d on ucf101" in md
+    assert f"| c3d ({teachers['strong'][:8]}, 99.0 %) | 0.25 | last | 6 | +20.0 [" in md
+    assert "Verdicts (4 KD-vs-scratch tests in one Holm family, margin ±5 points)" in md
+    lines = {r["teacher_run"]: r for r in csv.DictReader((tmp_path / "out" / "report.csv").open())}
+    assert set(lines) == {"", *teachers.values()}
+    row = lines[teachers["strong"]]
+    assert (row["pairs"], row["perm_method"], row["verdict"], row["holm_family"]) == ("6", "exact", "inconclusive", "4")
+    assert float(row["p_holm"]) == pytest.approx(0.125) and float(row["best_delta_final_paired"]) == pytest.approx(0.15)
+    assert float(row["best_final_mean"]) == pytest.approx(sum(scratch) / 6 + 0.20)
+    # sd of ±0.01 over 6 pairs = 0.010954: 2 pairs give 12.706·0.010954/√2 = 0.098, 3 give 4.303·0.010954/√3 = 0.027
+    assert int(row["seeds_for_margin"]) == 3 and row["best_verdict"] == "inconclusive"
+    (logged,) = tracking.find_runs("kd-stats-reports", "tags.role = 'report'")
+    assert (logged["params"]["margin"], logged["params"]["holm_family"]) == ("0.05", "4")
+
+    # The CLI takes the margin in points; a wider one changes the equivalence tests only.
+    result = CliRunner().invoke(cli, ["report", "--experiment", "kd-stats", "--out", str(tmp_path / "cli"),
+                                      "--margin", "2"], catch_exceptions=False)
+    assert result.exit_code == 0 and "margin ±2 points" in result.output and "p TOST ±2" in result.output
+    bad = CliRunner().invoke(cli, ["report", "--experiment", "kd-stats", "--margin", "0"])
+    assert bad.exit_code == 2 and "Invalid value for '--margin'" in bad.output and "Traceback" not in bad.output
+    with pytest.raises(ReportError, match="give --margin between 0 and 100"):
+        build_report("kd-stats", tmp_path / "nan", margin=float("nan"))
+    assert len(tracking.find_runs("kd-stats-reports", "tags.role = 'report'")) == 2  # the refused ones logged nothing
+
+
+def test_report_and_stats_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, kdhar.stats; assert 'mlflow' not in sys.modules; import kdhar.report; "
+            "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the report loads torch (or MLflow) only when it reads a store
