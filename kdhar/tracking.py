@@ -14,6 +14,7 @@ unpickling code. The registry is driven by aliases; see `promote_champion` for t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -912,15 +914,74 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     uri = resolve_model_uri(uri)
     device = torch.device(device)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    # MLflow's loader checks the archive holds no pickled code before torch.export loads it.
-    graph = mlflow.pytorch.load_model(str(local))
-    if device.type != "cpu":
-        # Exported graphs cannot be moved with .to(); the program is re-targeted instead.
-        from torch.export.passes import move_to_device_pass
+    archive = safe_model_archive(uri, local)
+    with _pickle_refused():
+        # With pickle refused, MLflow checks every record of the archive is a plain tensor or
+        # text before torch.export loads it.
+        try:
+            graph = mlflow.pytorch.load_model(str(local))
+        except MlflowException as exc:
+            if "pickle is disallowed" not in exc.message:
+                raise
+            raise TrackingError(f"{uri}: its torch.export archive holds pickled objects, which could run "
+                                f"code when loaded: refusing to load it; {RELOG_HINT}") from exc
+        if device.type != "cpu":
+            # Exported graphs cannot be moved with .to(); the program is re-targeted instead.
+            from torch.export.passes import move_to_device_pass
 
-        program = torch.export.load(str(local / "data" / "model.pt2"))
-        graph = move_to_device_pass(program, device).module()
+            program = torch.export.load(str(archive))
+            graph = move_to_device_pass(program, device).module()
     return ExportedModel(graph)
+
+
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+RELOG_HINT = ("re-log it with mlflow.pytorch.log_model(..., serialization_format='pt2') "
+              "(as kdhar's RunTracker.log_model does) or train it with kdhar")
+_pickle_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pickle_refused() -> Iterator[None]:
+    """Turns MLflow's pickle deserialisation off while a model loads, whatever the environment says:
+    unpickling a model runs whatever code its author put in it."""
+    with _pickle_env_lock:
+        before = os.environ.get(PICKLE_ENV)
+        os.environ[PICKLE_ENV] = "false"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(PICKLE_ENV, None)
+            else:
+                os.environ[PICKLE_ENV] = before
+
+
+def safe_model_archive(uri: str, local: Path) -> Path:
+    """The torch.export archive of the downloaded model at `local`, after checking from its MLmodel
+    and files that loading it runs no code of the model's author.
+
+    Raises:
+        TrackingError: the model is pickle-serialised, ships code, or is no PyTorch model.
+    """
+    from mlflow.models import Model
+
+    try:
+        flavor = Model.load(str(local)).flavors.get("pytorch")
+    except MlflowException as exc:
+        raise TrackingError(f"{uri} is not an MLflow model (no readable MLmodel file)") from exc
+    if flavor is None:
+        raise TrackingError(f"{uri} is not a PyTorch model (its MLmodel has no 'pytorch' flavor)")
+    if flavor.get("code"):
+        raise TrackingError(f"{uri} ships Python code ('{flavor['code']}') that loading would import; "
+                            f"refusing to run it: {RELOG_HINT}")
+    data = local / flavor.get("model_data", "data")
+    if (data / "model.pth").exists() or (data / "pickle_module_info.txt").exists():
+        raise TrackingError(f"{uri} is pickle-serialised, and unpickling a model runs any code its author "
+                            f"put in it: refusing to load it; {RELOG_HINT}")
+    archive = data / "model.pt2"
+    if not archive.is_file():
+        raise TrackingError(f"{uri} holds no torch.export archive ({archive.name}): {RELOG_HINT}")
+    return archive
 
 
 
