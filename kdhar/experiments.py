@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -887,7 +886,7 @@ class Claims:
         """Claims cells (config_hash -> label) at once; returns those won, not held by another live runner."""
         from kdhar import tracking
 
-        tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+        tags = tracking.process_tags()
         mine = {key: tracking.create_claim(self.experiment, key, f"claim-{label}", tags) for key, label in cells.items()}
         won = set(mine)
         for delay in (0.0, CLAIM_SETTLE_S):

@@ -382,12 +382,49 @@ class Heartbeat(threading.Thread):
         self._stopped.set()
 
 
+# Beside `host` and `pid`: when that process started (boot id and start time in clock ticks from
+# /proc), since a pid is reused: after a container restart pid 1 is alive again, but another process.
+PID_STARTED_TAG = "pid_started"
+
+
+def process_start(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>` of process `pid`, which no later process with the same
+    pid shares; None where /proc cannot tell (another OS, or no such process)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 is the start time; the command name (field 2) may hold spaces and ')', so count
+    # from the last ')', after which field 3 comes.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return f"{boot}:{fields[22 - 3]}"
+
+
+def process_tags() -> dict[str, str]:
+    """`host`, `pid` and `pid_started` of this process: what `seems_dead` judges a run or claim by."""
+    return stamp_process_start({"host": socket.gethostname(), "pid": str(os.getpid())})
+
+
+def stamp_process_start(tags: dict[str, str]) -> dict[str, str]:
+    """`tags` with `pid_started` added when their `pid` is this process's own."""
+    started = process_start(os.getpid()) if tags.get("pid") == str(os.getpid()) else None
+    return {**tags, PID_STARTED_TAG: started} if started else tags
+
+
 def seems_dead(tags: dict[str, str], now: float | None = None) -> bool:
     """Whether the process behind a RUNNING run (or grid claim) is gone: on this machine its `pid`
-    is not alive; on another its `heartbeat` is older than `stale_after()`. A run with neither
-    (from before these tags) is never taken for dead."""
+    is not alive, or is alive but started at another time than `pid_started` says (a reused pid);
+    on another its `heartbeat` is older than `stale_after()`. A run with neither (from before these
+    tags) is never taken for dead."""
     if tags.get("host") == socket.gethostname():
-        return bool(tags.get("pid")) and not process_alive(int(tags["pid"]))
+        if not tags.get("pid"):
+            return False
+        pid = int(tags["pid"])
+        if not process_alive(pid):
+            return True
+        recorded = tags.get(PID_STARTED_TAG)
+        return bool(recorded) and process_start(pid) not in (None, recorded)
     beat = tags.get(HEARTBEAT_TAG)
     if not beat:
         return False
@@ -432,7 +469,8 @@ class RunTracker:
     ) -> None:
         self.experiment = experiment
         self.run_name = run_name
-        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        # A run that names its process (`pid`) also records when it started, for `seems_dead`.
+        self.tags = stamp_process_start({k: str(v) for k, v in (tags or {}).items()})
         self.resume_run_id = resume_run_id
         self.nested = nested
         self.parent_run_id = parent_run_id

@@ -488,6 +488,46 @@ def test_reconcile_ends_runs_whose_process_is_gone_here_or_whose_heartbeat_stopp
     assert neither.returncode == 2 and "give --study-name" in neither.stderr
 
 
+def test_a_reused_pid_does_not_keep_a_dead_runners_claim_or_run_alive(local_tracking, tmp_path):
+    """After a container restart the pid of a dead runner (often 1) belongs to a live process again:
+    the start time recorded beside host and pid tells them apart."""
+    import os
+    import socket
+
+    from mlflow import MlflowClient
+
+    from kdhar import tracking
+    from kdhar.experiments import Claims
+
+    mine = tracking.process_tags()
+    assert mine["pid_started"] == tracking.process_start(os.getpid()) and mine["pid_started"].count(":") == 1
+    with tracking.RunTracker("reused", run_name="r", tags={"host": socket.gethostname(), "pid": str(os.getpid())}) as run:
+        assert MlflowClient().get_run(run.run_id).data.tags["pid_started"] == mine["pid_started"]
+
+    # This very process's pid, but a start time it never had: a runner from before a restart.
+    boot = mine["pid_started"].split(":")[0]
+    earlier_life = {**mine, "pid_started": f"{boot}:1"}
+    stale_claim = tracking.create_claim("reused", "cellkey", "claim-old", earlier_life)
+    claims = Claims("reused")
+    try:
+        assert claims.take({"cellkey": "cell"}) == {"cellkey"}  # the old claim does not count
+    finally:
+        claims.release_all()
+    assert MlflowClient().get_run(stale_claim).info.lifecycle_stage == "deleted"
+
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("reused").experiment_id
+    reused = client.create_run(exp, tags=earlier_life, run_name="reused").info.run_id
+    claim = tracking.create_claim("reused", "other", "claim-other", earlier_life)
+    live = client.create_run(exp, tags=mine, run_name="live").info.run_id
+    done = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile", "--experiment", "reused"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ended 2 run(s) as KILLED" in done.stdout
+    assert tracking.run_status(reused) == tracking.run_status(claim) == "KILLED"
+    assert tracking.run_status(live) == "RUNNING"
+
+
 @pytest.mark.slow
 def test_two_runners_on_one_spec_train_each_cell_once(store):
     """Two `kdhar experiment run` on the same spec at once: each cell is claimed by one of them, the
