@@ -125,8 +125,9 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(max(1, timeout))})
     except ModuleNotFoundError as exc:
         fix = f"pip install {exc.name}"
-        if scheme == "postgresql":  # SQLAlchemy's default PostgreSQL driver is psycopg 3; kdhar installs psycopg2
-            fix = f"write the URI as {shown.replace(uri.split('://', 1)[0], 'postgresql+psycopg2', 1)}"
+        if scheme == "postgresql" and exc.name == "psycopg":  # SQLAlchemy's default PostgreSQL driver
+            fix = (f"pip install 'psycopg[binary]' (a kdhar dependency), or write the URI as "
+                   f"{shown.replace(uri.split('://', 1)[0], 'postgresql+psycopg2', 1)}")
         raise TrackingUnavailableError(
             f"tracking store {shown}: its database driver {exc.name!r} is not installed; {fix}") from None
     except sqlalchemy.exc.ArgumentError as exc:

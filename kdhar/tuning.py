@@ -223,7 +223,8 @@ def mask_url(url: str) -> str:
 
 def _with_driver(url: str) -> str:
     """Names the PostgreSQL driver that is installed: SQLAlchemy 2.1 maps a bare postgresql:// to
-    psycopg 3, while the project installs psycopg2."""
+    psycopg 3; where only psycopg2 is installed (an environment from before kdhar required psycopg 3),
+    the URL names it."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -319,7 +320,7 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
         except ImportError:
             raise StorageUnavailableError(
                 f"Optuna storage {shown} needs a database driver that is not installed "
-                "(PostgreSQL: pip install psycopg2-binary)"
+                "(PostgreSQL: pip install 'psycopg[binary]')"
             ) from None
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
             raise StorageUnavailableError(

@@ -24,7 +24,7 @@ def test_tune_masks_the_storage_password_and_reads_it_from_the_environment(tmp_p
     env = {**os.environ, "KDHAR_OPTUNA_STORAGE": url}
     shown = subprocess.run([*KDHAR, "tune", "--dashboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.strip() == "optuna-dashboard postgresql+psycopg2://kdhar:***@db.example:5432/optuna"
+    assert shown.stdout.strip() == "optuna-dashboard postgresql://kdhar:***@db.example:5432/optuna"
     assert SECRET not in shown.stdout + shown.stderr
 
     # Given on the command line it is refused in one line that says where it belongs.
