@@ -207,7 +207,9 @@ def _launch(opts: dict[str, Any], batch_size: int) -> None:
     one line from this process rather than from every rank, and the ranks do not race to write the
     synthetic data. torchrun replaces this process: a signal sent to it (Ctrl-C, SIGTERM from a
     scheduler) reaches torchrun, which stops the ranks, and its exit status is the command's."""
-    nproc, restarts = opts.pop("nproc", 1) or 1, opts.pop("max_restarts", 0) or 0
+    nproc, restarts = opts.pop("nproc", None), opts.pop("max_restarts", None)
+    # An empty value (an entry point's default) means the default; 0 is a value, and refused.
+    nproc, restarts = 1 if nproc is None else nproc, 0 if restarts is None else restarts
     if nproc < 1 or restarts < 0:
         raise UserError(f"--nproc {nproc} / --max-restarts {restarts}: give --nproc >= 1 and --max-restarts >= 0")
     if nproc == 1 or "LOCAL_RANK" in os.environ:
@@ -722,6 +724,9 @@ def runs_reconcile(storage, storage_file, study_name, experiment) -> None:
         from kdhar.experiments import reconcile_runs
 
         tracking.check_server(tracking.tracking_uri())
+        if not tracking.experiment_exists(experiment):
+            raise UserError(f"experiment '{experiment}' does not exist at {tracking.mask_uri(tracking.tracking_uri())}; "
+                            "check --experiment (`mlflow experiments search` lists them)")
         ended += reconcile_runs(experiment)
     click.echo(f"ended {len(ended)} run(s) as KILLED" + (": " + ", ".join(ended) if ended else ""))
 

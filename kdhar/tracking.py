@@ -101,7 +101,7 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
     """
     from urllib.parse import urlsplit
 
-    shown = _mask(uri)
+    shown = mask_uri(uri)
     scheme = urlsplit(uri).scheme.split("+")[0] if "://" in uri else ""
     if scheme in ("", "file"):
         folder = Path(urlsplit(uri).path if scheme else uri).expanduser().resolve().parent
@@ -142,7 +142,7 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         engine.dispose()
 
 
-def _mask(uri: str) -> str:
+def mask_uri(uri: str) -> str:
     """The URI with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)
 
