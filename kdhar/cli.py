@@ -232,7 +232,9 @@ def _launch(opts: dict[str, Any], batch_size: int) -> None:
     one line from this process rather than from every rank, and the ranks do not race to write the
     synthetic data. torchrun replaces this process: a signal sent to it (Ctrl-C, SIGTERM from a
     scheduler) reaches torchrun, which stops the ranks, and its exit status is the command's."""
-    nproc, restarts = opts.pop("nproc", 1) or 1, opts.pop("max_restarts", 0) or 0
+    nproc, restarts = opts.pop("nproc", None), opts.pop("max_restarts", None)
+    # An empty value (an entry point's default) means the default; 0 is a value, and refused.
+    nproc, restarts = 1 if nproc is None else nproc, 0 if restarts is None else restarts
     if nproc < 1 or restarts < 0:
         raise UserError(f"--nproc {nproc} / --max-restarts {restarts}: give --nproc >= 1 and --max-restarts >= 0")
     if nproc == 1 or "LOCAL_RANK" in os.environ:
@@ -629,8 +631,10 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @click.option("--student", default="tiny3d", show_default=True)
 @click.option("--n-trials", type=INT, default=20, show_default=True, help="total trials of the study, over all workers")
 @click.option("--study-name", default=None, help="default: derived from teacher, student and dataset")
-@click.option("--storage", default=None, help="optuna storage URL (default: $KDHAR_OPTUNA_STORAGE, else sqlite:///optuna.db; "
-              "postgresql://... for many workers: give one with a password through that variable)")
+@click.option("--storage", default=None, help="optuna storage URL without a password (default: $KDHAR_OPTUNA_STORAGE, else "
+              "sqlite:///optuna.db; postgresql://... for many workers: give one with a password through that variable "
+              "or --storage-file)")
+@click.option("--storage-file", default=None, help="a file whose first line is the optuna storage URL (may hold a password)")
 @kd_options
 @click.option("--space", default=None, help='search space, e.g. "tau=1:8:log,alpha=0.1:0.9,lr=none" (none: not searched)')
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
@@ -644,23 +648,21 @@ def evaluate_cmd(model_uri: str, retrieval: bool, **opts) -> None:
 @pcl_options
 @gkd_options
 @run_options(exclude=("resume", "allow_config_change"))
-def tune_cmd(teacher, student, n_trials, study_name, storage, tau, kd_weighting, alpha, lam, space, pruner,
+def tune_cmd(teacher, student, n_trials, study_name, storage, storage_file, tau, kd_weighting, alpha, lam, space, pruner,
              cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs); with --kd gkd
     GKD's beta and ramp (and tau/alpha for gkd+logit)."""
     from kdhar import tuning
 
-    if _text(storage) and tuning.mask_url(storage) != storage:
-        click.echo(f"note: a password on the command line is visible in the process list; set {tuning.STORAGE_ENV} "
-                   "instead of --storage", err=True)
+    storage = tuning.storage_from_options(_text(storage), _text(storage_file))
     if dashboard:
-        click.echo(tuning.dashboard_command(_text(storage)))
+        click.echo(tuning.dashboard_command(storage))
         return
     kd = kd_settings(tau, kd_weighting, alpha, lam)
     cfg = build_config(student, opts, kd=kd)
     ensure_data(cfg.data.root)
     summary = tuning.tune(
-        cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=_text(storage),
+        cfg, teacher=teacher, n_trials=n_trials, study_name=_text(study_name), storage=storage,
         space=tuning.SearchSpace.parse(_text(space), kd["weighting"], cfg.gkd.method), pruner=pruner, experiment=opts["experiment"],
         seed=opts["seed"], cache_teacher=bool(cache_teacher), device=opts["device"], log=lambda line: click.echo(line, err=True),
         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
@@ -724,10 +726,12 @@ def runs() -> None:
 
 
 @runs.command("reconcile")
-@click.option("--storage", default=None, help="optuna storage URL (default: $KDHAR_OPTUNA_STORAGE, else sqlite:///optuna.db)")
+@click.option("--storage", default=None, help="optuna storage URL without a password (default: $KDHAR_OPTUNA_STORAGE, "
+              "else sqlite:///optuna.db)")
+@click.option("--storage-file", default=None, help="a file whose first line is the optuna storage URL (may hold a password)")
 @click.option("--study-name", default=None, help="a tuning study: its trials whose worker died")
 @click.option("--experiment", default=None, help="an MLflow experiment: its runs whose process on this machine is gone")
-def runs_reconcile(storage, study_name, experiment) -> None:
+def runs_reconcile(storage, storage_file, study_name, experiment) -> None:
     """End runs left RUNNING by a process that died (a tuning trial's worker, a killed grid cell) as KILLED."""
     if not _text(study_name) and not _text(experiment):
         raise UserError("give --study-name (a tuning study) or --experiment (runs of grids and commands), or both")
@@ -735,12 +739,15 @@ def runs_reconcile(storage, study_name, experiment) -> None:
     if _text(study_name):
         from kdhar import tuning
 
-        ended += tuning.reconcile(_text(storage), study_name)
+        ended += tuning.reconcile(tuning.storage_from_options(_text(storage), _text(storage_file)), study_name)
     if _text(experiment):
         from kdhar import tracking
         from kdhar.experiments import reconcile_runs
 
         tracking.check_server(tracking.tracking_uri())
+        if not tracking.experiment_exists(experiment):
+            raise UserError(f"experiment '{experiment}' does not exist at {tracking.mask_uri(tracking.tracking_uri())}; "
+                            "check --experiment (`mlflow experiments search` lists them)")
         ended += reconcile_runs(experiment)
     click.echo(f"ended {len(ended)} run(s) as KILLED" + (": " + ", ".join(ended) if ended else ""))
 

@@ -15,10 +15,9 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +287,22 @@ def check_override(key: str, value: Any, default: Any) -> None:
         raise SpecError(f"{key}={value!r}: must be {what}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one,
+    so a spec would silently lose the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader itself reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_spec(path: str | Path) -> GridSpec:
     """Reads and checks an experiment spec.
 
@@ -299,7 +314,7 @@ def load_spec(path: str | Path) -> GridSpec:
         raise SpecError(f"experiment spec {path} does not exist; see experiments/*.yaml for examples")
     try:
         with path.open() as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -336,8 +351,19 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         frac = float(d.get("fraction", 1.0))
         if not 0 < frac <= 1:
             raise fail(f"{key}.fraction {frac} is outside (0, 1]")
-        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=int(d.get("split", 1)), fraction=frac,
+        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=whole(f"{key}.split", d.get("split", 1)), fraction=frac,
                            split_dir=str(d.get("split_dir") or ""))
+
+    def whole(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):  # int(1.7) would quietly be 1
+            raise fail(f"{key}: {value!r} is not a whole number")
+        return value
+
+    def distinct(key: str, values: list[Any]) -> list[Any]:
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise fail(f"{key}: {', '.join(map(str, twice))} given more than once; each would plan the same cells again")
+        return values
 
     def listed(key: str, example: str) -> list[Any]:
         value = raw[key]
@@ -363,7 +389,7 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
             raise fail(f"{key}: {bad[0]!r} is not a {'whole ' if kind is int else ''}number (e.g. {key}: {example})")
         return [kind(v) for v in values]
 
-    fractions = numbers("fractions", float, "[1.0, 0.25]")
+    fractions = distinct("fractions", numbers("fractions", float, "[1.0, 0.25]"))
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise fail(f"fractions {bad} are outside (0, 1]; the paper uses 1.0, 0.5, 0.25, 0.02")
@@ -444,8 +470,8 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
         students=archs("students"),
         self_distill=flag("self_distill"),
         fractions=fractions,
-        seeds=numbers("seeds", int, "[0, 1, 2]"),
-        teacher_seed=int(raw.get("teacher_seed", 0)),
+        seeds=distinct("seeds", numbers("seeds", int, "[0, 1, 2]")),
+        teacher_seed=whole("teacher_seed", raw.get("teacher_seed", 0)),
         tau=number("tau", C.KDConfig.tau),
         lam=number("lam", C.KDConfig.lam),
         weighting=str(raw.get("weighting", C.KDConfig.weighting)),
@@ -887,7 +913,7 @@ class Claims:
         """Claims cells (config_hash -> label) at once; returns those won, not held by another live runner."""
         from kdhar import tracking
 
-        tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+        tags = tracking.process_tags()
         mine = {key: tracking.create_claim(self.experiment, key, f"claim-{label}", tags) for key, label in cells.items()}
         won = set(mine)
         for delay in (0.0, CLAIM_SETTLE_S):

@@ -14,6 +14,7 @@ unpickling code. The registry is driven by aliases; see `promote_champion` for t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -99,7 +101,7 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
     """
     from urllib.parse import urlsplit
 
-    shown = _mask(uri)
+    shown = mask_uri(uri)
     scheme = urlsplit(uri).scheme.split("+")[0] if "://" in uri else ""
     if scheme in ("", "file"):
         folder = Path(urlsplit(uri).path if scheme else uri).expanduser().resolve().parent
@@ -123,8 +125,9 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(max(1, timeout))})
     except ModuleNotFoundError as exc:
         fix = f"pip install {exc.name}"
-        if scheme == "postgresql":  # SQLAlchemy's default PostgreSQL driver is psycopg 3; kdhar installs psycopg2
-            fix = f"write the URI as {shown.replace(uri.split('://', 1)[0], 'postgresql+psycopg2', 1)}"
+        if scheme == "postgresql" and exc.name == "psycopg":  # SQLAlchemy's default PostgreSQL driver
+            fix = (f"pip install 'psycopg[binary]' (a kdhar dependency), or write the URI as "
+                   f"{shown.replace(uri.split('://', 1)[0], 'postgresql+psycopg2', 1)}")
         raise TrackingUnavailableError(
             f"tracking store {shown}: its database driver {exc.name!r} is not installed; {fix}") from None
     except sqlalchemy.exc.ArgumentError as exc:
@@ -139,7 +142,7 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         engine.dispose()
 
 
-def _mask(uri: str) -> str:
+def mask_uri(uri: str) -> str:
     """The URI with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)
 
@@ -412,12 +415,49 @@ class Heartbeat(threading.Thread):
         self._stopped.set()
 
 
+# Beside `host` and `pid`: when that process started (boot id and start time in clock ticks from
+# /proc), since a pid is reused: after a container restart pid 1 is alive again, but another process.
+PID_STARTED_TAG = "pid_started"
+
+
+def process_start(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>` of process `pid`, which no later process with the same
+    pid shares; None where /proc cannot tell (another OS, or no such process)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 is the start time; the command name (field 2) may hold spaces and ')', so count
+    # from the last ')', after which field 3 comes.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return f"{boot}:{fields[22 - 3]}"
+
+
+def process_tags() -> dict[str, str]:
+    """`host`, `pid` and `pid_started` of this process: what `seems_dead` judges a run or claim by."""
+    return stamp_process_start({"host": socket.gethostname(), "pid": str(os.getpid())})
+
+
+def stamp_process_start(tags: dict[str, str]) -> dict[str, str]:
+    """`tags` with `pid_started` added when their `pid` is this process's own."""
+    started = process_start(os.getpid()) if tags.get("pid") == str(os.getpid()) else None
+    return {**tags, PID_STARTED_TAG: started} if started else tags
+
+
 def seems_dead(tags: dict[str, str], now: float | None = None) -> bool:
     """Whether the process behind a RUNNING run (or grid claim) is gone: on this machine its `pid`
-    is not alive; on another its `heartbeat` is older than `stale_after()`. A run with neither
-    (from before these tags) is never taken for dead."""
+    is not alive, or is alive but started at another time than `pid_started` says (a reused pid);
+    on another its `heartbeat` is older than `stale_after()`. A run with neither (from before these
+    tags) is never taken for dead."""
     if tags.get("host") == socket.gethostname():
-        return bool(tags.get("pid")) and not process_alive(int(tags["pid"]))
+        if not tags.get("pid"):
+            return False
+        pid = int(tags["pid"])
+        if not process_alive(pid):
+            return True
+        recorded = tags.get(PID_STARTED_TAG)
+        return bool(recorded) and process_start(pid) not in (None, recorded)
     beat = tags.get(HEARTBEAT_TAG)
     if not beat:
         return False
@@ -464,7 +504,8 @@ class RunTracker:
     ) -> None:
         self.experiment = experiment
         self.run_name = run_name
-        self.tags = {k: str(v) for k, v in (tags or {}).items()}
+        # A run that names its process (`pid`) also records when it started, for `seems_dead`.
+        self.tags = stamp_process_start({k: str(v) for k, v in (tags or {}).items()})
         self.resume_run_id = resume_run_id
         self.nested = nested
         self.parent_run_id = parent_run_id
@@ -964,15 +1005,74 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     uri = resolve_model_uri(uri)
     device = torch.device(device)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    # MLflow's loader checks the archive holds no pickled code before torch.export loads it.
-    graph = mlflow.pytorch.load_model(str(local))
-    if device.type != "cpu":
-        # Exported graphs cannot be moved with .to(); the program is re-targeted instead.
-        from torch.export.passes import move_to_device_pass
+    archive = safe_model_archive(uri, local)
+    with _pickle_refused():
+        # With pickle refused, MLflow checks every record of the archive is a plain tensor or
+        # text before torch.export loads it.
+        try:
+            graph = mlflow.pytorch.load_model(str(local))
+        except MlflowException as exc:
+            if "pickle is disallowed" not in exc.message:
+                raise
+            raise TrackingError(f"{uri}: its torch.export archive holds pickled objects, which could run "
+                                f"code when loaded: refusing to load it; {RELOG_HINT}") from exc
+        if device.type != "cpu":
+            # Exported graphs cannot be moved with .to(); the program is re-targeted instead.
+            from torch.export.passes import move_to_device_pass
 
-        program = torch.export.load(str(local / "data" / "model.pt2"))
-        graph = move_to_device_pass(program, device).module()
+            program = torch.export.load(str(archive))
+            graph = move_to_device_pass(program, device).module()
     return ExportedModel(graph)
+
+
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+RELOG_HINT = ("re-log it with mlflow.pytorch.log_model(..., serialization_format='pt2') "
+              "(as kdhar's RunTracker.log_model does) or train it with kdhar")
+_pickle_env_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pickle_refused() -> Iterator[None]:
+    """Turns MLflow's pickle deserialisation off while a model loads, whatever the environment says:
+    unpickling a model runs whatever code its author put in it."""
+    with _pickle_env_lock:
+        before = os.environ.get(PICKLE_ENV)
+        os.environ[PICKLE_ENV] = "false"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(PICKLE_ENV, None)
+            else:
+                os.environ[PICKLE_ENV] = before
+
+
+def safe_model_archive(uri: str, local: Path) -> Path:
+    """The torch.export archive of the downloaded model at `local`, after checking from its MLmodel
+    and files that loading it runs no code of the model's author.
+
+    Raises:
+        TrackingError: the model is pickle-serialised, ships code, or is no PyTorch model.
+    """
+    from mlflow.models import Model
+
+    try:
+        flavor = Model.load(str(local)).flavors.get("pytorch")
+    except MlflowException as exc:
+        raise TrackingError(f"{uri} is not an MLflow model (no readable MLmodel file)") from exc
+    if flavor is None:
+        raise TrackingError(f"{uri} is not a PyTorch model (its MLmodel has no 'pytorch' flavor)")
+    if flavor.get("code"):
+        raise TrackingError(f"{uri} ships Python code ('{flavor['code']}') that loading would import; "
+                            f"refusing to run it: {RELOG_HINT}")
+    data = local / flavor.get("model_data", "data")
+    if (data / "model.pth").exists() or (data / "pickle_module_info.txt").exists():
+        raise TrackingError(f"{uri} is pickle-serialised, and unpickling a model runs any code its author "
+                            f"put in it: refusing to load it; {RELOG_HINT}")
+    archive = data / "model.pt2"
+    if not archive.is_file():
+        raise TrackingError(f"{uri} holds no torch.export archive ({archive.name}): {RELOG_HINT}")
+    return archive
 
 
 

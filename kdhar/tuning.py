@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -222,7 +223,8 @@ def mask_url(url: str) -> str:
 
 def _with_driver(url: str) -> str:
     """Names the PostgreSQL driver that is installed: SQLAlchemy 2.1 maps a bare postgresql:// to
-    psycopg 3, while the project installs psycopg2."""
+    psycopg 3; where only psycopg2 is installed (an environment from before kdhar required psycopg 3),
+    the URL names it."""
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -230,6 +232,43 @@ def _with_driver(url: str) -> str:
     if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
         return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     return url
+
+
+def has_password(url: str) -> bool:
+    """Whether a storage URL carries a password."""
+    try:
+        return sqlalchemy.engine.make_url(url).password is not None
+    except sqlalchemy.exc.ArgumentError:
+        return mask_url(url) != url
+
+
+def storage_from_options(storage: str | None, storage_file: str | None) -> str | None:
+    """The storage URL given by `--storage` (one without a password) or by the first line of the file
+    `--storage-file` names; None leaves it to $KDHAR_OPTUNA_STORAGE, else ./optuna.db.
+
+    A password on the command line would show in the process list, and under `mlflow run` in the
+    project run's params and its "Running command" log line, so it is refused.
+
+    Raises:
+        ValueError: both options, a password in `storage`, or an unreadable or empty file.
+    """
+    if storage and storage_file:
+        raise ValueError("give --storage or --storage-file, not both")
+    if storage:
+        if has_password(storage):
+            raise ValueError(f"--storage {mask_url(storage)}: a password on the command line shows in the process "
+                             f"list and in MLflow's params and logs; set {STORAGE_ENV} to the URL instead, or put it "
+                             "in a file and give --storage-file (-P storage_file=... with mlflow run)")
+        return storage
+    if not storage_file:
+        return None
+    try:
+        lines = Path(storage_file).read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--storage-file {storage_file}: cannot read it ({exc.strerror or exc})") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(f"--storage-file {storage_file} is empty: write the storage URL on its first line")
+    return lines[0].strip()
 
 
 def storage_url(url: str | None) -> str:
@@ -281,7 +320,7 @@ def make_storage(url: str | None, heartbeat_interval: int = 60, grace_period: in
         except ImportError:
             raise StorageUnavailableError(
                 f"Optuna storage {shown} needs a database driver that is not installed "
-                "(PostgreSQL: pip install psycopg2-binary)"
+                "(PostgreSQL: pip install 'psycopg[binary]')"
             ) from None
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
             raise StorageUnavailableError(
@@ -834,6 +873,6 @@ def _log_study_to_parent(
 
 
 __all__ = [
-    "DEFAULT_STORAGE", "STORAGE_ENV", "storage_url", "SearchSpace", "ParamRange", "StorageUnavailableError", "tune", "reconcile",
+    "DEFAULT_STORAGE", "STORAGE_ENV", "storage_url", "storage_from_options", "SearchSpace", "ParamRange", "StorageUnavailableError", "tune", "reconcile",
     "reconcile_study", "summarize", "make_storage", "make_pruner", "mask_url", "dashboard_command", "best_settings",
 ]

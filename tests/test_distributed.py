@@ -143,6 +143,14 @@ def _runs(workdir: Path):
     return client, client.search_runs([exp.experiment_id])
 
 
+def test_nproc_0_and_negative_restarts_are_refused_in_one_line(tiny, tmp_path):
+    for extra, bad in ((("--nproc", "0"), "--nproc 0"), (("--max-restarts", "-1"), "--max-restarts -1")):
+        done = _distill(tiny, tmp_path, "--epochs", "1", *extra)
+        assert done.returncode == 2, done.stderr[-2000:]
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("Error: ") and bad in line and "--nproc >= 1" in line
+
+
 @pytest.mark.slow
 def test_nproc_2_is_one_finished_run_close_to_the_single_process_one(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"

@@ -135,6 +135,11 @@ def test_hash_separates_teachers_and_sources():
         ({"fractions": 0.5}, r"fractions: expected a non-empty list, e.g. fractions: \[1.0, 0.25\]; got 0.5"),
         ({"seeds": "0"}, "seeds: expected a non-empty list"),
         ({"seeds": [0.5]}, "seeds: 0.5 is not a whole number"),
+        ({"seeds": [0, 1, 0]}, "seeds: 0 given more than once"),
+        ({"fractions": [0.5, 0.5]}, "fractions: 0.5 given more than once"),
+        ({"teacher_seed": 1.7}, "teacher_seed: 1.7 is not a whole number"),
+        ({"dataset": {"name": "ucf101", "root": "r", "split": 1.7}}, "dataset.split: 1.7 is not a whole number"),
+        ({"dataset": {"name": "ucf101", "root": "r", "split": "2"}}, "dataset.split: '2' is not a whole number"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):
@@ -172,6 +177,20 @@ def test_spec_that_is_not_yaml_is_one_line_naming_where(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00e\x00x")
     with pytest.raises(SpecError, match="not a UTF-8 text file"):
         load_spec(binary)
+
+
+def test_a_key_given_twice_in_a_spec_is_one_line_naming_where(tmp_path):
+    spec = tmp_path / "twice.yaml"
+    good = ("experiment: e\ndataset: {name: ucf101, root: data/x}\nteachers: [c3d]\nstudents: [tiny3d]\n"
+            "fractions: [1.0]\nseeds: [0]\noverrides: {epochs: 2, lr: 0.1}\n")
+    spec.write_text(good + "seeds: [1]\n")
+    with pytest.raises(SpecError, match=r"twice.yaml: not valid YAML at line 8, column 1: key 'seeds' is given twice"):
+        load_spec(spec)
+    spec.write_text(good.replace("lr: 0.1}", "lr: 0.1, epochs: 3}"))
+    with pytest.raises(SpecError, match=r"at line 7, column 33: key 'epochs' is given twice"):
+        load_spec(spec)
+    spec.write_text(good)
+    assert load_spec(spec).overrides == {"epochs": 2, "lr": 0.1}
 
 
 def test_ssl_pcl_trains_the_students_inside_pcl_and_leaves_teachers_and_fine_tunes_supervised():
@@ -487,6 +506,58 @@ def test_reconcile_ends_runs_whose_process_is_gone_here_or_whose_heartbeat_stopp
     neither = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert neither.returncode == 2 and "give --study-name" in neither.stderr
+
+
+def test_a_reused_pid_does_not_keep_a_dead_runners_claim_or_run_alive(local_tracking, tmp_path):
+    """After a container restart the pid of a dead runner (often 1) belongs to a live process again:
+    the start time recorded beside host and pid tells them apart."""
+    import os
+    import socket
+
+    from mlflow import MlflowClient
+
+    from kdhar import tracking
+    from kdhar.experiments import Claims
+
+    mine = tracking.process_tags()
+    assert mine["pid_started"] == tracking.process_start(os.getpid()) and mine["pid_started"].count(":") == 1
+    with tracking.RunTracker("reused", run_name="r", tags={"host": socket.gethostname(), "pid": str(os.getpid())}) as run:
+        assert MlflowClient().get_run(run.run_id).data.tags["pid_started"] == mine["pid_started"]
+
+    # This very process's pid, but a start time it never had: a runner from before a restart.
+    boot = mine["pid_started"].split(":")[0]
+    earlier_life = {**mine, "pid_started": f"{boot}:1"}
+    stale_claim = tracking.create_claim("reused", "cellkey", "claim-old", earlier_life)
+    claims = Claims("reused")
+    try:
+        assert claims.take({"cellkey": "cell"}) == {"cellkey"}  # the old claim does not count
+    finally:
+        claims.release_all()
+    assert MlflowClient().get_run(stale_claim).info.lifecycle_stage == "deleted"
+
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("reused").experiment_id
+    reused = client.create_run(exp, tags=earlier_life, run_name="reused").info.run_id
+    claim = tracking.create_claim("reused", "other", "claim-other", earlier_life)
+    live = client.create_run(exp, tags=mine, run_name="live").info.run_id
+    done = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile", "--experiment", "reused"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ended 2 run(s) as KILLED" in done.stdout
+    assert tracking.run_status(reused) == tracking.run_status(claim) == "KILLED"
+    assert tracking.run_status(live) == "RUNNING"
+
+
+def test_reconcile_of_an_experiment_that_does_not_exist_says_so(local_tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    MlflowClient(local_tracking).create_experiment("orphans")
+    done = subprocess.run([sys.executable, "-m", "kdhar.cli", "runs", "reconcile", "--experiment", "orphanz"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"Error: experiment 'orphanz' does not exist at {local_tracking}; check --experiment "
+        "(`mlflow experiments search` lists them)"]
 
 
 @pytest.mark.slow

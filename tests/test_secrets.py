@@ -24,14 +24,88 @@ def test_tune_masks_the_storage_password_and_reads_it_from_the_environment(tmp_p
     env = {**os.environ, "KDHAR_OPTUNA_STORAGE": url}
     shown = subprocess.run([*KDHAR, "tune", "--dashboard"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.strip() == "optuna-dashboard postgresql+psycopg2://kdhar:***@db.example:5432/optuna"
+    assert shown.stdout.strip() == "optuna-dashboard postgresql://kdhar:***@db.example:5432/optuna"
     assert SECRET not in shown.stdout + shown.stderr
 
-    # Given on the command line it still works, is masked, and the user is told where it belongs.
+    # Given on the command line it is refused in one line that says where it belongs.
     given = subprocess.run([*KDHAR, "tune", "--dashboard", "--storage", url], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "KDHAR_OPTUNA_STORAGE"})
-    assert given.returncode == 0 and SECRET not in given.stdout
-    assert "KDHAR_OPTUNA_STORAGE" in given.stderr
+    assert given.returncode == 2 and SECRET not in given.stdout + given.stderr
+    [line] = given.stderr.strip().splitlines()
+    assert line.startswith("Error: --storage postgresql://kdhar:***@db.example") and "KDHAR_OPTUNA_STORAGE" in line
+
+    # In a file it works, and is masked.
+    secret_file = tmp_path / "storage.txt"
+    secret_file.write_text(url + "\n")
+    filed = subprocess.run([*KDHAR, "tune", "--dashboard", "--storage-file", str(secret_file)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert filed.returncode == 0 and filed.stdout.strip() == shown.stdout.strip()
+
+
+def _cmdlines_with(text: str) -> set[str]:
+    """Command lines of this machine's processes that contain `text` (what `ps` would show)."""
+    found = set()
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmdline = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if text in cmdline:
+            found.add(cmdline)
+    return found
+
+
+@pytest.mark.slow
+def test_the_tune_entry_point_keeps_the_storage_password_out_of_processes_params_and_logs(postgres_db, tmp_path):
+    from mlflow import MlflowClient
+
+    from kdhar.data.synthetic import SynthSpec, generate
+
+    root = generate(tmp_path / "ucf101", "ucf101", SynthSpec(num_classes=3, groups=4, clips_per_group=2, frames=8,
+                                                             size=(48, 64), seed=1)).root
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bin_dir = str(Path(sys.executable).parent)  # where `kdhar` and `mlflow` are installed
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("KDHAR_OPTUNA_STORAGE", None)
+    tiny = {"root": str(root), "clip_len": "4", "crop": "32", "frame_interval": "1", "test_clips": "1",
+            "batch_size": "8", "width": "4", "num_workers": "0", "threads": "1", "epochs": "1"}
+    teacher = subprocess.run([*KDHAR, "train-teacher", "--arch", "tiny3d", "--experiment", "teacher",
+                              *[a for k, v in tiny.items() for a in (f"--{k.replace('_', '-')}", v)]],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    [checkpoint] = (tmp_path / "runs" / "checkpoints").glob("*/last.pt")
+
+    storage = postgres_db.replace("postgres@", f"postgres:{SECRET}@")  # trust auth: accepted, not checked
+    secret_file = tmp_path / "storage.txt"
+    secret_file.write_text(storage + "\n")
+    params = {**tiny, "teacher": str(checkpoint), "student": "tiny3d", "n_trials": "1", "experiment": "tune-secret",
+              "study_name": "secret-study"}
+    base = [str(Path(bin_dir) / "mlflow"), "run", str(REPO), "-e", "tune", "--env-manager", "local",
+            "--experiment-name", "tune-secret", *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]]
+    proc = subprocess.Popen([*base, "-P", f"storage_file={secret_file}"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    leaks = set()
+    while proc.poll() is None:  # watch the process list while the workers run
+        leaks |= _cmdlines_with(SECRET)
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert leaks == set()
+    assert "Running command" in err and SECRET not in out + err
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tune-secret").experiment_id])
+    assert len(runs) >= 2  # the study's parent run and its trial
+    for run in runs:
+        assert SECRET not in repr(run.data.params) + repr(run.data.tags), run.info.run_id
+    assert any(run.data.params.get("storage", "").endswith(postgres_db.rsplit("/", 1)[1]) and
+               ":***@" in run.data.params["storage"] for run in runs)  # the study went to the file's database
+
+    refused = subprocess.run([*base, "-P", f"storage={storage}"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "Error: --storage postgresql+psycopg2://postgres:***@" in refused.stderr
+    assert "KDHAR_OPTUNA_STORAGE" in refused.stderr
 
 
 def test_compose_dashboard_reads_its_storage_from_the_environment(postgres_db):

@@ -347,7 +347,7 @@ def test_git_commit(tmp_path):
     ("bogus://host/x", "unknown scheme 'bogus'"),
     ("sqlite:////no/such/folder/mlflow.db", "folder /no/such/folder does not exist"),
     ("/no/such/folder/mlruns", "folder /no/such/folder does not exist"),
-    ("postgresql://kdhar:hunter2@127.0.0.1:5432/x", "write the URI as postgresql+psycopg2://kdhar:***@127.0.0.1:5432/x"),
+    ("postgresql://kdhar:hunter2@127.0.0.1:1/x", "does not answer: connection failed"),  # psycopg 3
     ("postgresql+psycopg2://postgres@127.0.0.1:1/x", "does not answer: connection to server at"),
 ])
 def test_unusable_tracking_stores_fail_fast_in_one_line_without_the_password(uri, message):
@@ -366,5 +366,80 @@ def test_reachable_database_and_folder_stores_pass(postgres_db, tmp_path):
     from kdhar.tracking import check_server
 
     check_server(postgres_db)
+    check_server(postgres_db.replace("postgresql+psycopg2://", "postgresql://"))  # psycopg 3, as MLflow's docs write it
     check_server(f"sqlite:///{tmp_path / 'mlflow.db'}")
     check_server(str(tmp_path / "mlruns"))
+
+
+class _WritesAFileWhenUnpickled(torch.nn.Module):
+    """A model whose unpickling opens (so creates) `marker`: what a hostile author could log."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_serialised_models_are_refused_without_unpickling(local_tracking, tmp_path):
+    import mlflow
+
+    from kdhar.data.synthetic import SynthSpec, generate
+
+    marker = tmp_path / "unpickled.txt"
+    with mlflow.start_run() as run:
+        # Explicit requirements: inferring them would load (unpickle) the model while logging.
+        mlflow.pytorch.log_model(_WritesAFileWhenUnpickled(marker), name="model",
+                                 serialization_format="pickle", pip_requirements=["torch"])
+    assert not marker.exists()
+    root = tmp_path / "ucf101"
+    generate(root, "ucf101", SynthSpec(num_classes=2, groups=3, clips_per_group=1, frames=8, size=(32, 32), seed=0))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking, "OMP_NUM_THREADS": "1",
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}  # what the user's environment may say
+    uri = f"runs:/{run.info.run_id}/model"
+    done = subprocess.run([sys.executable, "-m", "kdhar.cli", "distill", "--teacher", uri, "--student", "tiny3d",
+                           "--root", str(root), "--num-workers", "0", "--epochs", "1"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"Error: {uri} is pickle-serialised") and "serialization_format='pt2'" in lines[0]
+    assert not marker.exists()
+    with pytest.raises(TrackingError, match="pickle-serialised"):
+        tracking.load_model(uri)
+    assert not marker.exists()
+
+    # The logged file really runs code when unpickled.
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    torch.load(local / "data" / "model.pth", weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pt2_archive_carrying_a_pickle_is_refused_and_kdhars_own_model_loads(local_tracking, tmp_path):
+    """torch.export.load unpickles an archive's records: one record with a pickled call is enough."""
+    import pickle
+    import shutil
+    import zipfile
+
+    import mlflow
+
+    with RunTracker("kdhar-test-safe", run_name="pt2") as run:
+        ref = run.log_model(tiny_video_model(seed=0), "model", clip_batch(2))
+    x = torch.from_numpy(clip_batch(2))
+    with torch.no_grad():
+        assert torch.allclose(tracking.load_model(ref.model_uri)(x), tiny_video_model(seed=0).eval()(x), atol=1e-6)
+
+    marker = tmp_path / "unpickled.txt"
+    model_dir = tmp_path / "hostile"
+    shutil.copytree(mlflow.artifacts.download_artifacts(artifact_uri=ref.model_uri), model_dir)
+    with zipfile.ZipFile(model_dir / "data" / "model.pt2", "a") as archive:
+        [top] = {name.split("/", 1)[0] for name in archive.namelist()}
+        archive.writestr(f"{top}/data/constants/extra.pt", pickle.dumps(_WritesAFileWhenUnpickled(marker)))
+    with mlflow.start_run() as hostile:
+        mlflow.log_artifacts(str(model_dir), "model")
+    uri = f"runs:/{hostile.info.run_id}/model"
+    with pytest.raises(TrackingError, match="holds pickled objects") as refused:
+        tracking.load_model(uri)
+    assert "\n" not in str(refused.value) and "serialization_format='pt2'" in str(refused.value)
+    assert not marker.exists()

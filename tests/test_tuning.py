@@ -157,6 +157,20 @@ def test_storage_errors_are_one_line_and_hide_the_password():
     assert dashboard_command(None) == "optuna-dashboard sqlite:///optuna.db"
 
 
+def test_a_bare_postgresql_url_works_as_optunas_docs_write_it_and_psycopg2_urls_still_do(pg_url):
+    import optuna
+
+    bare = make_storage(pg_url)  # postgresql://: SQLAlchemy 2.1 picks psycopg 3
+    assert bare.engine.dialect.driver == "psycopg"
+    study = optuna.create_study(study_name="drivers", storage=bare, direction="maximize")
+    study.tell(study.ask(), 0.5)
+    named = make_storage(pg_url.replace("postgresql://", "postgresql+psycopg2://"))
+    assert named.engine.dialect.driver == "psycopg2"
+    assert optuna.load_study(study_name="drivers", storage=named).best_value == 0.5
+    for storage in (bare, named):
+        storage.engine.dispose()
+
+
 # ---------------------------------------------------------------------------- one worker
 def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
     cfg = tiny_config(tiny_data["root"])
