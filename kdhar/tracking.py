@@ -118,6 +118,8 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         if path and path != ":memory:" and not Path(path).expanduser().resolve().parent.is_dir():
             raise TrackingUnavailableError(f"tracking store {shown}: folder {Path(path).parent} does not exist; "
                                            "create it or point MLFLOW_TRACKING_URI elsewhere")
+        if path and path != ":memory:":
+            _open_sqlite_store(uri, Path(path).expanduser())
         return
     import sqlalchemy
 
@@ -142,7 +144,31 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         engine.dispose()
 
 
+<<<<<<< HEAD
 def mask_uri(uri: str) -> str:
+=======
+_OPENED: set[str] = set()
+
+
+def _open_sqlite_store(uri: str, path: Path) -> None:
+    """Opens a SQLite store once per process, under an exclusive lock on `<db>.lock`.
+
+    Opening a new (or older) store runs MLflow's schema migrations; two commands doing that at once
+    on one new mlflow.db fail with "table _alembic_tmp_tags already exists" or "expected to match
+    one row ... in 'alembic_version'". The lock makes the second wait for the first.
+    """
+    if uri in _OPENED:
+        return
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _OPENED.add(uri)
+
+
+def _mask(uri: str) -> str:
+>>>>>>> wfix
     """The URI with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)
 

@@ -443,3 +443,14 @@ def test_a_pt2_archive_carrying_a_pickle_is_refused_and_kdhars_own_model_loads(l
         tracking.load_model(uri)
     assert "\n" not in str(refused.value) and "serialization_format='pt2'" in str(refused.value)
     assert not marker.exists()
+
+
+def test_commands_starting_together_on_a_new_sqlite_store_all_open_it(tmp_path):
+    # Without the lock on <db>.lock, 3 of 4 such processes failed in MLflow's schema migration.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "from kdhar import tracking; tracking._client().search_experiments(max_results=1)"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[-500:] for o in outs]
