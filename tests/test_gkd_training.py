@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from kdhar.config import GKDConfig
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.models import MODELS, build_model
-from kdhar.objectives.gkd import GKDStep, build_gkd_net, cvae_loss, feature_shape, ramp_share
+from kdhar.objectives.gkd import GKDStep, attend, build_gkd_net, cvae_loss, feature_shape, ramp_share
 from kdhar.objectives.kd import LogitKD, kd_term
 
 KDHAR = [sys.executable, "-m", "kdhar.cli"]
@@ -413,3 +413,30 @@ def test_a_training_step_of_the_net_pass_moves_the_ramp_and_the_next_epoch_learn
     step.set_epoch(1)
     assert step.steps_per_epoch == 2 and step.batches == 0
     assert step.ramp == pytest.approx(1 / 5)
+
+
+def test_the_batch_rescale_trains_with_the_batch_but_tests_each_clip_alone():
+    net, _ = gkd_parts("tiny3d", 4, seed=0)
+    net.rescale = "batch"
+    x, _ = batch(b=2)
+    net.eval()
+    with torch.no_grad():
+        together, alone = net(x), net(x[:1])
+    assert torch.allclose(together[:1], alone, atol=1e-5)  # at test time the batch does not matter
+    net.train()
+    with torch.no_grad():
+        feature = net.forward_features(x)
+        _, trained = net.attended(feature)
+    assert not torch.allclose(trained, attend(feature, net.attention(feature), "sample"))
+
+
+def test_gkd_plus_logit_weighs_the_gkd_ce_task_loss():
+    step = make_step(student=("r3d_18", 4), teacher=("c3d", 4), epochs=10, kd=True, ce="sum-softmax").eval()
+    step.set_pass("net")
+    step.set_epoch(9)
+    x, y = batch()
+    out = step(x, y)
+    plain_ce = F.cross_entropy(out["output"], y)
+    assert abs(out["task_loss"].item() - plain_ce.item()) > 1e-4  # the code's CE, not the plain one
+    want = 0.75 * out["task_loss"] + 0.25 * out["kd_loss"] + 0.1 * out["ad_loss"] + step.ramp * 0.5 * out["rec_loss"]
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)

@@ -237,9 +237,10 @@ class GKDNet(nn.Module):
         return self.backbone(residual_frames(x) if self.modality == "res" else x)
 
     def attended(self, feature: Tensor) -> tuple[Tensor, Tensor]:
-        """(A, F_att) for a feature map."""
+        """(A, F_att) for a feature map. The batch-global rescale is a training-time option: at test
+        time a clip's prediction never depends on the other clips of its batch."""
         attention = self.attention(feature)
-        return attention, attend(feature, attention, self.rescale)
+        return attention, attend(feature, attention, self.rescale if self.training else "sample")
 
     def time_logits(self, attended: Tensor) -> Tensor:
         """Per-time-step logits (B, T', K) of the attended feature (space pooled)."""
@@ -416,7 +417,8 @@ class GKDStep(nn.Module):
             if self.kd is not None:
                 kd = self.kd(logits, x, y, teacher_logits if teacher_logits is not None else t_logits)
                 out["kd_loss"] = kd["kd_loss"]
-                loss = loss - task + kd["loss"]  # the KD term's weighted CE + soft term replace the plain CE
+                w_task, w_kd = self.kd.weights  # the KD term's weights, on the --gkd-ce task loss
+                loss = loss - task + w_task * task + w_kd * kd["kd_loss"]
         out["loss"] = loss + self.ramp * self.cfg.rec_weight * rec
         return out
 
