@@ -146,6 +146,7 @@ class PCLConfig:
 
 KD_METHODS = ("logit", "gkd", "gkd+logit")
 GKD_VARIANTS = ("faithful", "light")
+GKD_NORMS = ("values", "channels")
 GKD_CE = ("mean", "sum-softmax")
 GKD_RESCALES = ("sample", "batch")
 # The `method` tag -> its mark in a report row ("c3d [gkd]"), for methods that share a student and
@@ -178,6 +179,9 @@ class GKDConfig:
     cvae_lr: float = 1e-4  # Adam, betas (0.8, 0.999); phase 1 (teachers) uses 1e-3
     ce: str = "mean"  # mean: CE on time-averaged logits; sum-softmax: the code's CE on summed softmax
     rescale: str = "sample"  # sample: per-sample activation-mass rescale; batch: the code's batch-global one
+    # GroupNorm groups: "values" keeps >= 16 values per group (the code's 32 groups at its I3D shape);
+    # "channels" is gcd(C, 32), which at CPU widths and T' = 1 makes the attention a constant.
+    norm: str = "values"
 
     @property
     def distils(self) -> bool:
@@ -188,7 +192,7 @@ class GKDConfig:
         """The knobs that act (logged as gkd.*): none without the attention module."""
         if not self.attention:
             return {}
-        out = {k: getattr(self, k) for k in ("variant", "ramp", "rec_weight", "cvae_lr", "ce", "rescale")}
+        out = {k: getattr(self, k) for k in ("variant", "ramp", "rec_weight", "cvae_lr", "ce", "rescale", "norm")}
         if teacher and self.distils:
             out.update(method=self.method, beta=self.beta, gd_weight=self.gd_weight)
         return out
@@ -289,6 +293,7 @@ def check_run_config(cfg: RunConfig) -> None:
         need(g.variant in GKD_VARIANTS, "gkd_variant", g.variant, f"must be one of {', '.join(GKD_VARIANTS)}")
         need(g.ce in GKD_CE, "gkd_ce", g.ce, f"must be one of {', '.join(GKD_CE)}")
         need(g.rescale in GKD_RESCALES, "gkd_rescale", g.rescale, f"must be one of {', '.join(GKD_RESCALES)}")
+        need(g.norm in GKD_NORMS, "gkd_norm", g.norm, f"must be one of {', '.join(GKD_NORMS)}")
         need(finite(g.beta) and g.beta >= 0, "gkd_beta", g.beta, "must be >= 0 (the paper: 0.1)")
         need(finite(g.ramp) and 0 < g.ramp <= 1, "gkd_ramp", g.ramp, "must be a share of the epochs in (0, 1] (the paper: 0.1)")
         need(finite(g.rec_weight) and g.rec_weight >= 0, "gkd_rec_weight", g.rec_weight, "must be >= 0 (the paper: 0.5)")

@@ -77,6 +77,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "cvae_lr": ("gkd", "cvae_lr"),
     "gkd_ce": ("gkd", "ce"),
     "gkd_rescale": ("gkd", "rescale"),
+    "gkd_norm": ("gkd", "norm"),
 }
 
 # What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the

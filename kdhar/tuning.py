@@ -89,9 +89,9 @@ class ParamRange:
         return f"{self.low:g}:{self.high:g}" + (":log" if self.log else "")
 
 
-TUNABLE = ("tau", "alpha", "lam", "lr", "beta", "ramp")
+TUNABLE = ("tau", "alpha", "lam", "lr", "beta", "ramp", "rec_weight", "gd_weight")
 # The logit-KD knobs and GKD's, by the `--kd` methods they act in.
-LOGIT_KNOBS, GKD_KNOBS = ("tau", "alpha", "lam"), ("beta", "ramp")
+LOGIT_KNOBS, GKD_KNOBS = ("tau", "alpha", "lam"), ("beta", "ramp", "rec_weight", "gd_weight")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,9 @@ class SearchSpace:
     - lr in [0.005, 0.05], log scale: a factor 2.5 either side of the CPU preset's 0.02.
     - GKD (`--kd gkd`, `gkd+logit`): beta, the attention-distillation weight, in [0.01, 1], log scale
       around the paper's 0.1; ramp, the share of the epochs over which the regeneration weight
-      ramps up, in [0.05, 1] (the paper's 0.1 inside).
+      ramps up, in [0.05, 1] (the paper's 0.1 inside). rec_weight (regeneration, the paper's 0.5)
+      and gd_weight (generative distillation, 0.01) are searched only when asked for, e.g.
+      `rec_weight=0.05:1:log,gd_weight=0.001:0.1:log`.
     """
 
     tau: ParamRange | None = ParamRange(1.0, 8.0, log=True)
@@ -120,6 +122,8 @@ class SearchSpace:
     lr: ParamRange | None = ParamRange(0.005, 0.05, log=True)
     beta: ParamRange | None = None
     ramp: ParamRange | None = None
+    rec_weight: ParamRange | None = None
+    gd_weight: ParamRange | None = None
 
     def __str__(self) -> str:
         return ",".join(f"{name}={getattr(self, name)}" for name in TUNABLE if getattr(self, name) is not None)
@@ -184,7 +188,7 @@ def _parse_range(name: str, text: str, part: str) -> ParamRange:
         raise ValueError(f"search space part '{part}' is an empty range: low must be below high")
     if name in ("tau", "lr") and low <= 0:
         raise ValueError(f"search space part '{part}': {name} must stay above 0")
-    if name in ("lam", "alpha", "beta") and low < 0:
+    if name in ("lam", "alpha", "beta", "rec_weight", "gd_weight") and low < 0:
         raise ValueError(f"search space part '{part}': the KD weight cannot be negative")
     if name == "ramp" and (low <= 0 or high > 1):
         raise ValueError(f"search space part '{part}': ramp is a share of the epochs in (0, 1]")
@@ -559,7 +563,7 @@ def study_config(cfg, space: SearchSpace, teacher: str, fingerprint: str) -> dic
     """Everything that changes what a trial's score measures except the searched knobs: the run
     configuration (epochs, fraction, widths, clips, PCL, ...), the teacher and the data's fingerprint."""
     searched = {"tau": "kd.tau", "alpha": "kd.alpha", "lam": "kd.lam", "lr": "optim.lr", "beta": "gkd.beta",
-                "ramp": "gkd.ramp"}
+                "ramp": "gkd.ramp", "rec_weight": "gkd.rec_weight", "gd_weight": "gkd.gd_weight"}
     skip = OPERATIONAL | {searched[n] for n in space.names()}
     shared = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.params(kd=True).items() if k not in skip}
     return {**shared, "teacher": teacher, "dataset_fingerprint": fingerprint}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdhar.models import MODELS, build_model
-from kdhar.objectives.gkd import CVAE, AttentionHead, FeatureAdapter, attend, cvae_loss, feature_shape
+from kdhar.objectives.gkd import CVAE, AttentionHead, FeatureAdapter, _groups, attend, cvae_loss, feature_shape
 
 SHAPE = (2, 64, 4, 7, 7)  # (B, C, T', H', W'): a width-8 ResNet's last stage on 32-frame 112x112 clips
 
@@ -88,3 +88,43 @@ def test_adapters_give_the_teachers_shape_for_every_registry_pair():
     assert not same.needed and same.describe() == "none" and not list(same.parameters())
     # At the CPU size (8-frame 56x56 clips, width 8): tiny3d's last map is (32, 2, 7, 7), C3D's (64, 1, 4, 4).
     assert FeatureAdapter(shapes["tiny3d"], shapes["c3d"]).describe() == "1x1x1 conv 32->64, resize 2x7x7->1x4x4"
+
+
+# The grid's last-stage widths (C of width-4/8 trunks) and the T' a clip can leave them.
+GRID_WIDTHS, GRID_TIMES = (16, 32, 64), (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("variant", ["faithful", "light"])
+@pytest.mark.parametrize("c,t", list(itertools.product(GRID_WIDTHS, GRID_TIMES)))
+def test_the_attention_and_the_cvae_encoder_depend_on_the_clip_at_every_grid_width_and_time(variant, c, t):
+    torch.manual_seed(3)
+    space = (2, 2)
+    a_clip, b_clip = torch.rand(1, c, t, *space), torch.rand(1, c, t, *space)
+    head = AttentionHead(c, t, space, variant)
+    a, b = head(a_clip), head(b_clip)
+    assert (a - b).abs().max().item() > 1e-3, "two clips got the same attention"
+    assert a.std().item() > 1e-3  # not one value for every channel either
+    cvae = CVAE(c, t, space, variant)
+    mu_a, _ = cvae.encode(a_clip, a)
+    mu_b, _ = cvae.encode(b_clip, a)  # the same attention: only the feature differs
+    assert (mu_a - mu_b).abs().max().item() > 1e-4, "the CVAE encoder ignores the feature"
+
+
+def test_the_old_group_rule_made_the_attention_a_constant_at_t_one():
+    # One channel per group and T' = 1: each group normalises one value, so the attention is the
+    # GroupNorm's bias whatever the clip (kept as norm="channels" to show and flag it).
+    torch.manual_seed(4)
+    head = AttentionHead(32, 1, (2, 2), "faithful", norm="channels")
+    a, b = head(torch.rand(2, 32, 1, 2, 2)), head(torch.rand(2, 32, 1, 2, 2))
+    # Equal up to rounding (x - mean of one value is not exactly 0 in float32).
+    assert (a - b).abs().max().item() < 1e-4 and (a[0] - a[1]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("channels,values", [(512, 8), (1024, 8), (1024, 8 * 7 * 7)])
+def test_both_group_rules_keep_the_codes_32_groups_at_the_i3d_shape(channels, values):
+    assert _groups(channels, values, "values") == _groups(channels, values, "channels") == 32
+
+
+def test_groups_hold_at_least_sixteen_values_where_the_channels_allow_it():
+    assert _groups(32, 1) == 2 and _groups(64, 2) == 8 and _groups(16, 4) == 4
+    assert _groups(8, 1) == 1  # fewer values than the minimum in all: one group of all channels

@@ -90,6 +90,15 @@ def test_tuning_space_follows_the_kd_method():
     shared = study_config(cfg(kd="gkd"), gkd, "c3d", "fp")
     assert "gkd.beta" not in shared and "gkd.ramp" not in shared and shared["gkd.variant"] == "faithful"
 
+    weights = SearchSpace.parse("rec_weight=0.05:1:log,gd_weight=0.001:0.1:log", "mix", "gkd")
+    assert weights.names() == ["lr", "beta", "ramp", "rec_weight", "gd_weight"]
+    with pytest.raises(ValueError, match="does not act under --kd logit"):
+        SearchSpace.parse("rec_weight=0.1:1", "mix", "logit")
+    tried = trial_config(cfg(kd="gkd"), {"rec_weight": 0.2, "gd_weight": 0.05})
+    assert (tried.gkd.rec_weight, tried.gkd.gd_weight) == (0.2, 0.05)
+    shared = study_config(cfg(kd="gkd"), weights, "c3d", "fp")
+    assert "gkd.rec_weight" not in shared and "gkd.gd_weight" not in shared
+
 
 def run(run_id, teacher, seed, final, method):
     tags = {"role": "student", "student_arch": "c3d", "arch": "c3d", "teacher_arch": teacher, "fraction": "1.0",

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from kdhar.config import GKDConfig
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.models import MODELS, build_model
-from kdhar.objectives.gkd import GKDStep, build_gkd_net, cvae_loss, feature_shape
+from kdhar.objectives.gkd import GKDStep, attend, build_gkd_net, cvae_loss, feature_shape, ramp_share
 from kdhar.objectives.kd import LogitKD, kd_term
 
 KDHAR = [sys.executable, "-m", "kdhar.cli"]
@@ -214,13 +214,13 @@ def test_adapters_align_every_ordered_registry_pair(widths):
 def test_net_pass_loss_is_task_plus_beta_ad_plus_align_plus_the_ramped_regeneration():
     epochs, share = 10, 0.3  # the ramp lasts R = 3 epochs
     step = make_step(epochs=epochs, beta=0.3, rec_weight=0.7, ramp=share).eval()  # no dropout: terms recomputable
-    ramp_len = round(share * epochs)
+    ramp_len = share * epochs
     x, y = batch()
     step.set_pass("net")
     losses = {}
-    for epoch in (0, 1, 6):  # 0-based, as run_training calls set_epoch; the ramp counts from 1
+    for epoch in (1, 2, 6):  # 0-based, as run_training calls set_epoch; in eval no step moves the ramp
         step.set_epoch(epoch)
-        ramp = min(epoch + 1, ramp_len) / ramp_len
+        ramp = min(epoch, ramp_len) / ramp_len
         torch.manual_seed(11)
         out = step(x, y)
         want = out["task_loss"] + 0.3 * out["ad_loss"] + out["align_loss"] + ramp * 0.7 * out["rec_loss"]
@@ -239,7 +239,7 @@ def test_net_pass_loss_is_task_plus_beta_ad_plus_align_plus_the_ramped_regenerat
         assert out["rec_loss"].item() == pytest.approx(rec.item(), rel=1e-5)
         assert out["ad_loss"].item() == pytest.approx(F.mse_loss(step.attention_adapter(attention), t_attention).item(), rel=1e-5)
         assert out["align_loss"].item() == pytest.approx(F.mse_loss(step.adapter(feature), t_feature).item(), rel=1e-5)
-    assert losses[0] < losses[1] < losses[6]  # the same terms, a growing regeneration weight
+    assert losses[1] < losses[2] < losses[6]  # the same terms, a growing regeneration weight
     assert step.ramp == 1.0
 
     # gkd+logit, with a teacher of the student's shape: no adapter, and the KD term's weighted CE
@@ -247,9 +247,9 @@ def test_net_pass_loss_is_task_plus_beta_ad_plus_align_plus_the_ramped_regenerat
     step = make_step(student=("r3d_18", 4), teacher=("c3d", 4), epochs=epochs, kd=True, ramp=share).eval()
     assert not step.adapter.needed
     step.set_pass("net")
-    for epoch in (0, 4):
+    for epoch in (1, 4):
         step.set_epoch(epoch)
-        ramp = min(epoch + 1, ramp_len) / ramp_len
+        ramp = min(epoch, ramp_len) / ramp_len
         out = step(x, y)
         assert "align_loss" not in out
         with torch.no_grad():
@@ -382,3 +382,61 @@ def test_gkd_without_a_teacher_is_the_scratch_plus_attention_baseline(local_trac
     assert not [k for k in run.data.params if k in ("gkd.beta", "gkd.gd_weight", "gkd.method", "gkd.adapter")]
     assert run.data.params["gkd.variant"] == "faithful"
     assert [v.run_id for v in client.search_model_versions("name = 'kdhar-attention-c3d'")] == [run.info.run_id]
+
+
+@pytest.mark.parametrize("epochs", [6, 12, 200])
+def test_the_ramp_runs_in_steps_and_meets_upstreams_epoch_weights(epochs):
+    share, steps = 0.1, 25
+    length = share * epochs  # R epochs: 20 at 200, 1.2 at 12, 0.6 at 6
+    at_epoch_end = [ramp_share(e, steps, steps, length) for e in range(epochs)]
+    if epochs == 200:  # upstream: epoch e (1-based) has weight min(e, 20) / 20
+        assert at_epoch_end == pytest.approx([min(e + 1, 20) / 20 for e in range(epochs)])
+    first = ramp_share(0, 1, steps, length)
+    assert first == pytest.approx(1 / (steps * length)) and first < 0.1  # never full weight from the first step
+    shares = [ramp_share(e, b, steps, length) for e in range(epochs) for b in range(1, steps + 1)]
+    assert shares == sorted(shares) and shares[-1] == 1.0
+    reached = next(i for i, v in enumerate(shares) if v == 1.0)
+    assert reached == pytest.approx(length * steps - 1, abs=1)  # full weight after `share` of the steps
+
+
+def test_a_training_step_of_the_net_pass_moves_the_ramp_and_the_next_epoch_learns_the_loader_length():
+    step = make_step(epochs=10, ramp=0.5)  # R = 5 epochs; the constructor guessed 1 step per epoch
+    step.set_pass("net")
+    x, y = batch()
+    step.train()
+    step(x, y)
+    step(x, y)
+    assert step.batches == 2
+    with torch.no_grad():
+        step(x, y)  # evaluation does not move it
+    assert step.batches == 2
+    step.set_epoch(1)
+    assert step.steps_per_epoch == 2 and step.batches == 0
+    assert step.ramp == pytest.approx(1 / 5)
+
+
+def test_the_batch_rescale_trains_with_the_batch_but_tests_each_clip_alone():
+    net, _ = gkd_parts("tiny3d", 4, seed=0)
+    net.rescale = "batch"
+    x, _ = batch(b=2)
+    net.eval()
+    with torch.no_grad():
+        together, alone = net(x), net(x[:1])
+    assert torch.allclose(together[:1], alone, atol=1e-5)  # at test time the batch does not matter
+    net.train()
+    with torch.no_grad():
+        feature = net.forward_features(x)
+        _, trained = net.attended(feature)
+    assert not torch.allclose(trained, attend(feature, net.attention(feature), "sample"))
+
+
+def test_gkd_plus_logit_weighs_the_gkd_ce_task_loss():
+    step = make_step(student=("r3d_18", 4), teacher=("c3d", 4), epochs=10, kd=True, ce="sum-softmax").eval()
+    step.set_pass("net")
+    step.set_epoch(9)
+    x, y = batch()
+    out = step(x, y)
+    plain_ce = F.cross_entropy(out["output"], y)
+    assert abs(out["task_loss"].item() - plain_ce.item()) > 1e-4  # the code's CE, not the plain one
+    want = 0.75 * out["task_loss"] + 0.25 * out["kd_loss"] + 0.1 * out["ad_loss"] + step.ramp * 0.5 * out["rec_loss"]
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)

@@ -281,17 +281,18 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
     if teacher is not None:  # the distillation knobs, which runs without a teacher do not log
         params.update({f"gkd.{k}": v for k, v in g.method_params(teacher=True).items() if k in ("method", "beta", "gd_weight")})
 
-    def make_step(model: nn.Module, _num_train: int) -> nn.Module:
-        net, cvae = build_gkd_net(model, clip.clip_len, clip.crop, g.variant, g.rescale)
+    def make_step(model: nn.Module, num_train: int) -> nn.Module:
+        net, cvae = build_gkd_net(model, clip.clip_len, clip.crop, g.variant, g.rescale, g.norm)
         term = None
         if name == "gkd+kd-logit":
             term = LogitKD(parts[0], tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
-        step = GKDStep(net, cvae, g, cfg.optim.epochs, (clip.clip_len, clip.crop), *parts, kd=term)
+        step = GKDStep(net, cvae, g, cfg.optim.epochs, (clip.clip_len, clip.crop), *parts, kd=term,
+                       steps_per_epoch=num_train // cfg.optim.batch_size)  # the train loader drops the last
         if step.adapter is not None:  # what aligns the student's feature with the teacher's, for the params
             params["gkd.adapter"] = step.adapter.describe()
         built["meta"] = {"arch": cfg.model.arch, "num_classes": model.num_classes, "width": cfg.model.width,
                          "modality": cfg.model.modality, "clip_len": clip.clip_len, "crop": clip.crop,
-                         "variant": g.variant, "rescale": g.rescale}
+                         "variant": g.variant, "rescale": g.rescale, "norm": g.norm}
         return step
 
     def logged_state(step: nn.Module) -> dict[str, Any]:

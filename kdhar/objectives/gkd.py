@@ -28,12 +28,31 @@ from torch import Tensor, nn
 
 VARIANTS = ("faithful", "light")
 RESCALES = ("sample", "batch")
+# How a GroupNorm picks its groups. "values": as many of the code's 32 groups as keep at least
+# MIN_GROUP_VALUES distinct values in each group. "channels": gcd(C, 32) whatever a group then holds,
+# the earlier rule: at the CPU widths (C/2 <= 32) that is one channel per group, and with T' = 1 a
+# group normalises a single value, so the attention is the GroupNorm's bias for every clip.
+NORMS = ("values", "channels")
+MIN_GROUP_VALUES = 16
 KL_WEIGHT = 0.1  # the code's weight of the KL term in the CVAE loss
 
 
-def _groups(channels: int, wanted: int = 32) -> int:
-    """GroupNorm's 32 groups where they divide the channels, else the largest divisor below."""
-    return math.gcd(channels, wanted)
+def _groups(channels: int, values: int, norm: str = "values", wanted: int = 32) -> int:
+    """GroupNorm's group count for `channels` channels of `values` distinct values each.
+
+    At the paper's I3D shape (C/2 = 512, T' = 8) both rules give the code's 32 groups.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"GKD norm {norm!r}: choose one of {', '.join(NORMS)}")
+    if norm == "channels":
+        return math.gcd(channels, wanted)
+    fits = [g for g in range(min(wanted, channels), 0, -1)
+            if channels % g == 0 and channels // g * values >= MIN_GROUP_VALUES]
+    return fits[0] if fits else 1
+
+
+def _norm(channels: int, values: int, norm: str) -> nn.GroupNorm:
+    return nn.GroupNorm(_groups(channels, values, norm), channels)
 
 
 class AttentionHead(nn.Module):
@@ -42,19 +61,22 @@ class AttentionHead(nn.Module):
     Args:
         channels, time, space: C, T' and (H', W') of the feature (the Linear over time fixes T').
         variant: "faithful" or "light" (see the module docstring).
+        norm: how its GroupNorms choose groups (`NORMS`).
     """
 
-    def __init__(self, channels: int, time: int, space: tuple[int, int], variant: str = "faithful") -> None:
+    def __init__(self, channels: int, time: int, space: tuple[int, int], variant: str = "faithful",
+                 norm: str = "values") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"GKD variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         half = max(1, channels // 2)
         self.variant, self.channels, self.time = variant, channels, time
         kernel = (1, *space) if variant == "faithful" else (1, 1, 1)
-        self.collapse = nn.Sequential(nn.Conv3d(channels, half, kernel), nn.GroupNorm(_groups(half), half), nn.ReLU())
+        # Space is collapsed (or pooled) first, so each channel carries T' distinct values; the
+        # resize of time to L = C below repeats them without adding any.
+        self.collapse = nn.Sequential(nn.Conv3d(channels, half, kernel), _norm(half, time, norm), nn.ReLU())
         k = 3 if variant == "faithful" else 1
-        self.mix = nn.Sequential(nn.Conv1d(half, channels, k, padding=k // 2), nn.GroupNorm(_groups(channels), channels),
-                                 nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv1d(half, channels, k, padding=k // 2), _norm(channels, time, norm), nn.ReLU())
         self.to_time = nn.Linear(channels, time)  # from the resized axis L = C back to T'
 
     def forward(self, feature: Tensor) -> Tensor:
@@ -71,18 +93,21 @@ class CVAE(nn.Module):
     returns the feature generated from z = A_t + eps. `noise` replaces the random eps (tests).
     """
 
-    def __init__(self, channels: int, time: int, space: tuple[int, int], variant: str = "faithful") -> None:
+    def __init__(self, channels: int, time: int, space: tuple[int, int], variant: str = "faithful",
+                 norm: str = "values") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"GKD variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         c = channels
         self.variant, self.space = variant, tuple(space)
         kernel = (1, *space) if variant == "faithful" else (1, 1, 1)
-        self.collapse = nn.Sequential(nn.Conv3d(c, c, kernel), nn.GroupNorm(_groups(c), c), nn.ReLU())
+        self.collapse = nn.Sequential(nn.Conv3d(c, c, kernel), _norm(c, time, norm), nn.ReLU())
         self.encoder = nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, 2 * c))
         self.decoder = nn.Sequential(nn.Linear(2 * c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
         expand = (nn.ConvTranspose3d(c, c, kernel) if variant == "faithful" else nn.Conv3d(c, c, 1))
-        self.expand = nn.Sequential(expand, nn.GroupNorm(_groups(c), c), nn.ReLU())
+        # "faithful" spreads each step over space with a learned kernel; "light" repeats it over space.
+        spread = time * space[0] * space[1] if variant == "faithful" else time
+        self.expand = nn.Sequential(expand, _norm(c, spread, norm), nn.ReLU())
 
     def encode(self, feature: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
         """mu and log sigma^2, each (B, T', C)."""
@@ -212,9 +237,10 @@ class GKDNet(nn.Module):
         return self.backbone(residual_frames(x) if self.modality == "res" else x)
 
     def attended(self, feature: Tensor) -> tuple[Tensor, Tensor]:
-        """(A, F_att) for a feature map."""
+        """(A, F_att) for a feature map. The batch-global rescale is a training-time option: at test
+        time a clip's prediction never depends on the other clips of its batch."""
         attention = self.attention(feature)
-        return attention, attend(feature, attention, self.rescale)
+        return attention, attend(feature, attention, self.rescale if self.training else "sample")
 
     def time_logits(self, attended: Tensor) -> Tensor:
         """Per-time-step logits (B, T', K) of the attended feature (space pooled)."""
@@ -232,10 +258,22 @@ def gkd_task_loss(net: GKDNet, attended: Tensor, logits: Tensor, y: Tensor, ce: 
     return F.cross_entropy(net.time_logits(attended).float().softmax(dim=-1).sum(dim=1), y)
 
 
-def build_gkd_net(model: nn.Module, clip_len: int, crop: int, variant: str, rescale: str) -> tuple[GKDNet, CVAE]:
+def build_gkd_net(model: nn.Module, clip_len: int, crop: int, variant: str, rescale: str,
+                  norm: str = "values") -> tuple[GKDNet, CVAE]:
     """A plain classifier turned into a GKD network and its CVAE, sized from its last feature."""
     c, t, h, w = feature_shape(model, clip_len, crop)
-    return GKDNet(model, AttentionHead(c, t, (h, w), variant), rescale), CVAE(c, t, (h, w), variant)
+    return (GKDNet(model, AttentionHead(c, t, (h, w), variant, norm), rescale),
+            CVAE(c, t, (h, w), variant, norm))
+
+
+def ramp_share(epoch: int, batches: int, steps_per_epoch: int, ramp_epochs: float) -> float:
+    """The regeneration weight's share after `batches` steps of 0-based `epoch`: the epochs done,
+    counted in steps, over the ramp's length in epochs, at most 1.
+
+    At the end of epoch e (1-based) it is e / R, upstream's weight for its epoch e (R = 20 of 200
+    epochs); a 6-epoch run with R = 0.6 starts at 1 / (0.6 x steps_per_epoch), not at full weight.
+    """
+    return min(1.0, (epoch + batches / steps_per_epoch) / ramp_epochs)
 
 
 class GKDStep(nn.Module):
@@ -258,16 +296,21 @@ class GKDStep(nn.Module):
         clip: (clip_len, crop), to size the adapters.
         teacher, teacher_cvae: the frozen GKD teacher, or None.
         kd: a `LogitKD` term on the student's logits (gkd+logit), or None.
+        steps_per_epoch: the net pass's batches per epoch, until the first epoch has counted them.
     """
 
     passes = ("cvae", "net")
 
     def __init__(self, net: GKDNet, cvae: CVAE, cfg: Any, epochs: int, clip: tuple[int, int],
-                 teacher: GKDNet | None = None, teacher_cvae: CVAE | None = None, kd: nn.Module | None = None) -> None:
+                 teacher: GKDNet | None = None, teacher_cvae: CVAE | None = None, kd: nn.Module | None = None,
+                 steps_per_epoch: int = 1) -> None:
         super().__init__()
         self.model, self.cvae, self.kd, self.cfg = net, cvae, kd, cfg
-        self.ramp_epochs = max(1, round(cfg.ramp * epochs))
-        self.epoch, self.stage = 1, "net"
+        # The ramp runs in steps over `ramp` of the run, so a short run ramps too (rounding it to whole
+        # epochs made it one epoch for any run <= 14 epochs, full weight from the first step).
+        self.ramp_epochs = cfg.ramp * epochs
+        self.steps_per_epoch, self.epoch_index, self.batches = max(1, steps_per_epoch), 0, 0
+        self.stage = "net"
         self.adapter = self.attention_adapter = None
         if teacher is not None:
             for frozen in (teacher, teacher_cvae):
@@ -312,11 +355,13 @@ class GKDStep(nn.Module):
             p.requires_grad_((id(p) in cvae) == (name == "cvae"))
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch + 1  # the ramp counts epochs from 1, as upstream
+        if epoch > self.epoch_index and self.batches:
+            self.steps_per_epoch = self.batches  # the loader's real length, counted over the last epoch
+        self.epoch_index, self.batches = epoch, 0
 
     @property
     def ramp(self) -> float:
-        return min(self.epoch, self.ramp_epochs) / self.ramp_epochs
+        return ramp_share(self.epoch_index, self.batches, self.steps_per_epoch, self.ramp_epochs)
 
     def _teacher_view(self, feature: Tensor, attention: Tensor) -> tuple[Tensor, Tensor]:
         return self.adapter(feature), self.attention_adapter(attention)
@@ -347,6 +392,8 @@ class GKDStep(nn.Module):
         return out
 
     def _net_pass(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None) -> dict[str, Tensor]:
+        if self.training and torch.is_grad_enabled():
+            self.batches += 1  # a training step: the ramp moves on
         feature = self.model.forward_features(x)
         attention, attended = self.model.attended(feature)
         logits = self.model.head(attended)
@@ -370,7 +417,8 @@ class GKDStep(nn.Module):
             if self.kd is not None:
                 kd = self.kd(logits, x, y, teacher_logits if teacher_logits is not None else t_logits)
                 out["kd_loss"] = kd["kd_loss"]
-                loss = loss - task + kd["loss"]  # the KD term's weighted CE + soft term replace the plain CE
+                w_task, w_kd = self.kd.weights  # the KD term's weights, on the --gkd-ce task loss
+                loss = loss - task + w_task * task + w_kd * kd["kd_loss"]
         out["loss"] = loss + self.ramp * self.cfg.rec_weight * rec
         return out
 
@@ -387,11 +435,13 @@ def load_gkd_state(state: dict[str, Any]) -> tuple[GKDNet, CVAE]:
     from kdhar.models import build_model
 
     model = build_model(state["arch"], state["num_classes"], width=state["width"], modality=state["modality"])
-    net, cvae = build_gkd_net(model, state["clip_len"], state["crop"], state["variant"], state["rescale"])
+    # Models logged before the norm rule was recorded used the "channels" rule.
+    net, cvae = build_gkd_net(model, state["clip_len"], state["crop"], state["variant"], state["rescale"],
+                              state.get("norm", "channels"))
     net.load_state_dict(state["net"])
     cvae.load_state_dict(state["cvae"])
     return net.eval(), cvae.eval()
 
 
-__all__ = ["VARIANTS", "RESCALES", "AttentionHead", "CVAE", "cvae_loss", "attend", "FeatureAdapter", "feature_shape",
-           "AttentionAdapter", "GKDNet", "GKDStep", "build_gkd_net", "gkd_state", "load_gkd_state", "gkd_task_loss"]
+__all__ = ["VARIANTS", "RESCALES", "NORMS", "AttentionHead", "CVAE", "cvae_loss", "attend", "FeatureAdapter", "feature_shape",
+           "AttentionAdapter", "GKDNet", "GKDStep", "ramp_share", "build_gkd_net", "gkd_state", "load_gkd_state", "gkd_task_loss"]
