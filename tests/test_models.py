@@ -52,6 +52,30 @@ def test_width_64_matches_torchvision_parameter_count(name, reference):
     ]
 
 
+# Parameter counts of the VCOP/PCL code's R3DNet((1, 1, 1, 1)) and R2Plus1DNet((1, 1, 1, 1)) without
+# their classifier, summed by hand from their layers (stem, four one-block stages with a projected
+# shortcut in the three strided ones, BatchNorm weight and bias; no convolution bias).
+PCL_CODE_PARAMS = {"r3d_10": 14_361_792, "r2plus1d_10": 14_365_303}
+
+
+@pytest.mark.parametrize("name", sorted(PCL_CODE_PARAMS))
+def test_the_papers_10_layer_resnets_match_the_pcl_codes_parameter_count(name):
+    with torch.device("meta"):
+        trunk = build_model(name, num_classes=101, width=64).backbone
+    assert count_params(trunk) == pytest.approx(PCL_CODE_PARAMS[name], rel=0.01)
+    with torch.device("meta"):
+        c3d = build_model("c3d", num_classes=101, width=64).backbone
+        r3d_18 = build_model("r3d_18", num_classes=101, width=64).backbone
+    assert count_params(trunk) < count_params(c3d) < count_params(r3d_18)  # the papers' size order
+
+
+@pytest.mark.parametrize("name", sorted(PCL_CODE_PARAMS))
+def test_the_10_layer_resnets_halve_time_and_space_in_each_strided_stage(name):
+    model = build_model(name, num_classes=5, width=4).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 16, 112, 112)).shape == (1, 32, 2, 7, 7)
+
+
 def test_c3d_width_64_has_the_published_channels():
     with torch.device("meta"):
         model = build_model("c3d", num_classes=101, width=64)

@@ -1,4 +1,5 @@
-"""Video classifiers: C3D-BN, R3D-18, MC3-18, R(2+1)D-18 and a small student, all with a width knob."""
+"""Video classifiers: C3D-BN, R3D-18, MC3-18, R(2+1)D-18, the PCL code's R3D-10 and R(2+1)D-10 and a small
+student, all with a width knob."""
 
 from kdhar.models.registry import (
     MODALITIES,

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdhar.models.c3d import c3d_features
 from kdhar.models.resnet3d import mc3_18_features, r2plus1d_18_features, r3d_18_features
 from kdhar.models.small import tiny3d_features
+from kdhar.models.vcop import r2plus1d_10_features, r3d_10_features
 
 
 class ClassifierHead(nn.Module):
@@ -92,6 +93,8 @@ MODELS: dict[str, Builder] = {
     "r3d_18": _builder(r3d_18_features),
     "mc3_18": _builder(mc3_18_features),
     "r2plus1d_18": _builder(r2plus1d_18_features),
+    "r3d_10": _builder(r3d_10_features),  # the PCL / KD papers' R3D
+    "r2plus1d_10": _builder(r2plus1d_10_features),  # the PCL / KD papers' R(2+1)D
     "tiny3d": _builder(tiny3d_features),
 }
 
