@@ -144,9 +144,6 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         engine.dispose()
 
 
-<<<<<<< HEAD
-def mask_uri(uri: str) -> str:
-=======
 _OPENED: set[str] = set()
 
 
@@ -167,8 +164,7 @@ def _open_sqlite_store(uri: str, path: Path) -> None:
     _OPENED.add(uri)
 
 
-def _mask(uri: str) -> str:
->>>>>>> wfix
+def mask_uri(uri: str) -> str:
     """The URI with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)
 

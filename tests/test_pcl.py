@@ -23,7 +23,8 @@ from kdhar.objectives.factory import Teacher
 from kdhar.objectives.kd import LogitKD, kd_term
 from kdhar.objectives.pcl import PCLStep
 from kdhar.retrieval import topk_hits
-from kdhar.train import _heads, run_training
+from kdhar.train import run_training
+from kdhar.training.listeners.checkpoints import heads_state as _heads
 
 KDHAR = [sys.executable, "-m", "kdhar.cli"]
 
