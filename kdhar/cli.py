@@ -278,7 +278,7 @@ def kd_options(fn):
 def pcl_options(fn=None, *, ssl: bool = True):
     """PCL's knobs (pretrain; distill with --ssl pcl); spec keys of the same names. `ssl`: add --ssl."""
     from kdhar.data.tuples import STRIDES
-    from kdhar.objectives.pretext import SPATIAL_PERMS, SWAP_PAIRS
+    from kdhar.data.pretext import SPATIAL_PERMS, SWAP_PAIRS
 
     p = C.PCLConfig
     opts = [

@@ -56,6 +56,9 @@ class ModelConfig:
     modality: str = "rgb"
 
 
+MODALITIES = ("rgb", "res")  # what ModelConfig.modality may be; kdhar.models computes "res"
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (Table 1)."""
@@ -107,6 +110,11 @@ class KDConfig:
 
 SSL_METHODS = ("none", "pcl")
 CONTRASTS = ("nce", "ntxent")
+# PCL's choices. The data and model code that acts on them imports them from here, so checking a
+# configuration needs nothing above this module.
+STRIDES = ("upstream", "nominal")  # clip_stride: see kdhar.data.tuples.TupleLayout
+SPATIAL_PERMS = ("fixed", "random")  # spatial_perm: see kdhar.data.pretext
+SWAP_PAIRS = ("any", "adjacent")  # swap_pairs: see kdhar.data.pretext
 
 
 @dataclass(frozen=True)
@@ -227,8 +235,6 @@ def check_run_config(cfg: RunConfig) -> None:
     """
     import math
 
-    from kdhar.models import MODALITIES
-
     o, c, d, m = cfg.optim, cfg.clip, cfg.data, cfg.model
 
     def need(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -262,9 +268,6 @@ def check_run_config(cfg: RunConfig) -> None:
     p = cfg.pcl
     need(p.ssl in SSL_METHODS, "ssl", p.ssl, f"must be one of {', '.join(SSL_METHODS)}")
     if p.ssl == "pcl":
-        from kdhar.data.tuples import STRIDES
-        from kdhar.objectives.pretext import SPATIAL_PERMS, SWAP_PAIRS
-
         need(p.interval >= 0, "pcl_interval", p.interval, "must be >= 0 frames")
         need(p.clip_stride in STRIDES, "clip_stride", p.clip_stride, f"must be one of {', '.join(STRIDES)}")
         need(p.spatial_perm in SPATIAL_PERMS, "spatial_perm", p.spatial_perm, f"must be one of {', '.join(SPATIAL_PERMS)}")

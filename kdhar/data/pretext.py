@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SPATIAL_PERMS = ("fixed", "random")
-SWAP_PAIRS = ("any", "adjacent")
+from kdhar.config import SPATIAL_PERMS, SWAP_PAIRS
+
 FIXED_QUADRANTS = (3, 2, 1, 0)  # [[D, C], [B, A]] from quadrants numbered A=0, B=1, C=2, D=3
 _NON_IDENTITY = [p for p in itertools.permutations(range(4)) if p != (0, 1, 2, 3)]
 
