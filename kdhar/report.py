@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from kdhar.objectives.factory import REPORT_MARKS  # noqa: E402
+from kdhar.methods import REPORT_MARKS  # noqa: E402
 
 # Table column -> the metric it is read from. The stages are logged by kdhar.train at 25/75/100 % of
 # the epochs, the paper's 50/150/200 of 200.

@@ -6,7 +6,6 @@ Every entry point (train_teacher, distill, finetune, each tuning trial, each gri
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -24,9 +23,9 @@ from kdhar import distributed, tracking
 from kdhar.checkpoint import load_checkpoint, save_checkpoint
 from kdhar.config import RunConfig, check_run_config
 from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
-from kdhar.data.index import DatasetIndex, fingerprint, load_index
-from kdhar.data.subsets import class_balanced_subset, group_holdout
-from kdhar.engine import (Plateau, evaluate, evaluate_terms, make_scheduler, rng_state, set_determinism,
+from kdhar.data.index import fingerprint
+from kdhar.data.splits import Splits, load_splits
+from kdhar.engine import (Plateau, evaluate, evaluate_terms, make_scheduler, pick_device, rng_state, set_determinism,
                           set_rng_state, train_one_epoch)
 from kdhar.models import build_model
 from kdhar.objectives import Objective, Teacher, build_objective
@@ -61,23 +60,6 @@ def stage_epochs(epochs: int) -> dict[str, int]:
     return {name: max(1, math.ceil(frac * epochs)) for name, frac in STAGES.items()}
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """"auto" (or None): CUDA when available, else the CPU; otherwise the named device.
-
-    Raises:
-        ValueError: not a device name torch knows, or CUDA asked for on a machine without it.
-    """
-    if not name or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; use auto or cpu")
-    return device
-
-
 # Knobs added after runs were already being identified by their hash: at these values they behave
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
 HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False}
@@ -91,36 +73,6 @@ def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
     params = {k: v for k, v in cfg.params(kd=teacher is not None).items() if HASH_NEUTRAL.get(k, object()) != v}
     payload = json.dumps({**params, "teacher": teacher, "init": init}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Splits:
-    classes: list[str]
-    train: DatasetIndex
-    val: DatasetIndex | None
-    test: DatasetIndex
-    fingerprint: str
-    missing: int
-
-
-def load_splits(cfg: RunConfig) -> Splits:
-    """Train (class-balanced fraction), validation (held-out training groups) and test indexes."""
-    d = cfg.data
-    split_dir = d.split_dir or None
-    train_full = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing, split_dir=split_dir)
-    test = load_index(d.dataset, d.root, d.split, "test", on_missing=d.on_missing, split_dir=split_dir)
-    train_samples, val_samples = train_full.samples, []
-    if d.val_fraction > 0:
-        train_samples, val_samples = group_holdout(train_full.samples, d.val_fraction, cfg.optim.seed)
-    train_samples = class_balanced_subset(train_samples, d.fraction, cfg.optim.seed)
-    return Splits(
-        classes=list(train_full.classes),
-        train=dataclasses.replace(train_full, samples=train_samples),
-        val=dataclasses.replace(train_full, samples=val_samples) if val_samples else None,
-        test=test,
-        fingerprint=fingerprint(train_full),
-        missing=train_full.missing + test.missing,
-    )
 
 
 def check_same_classes(source: str, classes: list[str], dataset_classes: list[str]) -> None:
