@@ -23,16 +23,13 @@ class UserError(click.ClickException):
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
     from kdhar.checkpoint import CheckpointError
     from kdhar.data.index import MissingVideosError
     from kdhar.data.video import VideoError
-    from kdhar.tracking import TrackingError
+    from kdhar.tracking import TrackingError, is_bad_reference
 
-    if isinstance(exc, MlflowException):
-        # A models:/ or runs:/ URI naming nothing, or a malformed one: the user's input.
-        return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+    if is_bad_reference(exc):
+        return True
     return isinstance(exc, (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingError, CheckpointError))
 
 
