@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from kdhar.experiments import SpecError, build_run_config, cell_hash, grid_status, load_spec, parse_spec, plan
+from tests.conftest import SEVERAL_PROCESSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -360,6 +361,7 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store):
     """Ctrl-C and SIGKILL of `kdhar experiment run` mid-wave: the workers stop with it and their runs end
@@ -488,6 +490,7 @@ def test_reconcile_ends_runs_whose_process_is_gone_here_or_whose_heartbeat_stopp
     assert neither.returncode == 2 and "give --study-name" in neither.stderr
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 def test_two_runners_on_one_spec_train_each_cell_once(store):
     """Two `kdhar experiment run` on the same spec at once: each cell is claimed by one of them, the
