@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml requirements.txt
 demo: setup
 	$(BIN)/kdhar demo
 
+# Workers: one per core (pytest-xdist); tests that share a server, Ray or torchrun carry an
+# xdist_group mark and run on one worker (tests/conftest.py). WORKERS=0 runs in this process.
+WORKERS ?= auto
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_loader.py

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
-from kdhar.checkpoint import load_checkpoint, save_checkpoint
-from kdhar.config import RunConfig
 from torch.utils.data import DataLoader
 
+from kdhar.checkpoint import load_checkpoint, save_checkpoint
+from kdhar.config import RunConfig
 from kdhar.data.dataset import EpochSampler, VideoClipDataset, collate_clips
-from kdhar.objectives import Teacher
-from kdhar.train import load_splits, pick_device
+from kdhar.data.splits import load_splits
+from kdhar.engine import pick_device
+from kdhar.models import Teacher
 
 
 @dataclass

@@ -24,16 +24,13 @@ class UserError(click.ClickException):
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
     from kdhar.checkpoint import CheckpointError
     from kdhar.data.index import MissingVideosError
     from kdhar.data.video import VideoError
-    from kdhar.tracking import TrackingError
+    from kdhar.tracking import TrackingError, is_bad_reference
 
-    if isinstance(exc, MlflowException):
-        # A models:/ or runs:/ URI naming nothing, or a malformed one: the user's input.
-        return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+    if is_bad_reference(exc):
+        return True
     return isinstance(exc, (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingError, CheckpointError))
 
 
@@ -308,7 +305,7 @@ def pcl_options(fn=None, *, ssl: bool = True):
     opts = [
         click.option("--pcl-interval", type=INT, default=None,
                      help=f"frames between a tuple's clips (default {p.interval}, Table 1; 2 at size cpu)"),
-        click.option("--clip-stride", type=_OptionalChoice(C.CLIP_STRIDES), default=None,
+        click.option("--clip-stride", type=_OptionalChoice(C.STRIDES), default=None,
                      help="upstream: clips tuple_len+interval apart, as PCL's code (default); nominal: clip_len+interval"),
         click.option("--spatial-perm", type=_OptionalChoice(C.SPATIAL_PERMS), default=None,
                      help="pretext quadrant order: fixed [[D,C],[B,A]] (code, default) or random (paper's prose)"),

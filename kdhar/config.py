@@ -56,6 +56,9 @@ class ModelConfig:
     modality: str = "rgb"
 
 
+MODALITIES = ("rgb", "res")  # what ModelConfig.modality may be; kdhar.models computes "res"
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (Table 1)."""
@@ -107,10 +110,11 @@ class KDConfig:
 
 SSL_METHODS = ("none", "pcl")
 CONTRASTS = ("nce", "ntxent")
-# The choices of PCL's tuple layout and pretext tasks: the code's default first, then the paper's prose.
-CLIP_STRIDES = ("upstream", "nominal")
-SPATIAL_PERMS = ("fixed", "random")
-SWAP_PAIRS = ("any", "adjacent")
+# PCL's choices. The data and model code that acts on them imports them from here, so checking a
+# configuration needs nothing above this module.
+STRIDES = ("upstream", "nominal")  # clip_stride: see kdhar.data.tuples.TupleLayout
+SPATIAL_PERMS = ("fixed", "random")  # spatial_perm: see kdhar.data.pretext
+SWAP_PAIRS = ("any", "adjacent")  # swap_pairs: see kdhar.data.pretext
 
 
 @dataclass(frozen=True)
@@ -149,10 +153,6 @@ GKD_VARIANTS = ("faithful", "light")
 GKD_NORMS = ("values", "channels")
 GKD_CE = ("mean", "sum-softmax")
 GKD_RESCALES = ("sample", "batch")
-# The `method` tag -> its mark in a report row ("c3d [gkd]"), for methods that share a student and
-# teacher with logit KD; plain scratch, logit KD and the PCL methods (tables of their own) have none.
-# Kept here, beside the method names, so that the report reads it without importing torch.
-REPORT_MARKS = {"attention": "attention", "gkd": "gkd", "gkd+kd-logit": "gkd+logit"}
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,6 @@ def check_run_config(cfg: RunConfig) -> None:
         ValueError: the first bad value.
     """
     import math
-
-    from kdhar.models import MODALITIES
 
     o, c, d, m = cfg.optim, cfg.clip, cfg.data, cfg.model
 

@@ -25,6 +25,23 @@ LogFn = Callable[[dict[str, float], int], None]
 SCHEDULES = ("cosine", "step", "constant", "plateau")
 
 
+def pick_device(name: str | None = None) -> torch.device:
+    """"auto" (or None): CUDA when available, else the CPU; otherwise the named device.
+
+    Raises:
+        ValueError: not a device name torch knows, or CUDA asked for on a machine without it.
+    """
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use auto or cpu")
+    return device
+
+
 def resolve_amp_dtype(device: torch.device | str, amp_dtype: torch.dtype | None) -> torch.dtype | None:
     """The autocast dtype to use, or None for full precision.
 

@@ -141,10 +141,9 @@ def _train_cell(job: CellJob, device: str | None, tracking_uri: str, workdir: st
     the `grid_task` tag, ends it KILLED and resumes it from its checkpoint; an attempt that had
     finished before its worker died is taken as it is.
     """
-    import mlflow
+    from kdhar import tracking
 
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking.use_tracking_uri(tracking_uri)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(
             f"Ray node {socket.gethostname()} does not have the grid's working directory {workdir}: every node "

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from kdhar import stats  # noqa: E402
-from kdhar.config import REPORT_MARKS  # noqa: E402
+from kdhar.methods import REPORT_MARKS  # noqa: E402
 from kdhar.stats import PairedTest  # noqa: E402
 
 # Table column -> the metric it is read from. The stages are logged by kdhar.train at 25/75/100 % of

@@ -86,6 +86,19 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def use_tracking_uri(uri: str) -> None:
+    """Points this process, and any it starts, at the tracking store `uri`."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+
+
+def is_bad_reference(exc: BaseException) -> bool:
+    """True when `exc` is MLflow's answer to a models:/ or runs:/ URI that names nothing or is malformed:
+    the user's input rather than a fault of the store."""
+    return isinstance(exc, MlflowException) and exc.error_code in (
+        "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 # Database stores MLflow takes, by URI scheme (before any "+driver").
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 

@@ -2,6 +2,13 @@
 
 The tracking fixtures run the same topology as `docker compose up`, natively: a real PostgreSQL
 database and a real `mlflow server` process serving artifacts from a temporary folder.
+
+`make test` runs the suite on parallel workers (pytest-xdist, `--dist loadgroup`). Tests that share
+something a worker cannot copy carry an `xdist_group` mark and run on one worker, in file order: the
+tests on the session's `mlflow server` (one registry, whose champion aliases later tests read), and
+`SEVERAL_PROCESSES`: the tests that start several training processes sized for the whole machine and
+wait on them with deadlines (torchrun, Ray, two tuning or grid workers), so that no two of them
+compete for the cores at once.
 """
 
 from __future__ import annotations
@@ -24,6 +31,22 @@ PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 # Measured on 2 shared cores: a fresh server (schema migrations included) answers /health after
 # 7 s when idle and 25 s when the cores are busy; the margin covers a loaded CI machine.
 SERVER_START_TIMEOUT_S = 120.0
+
+
+SERVER_GROUP = "mlflow-server"
+SEVERAL_PROCESSES = pytest.mark.xdist_group("several-processes")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Puts every test that uses the session's mlflow server into one xdist group.
+
+    A worker has its own session, so spreading these tests would start one server (and database) per
+    worker, and tests reading the registry's champion would no longer see the runs registered before them.
+    """
+    for item in items:
+        if "mlflow_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SERVER_GROUP))
 
 
 def _free_port() -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from kdhar.data.synthetic import SynthSpec, generate
+from tests.conftest import SEVERAL_PROCESSES, _free_port
+
+pytestmark = SEVERAL_PROCESSES  # two ranks or a torchrun job each, and a restart waited on with a deadline
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
@@ -80,7 +82,7 @@ def _train(rank: int, world: int, port: int, out: str) -> None:
 def test_two_ranks_on_shards_of_each_global_batch_reproduce_single_process_training(tmp_path):
     single, double = tmp_path / "one.pt", tmp_path / "two.pt"
     _train(0, 1, 0, str(single))
-    port = 29500 + os.getpid() % 1000
+    port = _free_port()  # a fixed or pid-derived port can be taken by a parallel test worker
     mp.start_processes(_train, args=(2, port, str(double)), nprocs=2, start_method="spawn")
     a, b = torch.load(single), torch.load(double)
     for k in a:  # the same weights after 4 steps of 2 epochs, up to float summation order
@@ -101,9 +103,7 @@ def test_the_ranks_agree_the_job_restarted_when_only_one_nodes_torchrun_counted_
     # torchrun counts only the restarts it caused: the node whose process died says 1, a node whose
     # processes were restarted to rejoin says 0. Each rank deciding alone would resume on one rank
     # and start afresh on the other.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.start_processes(_restarts, args=(port, (0, 1), str(tmp_path)), nprocs=2, start_method="spawn")
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["1", "1"]
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from kdhar.experiments import SpecError, build_run_config, cell_hash, grid_status, load_spec, parse_spec, plan
+from tests.conftest import SEVERAL_PROCESSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -380,6 +381,7 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store):
     """Ctrl-C and SIGKILL of `kdhar experiment run` mid-wave: the workers stop with it and their runs end
@@ -560,6 +562,7 @@ def test_reconcile_of_an_experiment_that_does_not_exist_says_so(local_tracking, 
         "(`mlflow experiments search` lists them)"]
 
 
+@SEVERAL_PROCESSES
 @pytest.mark.slow
 def test_two_runners_on_one_spec_train_each_cell_once(store):
     """Two `kdhar experiment run` on the same spec at once: each cell is claimed by one of them, the

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdhar.data.tuples import REMOTE_GAP, TupleLayout, clip_indices, draw_tuple, remote_start
-from kdhar.objectives.pretext import draw_swap, permute_quadrants, rotate, swap_chunks, transform
+from kdhar.data.pretext import draw_swap, permute_quadrants, rotate, swap_chunks, transform
 
 
 def test_layouts_follow_upstream_and_the_nominal_reading():

@@ -13,7 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from kdhar.cli import cli
+from tests.conftest import SEVERAL_PROCESSES
 from tests.test_experiments import TINY, store, write_spec  # noqa: F401 - store is a fixture
+
+pytestmark = SEVERAL_PROCESSES  # a local Ray instance of 2 CPUs, and deadlines on its tasks
 
 # Four cells in three waves: the teacher, two scratch students side by side, one distilled student.
 FOUR = {"teachers": ["tiny3d"], "students": ["tiny3d", "c3d"], "self_distill": False,

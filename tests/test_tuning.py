@@ -32,6 +32,7 @@ from kdhar.tuning import (
     study_trials,
     tune,
 )
+from tests.conftest import SEVERAL_PROCESSES
 
 EXPERIMENT = "tune-test"
 PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
@@ -324,6 +325,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@SEVERAL_PROCESSES
 def test_two_workers_share_a_postgres_study(tiny_data, workdir, pg_url):
     procs = [start_worker(tiny_data, workdir, pg_url, n_trials=3) for _ in range(2)]
     results = [finish(p) for p in procs]
@@ -340,6 +342,7 @@ def test_two_workers_share_a_postgres_study(tiny_data, workdir, pg_url):
     assert len({t["params"]["tau"] for t in trials}) == 3
 
 
+@SEVERAL_PROCESSES
 def test_killed_worker_trial_is_failed_retried_and_its_run_ended(tiny_data, workdir, pg_url):
     # Both workers run the same settings (a worker with other epochs would be refused by the study),
     # and the first is killed as soon as its trial's run appears: the run stays RUNNING through its

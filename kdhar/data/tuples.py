@@ -3,7 +3,7 @@
 A tuple is `tuple_len` clips of `clip_len` consecutive frames from one video (no temporal
 subsampling), plus a fourth "remote" clip at least `REMOTE_GAP` frames outside the tuple. The
 middle clip carries the pretext label (0 unchanged, 1 rotated, 2 spatially permuted, 3 two
-temporal chunks swapped, 4 replaced by the remote clip); `kdhar.objectives.pretext` applies it.
+temporal chunks swapped, 4 replaced by the remote clip); `kdhar.data.pretext` applies it.
 
 Two readings of the paper's "interval 8" (`stride`):
 
@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdhar.config import CLIP_STRIDES
+from kdhar.config import STRIDES
 
-STRIDES = CLIP_STRIDES
 PRETEXT_LABELS = 5  # unchanged, rotation, spatial permutation, chunk swap, remote clip
 REMOTE = 4  # the label whose middle clip is replaced by the remote clip
 REMOTE_GAP = 16  # frames between the tuple and its remote clip, at least
@@ -136,7 +135,7 @@ class TupleClipDataset:
         clip: resize, crop, augmentation and flip settings (its clip_len is not used: the layout's is).
         layout: the tuple's clip length, interval, tuple length and stride.
         train: per-view draws (training) or fixed ones (validation).
-        spatial_perm, swap_pairs: see `kdhar.objectives.pretext`.
+        spatial_perm, swap_pairs: see `kdhar.data.pretext`.
         cache_bytes: as for `VideoClipDataset`.
     """
 
@@ -165,7 +164,7 @@ class TupleClipDataset:
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         from kdhar.data.transforms import apply_params, draw_params
-        from kdhar.objectives.pretext import transform
+        from kdhar.data.pretext import transform
 
         item, view = key if isinstance(key, tuple) else (key, self.view)
         item = int(item)

@@ -11,6 +11,7 @@ from kdhar.models.registry import (
     describe,
     residual_frames,
 )
+from kdhar.models.teacher import Teacher
 
-__all__ = ["MODALITIES", "MODELS", "ClassifierHead", "VideoClassifier", "build_model", "count_params", "describe",
-           "residual_frames"]
+__all__ = ["MODALITIES", "MODELS", "ClassifierHead", "Teacher", "VideoClassifier", "build_model", "count_params",
+           "describe", "residual_frames"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdhar.config import MODALITIES
 from kdhar.models.c3d import c3d_features
 from kdhar.models.resnet3d import mc3_18_features, r2plus1d_18_features, r3d_18_features
 from kdhar.models.small import tiny3d_features
@@ -28,7 +29,6 @@ class ClassifierHead(nn.Module):
         return self.fc(self.dropout(pooled))
 
 
-MODALITIES = ("rgb", "res")
 
 
 def residual_frames(x: Tensor) -> Tensor:

@@ -18,25 +18,13 @@ import torch
 from torch import nn
 
 from kdhar.config import RunConfig
+from kdhar.methods import REGISTRY_LABELS
+from kdhar.models.teacher import Teacher
 from kdhar.objectives.kd import KDStep, LogitKD, check_kd, is_collapsed
 from kdhar.objectives.supervised import SupervisedStep
 
-# What a run of each method registers its model as (kdhar-<label>-<arch>), so @champion compares like with like.
-REGISTRY_LABELS = {"supervised": "scratch", "kd-logit": "kd", "pcl": "pcl-scratch", "pcl+kd-logit": "pcl-kd",
-                   "pcl-ssl": "pretrain", "attention": "attention", "gkd": "gkd", "gkd+kd-logit": "gkd-kd"}
 # Where a GKD model keeps what its exported graph drops (the CVAE), so that it can teach.
 GKD_STATE = "gkd/state.pt"
-
-@dataclass
-class Teacher:
-    """A frozen teacher and where it came from."""
-
-    model: nn.Module
-    uri: str
-    classes: list[str]
-    arch: str | None = None
-    run_id: str | None = None
-    clip: tuple[int, int] | None = None  # (frames, crop) a logged teacher's graph takes; None: any
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import nn
 from kdhar import distributed
 from kdhar.config import OptimConfig, RunConfig, check_run_config
 from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
-from kdhar.engine import Plateau, make_scheduler, set_determinism, set_rng_state
+from kdhar.engine import Plateau, make_scheduler, pick_device, set_determinism, set_rng_state
 from kdhar.models import build_model
 from kdhar.objectives import Objective, build_objective
 from kdhar.training.resume import checkpoint_to_resume, load_init_weights
@@ -26,23 +26,6 @@ EVAL_REPLAY_BYTES = 512 * 2**20
 # UCF101 train split is ~370 MB at the CPU preset, so its epochs after the first decode nothing;
 # UCF101 itself does not fit and is decoded as before once the budget is spent.
 TRAIN_FRAME_CACHE_BYTES = 1024 * 2**20
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """"auto" (or None): CUDA when available, else the CPU; otherwise the named device.
-
-    Raises:
-        ValueError: not a device name torch knows, or CUDA asked for on a machine without it.
-    """
-    if not name or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; use auto or cpu")
-    return device
 
 
 @dataclass

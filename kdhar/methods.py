@@ -1,0 +1,9 @@
+"""The training methods by name (a run's `method` tag): what each registers its model as, and how a
+report marks it. Plain names only, so the report reads them without importing torch."""
+
+# What a run of each method registers its model as (kdhar-<label>-<arch>), so @champion compares like with like.
+REGISTRY_LABELS = {"supervised": "scratch", "kd-logit": "kd", "pcl": "pcl-scratch", "pcl+kd-logit": "pcl-kd",
+                   "pcl-ssl": "pretrain", "attention": "attention", "gkd": "gkd", "gkd+kd-logit": "gkd-kd"}
+# The `method` tag -> its mark in a report row ("c3d [gkd]"), for methods that share a student and
+# teacher with logit KD; plain scratch, logit KD and the PCL methods (tables of their own) have none.
+REPORT_MARKS = {"attention": "attention", "gkd": "gkd", "gkd+kd-logit": "gkd+logit"}
