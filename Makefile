@@ -9,13 +9,26 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# TORCH_INDEX: a wheel index for torch and torchvision, e.g. PyTorch's CPU-only builds
+# (make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu), where the default wheels would bring
+# several GB of CUDA libraries (README, "Installing").
+TORCH_INDEX ?=
+DEV_STAMP := $(VENV)/.installed-dev
+
 $(STAMP): pyproject.toml requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),grep -E '^torch' requirements.txt > $(VENV)/torch.txt && $(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX) -r $(VENV)/torch.txt)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard,ray]"  # ray: the tests of --executor ray
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+# What the tests need beyond the demo: pytest and its workers, Selenium, the auth server, the
+# Optuna dashboard and Ray (the tests of --executor ray).
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard,ray]"
+	touch $(DEV_STAMP)
 
 demo: setup
 	$(BIN)/kdhar demo
@@ -24,7 +37,7 @@ demo: setup
 # xdist_group mark and run on one worker (tests/conftest.py). WORKERS=0 runs in this process.
 WORKERS ?= auto
 
-test: setup
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 
 bench: setup
