@@ -73,6 +73,7 @@ def stored_results(experiment: str, student: str) -> tuple[dict, list[dict], flo
     """Teachers and student results of an earlier run of this benchmark, read back from its store."""
     from kdhar import tracking
     from kdhar.objectives import is_stuck
+    from kdhar.objectives.stuck import STUCK_MIN_STEPS
 
     runs = tracking.find_runs(experiment, "attributes.status = 'FINISHED'")
     uris = {r["tags"]["arch"]: (f"runs:/{r['run_id']}/model", r["metrics"][METRIC])
@@ -88,8 +89,9 @@ def stored_results(experiment: str, student: str) -> tuple[dict, list[dict], flo
             cond = "mix"
         else:
             cond = "paper" if float(params["optim.warmup"]) == 0 else "sum+warmup"
-        # the last epoch's verdict: accuracy alone decides there, for scratch runs too
-        collapsed = is_stuck(m["train_acc"], int(params["num_classes"]), share_done=1.0)
+        # the last epoch's verdict: accuracy alone decides there, for scratch runs too (every run of
+        # this benchmark takes more than STUCK_MIN_STEPS steps)
+        collapsed = is_stuck(m["train_acc"], int(params["num_classes"]), share_done=1.0, steps_done=STUCK_MIN_STEPS)
         results.append({"teacher": tags["teacher_arch"], "cond": cond, "fraction": float(tags["fraction"]),
                         "seed": int(tags["seed"]), "acc": m[METRIC], "collapsed": collapsed})
     wall = (max(r["end_time"] for r in runs) - min(r["start_time"] for r in runs)) / 1000

@@ -163,15 +163,18 @@ def test_mix_halves_the_step_of_sum_at_alpha_one_half():
 
 
 def test_stuck_is_chance_accuracy_after_half_the_epochs_whatever_the_loss_did():
-    # 10 classes: chance 0.10, the limit 1.5x chance = 0.15.
-    assert is_stuck(train_acc=0.15, num_classes=10, share_done=0.5)  # both edges count
-    assert is_stuck(train_acc=0.10, num_classes=10, share_done=1.0, soft=0.2, uniform=2.0)  # the soft loss fell: still stuck
-    assert not is_stuck(train_acc=0.16, num_classes=10, share_done=1.0, soft=3.0, uniform=2.0)  # learning the labels
-    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.4)  # a slow start, before half the epochs
+    # 10 classes: chance 0.10, the limit 1.5x chance = 0.15; judged from the 50th step on.
+    assert is_stuck(train_acc=0.15, num_classes=10, share_done=0.5, steps_done=50)  # every edge counts
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=1.0, steps_done=49)  # too short to judge
+    # The soft loss fell far below a uniform student's: still stuck.
+    assert is_stuck(train_acc=0.10, num_classes=10, share_done=1.0, steps_done=200, soft=0.2, uniform=2.0)
+    assert not is_stuck(train_acc=0.16, num_classes=10, share_done=1.0, steps_done=200, soft=3.0, uniform=2.0)
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.4, steps_done=200)  # a slow start
     # Before half the epochs, a distilled run is stuck when its soft loss is no lower than a uniform student's.
-    assert is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, soft=2.0, uniform=2.0)
-    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, soft=1.9, uniform=2.0)
-    assert not is_stuck(train_acc=0.20, num_classes=10, share_done=0.25, soft=2.5, uniform=2.0)
+    assert is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, steps_done=200, soft=2.0, uniform=2.0)
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, steps_done=200, soft=1.9, uniform=2.0)
+    assert not is_stuck(train_acc=0.20, num_classes=10, share_done=0.25, steps_done=200, soft=2.5, uniform=2.0)
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, steps_done=40, soft=2.5, uniform=2.0)
 
 
 def test_uniform_student_soft_loss_by_hand():

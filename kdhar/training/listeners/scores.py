@@ -37,9 +37,9 @@ def plateau_loss(metrics: dict[str, float], first: str | None = None) -> float:
 
 
 class StuckWatch(Listener):
-    """Marks each epoch `collapsed` when the run is stuck (`kdhar.objectives.stuck.is_stuck`: train
-    accuracy at chance after half the epochs, or earlier for a distilled run whose soft loss is no
-    lower than a uniform student's), tags the run with the last epoch's verdict and says why."""
+    """Marks each epoch `collapsed` when the run is stuck (`kdhar.objectives.stuck.is_stuck`: past
+    its first STUCK_MIN_STEPS steps, train accuracy at chance after half the epochs, or earlier for a
+    distilled run whose soft loss is no lower than a uniform student's), tags the run with the last epoch's verdict and says why."""
 
     def __init__(self, epochs: int, soft_term: str | None) -> None:
         self.epochs, self.term = epochs, soft_term
@@ -51,7 +51,8 @@ class StuckWatch(Listener):
 
     def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
         m = epoch.metrics
-        m["collapsed"] = float(is_stuck(m["train_acc"], run.prep.num_classes, epoch.done / self.epochs,
+        steps = epoch.done * len(run.prep.train_loader)  # the net pass's optimiser steps so far
+        m["collapsed"] = float(is_stuck(m["train_acc"], run.prep.num_classes, epoch.done / self.epochs, steps,
                                         *self._losses(m)))
 
     def on_train_end(self, run: RunState) -> None:
