@@ -209,7 +209,8 @@ def _by_seed(runs: Sequence[dict[str, Any]], metric: str) -> dict[int, float]:
 
 
 def _collapsed(run: dict[str, Any]) -> bool:
-    # Training sets both the tag and the metric; either is enough, older runs carry neither.
+    # A stuck run (kdhar.objectives.stuck). Training sets both the tag and the metric; either is
+    # enough, older runs carry neither.
     return run["tags"].get("collapsed", "").lower() == "true" or run["metrics"].get("collapsed") == 1.0
 
 
@@ -488,8 +489,8 @@ def _note(margin: float) -> str:
         "Accuracy: test video top-1 in %, mean ± std over n seeds, collapsed runs included. reading: last = "
         "the accuracy at that epoch, best = the best test accuracy reached by then (the KD paper's reading; "
         "the best final accuracy is the best of the whole run). Teacher: one row per teacher run, with its "
-        "run id and final accuracy. collapsed: runs whose train accuracy stayed at chance while the KD loss "
-        "did not come down, of n. Δ: distilled minus scratch at the same fraction (difference of means). "
+        "run id and final accuracy. collapsed: stuck runs, of n: train accuracy at most 1.5x chance after "
+        "half the epochs (scratch runs too), whatever the loss did. Δ: distilled minus scratch at the same fraction (difference of means). "
         "early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the transfer dataset. "
         "KD - scratch: the final accuracy compared seed by seed over the seeds both rows ran (pairs). "
         "Δ final [95 % CI]: mean of the differences with a Student-t interval, mean ± t(0.975, n-1)·sd/√n. "

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdhar import tracking
 from kdhar.config import RunConfig
+from kdhar.objectives.stuck import STUCK_ACC_FACTOR
 
 if os.environ.get("KDHAR_QUIET_OPTUNA"):  # set by the CLI unless --verbose: kdhar prints its own line per trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -484,9 +485,10 @@ def tune(
             _tag_run(experiment, res.run_id, {TAG_STATE: "PRUNED"})
             raise optuna.TrialPruned(f"pruned after epoch {len(res.history)}")
         if res.history and res.history[-1].get("collapsed"):
-            # A collapsed student's accuracy is chance whatever the settings nearby: a failure of
+            # A stuck student's accuracy is chance whatever the settings nearby: a failure of
             # these settings, not a low score for the sampler to interpolate.
-            reason = f"collapsed: train accuracy at chance while the KD loss did not come down ({_fmt(values)})"
+            reason = (f"collapsed: stuck at train accuracy {res.history[-1]['train_acc']:.3f}, at most "
+                      f"{STUCK_ACC_FACTOR:g}x chance ({_fmt(values)})")
             trial.set_user_attr("fail_reason", reason)
             _tag_run(experiment, res.run_id, {TAG_STATE: "FAIL", "fail_reason": reason})
             raise TrialCollapsed(reason)
@@ -514,7 +516,7 @@ def tune(
 
 
 class TrialCollapsed(RuntimeError):
-    """A trial whose student collapsed; Optuna records it as FAIL with this reason."""
+    """A trial whose student is stuck (tagged collapsed); Optuna records it as FAIL with this reason."""
 
 
 def _fmt(values: dict[str, float]) -> str:

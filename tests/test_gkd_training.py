@@ -384,6 +384,38 @@ def test_gkd_without_a_teacher_is_the_scratch_plus_attention_baseline(local_trac
     assert [v.run_id for v in client.search_model_versions("name = 'kdhar-attention-c3d'")] == [run.info.run_id]
 
 
+@pytest.mark.slow
+def test_attention_health_is_logged_each_epoch_and_a_constant_attention_is_flagged(local_tracking, gkd_set, capfd):
+    # C3D on 8-frame clips keeps T' = 1: the old "channels" norm makes the attention the GroupNorm's
+    # bias for every clip, the default "values" norm keeps it input-dependent.
+    from kdhar.config import ClipConfig, DataConfig, GKDConfig, ModelConfig, OptimConfig, RunConfig
+    from kdhar.train import run_training
+
+    assert feature_shape(build_model("c3d", 3, width=4), *CLIP)[1] == 1
+    client = MlflowClient(local_tracking)
+    stds = {}
+    for norm in ("values", "channels"):
+        cfg = RunConfig(
+            data=DataConfig(root=str(gkd_set), num_workers=0, fraction=0.25),
+            clip=ClipConfig(clip_len=8, frame_interval=1, test_clips=1, resize=(64, 85), crop=56),
+            model=ModelConfig(arch="c3d", width=4), gkd=GKDConfig(attention=True, norm=norm),
+            optim=OptimConfig(epochs=2, batch_size=8, threads=1),
+        )
+        res = run_training(cfg, role="teacher", experiment="health", progress=True, register=False)
+        run = client.get_run(res.run_id)
+        stds[norm] = metric_steps(client, res.run_id, "attention_std")
+        assert sorted(stds[norm]) == [1, 2], norm  # one value per epoch
+        flags = metric_steps(client, res.run_id, "attention_degenerate")
+        degenerate = norm == "channels"
+        assert flags == {1: float(degenerate), 2: float(degenerate)}, norm
+        assert run.data.tags["attention_degenerate"] == str(degenerate).lower()
+        printed = "degenerate attention (tagged attention_degenerate=true)" in capfd.readouterr().err
+        assert printed == degenerate, norm
+    # The same attention for every clip of a step; only the weights' drift over the epoch spreads it.
+    assert max(stds["channels"].values()) < 1e-4
+    assert min(stds["values"].values()) > 1e-2
+
+
 @pytest.mark.parametrize("epochs", [6, 12, 200])
 def test_the_ramp_runs_in_steps_and_meets_upstreams_epoch_weights(epochs):
     share, steps = 0.1, 25

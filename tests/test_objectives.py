@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdhar.models import build_model
-from kdhar.objectives import KDStep, SupervisedStep, is_collapsed
+from kdhar.objectives import KDStep, SupervisedStep, is_stuck, kd_term, uniform_kd_term
 
 
 class FixedLogits(torch.nn.Module):
@@ -162,13 +162,32 @@ def test_mix_halves_the_step_of_sum_at_alpha_one_half():
     torch.testing.assert_close(grads["mix"], grads["sum"] / 2)
 
 
-def test_collapse_needs_chance_accuracy_and_a_kd_loss_that_did_not_come_down():
-    assert is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=1.2)
-    assert not is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.8)  # slow, not collapsed
-    assert not is_collapsed(train_acc=0.40, num_classes=10, kd_start=1.0, kd_end=1.2)  # learning the labels
-    assert is_collapsed(train_acc=0.15, num_classes=10, kd_start=1.0, kd_end=1.0)  # 1.5x chance is the edge
-    assert is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.97)  # flat within the noise
-    assert not is_collapsed(train_acc=0.10, num_classes=10, kd_start=1.0, kd_end=0.94)
+def test_stuck_is_chance_accuracy_after_half_the_epochs_whatever_the_loss_did():
+    # 10 classes: chance 0.10, the limit 1.5x chance = 0.15; judged from the 50th step on.
+    assert is_stuck(train_acc=0.15, num_classes=10, share_done=0.5, steps_done=50)  # every edge counts
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=1.0, steps_done=49)  # too short to judge
+    # The soft loss fell far below a uniform student's: still stuck.
+    assert is_stuck(train_acc=0.10, num_classes=10, share_done=1.0, steps_done=200, soft=0.2, uniform=2.0)
+    assert not is_stuck(train_acc=0.16, num_classes=10, share_done=1.0, steps_done=200, soft=3.0, uniform=2.0)
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.4, steps_done=200)  # a slow start
+    # Before half the epochs, a distilled run is stuck when its soft loss is no lower than a uniform student's.
+    assert is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, steps_done=200, soft=2.0, uniform=2.0)
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, steps_done=200, soft=1.9, uniform=2.0)
+    assert not is_stuck(train_acc=0.20, num_classes=10, share_done=0.25, steps_done=200, soft=2.5, uniform=2.0)
+    assert not is_stuck(train_acc=0.10, num_classes=10, share_done=0.25, steps_done=40, soft=2.5, uniform=2.0)
+
+
+def test_uniform_student_soft_loss_by_hand():
+    # tau 2, teacher logits (2 ln 3, 0) -> softened p = (3/4, 1/4); against the uniform (1/2, 1/2):
+    # KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.304099 - 0.173287 = 0.130812; times tau^2 = 4: 0.523248.
+    # Second clip: teacher logits equal -> p uniform -> 0. Batch mean: 0.261624.
+    teacher = torch.tensor([[2 * math.log(3), 0.0], [5.0, 5.0]])
+    assert uniform_kd_term(teacher, tau=2.0).item() == pytest.approx(0.261624, abs=1e-6)
+    # It is kd_term of a student whose logits are all equal, whatever their value.
+    assert uniform_kd_term(teacher, 2.0).item() == pytest.approx(kd_term(torch.full((2, 2), 7.0), teacher, 2.0).item())
+    # A KD step reports it beside its soft loss, for the batch's teacher logits.
+    out = KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), tau=4.0)(index_clips(4), LABELS)
+    assert out["kd_uniform_loss"].item() == pytest.approx(uniform_kd_term(TEACHER[:4], 4.0).item())
 
 
 def test_factory_builds_supervised_without_a_teacher_and_logs_only_acting_knobs():
@@ -177,12 +196,12 @@ def test_factory_builds_supervised_without_a_teacher_and_logs_only_acting_knobs(
 
     cfg = RunConfig(kd=KDConfig(weighting="mix", alpha=0.3))
     plain = build_objective(cfg)
-    assert plain.name == "supervised" and plain.params == {} and plain.collapse_term is None
+    assert plain.name == "supervised" and plain.params == {} and plain.soft_term is None
     assert isinstance(plain.make_step(FixedLogits(STUDENT), 1), SupervisedStep)
     teacher = Teacher(model=FixedLogits(TEACHER), uri="runs:/abc/model", classes=["a", "b", "c"], arch="c3d", run_id="abc")
     kd = build_objective(cfg, teacher)
     assert kd.params == {"kd.tau": 4.0, "kd.weighting": "mix", "kd.alpha": 0.3}  # no kd.lam: it does not act
-    assert kd.tags["teacher_run_id"] == "abc" and kd.collapse_term == "kd_loss"
+    assert kd.tags["teacher_run_id"] == "abc" and kd.soft_term == "kd_loss"
     assert build_objective(RunConfig(kd=KDConfig(weighting="sum")), teacher).params["kd.lam"] == 1.0
     with pytest.raises(ValueError, match="--views 4"):
         build_objective(cfg, teacher, cache_teacher=True)  # a cache without replayed views

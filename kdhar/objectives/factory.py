@@ -20,7 +20,7 @@ from torch import nn
 from kdhar.config import RunConfig
 from kdhar.methods import REGISTRY_LABELS
 from kdhar.models.teacher import Teacher
-from kdhar.objectives.kd import KDStep, LogitKD, check_kd, is_collapsed
+from kdhar.objectives.kd import KDStep, LogitKD, check_kd
 from kdhar.objectives.supervised import SupervisedStep
 
 # Where a GKD model keeps what its exported graph drops (the CVAE), so that it can teach.
@@ -56,7 +56,9 @@ class Objective:
         tags: what the run is (method, teacher run, cache key).
         teacher: the frozen teacher, if any (its classes are checked against the dataset).
         batch_extras: adds what a batch needs beyond the clip (cached teacher logits), or None.
-        collapse_term: the loss term whose rise, with train accuracy at chance, marks a collapse.
+        soft_term: the soft loss to a teacher's logits ("kd_loss") whose uniform-student level the step
+            also reports (`kdhar.objectives.stuck.uniform_term`), or None; with it the stuck-run
+            check (`is_stuck`) judges a distilled run before half its epochs are done.
     """
 
     name: str
@@ -65,7 +67,7 @@ class Objective:
     tags: dict[str, str] = field(default_factory=dict)
     teacher: Teacher | None = None
     batch_extras: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None
-    collapse_term: str | None = None
+    soft_term: str | None = None
     view: str = "clip"
     make_data: Callable[..., Any] | None = None
     make_validation: Callable[..., Any] | None = None
@@ -85,10 +87,6 @@ class Objective:
     def terms(self) -> tuple[str, ...]:
         """The loss terms this method logs (train_<term>), for reports and the tuner."""
         return METHOD_TERMS[self.name]
-
-    def collapsed(self, train_acc: float, num_classes: int, start: float, end: float) -> bool:
-        """Whether the run collapsed, from the `collapse_term` loss at the start and over the last epoch."""
-        return self.collapse_term is not None and is_collapsed(train_acc, num_classes, start, end)
 
 
 METHOD_TERMS = {
@@ -157,7 +155,7 @@ def build_objective(
     return Objective(
         name="kd-logit", make_step=make_step,
         params={f"kd.{k}": v for k, v in kd.method_params().items()}, tags=tags, teacher=teacher,
-        batch_extras=extras, collapse_term="kd_loss",
+        batch_extras=extras, soft_term="kd_loss",
     )
 
 
@@ -221,7 +219,7 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
                    f"stride): the 5-way pretext task plus {pcl.contrast_weight:g} x the {pcl.contrast} contrastive loss"
                    + (", and the action head on the first and last clips." if labels else ", no labels."))
     return Objective(name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
-                     collapse_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
+                     soft_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
                      make_validation=make_validation, plateau_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
                      name_prefix="pcl-", description=description, labels=labels)
 
@@ -293,7 +291,8 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
                    + (f"; distilled with {name} (beta {g.beta:g})." if teacher is not None else ", no teacher."))
     return Objective(
         name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
-        collapse_term="kd_loss" if name == "gkd+kd-logit" else ("ad_loss" if teacher is not None else None),
+        # ad_loss is no soft term: it falls even when the student learns nothing (the accuracy rule judges gkd)
+        soft_term="kd_loss" if name == "gkd+kd-logit" else None,
         # gkd and gkd+logit runs of one pair are told apart by name, as by pair_key
         name_prefix={"gkd": "gkd-", "gkd+kd-logit": "gkd+logit-"}.get(name, "att-"), description=description, logged_state=logged_state,
     )

@@ -35,6 +35,9 @@ RESCALES = ("sample", "batch")
 NORMS = ("values", "channels")
 MIN_GROUP_VALUES = 16
 KL_WEIGHT = 0.1  # the code's weight of the KL term in the CVAE loss
+# An attention whose std over an epoch's clips (mean over channels and time) is below this is
+# degenerate: the same for every clip (the "channels" norm at T' = 1 gives 0 up to rounding).
+DEGENERATE_ATTENTION_STD = 1e-3
 
 
 def _groups(channels: int, values: int, norm: str = "values", wanted: int = 32) -> int:
@@ -276,6 +279,31 @@ def ramp_share(epoch: int, batches: int, steps_per_epoch: int, ramp_epochs: floa
     return min(1.0, (epoch + batches / steps_per_epoch) / ramp_epochs)
 
 
+class AttentionSpread:
+    """The std of the attention A (B, C, T') over the clips it has seen, per (channel, time) step and
+    then averaged: sums and squared sums in float64 on A's device, read once (`std`)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.clips, self.sum, self.sumsq = 0, None, None
+
+    def add(self, attention: Tensor) -> None:
+        a = attention.detach().double()
+        s, q = a.sum(dim=0), (a * a).sum(dim=0)
+        self.sum, self.sumsq = (s, q) if self.sum is None else (self.sum + s, self.sumsq + q)
+        self.clips += a.shape[0]
+
+    def std(self) -> float | None:
+        """The sample std over clips, mean over channels and time; None before two clips."""
+        if self.clips < 2:
+            return None
+        mean = self.sum / self.clips
+        var = (self.sumsq - self.clips * mean * mean) / (self.clips - 1)
+        return float(var.clamp_min(0).sqrt().mean())
+
+
 class GKDStep(nn.Module):
     """The GKD step in two passes per epoch (`passes`; `set_pass` picks one): "cvae" trains the CVAE
     (its VAE loss, plus `gd_weight` x generative distillation with a teacher), "net" the network
@@ -311,6 +339,7 @@ class GKDStep(nn.Module):
         self.ramp_epochs = cfg.ramp * epochs
         self.steps_per_epoch, self.epoch_index, self.batches = max(1, steps_per_epoch), 0, 0
         self.stage = "net"
+        self.spread = AttentionSpread()  # the attention's health over the epoch's training clips
         self.adapter = self.attention_adapter = None
         if teacher is not None:
             for frozen in (teacher, teacher_cvae):
@@ -358,6 +387,12 @@ class GKDStep(nn.Module):
         if epoch > self.epoch_index and self.batches:
             self.steps_per_epoch = self.batches  # the loader's real length, counted over the last epoch
         self.epoch_index, self.batches = epoch, 0
+        self.spread.reset()
+
+    def attention_std(self) -> float | None:
+        """The std of the attention over the clips of this epoch's net-pass training batches, mean
+        over channels and time (`AttentionSpread`); None before any."""
+        return self.spread.std()
 
     @property
     def ramp(self) -> float:
@@ -392,10 +427,13 @@ class GKDStep(nn.Module):
         return out
 
     def _net_pass(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None) -> dict[str, Tensor]:
-        if self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        if training:
             self.batches += 1  # a training step: the ramp moves on
         feature = self.model.forward_features(x)
         attention, attended = self.model.attended(feature)
+        if training:
+            self.spread.add(attention)
         logits = self.model.head(attended)
         task = gkd_task_loss(self.model, attended, logits, y, self.cfg.ce)
         # The regeneration target is not detached: its gradient reaches the trunk too (§8).
@@ -416,7 +454,7 @@ class GKDStep(nn.Module):
                 loss = loss + align
             if self.kd is not None:
                 kd = self.kd(logits, x, y, teacher_logits if teacher_logits is not None else t_logits)
-                out["kd_loss"] = kd["kd_loss"]
+                out["kd_loss"], out["kd_uniform_loss"] = kd["kd_loss"], kd["kd_uniform_loss"]
                 w_task, w_kd = self.kd.weights  # the KD term's weights, on the --gkd-ce task loss
                 loss = loss - task + w_task * task + w_kd * kd["kd_loss"]
         out["loss"] = loss + self.ramp * self.cfg.rec_weight * rec
@@ -443,5 +481,5 @@ def load_gkd_state(state: dict[str, Any]) -> tuple[GKDNet, CVAE]:
     return net.eval(), cvae.eval()
 
 
-__all__ = ["VARIANTS", "RESCALES", "NORMS", "AttentionHead", "CVAE", "cvae_loss", "attend", "FeatureAdapter", "feature_shape",
+__all__ = ["VARIANTS", "RESCALES", "NORMS", "DEGENERATE_ATTENTION_STD", "AttentionHead", "AttentionSpread", "CVAE", "cvae_loss", "attend", "FeatureAdapter", "feature_shape",
            "AttentionAdapter", "GKDNet", "GKDStep", "ramp_share", "build_gkd_net", "gkd_state", "load_gkd_state", "gkd_task_loss"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,18 @@ def kd_term(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tenso
     log_q = F.log_softmax(student_logits.float() / tau, dim=1)
     log_p = F.log_softmax(teacher_logits.float() / tau, dim=1)
     return tau * tau * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def uniform_kd_term(teacher_logits: Tensor, tau: float) -> Tensor:
+    """`kd_term` of a student that learned nothing (equal logits, a uniform softmax) on the same batch:
+    tau^2 * KL(softmax(teacher / tau) || uniform) = tau^2 * (log K - H(softmax(teacher / tau))).
+
+    A student stuck at this level (or above it) has taken nothing from the teacher; the first
+    batch's soft loss is no baseline, since an untrained student starts there too.
+    """
+    log_p = F.log_softmax(teacher_logits.float() / tau, dim=1)
+    per_clip = (log_p.exp() * (log_p + math.log(teacher_logits.shape[1]))).sum(dim=1)
+    return tau * tau * per_clip.mean()
 
 
 class LogitKD(nn.Module):
@@ -67,7 +80,9 @@ class LogitKD(nn.Module):
             return self.teacher(x).float()
 
     def forward(self, output: Tensor, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
-        """Returns {"loss", "task_loss", "kd_loss"} for student logits `output` on clips `x`.
+        """Returns {"loss", "task_loss", "kd_loss", "kd_uniform_loss"} for student logits `output` on
+        clips `x`; "kd_uniform_loss" (`uniform_kd_term`, not trained on) is the soft loss a uniform
+        student would have on this batch, the level below which a student has learned from the teacher.
 
         Args:
             teacher_logits: cached teacher logits (N, classes); when given the teacher is not run.
@@ -84,7 +99,8 @@ class LogitKD(nn.Module):
         task_loss = F.cross_entropy(output.float(), y)
         kd_loss = kd_term(output, teacher_logits, self.tau)
         w_task, w_kd = self.weights
-        return {"loss": w_task * task_loss + w_kd * kd_loss, "task_loss": task_loss, "kd_loss": kd_loss}
+        return {"loss": w_task * task_loss + w_kd * kd_loss, "task_loss": task_loss, "kd_loss": kd_loss,
+                "kd_uniform_loss": uniform_kd_term(teacher_logits, self.tau)}
 
 
 class KDStep(nn.Module):
@@ -115,7 +131,8 @@ class KDStep(nn.Module):
         return self.kd.run_teacher(x)
 
     def forward(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
-        """Returns {"loss", "output", "task_loss", "kd_loss"}; `kd_loss` is the tau^2-scaled KL before weighting.
+        """Returns {"loss", "output", "task_loss", "kd_loss", "kd_uniform_loss"}; `kd_loss` is the
+        tau^2-scaled KL before weighting, `kd_uniform_loss` that of a uniform student (`LogitKD`).
 
         Args:
             x: clips (N, 3, T, H, W).
@@ -128,8 +145,6 @@ class KDStep(nn.Module):
 
 def check_kd(tau: float, weighting: str, alpha: float, lam: float) -> None:
     """Raises ValueError, naming the value and the valid range, for unusable KD settings."""
-    import math
-
     if weighting not in ("mix", "sum"):
         raise ValueError(f"KD weighting '{weighting}' is unknown; use mix ((1-alpha)*CE + alpha*KD) or sum (CE + lam*KD)")
     if not (math.isfinite(tau) and tau > 0):
@@ -138,25 +153,3 @@ def check_kd(tau: float, weighting: str, alpha: float, lam: float) -> None:
         raise ValueError(f"KD alpha must be in [0, 1], got {alpha} (0.5 weighs labels and teacher equally)")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"KD weight lam must be a number >= 0, got {lam} (the paper uses 1)")
-
-
-# A collapsed student predicts one class whatever the clip: its train accuracy sits at chance and
-# its soft loss stays at (or above) where it started. The accuracy margin keeps a student that is
-# merely slow to start (a few points above chance) out; the loss tolerance absorbs the noise of a
-# one-batch starting value (collapsed width-4 C3D students of the KD-defaults benchmark ended 1-4 %
-# below or above it, learning ones 20 % or more below).
-COLLAPSE_ACC_FACTOR = 1.5
-COLLAPSE_KD_DROP = 0.05
-
-
-def is_collapsed(train_acc: float, num_classes: int, kd_start: float, kd_end: float) -> bool:
-    """Whether a KD run collapsed: train accuracy still at chance while its soft loss did not come down
-    (it rose, or fell by less than COLLAPSE_KD_DROP of its starting value).
-
-    Args:
-        train_acc: top-1 training accuracy of the last epoch.
-        num_classes: classes of the task (chance is 1 / num_classes).
-        kd_start: the soft loss (tau^2-scaled KL) at the start of training (first logged steps).
-        kd_end: the soft loss over the last epoch.
-    """
-    return train_acc <= COLLAPSE_ACC_FACTOR / num_classes and kd_end >= (1 - COLLAPSE_KD_DROP) * kd_start

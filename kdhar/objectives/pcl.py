@@ -101,7 +101,7 @@ class PCLStep(nn.Module):
         targets = y.repeat_interleave(2)
         if self.kd is not None:
             action = self.kd(logits, x[:, [0, -1]].flatten(0, 1), targets)
-            out.update(task_loss=action["task_loss"], kd_loss=action["kd_loss"])
+            out.update(task_loss=action["task_loss"], kd_loss=action["kd_loss"], kd_uniform_loss=action["kd_uniform_loss"])
             loss = loss + action["loss"]
         else:
             out["task_loss"] = F.cross_entropy(logits.float(), targets)

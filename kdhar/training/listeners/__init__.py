@@ -8,8 +8,8 @@ from pathlib import Path
 from kdhar.training.listeners.checkpoints import Checkpointer
 from kdhar.training.listeners.outcome import FinalReport, LoggedModel, ObjectiveMetrics, Registry
 from kdhar.training.listeners.records import EpochCallback, MetricLogger, ProgressPrinter, RunRecord
-from kdhar.training.listeners.scores import (CollapseWatch, Evaluation, ObjectiveValidation, PlateauSchedule,
-                                             ShareMetrics, StageAccuracy)
+from kdhar.training.listeners.scores import (AttentionHealth, Evaluation, ObjectiveValidation, PlateauSchedule,
+                                             ShareMetrics, StageAccuracy, StuckWatch)
 from kdhar.training.loop import Listener
 from kdhar.training.prepare import Prepared
 
@@ -22,7 +22,9 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
     main, objective = prep.main, prep.objective
     around_epochs = [
         *([RunRecord()] if main and not prep.resume else []),
-        *([CollapseWatch(objective.collapse_term)] if objective.collapse_term else []),
+        # every run with labels; label-free pretraining scores a pretext task of its own
+        *([StuckWatch(prep.cfg.optim.epochs, objective.soft_term)] if objective.labels else []),
+        *([AttentionHealth()] if hasattr(prep.step, "attention_std") else []),
         *([Evaluation()] if main else []),
         *([ObjectiveValidation()] if main and prep.val_loader is not None else []),
         *([ShareMetrics()] if prep.ddp is not None else []),

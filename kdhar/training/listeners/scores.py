@@ -1,5 +1,5 @@
-"""Listeners that add to an epoch's metrics before it is recorded: collapse, evaluation, the
-objective's own validation, the ranks' agreement, the plateau schedule and the paper's stages."""
+"""Listeners that add to an epoch's metrics before it is recorded: the stuck-run check, the
+attention's health, evaluation, the objective's own validation, the ranks' agreement, the plateau schedule and the paper's stages."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from typing import Any
 
 from kdhar.engine import Plateau, evaluate, evaluate_terms
+from kdhar.objectives.gkd import DEGENERATE_ATTENTION_STD
+from kdhar.objectives.stuck import is_stuck, stuck_reason, uniform_term
 from kdhar.training.loop import Epoch, Listener, RunState
 
 # The paper reports accuracy after 50, 150 and 200 of 200 epochs; we keep the same fractions of any run.
@@ -34,35 +36,60 @@ def plateau_loss(metrics: dict[str, float], first: str | None = None) -> float:
     raise KeyError("no loss to watch")
 
 
-class CollapseWatch(Listener):
-    """Marks each epoch `collapsed` when train accuracy sits at chance while the objective's
-    collapse term did not come down from its first batch, and tags the run with the last verdict."""
+class StuckWatch(Listener):
+    """Marks each epoch `collapsed` when the run is stuck (`kdhar.objectives.stuck.is_stuck`: past
+    its first STUCK_MIN_STEPS steps, train accuracy at chance after half the epochs, or earlier for a
+    distilled run whose soft loss is no lower than a uniform student's), tags the run with the last epoch's verdict and says why."""
 
-    def __init__(self, term: str) -> None:
-        self.term, self.start = term, None
+    def __init__(self, epochs: int, soft_term: str | None) -> None:
+        self.epochs, self.term = epochs, soft_term
 
-    def on_run_start(self, run: RunState) -> None:
-        # The watched loss where training starts (the first batch, before any step); kept in the
-        # history so that a resumed run still has it.
-        self.start = run.history[0].get(f"start_{self.term}") if run.history else None
+    def _losses(self, metrics: dict[str, float]) -> tuple[float | None, float | None]:
+        if self.term is None:
+            return None, None
+        return metrics.get(f"train_{self.term}"), metrics.get(f"train_{uniform_term(self.term)}")
 
     def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
         m = epoch.metrics
-        if self.start is None:
-            self.start = epoch.stats[f"first_{self.term}"]
-            m[f"start_{self.term}"] = self.start
-        m["collapsed"] = float(run.prep.objective.collapsed(m["train_acc"], run.prep.num_classes, self.start,
-                                                            m[f"train_{self.term}"]))
+        steps = epoch.done * len(run.prep.train_loader)  # the net pass's optimiser steps so far
+        m["collapsed"] = float(is_stuck(m["train_acc"], run.prep.num_classes, epoch.done / self.epochs, steps,
+                                        *self._losses(m)))
 
     def on_train_end(self, run: RunState) -> None:
         if not run.history:
             return
-        collapsed = bool(run.history[-1].get("collapsed", 0.0))
-        run.tracker.set_tags({"collapsed": str(collapsed).lower()})
-        if collapsed and run.prep.progress:
-            print(f"[{run.prep.role} {run.prep.cfg.model.arch}] collapsed: train accuracy at chance while {self.term} "
-                  f"did not come down ({self.start:.3f} -> {run.history[-1][f'train_{self.term}']:.3f})",
+        last = run.history[-1]
+        stuck = bool(last.get("collapsed", 0.0))
+        run.tracker.set_tags({"collapsed": str(stuck).lower()})
+        if stuck and run.prep.progress:
+            why = stuck_reason(last["train_acc"], run.prep.num_classes, int(last["epoch"]), self.epochs,
+                               *self._losses(last))
+            print(f"[{run.prep.role} {run.prep.cfg.model.arch}] stuck (tagged collapsed=true): {why}",
                   file=sys.stderr, flush=True)
+
+
+class AttentionHealth(Listener):
+    """GKD's attention module: logs `attention_std` (the std of the attention over the epoch's
+    training clips, mean over channels and time) and `attention_degenerate` when it is below
+    DEGENERATE_ATTENTION_STD, i.e. the attention is the same for every clip; tags the run with the
+    last epoch's verdict and says so."""
+
+    def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
+        std = run.prep.step.attention_std()
+        if std is not None:
+            epoch.metrics["attention_std"] = std
+            epoch.metrics["attention_degenerate"] = float(std < DEGENERATE_ATTENTION_STD)
+
+    def on_train_end(self, run: RunState) -> None:
+        last = next((h for h in reversed(run.history) if "attention_std" in h), None)
+        if last is None:
+            return
+        degenerate = bool(last["attention_degenerate"])
+        run.tracker.set_tags({"attention_degenerate": str(degenerate).lower()})
+        if degenerate and run.prep.progress:
+            print(f"[{run.prep.role} {run.prep.cfg.model.arch}] degenerate attention (tagged attention_degenerate=true): "
+                  f"its std over the training clips is {last['attention_std']:.2e} < {DEGENERATE_ATTENTION_STD:g}, "
+                  f"the same attention for every clip (gkd.norm {run.prep.cfg.gkd.norm})", file=sys.stderr, flush=True)
 
 
 class Evaluation(Listener):
