@@ -13,7 +13,7 @@ One concern per module; every name is re-exported here, so callers write `tracki
     models.py    logging models as `pt2` and loading them back without running their author's code
     registry.py  `register_model` and the champion aliases (`promote_champion`, `champion_uri`)
 
-Data flows one way: `store` and `tags` know no other module; `tracker` uses all but `runs`.
+Imports point one way: `store` and `tags` import no other module here; `tracker` is on top.
 """
 
 from kdhar.tracking.liveness import (
@@ -47,6 +47,7 @@ from kdhar.tracking.project import (
     DEFAULT_EXPERIMENT,
     ExperimentMismatchError,
     check_project_experiment,
+    get_or_create_experiment,
     project_experiment,
     project_run_id,
     release_project_run,
@@ -79,16 +80,17 @@ from kdhar.tracking.store import (  # _client stays importable here: tests open 
     tracking_uri,
     use_tracking_uri,
 )
+from kdhar.tracking.sender import MetricSender
 from kdhar.tracking.tags import STANDARD_TAGS, git_commit, standard_tags
 from kdhar.tracking.tracker import RunTerminated, RunTracker
 
 __all__ = [
     "CHAMPION", "DB_SCHEMES", "DEFAULT_EXPERIMENT", "HEARTBEAT_S", "HEARTBEAT_TAG", "MODEL_URI_TAG", "PICKLE_ENV",
     "PID_STARTED_TAG", "RELOG_HINT", "STALE_S", "STANDARD_TAGS",
-    "ExperimentMismatchError", "ExportedModel", "Heartbeat", "LoggedModelRef", "RunTerminated", "RunTracker",
+    "ExperimentMismatchError", "ExportedModel", "Heartbeat", "LoggedModelRef", "MetricSender", "RunTerminated", "RunTracker",
     "TrackingError", "TrackingUnavailableError",
     "check_project_experiment", "check_server", "check_store", "champion_uri", "create_claim",
-    "delete_run", "end_run_as", "experiment_exists", "experiments_with_runs", "find_runs", "git_commit",
+    "delete_run", "end_run_as", "experiment_exists", "experiments_with_runs", "find_runs", "get_or_create_experiment", "git_commit",
     "is_bad_reference", "load_model", "load_run_dict", "load_run_torch", "log_metrics_to", "log_run_model",
     "mask_uri", "metric_history", "model_name", "model_run_id", "process_alive", "process_start", "process_tags",
     "project_experiment", "project_run_id", "promote_champion", "register_model", "release_project_run",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdhar.tracking.project import _get_or_create_experiment
+from kdhar.tracking.project import get_or_create_experiment
 from kdhar.tracking.store import _client
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,6 @@ def create_claim(experiment: str, key: str, name: str, tags: dict[str, str]) -> 
     """A marker run (tag role=claim, claim=key) saying that a grid runner is training the cell `key`;
     `delete_run` removes it (deleted runs are hidden from the UI and from `find_runs`)."""
     client = _client()
-    exp_id = _get_or_create_experiment(client, experiment)
+    exp_id = get_or_create_experiment(client, experiment)
     run = client.create_run(exp_id, run_name=name[:250], tags={"role": "claim", "claim": key, **tags})
     return run.info.run_id

@@ -13,7 +13,12 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from kdhar.tracking.store import TrackingError, _client
 
 
-def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The id of the active experiment `name`, created when missing.
+
+    Raises:
+        TrackingError: the experiment is deleted (the message says how to restore it).
+    """
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:

@@ -13,7 +13,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 from kdhar.tracking.store import TrackingError
 
 
-class _MetricSender(threading.Thread):
+class MetricSender(threading.Thread):
     """Drains a queue of metrics into `log_batch` calls; whatever piled up during one request
     goes into the next, so batches grow exactly when the server is the bottleneck."""
 

@@ -180,6 +180,8 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
 
 
 def _client() -> MlflowClient:
+    """A client of the configured store, checked first so an unusable one fails in one line (for the
+    modules of this package; callers outside it use their functions)."""
     uri = tracking_uri()
     check_server(uri)
     return MlflowClient(tracking_uri=uri)

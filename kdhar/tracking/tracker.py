@@ -27,9 +27,9 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 
 from kdhar.tracking.liveness import Heartbeat, stamp_process_start
 from kdhar.tracking.models import LoggedModelRef, log_run_model
-from kdhar.tracking.project import _get_or_create_experiment, check_project_experiment, project_run_id
+from kdhar.tracking.project import get_or_create_experiment, check_project_experiment, project_run_id
 from kdhar.tracking.registry import promote_champion
-from kdhar.tracking.sender import _MetricSender
+from kdhar.tracking.sender import MetricSender
 from kdhar.tracking.store import TrackingError, _client, tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class RunTracker:
         self.parent_run_id = parent_run_id
         self.run_id: str = ""
         self._client: MlflowClient | None = None
-        self._sender: _MetricSender | None = None
+        self._sender: MetricSender | None = None
         self._old_handlers: dict[int, Any] = {}
         self._closing = False
         self._signal: int | None = None  # the SIGTERM received during this run, if any
@@ -107,7 +107,7 @@ class RunTracker:
             self._preset_params = dict(self._client.get_run(project).data.params)
         elif project:
             project = None  # a nested run is a new run: MLflow would otherwise take MLFLOW_RUN_ID for it
-        experiment_id = _get_or_create_experiment(self._client, self.experiment)
+        experiment_id = get_or_create_experiment(self._client, self.experiment)
         if self.resume_run_id:
             run = self._get_run(self.resume_run_id)
             if run.info.experiment_id != experiment_id:
@@ -130,7 +130,7 @@ class RunTracker:
                 if kept:
                     os.environ["MLFLOW_RUN_ID"] = kept
         self.run_id = active.info.run_id
-        self._sender = _MetricSender(self._client, self.run_id)
+        self._sender = MetricSender(self._client, self.run_id)
         self._sender.start()
         self._heartbeat = Heartbeat(lambda: [self.run_id])
         self._heartbeat.beat()
