@@ -3,7 +3,7 @@
 For the default teacher (C3D) and student (tiny3d, distilled from C3D) at the paper's size:
 training clips/s on synthetic tensors and end to end through the project's loader, with bf16
 autocast, channels_last_3d and torch.compile on and off, peak GPU memory and MFU per
-configuration, and whether the loader keeps up. See kdhar/gpu_check.py.
+configuration, and whether the loader keeps up. See kdhar/gpu_check/.
 
     python benchmarks/bench_gpu.py                    # on a GPU machine, about 5 minutes
     python benchmarks/bench_gpu.py --dry-run          # tiny, on the CPU, under a minute

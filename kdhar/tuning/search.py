@@ -1,0 +1,241 @@
+"""`tune`: a worker's part of a study, from checking its inputs to the summary it returns. Each
+trial is one `distill` run with the trial's values (`TrialObjective`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from kdhar import tracking
+from kdhar.config import RunConfig
+from kdhar.objectives.stuck import STUCK_ACC_FACTOR
+from kdhar.train import RunResult, Splits, StopTraining
+from kdhar.tuning.runs import TAG_RETRY_OF, TAG_STATE, TAG_STUDY, TAG_TRIAL, absorb_project_run, \
+    log_study_to_parent, tag_run, trial_run_ids
+from kdhar.tuning.space import OBJECTIVE, SearchSpace, study_config, suggest, trial_config
+from kdhar.tuning.storage import make_storage, mask_url, storage_url
+from kdhar.tuning.study import TrialGate, budget_left, check_study_name, make_pruner, open_study, reconcile_study, \
+    retried_number, slug, summarize
+
+
+def tune(
+    cfg: RunConfig,
+    *,
+    teacher: str,
+    n_trials: int,
+    study_name: str | None = None,
+    storage: str | None = None,
+    space: SearchSpace | None = None,
+    pruner: str | optuna.pruners.BasePruner = "median",
+    experiment: str = "kdhar",
+    seed: int = 0,
+    cache_teacher: bool = False,
+    device: str | None = None,
+    heartbeat_interval: int = 60,
+    grace_period: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Runs trials of a study until `n_trials` of them (all workers together) have finished.
+
+    Re-running the same command continues the study; several workers started with the same
+    arguments share the budget, and each returns only once the study is done. Everything the
+    user can get wrong is checked before any trial.
+
+    Args:
+        cfg: the student run's configuration; `cfg.kd` is replaced per trial.
+        teacher: as for `distill` (architecture, models:/ or runs:/ URI, checkpoint path).
+        n_trials: the study's total budget, trials of earlier runs and other workers included.
+        study_name: defaults to "kd-<student>-<teacher>".
+        storage: a database URL; None is ./optuna.db (one worker). Use postgresql:// for several.
+        space: ranges of tau, alpha or lam, and lr (`SearchSpace.parse`); default for cfg.kd.weighting.
+        pruner: "median", "asha", "hyperband", "none" or an Optuna pruner; prunes on per-epoch
+            validation accuracy.
+        experiment: MLflow experiment of the parent and trial runs.
+        seed: sampler seed; trial k samples with seed + k, so reruns and workers differ reproducibly.
+        cache_teacher: reuse teacher logits across trials (see kdhar.cache).
+        device: torch device name, or None for the best available.
+        heartbeat_interval: seconds between a running trial's heartbeats.
+        grace_period: seconds without a heartbeat before a trial counts as dead (default 2x interval).
+        log: receives one line per trial this worker finishes (state, value, settings).
+
+    Returns:
+        A summary: study name, storage (password masked), trial counts, best value and params,
+        total epochs trained, parent run id and the dashboard command.
+    """
+    if n_trials < 1:
+        raise ValueError(f"n_trials {n_trials} must be at least 1")
+    if study_name is not None:
+        check_study_name(study_name)
+    cfg = _views_for_cache(cfg, cache_teacher)
+    space = space or SearchSpace.default(cfg.kd.weighting, cfg.gkd.method)
+    splits = _checked_splits(cfg, teacher, device)
+    study_name = check_study_name(study_name or default_study_name(cfg, teacher, splits.fingerprint))
+    pruner_obj, pruner = _pruner(pruner, cfg.optim.epochs)
+    st = make_storage(storage, heartbeat_interval, grace_period)
+    params = {"study_name": study_name, "storage": mask_url(storage_url(storage)),
+              "sampler": f"TPESampler(seed={seed}+trial)", "search_space": str(space), "pruner": pruner,
+              "objective": OBJECTIVE, "teacher": teacher, "student": cfg.model.arch}
+    study, parent_id = open_study(st, study_name, space, experiment, pruner_obj, params=params,
+                                  shared=study_config(cfg, space, teacher, splits.fingerprint))
+    absorb_project_run(experiment, study_name, parent_id)
+    reconcile_study(study)
+    objective = TrialObjective(cfg, teacher, space, study, parent_id, experiment, seed, cache_teacher, device,
+                               TrialGate(st, study_name))
+    _optimize(study, objective, n_trials, min(float(heartbeat_interval), 5.0), log)
+    reconcile_study(study)
+    summary = summarize(study, storage)
+    log_study_to_parent(study, parent_id, experiment, summary, plots=bool(objective.ran))
+    return summary
+
+
+def _pruner(pruner: str | optuna.pruners.BasePruner, epochs: int) -> tuple[optuna.pruners.BasePruner, str]:
+    """The pruner and the name the parent run records for it."""
+    if isinstance(pruner, optuna.pruners.BasePruner):
+        return pruner, type(pruner).__name__
+    return make_pruner(pruner, epochs), pruner
+
+
+def _views_for_cache(cfg: RunConfig, cache_teacher: bool) -> RunConfig:
+    """`cfg` with replayable views when teacher logits are cached and it has none."""
+    if not cache_teacher or cfg.data.views >= 1:
+        return cfg
+    from kdhar.distill import CACHE_VIEWS
+
+    # Trials are compared with each other, not with a scratch twin: any fixed view count will do.
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=CACHE_VIEWS))
+
+
+def _checked_splits(cfg: RunConfig, teacher: str, device: str | None) -> Splits:
+    """The run's splits, once a validation split and a teacher are known to exist.
+
+    Raises:
+        ValueError: no validation fraction or groups (the test split is never tuned on), or no teacher.
+    """
+    from kdhar.distill import resolve_teacher
+    from kdhar.train import load_splits
+
+    if cfg.data.val_fraction <= 0:
+        raise ValueError("tuning needs a validation split: set data.val_fraction above 0 (the test split is never tuned on)")
+    splits = load_splits(cfg)
+    if splits.val is None:
+        raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
+    if resolve_teacher(teacher, splits.fingerprint, device or "cpu", attention=cfg.gkd.attention) is None:
+        raise ValueError("tuning the KD settings needs a teacher; teacher=none has no distillation term to tune")
+    return splits
+
+
+def default_study_name(cfg: RunConfig, teacher: str, fingerprint: str) -> str:
+    """kd|gkd|gkd-logit, student, teacher, dataset and its fingerprint: a study on other data, or of
+    another --kd method (whose search space differs), is another study."""
+    method = {"logit": "kd", "gkd": "gkd", "gkd+logit": "gkd-logit"}[cfg.gkd.method]
+    return (f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}{method}-{cfg.model.arch}-{slug(teacher)}-"
+            f"{cfg.data.dataset}-{fingerprint[:8]}")
+
+
+def _optimize(study: optuna.Study, objective: TrialObjective, n_trials: int, poll_s: float,
+              log: Callable[[str], None] | None) -> None:
+    """Runs trials until the study's budget is spent; Optimize's own n_trials counts this worker's
+    trials only, so a callback stops it when the study is full."""
+    gate = objective.gate
+
+    def stop_when_full(study_: optuna.Study, trial: FrozenTrial) -> None:
+        if log is not None:
+            value = f"{OBJECTIVE} {trial.value:.3f}" if trial.value is not None else trial.user_attrs.get("fail_reason", "")
+            log(f"trial {trial.number} {trial.state.name.lower()}: {value} ({_fmt(trial.params)})".replace(" ()", ""))
+        if not budget_left(study_, n_trials, poll_s, gate):
+            study_.stop()
+
+    try:
+        if budget_left(study, n_trials, poll_s, gate):
+            study.optimize(objective, callbacks=[stop_when_full], catch=(TrialCollapsed,))
+    finally:
+        gate.close()
+
+
+class TrialCollapsed(RuntimeError):
+    """A trial whose student is stuck (tagged collapsed); Optuna records it as FAIL with this reason."""
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in values.items())
+
+
+@dataclass
+class TrialObjective:
+    """Optuna's objective: one trial is a `distill` run with the trial's values, nested under the
+    study's parent run, pruned on per-epoch validation accuracy and scored by its best."""
+
+    cfg: RunConfig
+    teacher: str
+    space: SearchSpace
+    study: optuna.Study
+    parent_id: str
+    experiment: str
+    seed: int
+    cache_teacher: bool
+    device: str | None
+    gate: TrialGate
+    ran: list[int] = field(default_factory=list)  # the trial numbers this worker ran
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.gate.release()  # this trial is in the storage now: other workers' budget checks count it
+        self.ran.append(trial.number)
+        # A fresh sampler seeded by trial number: a resumed study and concurrent workers draw
+        # distinct points (one shared seed would repeat them), yet a rerun draws the same ones.
+        self.study.sampler = optuna.samplers.TPESampler(seed=self.seed + trial.number)
+        values = suggest(trial, self.space)
+        return self._score(trial, self._run(trial, values), values)
+
+    def _tags(self, trial: optuna.Trial) -> dict[str, str]:
+        # A pair_key of their own: trials differ in their searched settings, and grouping the runs
+        # table by pair_key should show a KD run beside its scratch twin, not a study's trials.
+        name = self.study.study_name
+        tags = {TAG_STUDY: name, TAG_TRIAL: str(trial.number), TAG_STATE: "RUNNING", "pair_key": f"study-{name}"}
+        retry_of = retried_number(self.study, trial.number)
+        if retry_of is not None:
+            tags[TAG_RETRY_OF] = str(retry_of)
+        return tags
+
+    def _run(self, trial: optuna.Trial, values: dict[str, float]) -> RunResult:
+        """The trial's distill run; if it raises, its MLflow run is tagged FAIL first."""
+        from kdhar.distill import distill
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            trial.report(metrics[OBJECTIVE], epoch)
+            if trial.should_prune():
+                raise StopTraining("pruned")
+
+        try:
+            return distill(
+                trial_config(self.cfg, values),
+                teacher=self.teacher, experiment=self.experiment, parent_run_id=self.parent_id,
+                epoch_callback=on_epoch, register=False, cache_teacher=self.cache_teacher, progress=False,
+                extra_tags=self._tags(trial), device=self.device, run_name=f"trial-{trial.number}",
+            )
+        except BaseException:
+            for run_id in trial_run_ids(self.experiment, self.study.study_name, trial.number):
+                tag_run(self.experiment, run_id, {TAG_STATE: "FAIL"}, status=tracking.run_status(run_id))
+            raise
+
+    def _score(self, trial: optuna.Trial, res: RunResult, values: dict[str, float]) -> float:
+        """The run's best validation accuracy; raises for a pruned or collapsed run, tagging it."""
+        trial.set_user_attr("mlflow_run_id", res.run_id)
+        trial.set_user_attr("epochs", len(res.history))
+        if res.stopped == "pruned":
+            tag_run(self.experiment, res.run_id, {TAG_STATE: "PRUNED"})
+            raise optuna.TrialPruned(f"pruned after epoch {len(res.history)}")
+        if res.history and res.history[-1].get("collapsed"):
+            # A stuck student's accuracy is chance whatever the settings nearby: a failure of
+            # these settings, not a low score for the sampler to interpolate.
+            reason = (f"collapsed: stuck at train accuracy {res.history[-1]['train_acc']:.3f}, at most "
+                      f"{STUCK_ACC_FACTOR:g}x chance ({_fmt(values)})")
+            trial.set_user_attr("fail_reason", reason)
+            tag_run(self.experiment, res.run_id, {TAG_STATE: "FAIL", "fail_reason": reason})
+            raise TrialCollapsed(reason)
+        tag_run(self.experiment, res.run_id, {TAG_STATE: "COMPLETE"})
+        return float(res.final[f"best_{OBJECTIVE}"])
