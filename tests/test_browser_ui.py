@@ -68,6 +68,9 @@ STUDY = "browser-ui"
 KD_NAME = "kd-tiny3d→tiny3d-f1-s0"
 SCRATCH_NAME = "scratch-tiny3d-f1-s0"
 TEACHER_NAME = "teacher-tiny3d-s0"
+FIRST_LOGGED = "window_acc"  # what a training run logs first
+ACCURACY_PREFIXES = ("acc_", "best_acc_")  # the report's stage accuracies, first in key order
+CHART_CARD = "experiment-view-compare-runs-card"
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,9 @@ def _tiny_config(root: Path) -> RunConfig:
         data=DataConfig(root=str(root), num_workers=0, val_fraction=0.2),
         clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=1, resize=(40, 53), crop=32),
         model=ModelConfig(arch="tiny3d", width=4),
-        optim=OptimConfig(epochs=1, batch_size=8, threads=1),
+        # Batches of 2: an epoch of 18 steps reaches the 10 after which training logs its window
+        # metrics, so the charts below show them as a real run's do.
+        optim=OptimConfig(epochs=1, batch_size=2, threads=1),
     )
 
 
@@ -278,8 +283,32 @@ def test_mlflow_ui_lists_the_runs_and_compares_kd_with_its_scratch_twin(runs: Ru
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", teacher_row)
     _screenshot(browser, shots, "mlflow_compare_teacher", capsys)
 
+    # The plot atop the page shows the first metric the runs logged: the training window's accuracy,
+    # not a loss whose scale differs between KD and scratch.
+    plotted = browser.find_element(By.XPATH, "//div[normalize-space(.)='Metrics:']/following-sibling::*[1]")
+    assert plotted.text.split() == [FIRST_LOGGED], f"the compare page plots {plotted.text!r}"
+
     _scroll_metrics_table_until_shown(browser, "final_test_video_top1")
     _screenshot(browser, shots, "mlflow_compare_metrics", capsys)
+
+
+def _chart_titles(driver) -> list[str]:
+    """The titles of the chart cards on the page, in page order; MLflow renders only the cards near
+    the view, so these are the ones a user sees first."""
+    return [card.text for card in driver.find_elements(By.CSS_SELECTOR, f"[data-testid='{CHART_CARD}'] h4")]
+
+
+@pytest.mark.parametrize("view", ["run", "experiment"])
+def test_mlflow_charts_open_on_the_accuracy(runs: Runs, browser, shots, capsys, view: str):
+    # The run page's "Model metrics" tab of the KD run, and the experiment's chart view with the KD
+    # run, its scratch twin and the rest: MLflow sorts the charts by metric key.
+    path = {"run": f"runs/{runs.kd_id}/model-metrics", "experiment": "runs?compareRunsMode=CHART"}[view]
+    browser.get(f"{runs.uri}/#/experiments/{runs.experiment_id}/{path}")
+    _wait_for_text(browser, "Model metrics", *([KD_NAME, SCRATCH_NAME] if view == "experiment" else [KD_NAME]))
+    titles = _until(browser, _chart_titles, "chart cards shown")
+    _screenshot(browser, shots, f"mlflow_{view}_charts", capsys)
+    assert titles[0].startswith(ACCURACY_PREFIXES) or titles[0].endswith("video_top1"), titles
+    assert not [t for t in titles if t.startswith(("window_", "batch_"))], f"noisy training curves first: {titles}"
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kdhar.engine import train_one_epoch
+from kdhar.engine import WINDOW, train_one_epoch
 from kdhar.training.prepare import Prepared
 
 
@@ -132,11 +132,12 @@ def train_epoch(run: RunState, index: int) -> Epoch:
 def _pass(run: RunState, batches: Any, optimizer: torch.optim.Optimizer, index: int,
           name: str | None = None) -> dict[str, Any]:
     """One pass over the training set, its statistics reduced over the ranks; `name` None is the
-    "net" pass, which the schedule drives and whose batch metrics are logged unprefixed."""
+    "net" pass, which the schedule drives and whose window metrics are logged unnamed (a side pass's
+    read "window_cvae_loss", "cvae_lr")."""
     prep, ddp = run.prep, run.prep.ddp
 
     def log(metrics: dict[str, float], global_step: int) -> None:
-        named = metrics if name is None else {f"{name}_{k}": v for k, v in metrics.items()}
+        named = metrics if name is None else {_pass_key(name, k): v for k, v in metrics.items()}
         run.tracker.log_metrics(named, step=global_step)
 
     stats = train_one_epoch(
@@ -145,6 +146,12 @@ def _pass(run: RunState, batches: Any, optimizer: torch.optim.Optimizer, index: 
         log=log, max_grad_norm=prep.cfg.optim.grad_clip, grad_sync=ddp.sync_grads if ddp else None,
     )
     return ddp.reduce_stats(stats) if ddp else stats
+
+
+def _pass_key(name: str, key: str) -> str:
+    """A side pass's metric key: its name after the window prefix, so its curves sort with the
+    net pass's, or before any other key."""
+    return f"{WINDOW}{name}_{key.removeprefix(WINDOW)}" if key.startswith(WINDOW) else f"{name}_{key}"
 
 
 class _WithExtras:
