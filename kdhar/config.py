@@ -273,7 +273,7 @@ def check_run_config(cfg: RunConfig) -> None:
     need(p.ssl in SSL_METHODS, "ssl", p.ssl, f"must be one of {', '.join(SSL_METHODS)}")
     if p.ssl == "pcl":
         need(p.interval >= 0, "pcl_interval", p.interval, "must be >= 0 frames")
-        need(p.clip_stride in CLIP_STRIDES, "clip_stride", p.clip_stride, f"must be one of {', '.join(CLIP_STRIDES)}")
+        need(p.clip_stride in STRIDES, "clip_stride", p.clip_stride, f"must be one of {', '.join(STRIDES)}")
         need(p.spatial_perm in SPATIAL_PERMS, "spatial_perm", p.spatial_perm, f"must be one of {', '.join(SPATIAL_PERMS)}")
         need(p.swap_pairs in SWAP_PAIRS, "swap_pairs", p.swap_pairs, f"must be one of {', '.join(SWAP_PAIRS)}")
         need(p.contrast in CONTRASTS, "contrast", p.contrast, f"must be one of {', '.join(CONTRASTS)}")
