@@ -812,7 +812,7 @@ def experiment_run(spec, workers, experiment_name, device, executor, address, dr
     grid_executor = None
     if executor == "ray":
         try:
-            from kdhar.ray_grid import RayExecutor
+            from kdhar.experiments.executors.ray import RayExecutor
         except ImportError:
             raise UserError("--executor ray needs Ray: pip install kdhar[ray]") from None
         grid_executor = RayExecutor(address, log=click.echo)

@@ -90,7 +90,7 @@ def test_a_cell_whose_ray_worker_is_killed_is_retried_and_resumes_its_run(ray_lo
     from kdhar import tracking
     from kdhar.checkpoint import load_checkpoint
     from kdhar.experiments import run_grid
-    from kdhar.ray_grid import RayExecutor
+    from kdhar.experiments.executors.ray import RayExecutor
 
     exp, epochs = "ray-kill", 60
     spec = write_spec(store, "ray-kill.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"],
@@ -148,15 +148,15 @@ def test_executor_options_are_refused_where_they_do_not_apply(tmp_path, monkeypa
     assert "--address is the Ray cluster of --executor ray" in refused("--address", "auto")
     assert "--workers is for --executor local" in refused("--executor", "ray", "--workers", "2")
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
-    monkeypatch.delitem(sys.modules, "kdhar.ray_grid", raising=False)
+    monkeypatch.delitem(sys.modules, "kdhar.experiments.executors.ray", raising=False)
     assert refused("--executor", "ray") == "Error: --executor ray needs Ray: pip install kdhar[ray]"
 
 
 def test_an_address_where_no_ray_answers_is_one_line_at_once(monkeypatch):
-    ray_grid = pytest.importorskip("kdhar.ray_grid")
-    monkeypatch.setattr(ray_grid.ray, "is_initialized", lambda: False)  # whatever this process started
-    monkeypatch.setattr(ray_grid.ray, "init", lambda **_: pytest.fail("ray.init would retry for minutes"))
+    ray_executor = pytest.importorskip("kdhar.experiments.executors.ray")
+    monkeypatch.setattr(ray_executor.ray, "is_initialized", lambda: False)  # whatever this process started
+    monkeypatch.setattr(ray_executor.ray, "init", lambda **_: pytest.fail("ray.init would retry for minutes"))
     started = time.monotonic()
-    with pytest.raises(ray_grid.RayClusterError, match=r"no Ray cluster at --address 127.0.0.1:1: .*ray start --head"):
-        ray_grid.RayExecutor("127.0.0.1:1").start()
+    with pytest.raises(ray_executor.RayClusterError, match=r"no Ray cluster at --address 127.0.0.1:1: .*ray start --head"):
+        ray_executor.RayExecutor("127.0.0.1:1").start()
     assert time.monotonic() - started < 15

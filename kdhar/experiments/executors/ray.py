@@ -3,7 +3,7 @@
 The grid runs in the driver exactly as with the local executor (`kdhar.experiments.run_grid`):
 waves in order, claims, FINISHED cells skipped, interrupted runs resumed, checkpoints pruned. Only
 the step "train these claimed cells" differs: each cell of a wave is one Ray task, which calls
-`_run_cell` with the cell's arguments on whichever node Ray picks, with the driver's tracking URI
+`run_cell` with the cell's arguments on whichever node Ray picks, with the driver's tracking URI
 and working directory (checkpoints live under runs/checkpoints there, so on a cluster it is a
 shared directory, seen at the same path by every node; see docs/scaling.md, "The grid on Ray").
 
@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import ray
 
-from kdhar.experiments import CellJob, _finished_run, _interrupted_run, _run_cell
+from kdhar.experiments.claims import finished_run, interrupted_run
+from kdhar.experiments.executors.base import CellJob, run_cell
 from kdhar.tracking import RunTerminated
 
 MAX_RETRIES = 3  # attempts after the first, for a worker process or node that died
@@ -135,7 +136,7 @@ class RayExecutor:
 
 @ray.remote
 def _train_cell(job: CellJob, device: str | None, tracking_uri: str, workdir: str, attempt: str) -> tuple[str, float]:
-    """One cell in a Ray worker: `_run_cell` in the driver's working directory and tracking store.
+    """One cell in a Ray worker: `run_cell` in the driver's working directory and tracking store.
 
     A retry (Ray's, after this task's worker or node died) finds the run of its earlier attempt by
     the `grid_task` tag, ends it KILLED and resumes it from its checkpoint; an attempt that had
@@ -150,15 +151,15 @@ def _train_cell(job: CellJob, device: str | None, tracking_uri: str, workdir: st
             "must see it at the same path (a shared filesystem; see docs/scaling.md)")
     os.chdir(workdir)  # checkpoints (runs/checkpoints) and relative dataset roots resolve there
     cell, key = job.cell, job.key
-    finished = _finished_run(job.experiment, cell.role, key)
+    finished = finished_run(job.experiment, cell.role, key)
     if finished is not None:
         return finished, 0.0
     lines: list[str] = []  # the driver said so already, unless this is a retry that found its earlier attempt
-    resume = _interrupted_run(job.experiment, cell, key, lines.append, gone=lambda tags: tags.get(ATTEMPT_TAG) == attempt)
+    resume = interrupted_run(job.experiment, cell, key, lines.append, gone=lambda tags: tags.get(ATTEMPT_TAG) == attempt)
     if resume != job.resume and lines:
         print(*lines, sep="\n", flush=True)
     job = dataclasses.replace(job, device=device, tags={**job.tags, ATTEMPT_TAG: attempt}, resume=resume)
-    return _run_cell(*job.args(progress=False))
+    return run_cell(*job.args(progress=False))
 
 
 def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:

@@ -1,0 +1,247 @@
+"""A grid's cells: `plan` turns a spec into every run it asks for, in run order, each with the
+`RunConfig` that `build_run_config` makes from its overrides, and `cell_hash` names each cell's run.
+
+Cells come in four waves, each run after the one it needs: teachers, scratch students, distilled
+students (they learn from the teachers' runs), fine-tunes on the transfer dataset (they start from
+the students' runs). Cells of one wave are independent and may train in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kdhar import config as C
+from kdhar.experiments.grid import OVERRIDES, SIZES, DatasetSpec, GridSpec, SpecError
+
+WAVES = ("teacher", "scratch", "kd", "finetune")
+
+# What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
+# the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
+GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
+SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid.
+
+    `teacher` is the teacher architecture of a distilled student, "none" for a scratch student and
+    for a teacher cell itself. A fine-tune cell carries the student cell whose model it starts from.
+    """
+
+    role: str  # teacher | student | finetune
+    arch: str
+    teacher: str
+    fraction: float
+    seed: int
+    cfg: C.RunConfig
+    source: Cell | None = None
+
+    @property
+    def wave(self) -> str:
+        """Cells of one wave are independent and may run in parallel."""
+        if self.role == "student":
+            return "scratch" if self.teacher == "none" else "kd"
+        return self.role
+
+    def label(self) -> str:
+        """The cell in a few words, for progress lines and run names."""
+        if self.role == "teacher":
+            return f"teacher {self.arch}"
+        if self.role == "student":
+            via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
+            pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
+            g = self.cfg.gkd
+            method = "" if not g.attention else (" [attention]" if self.teacher == "none" else f" [{g.method}]")
+            return f"student {self.arch}{pcl} {via}{method} fraction={self.fraction:g} seed={self.seed}"
+        src = self.source
+        via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
+        return f"finetune {self.arch} ({via} fraction={src.fraction:g} seed={src.seed}) on {self.cfg.data.dataset}"
+
+
+# ---------------------------------------------------------------- one cell's configuration
+
+def build_run_config(
+    arch: str,
+    *,
+    size: str,
+    overrides: dict[str, Any],
+    dataset: DatasetSpec,
+    fraction: float,
+    seed: int,
+    kd: C.KDConfig | None = None,
+) -> C.RunConfig:
+    """Defaults -> size preset -> overrides, the same order as the command line.
+
+    Raises:
+        SpecError: an unknown override key or size, or a value of the wrong type or range.
+    """
+    base = C.RunConfig()
+    _check_overrides(size, overrides, base)
+    sections = _preset_sections(size, overrides)
+    for key, value in overrides.items():
+        section, name = OVERRIDES[key]
+        sections[section][name] = tuple(value) if name == "resize" else value
+    if size == "cpu" and "crop" in overrides and "resize" not in overrides:
+        # The CPU preset's resize is 8/7 of its crop at the synthetic videos' 4:3 aspect; keep that
+        # ratio when only the crop changes (the command line does the same).
+        crop = overrides["crop"]
+        sections["clip"]["resize"] = (round(crop * 8 / 7), round(crop * 8 / 7 * 4 / 3))
+    data = dataclasses.replace(
+        base.data, dataset=dataset.name, root=dataset.root, split=dataset.split, split_dir=dataset.split_dir,
+        fraction=fraction, **sections["data"],
+    )
+    cfg = C.RunConfig(
+        data=data,
+        clip=dataclasses.replace(base.clip, **sections["clip"]),
+        model=dataclasses.replace(base.model, arch=arch, **sections["model"]),
+        optim=dataclasses.replace(base.optim, seed=seed, **sections["optim"]),
+        kd=kd or base.kd,
+        pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
+        gkd=dataclasses.replace(base.gkd, **sections["gkd"]),
+    )
+    try:
+        C.check_run_config(cfg)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(str(exc)) from None
+    return cfg
+
+
+def _check_overrides(size: str, overrides: dict[str, Any], base: C.RunConfig) -> None:
+    """Refuses an unknown size, an unknown override key or an override of the wrong type."""
+    if size not in SIZES:
+        raise SpecError(f"size {size!r} is not one of {', '.join(SIZES)}")
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise SpecError(f"unknown override {', '.join(unknown)}; valid: {', '.join(sorted(OVERRIDES))}")
+    for key, value in overrides.items():
+        section, name = OVERRIDES[key]
+        check_override(key, value, getattr(getattr(base, section), name))
+
+
+def _preset_sections(size: str, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The size's preset, section by section, with the presets of PCL and GKD where the overrides
+    turn them on; the overrides themselves go on top."""
+    preset = C.CPU_PRESET if size == "cpu" else {}
+    sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in SECTIONS}
+    if overrides.get("ssl") == "pcl":
+        sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
+        for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
+            sections[name].update(values)
+    if overrides.get("kd", "logit") != "logit":
+        sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
+    if overrides.get("attention") or sections["gkd"].get("attention"):
+        for name, values in (C.GKD_CPU_PRESET if size == "cpu" else C.GKD_PAPER_PRESET).items():
+            sections[name].update(values)
+    return sections
+
+
+def check_override(key: str, value: Any, default: Any) -> None:
+    """Refuses an override whose type differs from its knob's (a string for a number, a number for a
+    flag), naming the key, before any configuration is built.
+
+    Raises:
+        SpecError: e.g. "epochs='many': must be a whole number".
+    """
+    if isinstance(default, bool):
+        ok, what = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, what = isinstance(value, str), "a word"
+    elif isinstance(default, tuple):
+        ok = (isinstance(value, (list, tuple)) and len(value) == len(default)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        what = f"a list of {len(default)} whole numbers"
+    else:
+        return
+    if not ok:
+        raise SpecError(f"{key}={value!r}: must be {what}")
+
+
+# ---------------------------------------------------------------- the grid's cells
+
+def plan(spec: GridSpec) -> list[Cell]:
+    """Every cell of the grid in run order: teachers, scratch students, distilled students, fine-tunes.
+
+    Raises:
+        SpecError: an override that makes some cell's configuration invalid.
+    """
+    gkd = any(m != "logit" for m in spec.kd_methods)
+    teachers = [
+        Cell("teacher", t, "none", 1.0, spec.teacher_seed,
+             build_run_config(t, size=spec.size, overrides={**spec.overrides, **(GKD_TEACHER if gkd else {}),
+                                                             **spec.teacher_overrides},
+                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed))
+        for t in spec.teachers
+    ]
+    scratch: list[Cell] = []
+    kd: list[Cell] = []
+    for s in spec.students:
+        for frac in spec.fractions:
+            for seed in spec.seeds:
+                _student_cells(spec, s, frac, seed, scratch, kd)
+    return teachers + scratch + kd + _finetune_cells(spec, scratch + kd)
+
+
+def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: list[Cell], kd: list[Cell]) -> None:
+    """Adds one student's cells at one fraction and seed: its scratch run (and, with GKD, its
+    attention twin) to `scratch`, one distilled run per KD method and teacher to `kd`."""
+    overrides = {**spec.overrides, **spec.student_overrides.get(arch, {})}
+    if spec.ssl != "none":
+        overrides["ssl"] = spec.ssl
+
+    def config(**method: Any) -> C.RunConfig:
+        return build_run_config(arch, size=spec.size, dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd,
+                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method})
+
+    scratch.append(Cell("student", arch, "none", frac, seed, config()))
+    if any(m != "logit" for m in spec.kd_methods):  # the attention module without a teacher, GKD's own baseline
+        scratch.append(Cell("student", arch, "none", frac, seed, config(attention=True)))
+    tuned = {f"gkd_{k}": spec.kd_overrides[k] for k in ("beta", "ramp") if k in spec.kd_overrides}
+    for method in spec.kd_methods:
+        cfg = config(**({"kd": method, **tuned} if method != "logit" else {}))
+        # A tuned study's lr is the distilled students' only: the scratch twin keeps the preset lr,
+        # which was chosen for plain cross-entropy.
+        if "lr" in spec.kd_overrides:
+            cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
+        kd += [Cell("student", arch, t, frac, seed, cfg) for t in spec.teachers if t != arch or spec.self_distill]
+
+
+def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
+    """One fine-tune on the transfer dataset per student cell, if the spec asks for them."""
+    if not spec.finetune or spec.transfer is None:
+        return []
+    cells = []
+    for src in students:
+        overrides = {**spec.overrides, **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
+        overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
+        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
+                               dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
+        cells.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
+    return cells
+
+
+def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | None = None) -> str:
+    """The `config_hash` a cell's run carries: its configuration plus where its knowledge comes from.
+
+    A distilled student's hash names the teacher architecture and the run of the teacher it is
+    distilled from (`teacher_run`), so a retrained champion teacher makes its students run again.
+    A fine-tune's hash names the run it starts from (`source_run`).
+    """
+    from kdhar.train import config_hash
+
+    if cell.role == "finetune":
+        if source_run is None:
+            raise ValueError(f"{cell.label()}: the run it starts from is needed for its hash")
+        return config_hash(cell.cfg, None, f"runs:/{source_run}")
+    if cell.role == "student" and cell.teacher != "none":
+        if teacher_run is None:
+            raise ValueError(f"{cell.label()}: the teacher's run id is needed for its hash")
+        return config_hash(cell.cfg, f"{cell.teacher}@{teacher_run}", None)
+    # Teachers and scratch students share this form; the role tag tells them apart.
+    return config_hash(cell.cfg, None, None)
