@@ -28,7 +28,7 @@ def experiment() -> None:
 @click.option("--dry-run", is_flag=True, help="list the cells in run order and which are already done; train nothing")
 def experiment_run(spec, workers, experiment_name, device, executor, address, dry_run) -> None:
     """Train every cell of a grid (teachers first), skipping cells already finished."""
-    from kdhar.experiments import grid_status, load_spec, run_grid
+    from kdhar.experiments import load_spec, run_grid
 
     address = text_or_none(address)
     if address and executor != "ray":
@@ -39,23 +39,9 @@ def experiment_run(spec, workers, experiment_name, device, executor, address, dr
     if not spec.exists():
         raise UserError(f"experiment spec {spec} does not exist (see experiments/*.yaml)")
     if dry_run:
-        from kdhar import tracking
-
-        tracking.check_server(tracking.tracking_uri())
-        status = grid_status(spec, text_or_none(experiment_name))
-        for n, (cell, run_id) in enumerate(status, 1):
-            click.echo(f"[{n:>{len(str(len(status)))}}/{len(status)}] {cell.label()}: "
-                       + (f"done, run {run_id}" if run_id else "to train"))
-        todo = sum(run_id is None for _, run_id in status)
-        click.echo(f"{len(status) - todo} done, {todo} to train")
+        _print_status(spec, text_or_none(experiment_name))
         return
-    grid_executor = None
-    if executor == "ray":
-        try:
-            from kdhar.ray_grid import RayExecutor
-        except ImportError:
-            raise UserError("--executor ray needs Ray: pip install kdhar[ray]") from None
-        grid_executor = RayExecutor(address, log=click.echo)
+    grid_executor = _ray_executor(address) if executor == "ray" else None
     for root in _spec_roots(load_spec(spec)):
         ensure_data(root)
     from kdhar import tracking
@@ -66,6 +52,29 @@ def experiment_run(spec, workers, experiment_name, device, executor, address, dr
                         executor=grid_executor)
     done = sum(o.status == "done" for o in outcomes)
     click.echo(f"{done} trained, {len(outcomes) - done} already finished")
+
+
+def _print_status(spec: Path, experiment: str | None) -> None:
+    """--dry-run: each cell in run order, done (with its run) or to train."""
+    from kdhar import tracking
+    from kdhar.experiments import grid_status
+
+    tracking.check_server(tracking.tracking_uri())
+    status = grid_status(spec, experiment)
+    for n, (cell, run_id) in enumerate(status, 1):
+        click.echo(f"[{n:>{len(str(len(status)))}}/{len(status)}] {cell.label()}: "
+                   + (f"done, run {run_id}" if run_id else "to train"))
+    todo = sum(run_id is None for _, run_id in status)
+    click.echo(f"{len(status) - todo} done, {todo} to train")
+
+
+def _ray_executor(address: str | None):
+    """--executor ray: cells as Ray tasks on the cluster at `address` (None: Ray started on this machine)."""
+    try:
+        from kdhar.ray_grid import RayExecutor
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install kdhar[ray]") from None
+    return RayExecutor(address, log=click.echo)
 
 
 @click.command("demo")
