@@ -1,0 +1,24 @@
+"""What the command line counts as the user's mistake: shown as one line, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import click
+
+
+class UserError(click.ClickException):
+    """A mistake in the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether an exception from below the command line is a mistake in the input (a bad file, value
+    or reference) rather than a bug: those are shown as one line unless --debug is given."""
+    from kdhar.checkpoint import CheckpointError
+    from kdhar.data.index import MissingVideosError
+    from kdhar.data.video import VideoError
+    from kdhar.tracking import TrackingError, is_bad_reference
+
+    if is_bad_reference(exc):
+        return True
+    return isinstance(exc, (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingError, CheckpointError))
