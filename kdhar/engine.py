@@ -190,12 +190,7 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         skipped += int(batch.get("skipped", 0))
-        clips = result.pop("clips")
-        weighted = {k: v if k.endswith("correct") else v * clips for k, v in result.items()}
-        weighted["clips"] = clips
-        for acc in (totals, window):
-            for k, v in weighted.items():
-                acc[k] = acc[k] + v if k in acc else v
+        _accumulate(result, totals, window)
         bar.update(1)
         if (i + 1) % log_every == 0:
             means = _window_means(window, epoch, i)
@@ -208,8 +203,24 @@ def train_one_epoch(
     bar.close()
     if i < 0:
         raise ValueError("the training loader yielded no batches: check the dataset size and batch size")
+    return _epoch_summary(totals, first, epoch, i, time.perf_counter() - start, skipped)
+
+
+def _accumulate(result: dict[str, Tensor | int], *sums: dict[str, Tensor | int]) -> None:
+    """Adds one step's results to each of `sums`: losses weighted by the step's clips (so the sums
+    divide into clip-weighted means), "*correct" counts as they are, and the clips themselves."""
+    clips = result.pop("clips")
+    weighted = {k: v if k.endswith("correct") else v * clips for k, v in result.items()}
+    weighted["clips"] = clips
+    for acc in sums:
+        for k, v in weighted.items():
+            acc[k] = acc[k] + v if k in acc else v
+
+
+def _epoch_summary(totals: dict[str, Tensor | int], first: dict[str, Tensor], epoch: int, i: int, seconds: float,
+                   skipped: int) -> dict[str, float]:
+    """`train_one_epoch`'s return value from the epoch's sums."""
     means = _window_means(totals, epoch, i)  # the .item() calls also wait for queued GPU work
-    seconds = time.perf_counter() - start
     n = int(totals["clips"])
     accs = {f"{k.removesuffix('_correct')}_acc": float(v) / n for k, v in totals.items() if k.endswith("_correct")}
     return means | {k: float(v) for k, v in first.items()} | accs | {
@@ -286,11 +297,30 @@ def evaluate(
         skipped += int(batch.get("skipped", 0))
     if not probs:
         raise ValueError("the evaluation loader yielded no batches: check the dataset")
+    n_clips = sum(len(y) for y in labels)
+    video_labels, video_pred = _video_votes(probs, labels, indices, num_classes)
+    return {
+        "clip_top1": float(top1) / n_clips,
+        "clip_top5": float(topk) / n_clips,
+        "video_top1": float((video_pred == video_labels).mean()),
+        "loss": float(loss_sum) / n_clips,
+        **_video_scores(video_labels, video_pred, num_classes),
+        "clips": n_clips,
+        "videos": len(video_labels),
+        "skipped": skipped,
+    }
+
+
+def _video_votes(probs: list[Tensor], labels: list[Tensor], indices: list[Tensor],
+                 num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(label, prediction) per video: a video's score is the mean of its clips' softmax scores.
+
+    Raises:
+        ValueError: clips of one video carry different labels.
+    """
     clip_probs = torch.cat(probs).double().cpu().numpy()
     clip_labels = torch.cat(labels).cpu().numpy()
     videos, inverse = np.unique(torch.cat(indices).numpy(), return_inverse=True)
-    n_clips = len(clip_labels)
-
     video_scores = np.zeros((len(videos), num_classes))
     np.add.at(video_scores, inverse, clip_probs)
     video_scores /= np.bincount(inverse)[:, None]
@@ -299,8 +329,11 @@ def evaluate(
     mismatch = np.flatnonzero(video_labels[inverse] != clip_labels)
     if mismatch.size:
         raise ValueError(f"clips of video index {videos[inverse[mismatch[0]]]} carry different labels")
-    video_pred = video_scores.argmax(axis=1)
+    return video_labels, video_scores.argmax(axis=1)
 
+
+def _video_scores(video_labels: np.ndarray, video_pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Mean class accuracy (over classes that have videos), the confusion matrix and per-class scores."""
     classes = list(range(num_classes))
     confusion = confusion_matrix(video_labels, video_pred, labels=classes)
     support = confusion.sum(axis=1)
@@ -313,18 +346,7 @@ def evaluate(
         {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for c, p, r, f, s in zip(classes, precision, recall, f1, sup)
     ]
-    return {
-        "clip_top1": float(top1) / n_clips,
-        "clip_top5": float(topk) / n_clips,
-        "video_top1": float((video_pred == video_labels).mean()),
-        "mean_class_acc": mean_class_acc,
-        "loss": float(loss_sum) / n_clips,
-        "confusion": confusion,
-        "per_class": per_class,
-        "clips": n_clips,
-        "videos": len(videos),
-        "skipped": skipped,
-    }
+    return {"mean_class_acc": mean_class_acc, "confusion": confusion, "per_class": per_class}
 
 
 @torch.inference_mode()
