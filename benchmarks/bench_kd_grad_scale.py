@@ -78,7 +78,7 @@ def main() -> None:
     if teacher_uri is None:
         cfg = build_run_config("c3d", size="cpu", overrides={"num_workers": 0}, dataset=dataset, fraction=1.0, seed=0)
         res = run_training(cfg, role="teacher", experiment="bench-kd-grad-scale", progress=False, register=False)
-        teacher_uri = f"runs:/{res.run_id}/model"
+        teacher_uri = res.model_uri or f"runs:/{res.run_id}"
         print(f"teacher c3d: test video top-1 {100 * res.final['final_test_video_top1']:.1f} %")
     teacher = tracking.load_model(teacher_uri).eval()
 
@@ -92,7 +92,7 @@ def main() -> None:
     # the measurement is of the terms' scales along a distilled student's path, not of its recipe.
     opt = torch.optim.SGD(student.parameters(), lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     print(f"student {args.student} width {cfg.model.width}, {len(splits.train.samples)} training videos, "
-          f"tau {args.tau:g}; medians over every {args.every}th batch")
+          f"tau {args.tau:g}; medians over one batch in {args.every}")
     print(f"{'epoch':>5} {'|g soft| / |g CE|':>18} {'mix / CE':>9} {'sum / CE':>9} {'|g CE|':>8} {'batches':>8}")
     for epoch in range(args.epochs + 1):
         data.set_epoch(epoch)

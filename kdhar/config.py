@@ -91,10 +91,11 @@ KD_WEIGHTINGS = ("mix", "sum")
 class KDConfig:
     """Logit distillation (Hinton et al.), as used by the paper.
 
-    weighting "mix": (1 - alpha) * CE + alpha * tau^2 * KL, a convex mix whose total gradient stays
-    about as large as plain CE's, so the CE-tuned learning rate stays safe. "sum": CE + lam * tau^2 *
-    KL, the paper's Eq. 7, which adds the soft term's gradient on top of CE's (1.8x CE's at the
-    start with tau 4): at the CE-tuned lr that collapsed width-4 students (README).
+    weighting "mix": (1 - alpha) * CE + alpha * tau^2 * KL. "sum": CE + lam * tau^2 * KL, the paper's
+    Eq. 7. Neither is scale-neutral at tau 4: the soft term's gradient is about 2x CE's at init and
+    2.3-2.4x after a few epochs (benchmarks/bench_kd_grad_scale.py), so under "mix" at alpha 0.5 the
+    total gradient is 1.5-1.7x plain CE's and under "sum" about 3x, both at the CE-tuned lr. Under
+    "sum" without warm-up that collapsed width-4 students on a 3-epoch cell (README).
     """
 
     tau: float = 4.0  # the paper's temperature
