@@ -38,7 +38,7 @@ demo: setup
 WORKERS ?= auto
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup --durations=20
 
 bench: setup
 	$(BIN)/python benchmarks/bench_loader.py
