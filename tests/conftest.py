@@ -49,6 +49,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(SERVER_GROUP))
 
 
+@pytest.fixture(autouse=True)
+def _own_environment() -> Iterator[None]:
+    """Gives each test the environment it started with back afterwards: a kdhar command run in the
+    test's process quietens MLflow and Optuna through environment variables (MLFLOW_LOGGING_LEVEL,
+    KDHAR_QUIET_OPTUNA), which would otherwise reach the subprocesses of later tests on the same
+    worker and hide the log lines they read."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
