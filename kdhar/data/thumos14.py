@@ -87,6 +87,12 @@ class DetectionIndex:
     def background(self) -> int:
         return len(self.classes)
 
+    def ground_truth(self) -> tuple[dict[str, list[tuple[int, float, float]]], dict[str, list[tuple[float, float]]]]:
+        """What `kdhar.detection.evaluate_detections` scores against: each video's (label, start, end)
+        and its Ambiguous (start, end), in seconds, for every video of the subset."""
+        truth = {v.name: [(s.label, s.start, s.end) for s in v.segments] for v in self.videos}
+        return truth, {v.name: list(v.ambiguous) for v in self.videos}
+
 
 def load_detection_index(
     root: str | Path, subset: str = "train", annotation_dir: str | Path | None = None, on_missing: str = "error"

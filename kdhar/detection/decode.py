@@ -10,6 +10,7 @@ window of a video, clips the segments to the video and suppresses duplicates per
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,3 +104,11 @@ def decode_video(
     found = Detections.concat(parts)
     best = np.argsort(-found.scores, kind="stable")[:top_k]
     return Detections(found.segments[best] / fps, found.scores[best], found.labels[best])
+
+
+def detection_rows(detections: Mapping[str, Detections]) -> list[tuple[str, int, float, float, float]]:
+    """(video, label, start, end, score) rows, the columns of THUMOS14's detection files and of
+    `evaluate_detections`, from each video's detections in seconds."""
+    return [(video, int(label), float(seg[0]), float(seg[1]), float(score))
+            for video, found in detections.items()
+            for seg, score, label in zip(found.segments, found.scores, found.labels)]
