@@ -4,8 +4,6 @@ predicts exactly its targets must score a mAP of 1, so every unit conversion on 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

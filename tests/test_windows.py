@@ -4,7 +4,6 @@ in its own steps, and the window dataset reads real videos."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
