@@ -27,6 +27,19 @@ class ClipConfig:
 
 
 @dataclass(frozen=True)
+class WindowConfig:
+    """How untrimmed videos are cut into windows for temporal detection (GKD's detection code,
+    after AFSD: 256-frame windows, stride 30 for training and 128 for testing)."""
+
+    length: int = 256  # steps per window
+    train_stride: int = 30  # frames between training windows: heavy overlap, many views of each segment
+    test_stride: int = 128  # frames between test windows; one more window meets the video's end
+    frame_interval: int = 1  # frames per step; AFSD reads THUMOS14 at 10 fps, 3 on its 30 fps videos
+    min_inside: float = 0.5  # a training window keeps a segment when this share of it lies inside
+    train_empty: bool = False  # keep training windows without a segment (AFSD leaves them out)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which dataset, split and subset to use."""
 

@@ -77,7 +77,7 @@ def test_data_check_without_split_files_explains_the_layouts(tmp_path: Path) -> 
     lines = out.stderr.strip().splitlines()
     assert lines[0].startswith("Error: split file classInd.txt not found") and "--split-dir" in lines[0]
     assert "kdhar reads these layouts:" in lines[1]
-    assert [line.split(":")[0].strip() for line in lines[2:]] == ["UCF101", "HMDB51", "folder"]
+    assert [line.split(":")[0].strip() for line in lines[2:]] == ["UCF101", "HMDB51", "folder", "THUMOS14"]
 
 
 def test_data_check_reports_progress_and_reads_split_files_from_split_dir(tmp_path: Path) -> None:

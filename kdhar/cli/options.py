@@ -16,6 +16,7 @@ from kdhar.cli.errors import UserError
 
 DEFAULT_ROOT = "data/synthetic/ucf101"
 DEFAULT_HMDB_ROOT = "data/synthetic/hmdb51"
+DEFAULT_TAD_ROOT = "data/synthetic/thumos14"  # untrimmed videos for temporal detection
 
 
 class _Optional(click.ParamType):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,7 @@ def make_loader(
     pin_memory: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     shard: tuple[int, int] | None = None,
+    collate_fn: Callable[[list], dict[str, Any]] | None = None,
 ) -> DataLoader:
     """A DataLoader over `dataset` that honours `set_epoch`, drops bad items and seeds its workers.
 
@@ -206,6 +207,8 @@ def make_loader(
         timeout: seconds to wait for one batch from the workers before raising.
         shard: (rank, world) of a data-parallel run: `batch_size` is the rank's share and the rank
             reads its part of every global batch (`EpochSampler`).
+        collate_fn: how items become a batch; `collate_clips` when None (windows of untrimmed
+            videos: `window_dataset.collate_windows`).
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -215,7 +218,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=EpochSampler(dataset, shuffle, seed, shard=(*shard, batch_size) if shard else None),
         num_workers=num_workers,
-        collate_fn=collate_clips,
+        collate_fn=collate_fn or collate_clips,
         pin_memory=pin_memory,
         drop_last=dataset.train,
         persistent_workers=workers,

@@ -37,7 +37,8 @@ from kdhar.data.video import write_video
 LAYOUTS = ("ucf101", "hmdb51")
 HMDB_SPLIT_DIR = "testTrainMulti_7030_splits"
 MARKER = "synthetic.json"  # written last: its "complete" flag tells a finished set from an interrupted one
-_LAYOUT_CODE = {"ucf101": 101, "hmdb51": 51}
+# Seeds each layout's looks; thumos14 (the untrimmed set of kdhar.data.untrimmed) has looks of its own.
+_LAYOUT_CODE = {"ucf101": 101, "hmdb51": 51, "thumos14": 14}
 
 
 class SynthError(ValueError):
@@ -129,7 +130,9 @@ class _ClipDraw:
 
 
 @dataclass
-class _Pose:
+class Pose:
+    """The figure's pose, one value per frame in each field."""
+
     dx: np.ndarray
     dy: np.ndarray
     scale: np.ndarray
@@ -139,16 +142,16 @@ class _Pose:
     arm_l: np.ndarray
 
 
-Trajectory = Callable[[np.ndarray, _ClipDraw, float], _Pose]
+Trajectory = Callable[[np.ndarray, _ClipDraw, float], Pose]
 _ARM_REST = math.pi / 2 - 0.45  # right arm hangs down and out; the left one mirrors it
 
 
-def _pose(tau: np.ndarray, **arrays: np.ndarray) -> _Pose:
+def _pose(tau: np.ndarray, **arrays: np.ndarray) -> Pose:
     zeros, ones = np.zeros_like(tau), np.ones_like(tau)
     base = {"dx": zeros, "dy": zeros, "scale": ones, "squash": ones, "rot": zeros,
             "arm_r": zeros + _ARM_REST, "arm_l": zeros + (math.pi - _ARM_REST)}
     base.update(arrays)
-    return _Pose(**{k: np.asarray(v, dtype=np.float32) for k, v in base.items()})
+    return Pose(**{k: np.asarray(v, dtype=np.float32) for k, v in base.items()})
 
 
 def _event(tau: np.ndarray, c: _ClipDraw) -> np.ndarray:
@@ -357,9 +360,10 @@ def group_style(group: int, spec: SynthSpec, layout: str = "ucf101") -> GroupSty
     Args:
         group: 1-based group number.
         spec: the dataset spec (its seed and difficulty matter).
-        layout: the two layouts get unrelated looks, so a second dataset is a new domain.
+        layout: the layouts get unrelated looks, so a second dataset is a new domain.
     """
-    _check_layout(layout)
+    if layout not in _LAYOUT_CODE:
+        raise SynthError(f"layout={layout!r}: choose one of {', '.join(_LAYOUT_CODE)}")
     rng = np.random.default_rng([spec.seed, _LAYOUT_CODE[layout], group])
     d = spec.difficulty
     bg = rng.uniform(0.15, 0.85, size=3)
@@ -462,7 +466,7 @@ def _stamp(shape: tuple[int, int, int], cx: np.ndarray, cy: np.ndarray, shake: n
     return tuple(outputs)
 
 
-def _figure(style: GroupStyle, pose: _Pose, size: float, px: np.ndarray, py: np.ndarray
+def _figure(style: GroupStyle, pose: Pose, size: float, px: np.ndarray, py: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray]:
     """Alphas of the body+head and of the two arms, at positions relative to the figure's centre."""
     s = _col(size * pose.scale)
@@ -531,13 +535,58 @@ def render_clip(class_name: str, style: GroupStyle, rng: np.random.Generator, sp
     entry = motion(class_name)
     if entry.reverse_of is not None:
         return np.ascontiguousarray(render_clip(entry.reverse_of, style, rng, spec)[::-1])
-    t_len, (h, w), d = spec.frames, spec.size, spec.difficulty
-    unit = float(min(h, w))
-    amp = 1.0 - 0.4 * d  # harder sets move less
-    tau = np.linspace(0.0, 1.0, t_len, dtype=np.float32)
-
+    amp = motion_amplitude(spec.difficulty)
+    tau = np.linspace(0.0, 1.0, spec.frames, dtype=np.float32)
     draw = _ClipDraw(speed=rng.uniform(0.9, 1.25), centre=rng.uniform(0.4, 0.6), phase=rng.uniform(0.0, 1.0))
-    pose = entry.trajectory(tau, draw, amp)
+    return render_pose(entry.trajectory(tau, draw, amp), style, rng, spec.size, spec.difficulty, tau)
+
+
+def motion_amplitude(difficulty: float) -> float:
+    """How far the figure moves, 1 when easy: harder sets move less."""
+    return 1.0 - 0.4 * difficulty
+
+
+def motion_pose(entry: Motion, tau: np.ndarray, speed: float, centre: float, phase: float, amp: float) -> Pose:
+    """The figure's pose over `tau` while it does `entry` (a reversed class: its partner's pose
+    played backwards), with the pace, timing and phase given rather than drawn."""
+    draw = _ClipDraw(speed=speed, centre=centre, phase=phase)
+    if entry.reverse_of is None:
+        return entry.trajectory(tau, draw, amp)
+    forward = motion(entry.reverse_of).trajectory(tau, draw, amp)
+    return Pose(**{f.name: np.ascontiguousarray(getattr(forward, f.name)[::-1]) for f in dataclasses.fields(Pose)})
+
+
+def rest_pose(tau: np.ndarray, **arrays: np.ndarray) -> Pose:
+    """The figure standing with its arms down over `tau`, with any field replaced by `arrays`."""
+    return _pose(tau, **arrays)
+
+
+def render_pose(pose: Pose, style: GroupStyle, rng: np.random.Generator, size_hw: tuple[int, int],
+                difficulty: float, tau: np.ndarray, drift: np.ndarray | None = None, frames: slice | None = None,
+                noise_rng: np.random.Generator | None = None) -> np.ndarray:
+    """Renders the figure in `pose` in front of the group's background and nuisances.
+
+    Args:
+        pose: one value per frame for every pose field.
+        style: the group's look.
+        rng: draws the figure's place and size, the shake, flicker, distractors and noise.
+        size_hw: (H, W) of the frames.
+        difficulty: 0 easy .. 1 hard (occluders in front of the figure on harder sets).
+        tau: the time of every frame in clip units (a clip of `SynthSpec.frames` spans 0..1); camera
+            shake and flicker follow it.
+        drift: where each distractor is along its path per frame (`tau` when None); a long video
+            passes a bounded drift so that distractors wander instead of leaving the frame.
+        frames: render only these frames of the timeline (all when None). A long video is rendered
+            a slice at a time to bound memory: each slice gets a generator in the same state, so the
+            figure, shake and distractors continue across slices, and its own `noise_rng`.
+        noise_rng: draws the pixel noise (`rng`, after its other draws, when None).
+
+    Returns:
+        uint8 RGB frames (T, H, W, 3), T the length of `frames`.
+    """
+    drift = tau if drift is None else drift
+    (h, w), d = size_hw, difficulty
+    unit = float(min(h, w))
     cx0 = w / 2.0 + rng.uniform(-0.08, 0.08) * unit
     cy0 = h / 2.0 + rng.uniform(0.0, 0.1) * unit  # the head sits above the body's centre
     size = style.actor_size * unit * rng.uniform(0.85, 1.15)
@@ -550,6 +599,10 @@ def render_clip(class_name: str, style: GroupStyle, rng: np.random.Generator, sp
     shake = np.rint(style.shake * (0.6 * waves[:, 0] + 0.4 * waves[:, 1])).astype(int)
     margin = int(np.abs(shake).max())
     canvas = _texture(style, h + 2 * margin, w + 2 * margin, unit, tex_offset)
+    if frames is not None:
+        tau, drift, shake = tau[frames], drift[frames], shake[:, frames]
+        pose = Pose(**{f.name: getattr(pose, f.name)[frames] for f in dataclasses.fields(Pose)})
+    t_len = len(tau)
     tex = np.stack([canvas[margin + sy: margin + sy + h, margin + sx: margin + sx + w]
                     for sx, sy in zip(shake[0], shake[1])])
     shape = (t_len, h, w)
@@ -562,13 +615,18 @@ def render_clip(class_name: str, style: GroupStyle, rng: np.random.Generator, sp
     front: list[tuple[np.ndarray, tuple[float, float, float]]] = []
     base_colour = np.asarray(style.distractor_color)
     for _ in range(style.distractors):
-        alpha = _distractor(rng, tau, shape, shake, size)
+        alpha = _distractor(rng, drift, shape, shake, size)
         colour = _rgb(np.clip(base_colour + rng.normal(scale=0.05, size=3), 0.0, 1.0))
         # Occluders in front of the figure only on harder sets.
         (front if rng.uniform() < 0.4 * d else behind).append((alpha, colour))
     layers = behind + [(body, style.actor_color), (arms, style.limb_color)] + front
+    img = _composite(layers, tex, style)
+    return _light_and_noise(img, style, noise_rng or rng, tau, flicker_freq, flicker_phase, unit)
 
-    # Front-to-back compositing: each layer's weight is its alpha times what is still visible.
+
+def _composite(layers: list[tuple[np.ndarray, tuple[float, float, float]]], tex: np.ndarray,
+               style: GroupStyle) -> np.ndarray:
+    """Front-to-back compositing: each layer's weight is its alpha times what is still visible."""
     visible = np.ones_like(tex)
     weights, colours = [], []
     for alpha, colour in reversed(layers):
@@ -577,8 +635,13 @@ def render_clip(class_name: str, style: GroupStyle, rng: np.random.Generator, sp
         visible *= 1.0 - alpha
     weights += [visible * (1.0 - tex), visible * tex]
     colours += [style.bg_color, style.bg_color2]
-    img = np.stack(weights, axis=-1) @ np.asarray(colours, dtype=np.float32)
+    return np.stack(weights, axis=-1) @ np.asarray(colours, dtype=np.float32)
 
+
+def _light_and_noise(img: np.ndarray, style: GroupStyle, rng: np.random.Generator, tau: np.ndarray,
+                     flicker_freq: float, flicker_phase: float, unit: float) -> np.ndarray:
+    """Lighting, flicker and pixel noise on the composited frames, then uint8."""
+    _, h, w, _ = img.shape
     # Lighting is fixed to the camera, so it uses the unshaken pixel grid.
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
     ramp = ((gx - w / 2.0) * math.cos(style.light_angle) + (gy - h / 2.0) * math.sin(style.light_angle)) / unit
@@ -685,16 +748,19 @@ def _run_job(job: _Job) -> None:
     write_video(job.path, frames, fps=job.spec.fps)
 
 
-def _marker(layout: str, spec: SynthSpec, complete: bool) -> dict:
+def marker_record(layout: str, spec, complete: bool) -> dict:
+    """What MARKER holds: the layout, the spec (any dataclass) and whether the set is finished."""
     return {"layout": layout, "spec": dataclasses.asdict(spec), "complete": complete}
 
 
-def _prepare_root(root: Path, layout: str, spec: SynthSpec, overwrite: bool) -> bool:
-    """Returns True when `root` already holds this exact, finished set."""
+def prepare_root(root: Path, layout: str, spec, overwrite: bool) -> bool:
+    """Readies `root` for a set of `layout` and `spec` (a dataclass): True when it already holds this
+    exact finished set; otherwise an empty folder with an unfinished marker (or an interrupted set of
+    the same settings, to resume)."""
     marker = root / MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())
-        wanted = json.loads(json.dumps(_marker(layout, spec, True)))  # tuples become lists, as on disk
+        wanted = json.loads(json.dumps(marker_record(layout, spec, True)))  # tuples become lists, as on disk
         if found["layout"] == layout and found["spec"] == wanted["spec"]:
             return bool(found["complete"])
         if not overwrite:
@@ -706,7 +772,7 @@ def _prepare_root(root: Path, layout: str, spec: SynthSpec, overwrite: bool) -> 
     elif root.exists() and any(root.iterdir()):
         raise SynthError(f"{root} is not empty and holds no synthetic set ({MARKER} missing); choose an empty folder")
     root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(_marker(layout, spec, False), indent=2))
+    marker.write_text(json.dumps(marker_record(layout, spec, False), indent=2))
     return False
 
 
@@ -743,7 +809,7 @@ def generate(
     root = Path(out_root)
     classes = class_names(layout, spec.num_classes)
     total = spec.num_classes * spec.groups * spec.clips_per_group
-    if _prepare_root(root, layout, spec, overwrite):
+    if prepare_root(root, layout, spec, overwrite):
         if on_progress:
             on_progress(total, total)
         return GeneratedDataset(root, classes, total)
@@ -771,5 +837,5 @@ def generate(
                 done += 1
                 if on_progress:
                     on_progress(done, total)
-    (root / MARKER).write_text(json.dumps(_marker(layout, spec, True), indent=2))
+    (root / MARKER).write_text(json.dumps(marker_record(layout, spec, True), indent=2))
     return GeneratedDataset(root, classes, total)

@@ -57,6 +57,8 @@ class VideoFile:
         self.num_frames = len(self._reader)
         if self.num_frames == 0:
             raise VideoError(self.path, "contains no decodable frames")
+        # Frames per second as the container states it: untrimmed videos' annotations are in seconds.
+        self.fps = float(self._reader.get_avg_fps())
 
     def _open(self, size: tuple[int, int] | None):
         import decord
@@ -105,6 +107,16 @@ def frame_count(path: str | Path) -> int:
     """
     with VideoFile(path) as video:
         return video.num_frames
+
+
+def video_info(path: str | Path) -> tuple[int, float]:
+    """Returns (frames the decoder can index, frames per second) of `path`.
+
+    Raises:
+        VideoError: the file is missing, empty or not a decodable video.
+    """
+    with VideoFile(path) as video:
+        return video.num_frames, video.fps
 
 
 def read_frames(
