@@ -211,7 +211,8 @@ def write_two_bests_killed_at(path, kill_at: int) -> None:
     for epoch, val in ((1, 0.5), (2, 0.8)):
         history.append({"epoch": epoch, "val_video_top1": val})
         state = {"model": {"w": torch.full((4,), float(epoch)), "mark": KillWhileWritingBest()}, "epoch": epoch,
-                 "history": list(history), "run_id": "r", "classes": ["a"], "arch": "tiny3d", "config": {}}
+                 "history": list(history), "run_id": "r", "classes": ["a"], "arch": "tiny3d", "config": {},
+                 "identity": {"role": "teacher", "method": "supervised", "teacher_uri": "", "teacher_run_id": ""}}
         save_epoch(path, state, history, None)
 
 

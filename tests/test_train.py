@@ -3,6 +3,7 @@ kill, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -153,6 +154,74 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_with_changes"] == "optim.epochs 2 -> 3"
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+
+
+def checkpointed_epoch(cfg: RunConfig, workdir: Path, role: str, teacher=None) -> Path:
+    """One real epoch of a `role` run (a teacher or a student of `teacher`), checkpointed by the run's
+    own listener; the tracker records nothing, so no store is needed. Returns its last.pt."""
+    from kdhar.distributed import NullTracker
+    from kdhar.objectives import build_objective
+    from kdhar.training.listeners.checkpoints import Checkpointer
+    from kdhar.training.loop import EpochLoop
+    from kdhar.training.prepare import prepare
+
+    prep = prepare(cfg, role=role, objective=build_objective(cfg, teacher), progress=False)
+    run_id = f"{role}-{len(list(workdir.glob('checkpoints/*')))}"
+    EpochLoop(prep, [Checkpointer(workdir)]).run(NullTracker(run_id))
+    return workdir / "checkpoints" / run_id / "last.pt"
+
+
+def random_teacher(classes: list[str], uri: str, run_id: str):
+    """A frozen tiny3d teacher of random weights that says it came from `uri` (run `run_id`)."""
+    from kdhar.train import Teacher
+
+    return Teacher(model=build_model("tiny3d", len(classes), width=4).eval(), uri=uri, classes=classes,
+                   arch="tiny3d", run_id=run_id)
+
+
+@pytest.fixture(scope="session")
+def resumable(tiny_ucf, tmp_path_factory) -> dict:
+    """A one-epoch KD student of teacher run A and a one-epoch teacher, each checkpointed."""
+    from kdhar.train import load_splits
+
+    cfg = tiny_config(tiny_ucf, epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fraction=0.25))  # 12 videos: an epoch in ~1 s
+    classes = load_splits(cfg).classes
+    teacher_a = random_teacher(classes, "runs:/aaaa", "aaaa")
+    work = tmp_path_factory.mktemp("resumable")
+    return {"cfg": cfg, "classes": classes, "teacher_a": teacher_a,
+            "kd": checkpointed_epoch(cfg, work, "student", teacher_a), "teacher": checkpointed_epoch(cfg, work, "teacher")}
+
+
+def test_resume_refuses_another_teacher_role_or_method_in_one_line(resumable):
+    # A KD checkpoint resumed silently with another teacher; with --teacher none it trained an epoch
+    # without KD and then crashed; a teacher's checkpoint resumed as a student.
+    from kdhar.objectives import build_objective
+    from kdhar.train import ResumeError
+    from kdhar.training.prepare import prepare
+
+    cfg, kd, teacher_ckpt = resumable["cfg"], resumable["kd"], resumable["teacher"]
+    teacher_b = random_teacher(resumable["classes"], "models:/kdhar-teacher-tiny3d@champion-x", "bbbb")
+
+    def refusal(checkpoint: Path, role: str, teacher) -> str:
+        with pytest.raises(ResumeError) as info:
+            prepare(cfg, role=role, objective=build_objective(cfg, teacher), resume=str(checkpoint), progress=False)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"--resume {checkpoint}: the checkpoint is of another run (")
+        return message
+
+    none = refusal(kd, "student", None)
+    assert "(method kd-logit -> supervised, teacher runs:/aaaa -> none)" in none
+    assert "continue it with kdhar distill --teacher runs:/aaaa and the options that trained it (method kd-logit)" in none
+    other = refusal(kd, "student", teacher_b)
+    assert "(teacher runs:/aaaa -> models:/kdhar-teacher-tiny3d@champion-x (run bbbb))" in other
+    as_teacher = refusal(kd, "teacher", None)
+    assert "(role student -> teacher, method kd-logit -> supervised, teacher runs:/aaaa -> none)" in as_teacher
+    as_student = refusal(teacher_ckpt, "student", resumable["teacher_a"])
+    assert "(role teacher -> student, method supervised -> kd-logit, teacher none -> runs:/aaaa)" in as_student
+    assert "continue it with kdhar train-teacher and the options" in as_student
+    assert load_checkpoint(kd)["identity"] == {"role": "student", "method": "kd-logit", "teacher_uri": "runs:/aaaa",
+                                               "teacher_run_id": "aaaa"}
 
 
 @pytest.mark.parametrize(

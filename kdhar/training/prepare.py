@@ -16,7 +16,7 @@ from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.engine import Plateau, make_scheduler, pick_device, set_determinism, set_rng_state
 from kdhar.models import build_model
 from kdhar.objectives import Objective, build_objective
-from kdhar.training.resume import checkpoint_to_resume, load_init_weights
+from kdhar.training.resume import checkpoint_to_resume, load_init_weights, run_identity
 from kdhar.training.splits import Splits, check_same_classes, load_splits
 
 # Decoded evaluation clips kept in memory between epochs, per split (the CPU preset's test split is
@@ -142,7 +142,7 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
     if ddp is not None:
         dev = ddp.device(dev)
         progress = progress and ddp.main
-    resume, state, changed = checkpoint_to_resume(cfg, f"{role} {cfg.model.arch}", objective.teacher is not None,
+    resume, state, changed = checkpoint_to_resume(cfg, f"{role} {cfg.model.arch}", run_identity(role, objective),
                                                   ddp, resume, workdir, allow_config_change)
     torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)

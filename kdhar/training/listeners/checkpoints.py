@@ -12,10 +12,10 @@ from kdhar import distributed
 from kdhar.checkpoint import remove_partial_writes, save_checkpoint
 from kdhar.engine import rng_state
 from kdhar.training.loop import Epoch, Listener, RunState
-from kdhar.training.resume import stored_config
+from kdhar.training.resume import run_identity, stored_config
 
 BEST_METRIC = "val_video_top1"  # what best.pt keeps the best of; never the test split
-BEST_KEYS = ("model", "epoch", "run_id", "classes", "arch", "config")  # what best.pt holds
+BEST_KEYS = ("model", "epoch", "run_id", "classes", "arch", "config", "identity")  # what best.pt holds
 
 
 def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -51,6 +51,7 @@ class Checkpointer(Listener):
             "classes": prep.splits.classes,
             "arch": prep.cfg.model.arch,
             "config": stored_config(prep.cfg, prep.objective.teacher is not None),
+            "identity": run_identity(prep.role, prep.objective),
         }
         save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None)
 
