@@ -81,6 +81,15 @@ class Optimisers:
             **({"plateau": self.plateau.state_dict()} if self.plateau is not None else {}),
         }
 
+    def follow_schedule(self) -> None:
+        """Sets the "net" pass's lr to what the schedule gives at the step reached. A resume that
+        changed the number of epochs built the schedule for the new total, but the restored
+        optimiser holds the old schedule's last lr (0 at the end of a finished cosine run), which
+        the first resumed step would otherwise use."""
+        at = self.scheduler.last_epoch
+        for group, base, factor in zip(self.net.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(at)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["optimizer"])
         for name, side in self.side.items():
@@ -196,5 +205,7 @@ def _restore(prep: Prepared, state: dict[str, Any]) -> None:
     prep.model.load_state_dict(state["model"])
     prep.step.load_state_dict(state.get("heads", {}), strict=False)
     prep.optimisers.load_state_dict(state)
+    if "optim.epochs" in prep.changed:  # the schedule runs over the new total from here on
+        prep.optimisers.follow_schedule()
     prep.start_epoch, prep.history, prep.run_id = state["epoch"], state["history"], state["run_id"]
     set_rng_state(state["rng"])

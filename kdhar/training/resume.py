@@ -103,10 +103,15 @@ def check_resume(
     whether the checkpoint's MLflow run ended FINISHED (asked only when no epoch is left).
 
     Raises:
-        ResumeError: another role, method or teacher (`check_identity`); a change other than
-            RESUME_FREE (and, with `allow`, RESUME_ALLOWED); a finished run with no epochs left.
+        ResumeError: another role, method or teacher (`check_identity`); fewer epochs than the
+            checkpoint has trained; a change other than RESUME_FREE (and, with `allow`,
+            RESUME_ALLOWED); a finished run with no epochs left. The hint says what would be accepted.
     """
     check_identity(path, state, identity)
+    done = state["epoch"]
+    if done > cfg.optim.epochs:  # never acceptable, so said before any other difference
+        raise ResumeError(f"--resume {path}: the checkpoint has trained {done} epochs, more than --epochs "
+                          f"{cfg.optim.epochs}: give --epochs {done} or more")
     missing = object()
     # Checkpoints from before a knob existed were at its neutral value.
     stored = {**HASH_NEUTRAL, **state.get("config", {})}
@@ -116,13 +121,13 @@ def check_resume(
     refused = {k: c for k, c in changed.items() if not (allow and k in RESUME_ALLOWED)}
     if refused:
         diff = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in sorted(refused.items()))
-        hint = (f"; only {', '.join(sorted(RESUME_ALLOWED))} may change, with --allow-config-change"
-                if not set(refused) - RESUME_ALLOWED else "; add --allow-config-change to accept this")
+        hint = ("add --allow-config-change true to accept this" if set(refused) <= RESUME_ALLOWED else
+                f"only {', '.join(sorted(RESUME_ALLOWED))} may change (with --allow-config-change true)")
         raise ResumeError(f"--resume {path}: the run was trained with other settings ({diff}); give the "
-                          f"same options to continue it, or leave --resume out to start a new run{hint}")
-    if state["epoch"] >= cfg.optim.epochs and finished():
-        raise ResumeError(f"--resume {path}: run {state.get('run_id')} already trained all {state['epoch']} epochs; "
-                          "nothing to continue (to train longer: --epochs N --allow-config-change)")
+                          f"same options to continue it, or leave --resume out to start a new run; {hint}")
+    if done == cfg.optim.epochs and finished():
+        raise ResumeError(f"--resume {path}: run {state.get('run_id')} already trained all {done} epochs; nothing to "
+                          f"continue (to train it longer: --epochs {done + 1} or more with --allow-config-change true)")
     return changed
 
 
