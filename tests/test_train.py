@@ -220,7 +220,8 @@ def test_resume_refuses_another_teacher_role_or_method_in_one_line(resumable):
         with pytest.raises(ResumeError) as info:
             prepare(cfg, role=role, objective=build_objective(cfg, teacher), resume=str(checkpoint), progress=False)
         message = str(info.value)
-        assert "\n" not in message and message.startswith(f"--resume {checkpoint}: the checkpoint is of another run (")
+        assert "\n" not in message
+        assert message.startswith(f"--resume {checkpoint}: the checkpoint is of another kind of run (")
         return message
 
     none = refusal(kd, "student", None)

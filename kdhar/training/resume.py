@@ -60,9 +60,9 @@ def check_identity(path: str | Path, state: dict[str, Any], now: dict[str, str])
         command = ROLE_COMMANDS.get(was["role"], f"the command of a {was['role']} run")
         if was["role"] == "student":
             command += f" --teacher {_teacher_spec(was)}"
-        raise ResumeError(f"--resume {path}: the checkpoint is of another run ({', '.join(diffs)}); continue it with "
-                          f"{command} and the options that trained it (method {was['method']}), or leave --resume "
-                          "out to start a new run")
+        raise ResumeError(f"--resume {path}: the checkpoint is of another kind of run ({', '.join(diffs)}); continue "
+                          f"it with {command} and the options that trained it (method {was['method']}), or leave "
+                          "--resume out to start a new run")
 
 
 def _teacher_key(identity: dict[str, str]) -> tuple[str, str]:
