@@ -18,6 +18,10 @@ from typing import Any
 import torch
 
 
+# A checkpoint is written to ".<name>.<random>.tmp" beside it, then renamed over it.
+TEMP_SUFFIX = ".tmp"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
 
@@ -69,7 +73,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -98,6 +102,23 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_partial_writes(path: str | Path) -> list[Path]:
+    """Deletes the temporary files of `path` (".<name>.<random>.tmp" beside it) that writes killed
+    outright left behind (SIGKILL, out of memory, power loss), and returns them. Only the process
+    that owns `path` may call it (a run's own checkpoint): another process's write in progress
+    would lose its file.
+
+    Nothing ever reads such a file, so one left behind is harmless; it only holds disk space.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    partial = sorted(p for p in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}") if p.is_file())
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return partial
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -19,7 +19,7 @@ from kdhar.training.identity import (HASH_NEUTRAL, config_hash, default_run_name
                                      registered_name)
 from kdhar.training.listeners import listeners_for
 from kdhar.training.listeners.records import EpochClock, clock_text
-from kdhar.training.listeners.checkpoints import BEST_METRIC
+from kdhar.training.listeners.checkpoints import BEST_METRIC, checkpoint_dir
 from kdhar.training.listeners.outcome import CHAMPION_METRIC
 from kdhar.training.listeners.scores import STAGES, plateau_loss, stage_epochs
 from kdhar.training.loop import EpochLoop, StopTraining
@@ -32,7 +32,7 @@ from kdhar.training.splits import Splits, check_same_classes, load_splits
 __all__ = [
     "BEST_METRIC", "CHAMPION_METRIC", "EVAL_REPLAY_BYTES", "EpochClock", "HASH_NEUTRAL", "INIT_MIN_SHARE", "RESUME_ALLOWED", "RESUME_FREE", "STAGES",
     "TRAIN_FRAME_CACHE_BYTES", "ResumeError", "RunResult", "Splits", "StopTraining", "Teacher", "TrainingView",
-    "check_resume", "check_same_classes", "clock_text", "config_hash", "load_init_weights", "default_run_name", "describe_run", "load_compatible",
+    "check_resume", "check_same_classes", "checkpoint_dir", "clock_text", "config_hash", "load_init_weights", "default_run_name", "describe_run", "load_compatible",
     "load_splits", "pick_device", "plateau_loss", "registered_name", "run_training", "stage_epochs",
 ]
 

@@ -87,6 +87,19 @@ def pg_url():
     admin.close()
 
 
+def kept_checkpoints(workdir: Path) -> list[str]:
+    """The checkpoint files the study left under ./runs/checkpoints, as "<run id>/<file>"."""
+    root = workdir / "runs" / "checkpoints"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def best_runs(study: str) -> set[str]:
+    """The runs of the study's complete trials that reached its best value (several when tied)."""
+    complete = [t for t in study_trials(None, study) if t["state"] == "COMPLETE"]
+    best = max(t["value"] for t in complete)
+    return {t["user_attrs"]["mlflow_run_id"] for t in complete if t["value"] == best}
+
+
 def children_of(parent_id: str) -> list[dict]:
     return tracking.find_runs(EXPERIMENT, f"tags.mlflow.parentRunId = '{parent_id}'")
 
@@ -204,11 +217,16 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
         assert float(run["params"]["optim.lr"]) == pytest.approx(trial["params"]["lr"])
         assert run["metrics"]["best_val_video_top1"] == pytest.approx(trial["value"])
     assert len({t["params"]["tau"] for t in trials.values()}) == 3  # no point sampled twice
+    # Of the trials' checkpoints only the best trial's best.pt is kept (every trial used to keep two).
+    [kept] = kept_checkpoints(workdir)
+    assert kept.endswith("/best.pt") and kept.split("/")[0] in best_runs("s1")
 
     # The same command with a larger budget continues the study under the same parent.
     second = tune(cfg, n_trials=4, **kw)
     assert second["trials"] == 4 and second["parent_run_id"] == first["parent_run_id"]
     assert len(children_of(parent["run_id"])) == 4 and len(parents("s1")) == 1
+    [kept] = kept_checkpoints(workdir)
+    assert kept.endswith("/best.pt") and kept.split("/")[0] in best_runs("s1")
     assert [t["params"] for t in study_trials(None, "s1")][:3] == [trials[i]["params"] for i in range(3)]
     # A full study runs nothing more.
     assert tune(cfg, n_trials=4, **kw)["trials"] == 4
@@ -244,6 +262,7 @@ def test_collapsed_trials_fail_with_a_reason_and_best_settings_skip_them(tiny_da
         assert run["tags"]["optuna_state"] == "FAIL" and run["tags"]["collapsed"] == "true"
     with pytest.raises(ValueError, match="no complete trial"):
         best_settings("collapse")
+    assert kept_checkpoints(workdir) == []  # no complete trial, nothing worth keeping
 
 
 def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):
@@ -266,6 +285,7 @@ def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):
         assert run["tags"]["optuna_state"] == "PRUNED" and run["tags"]["stopped_early"] == "pruned"
         assert trials[int(run["tags"]["optuna_trial_number"])]["user_attrs"]["mlflow_run_id"] == run["run_id"]
         assert [step for step, _ in tracking.metric_history(run["run_id"], "val_video_top1")] == [1]
+    assert kept_checkpoints(workdir) == []  # pruned trials keep no checkpoint
 
 
 def test_named_pruners():

@@ -96,6 +96,8 @@ def run_tags(prep: Prepared, tags: dict[str, str] | None) -> dict[str, str]:
         "views": str(cfg.data.views),
         "torch_version": torch.__version__,
         "threads": str(cfg.optim.threads),
+        # MLflow never changes a logged param: the epochs a resume extended the run to are read here.
+        "epochs": str(cfg.optim.epochs),
         "modality": cfg.model.modality,
         **({"world_size": str(ddp.world)} if ddp else {}),
         **({"elastic_restarts": str(ddp.restarts)} if ddp and ddp.restarts else {}),

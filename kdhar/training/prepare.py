@@ -16,7 +16,7 @@ from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.engine import Plateau, make_scheduler, pick_device, set_determinism, set_rng_state
 from kdhar.models import build_model
 from kdhar.objectives import Objective, build_objective
-from kdhar.training.resume import checkpoint_to_resume, load_init_weights
+from kdhar.training.resume import checkpoint_to_resume, load_init_weights, run_identity
 from kdhar.training.splits import Splits, check_same_classes, load_splits
 
 # Decoded evaluation clips kept in memory between epochs, per split (the CPU preset's test split is
@@ -81,6 +81,15 @@ class Optimisers:
             **({"plateau": self.plateau.state_dict()} if self.plateau is not None else {}),
         }
 
+    def follow_schedule(self) -> None:
+        """Sets the "net" pass's lr to what the schedule gives at the step reached. A resume that
+        changed the number of epochs built the schedule for the new total, but the restored
+        optimiser holds the old schedule's last lr (0 at the end of a finished cosine run), which
+        the first resumed step would otherwise use."""
+        at = self.scheduler.last_epoch
+        for group, base, factor in zip(self.net.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(at)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["optimizer"])
         for name, side in self.side.items():
@@ -142,7 +151,7 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
     if ddp is not None:
         dev = ddp.device(dev)
         progress = progress and ddp.main
-    resume, state, changed = checkpoint_to_resume(cfg, f"{role} {cfg.model.arch}", objective.teacher is not None,
+    resume, state, changed = checkpoint_to_resume(cfg, f"{role} {cfg.model.arch}", run_identity(role, objective),
                                                   ddp, resume, workdir, allow_config_change)
     torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
@@ -196,5 +205,7 @@ def _restore(prep: Prepared, state: dict[str, Any]) -> None:
     prep.model.load_state_dict(state["model"])
     prep.step.load_state_dict(state.get("heads", {}), strict=False)
     prep.optimisers.load_state_dict(state)
+    if "optim.epochs" in prep.changed:  # the schedule runs over the new total from here on
+        prep.optimisers.follow_schedule()
     prep.start_epoch, prep.history, prep.run_id = state["epoch"], state["history"], state["run_id"]
     set_rng_state(state["rng"])

@@ -15,6 +15,7 @@ from kdhar import tracking
 from kdhar.config import RunConfig
 from kdhar.objectives.stuck import STUCK_ACC_FACTOR
 from kdhar.train import RunResult, Splits, StopTraining
+from kdhar.tuning.keep import ATTR_RUN_ID, prune_trial_checkpoints
 from kdhar.tuning.runs import TAG_RETRY_OF, TAG_STATE, TAG_STUDY, TAG_TRIAL, absorb_project_run, \
     log_study_to_parent, tag_run, trial_run_ids
 from kdhar.tuning.space import OBJECTIVE, SearchSpace, study_config, suggest, trial_config
@@ -88,6 +89,7 @@ def tune(
                                TrialGate(st, study_name))
     _optimize(study, objective, n_trials, min(float(heartbeat_interval), 5.0), log)
     reconcile_study(study)
+    prune_trial_checkpoints(study)
     summary = summarize(study, storage)
     log_study_to_parent(study, parent_id, experiment, summary, plots=bool(objective.ran))
     return summary
@@ -144,6 +146,7 @@ def _optimize(study: optuna.Study, objective: TrialObjective, n_trials: int, pol
     gate = objective.gate
 
     def stop_when_full(study_: optuna.Study, trial: FrozenTrial) -> None:
+        prune_trial_checkpoints(study_)
         if log is not None:
             value = f"{OBJECTIVE} {trial.value:.3f}" if trial.value is not None else trial.user_attrs.get("fail_reason", "")
             log(f"trial {trial.number} {trial.state.name.lower()}: {value} ({_fmt(trial.params)})".replace(" ()", ""))
@@ -220,11 +223,12 @@ class TrialObjective:
         except BaseException:
             for run_id in trial_run_ids(self.experiment, self.study.study_name, trial.number):
                 tag_run(self.experiment, run_id, {TAG_STATE: "FAIL"}, status=tracking.run_status(run_id))
+                trial.set_user_attr(ATTR_RUN_ID, run_id)  # so its checkpoints are found and pruned
             raise
 
     def _score(self, trial: optuna.Trial, res: RunResult, values: dict[str, float]) -> float:
         """The run's best validation accuracy; raises for a pruned or collapsed run, tagging it."""
-        trial.set_user_attr("mlflow_run_id", res.run_id)
+        trial.set_user_attr(ATTR_RUN_ID, res.run_id)
         trial.set_user_attr("epochs", len(res.history))
         if res.stopped == "pruned":
             tag_run(self.experiment, res.run_id, {TAG_STATE: "PRUNED"})

@@ -21,7 +21,7 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
     calls the epoch callback on rank 0's metrics, so all stop together."""
     main, objective = prep.main, prep.objective
     around_epochs = [
-        *([RunRecord()] if main and not prep.resume else []),
+        *([RunRecord()] if main else []),
         # every run with labels; label-free pretraining scores a pretext task of its own
         *([StuckWatch(prep.cfg.optim.epochs, objective.soft_term)] if objective.labels else []),
         *([AttentionHealth()] if hasattr(prep.step, "attention_std") else []),

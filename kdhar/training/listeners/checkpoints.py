@@ -9,12 +9,13 @@ from typing import Any
 import torch
 
 from kdhar import distributed
-from kdhar.checkpoint import save_checkpoint
+from kdhar.checkpoint import remove_partial_writes, save_checkpoint
 from kdhar.engine import rng_state
 from kdhar.training.loop import Epoch, Listener, RunState
-from kdhar.training.resume import stored_config
+from kdhar.training.resume import run_identity, stored_config
 
 BEST_METRIC = "val_video_top1"  # what best.pt keeps the best of; never the test split
+BEST_KEYS = ("model", "epoch", "run_id", "classes", "arch", "config", "identity")  # what best.pt holds
 
 
 def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -32,7 +33,10 @@ class Checkpointer(Listener):
         self.path: Path | None = None
 
     def on_run_start(self, run: RunState) -> None:
-        self.path = Path(self.workdir) / "checkpoints" / run.run_id / "last.pt"
+        self.path = checkpoint_dir(self.workdir, run.run_id) / "last.pt"
+        # A resumed run's earlier process may have been killed in the middle of a write.
+        for name in ("last.pt", "best.pt"):
+            remove_partial_writes(self.path.with_name(name))
 
     def on_epoch_end(self, run: RunState, epoch: Epoch) -> None:
         prep = run.prep
@@ -47,18 +51,29 @@ class Checkpointer(Listener):
             "classes": prep.splits.classes,
             "arch": prep.cfg.model.arch,
             "config": stored_config(prep.cfg, prep.objective.teacher is not None),
+            "identity": run_identity(prep.role, prep.objective),
         }
         save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None)
 
 
+def checkpoint_dir(workdir: str | Path, run_id: str) -> Path:
+    """The folder of a run's `last.pt` and `best.pt`."""
+    return Path(workdir) / "checkpoints" / run_id
+
+
 def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None) -> None:
-    """The epoch's checkpoint (`last.pt`), `best.pt` when the validation accuracy reached a new best
-    (weights only, loadable as a --teacher or --init checkpoint; the logged model is the last
-    epoch's), and for a torchrun job the record its restart resumes from."""
-    save_checkpoint(path, state)
+    """`best.pt` when the validation accuracy reached a new best (weights only, loadable as a
+    --teacher or --init checkpoint; the logged model is the last epoch's), then the epoch's
+    checkpoint (`last.pt`), and for a torchrun job the record its restart resumes from.
+
+    best.pt goes first so that a process killed at any point leaves a pair a resume completes: killed
+    before last.pt is replaced, the resume trains the epoch again and finds the same new best; in the
+    other order, a kill between the two left last.pt past a best that best.pt never got (or no
+    best.pt at all), and the resumed run's history no longer saw that epoch as new."""
     if _new_best(history, BEST_METRIC):
-        best = {k: state[k] for k in ("model", "epoch", "run_id", "classes", "arch", "config")}
+        best = {k: state[k] for k in BEST_KEYS}
         save_checkpoint(path.with_name("best.pt"), {**best, BEST_METRIC: history[-1][BEST_METRIC]})
+    save_checkpoint(path, state)
     if elastic_dir is not None:
         distributed.record_checkpoint(elastic_dir, path)
 

@@ -147,6 +147,18 @@ class StageAccuracy(Listener):
     def __init__(self, epochs: int) -> None:
         self.stages = stage_epochs(epochs)
 
+    def on_run_start(self, run: RunState) -> None:
+        """A run resumed with more epochs has new stages; those its history already passed are
+        logged again from it, at their new epoch (MLflow shows a metric's value at its last step)."""
+        if "optim.epochs" not in run.prep.changed:
+            return
+        before = stage_epochs(run.prep.changed["optim.epochs"][0])
+        for stage, at in self.stages.items():
+            reached = run.history[:at]
+            if at != before[stage] and len(reached) == at and all("test_video_top1" in h for h in reached):
+                run.tracker.log_metrics({f"acc_{stage}": reached[-1]["test_video_top1"],
+                                         f"best_acc_{stage}": max(h["test_video_top1"] for h in reached)}, step=at)
+
     def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
         m = epoch.metrics
         if "test_video_top1" not in m:
