@@ -150,13 +150,16 @@ class PCLConfig:
     negatives: int = 1024  # K, drawn with replacement from the bank
     temperature: float = 0.07
     momentum: float = 0.5  # memory-bank update
+    # Projector and contrastive logits in float32 under autocast, as upstream (trained in float32);
+    # false: bf16 on CUDA, whose logits near 1/0.07 = 14 come in steps of 1/16.
+    fp32_logits: bool = True
 
     def method_params(self) -> dict[str, Any]:
         """The knobs that act (what a PCL run logs as pcl.*); none for a run without PCL."""
         if self.ssl == "none":
             return {}
         out = {k: getattr(self, k) for k in ("ssl", "interval", "clip_stride", "spatial_perm", "swap_pairs", "contrast",
-                                             "contrast_weight", "temperature")}
+                                             "contrast_weight", "temperature", "fp32_logits")}
         if self.contrast == "nce":
             out.update(negatives=self.negatives, momentum=self.momentum)
         return out

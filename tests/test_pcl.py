@@ -125,10 +125,67 @@ def test_every_registry_backbone_trains_inside_pcl_from_a_teacher_of_another_arc
     assert all(p.grad is not None for p in step.model.backbone.parameters() if p.requires_grad)
 
 
-def test_a_resumable_pcl_checkpoint_holds_the_heads_but_not_the_model_twice():
+def test_a_resumable_pcl_checkpoint_holds_the_heads_and_banks_but_not_the_model_twice():
     heads = _heads(make_step())
-    assert {k.split(".")[0] for k in heads} == {"pretext_head", "projector"}
-    assert not any(k.startswith("nce.") for k in heads)  # memory banks are not checkpointed (upstream)
+    assert {k.split(".")[0] for k in heads} == {"pretext_head", "projector", "nce"}
+    assert {k for k in heads if k.startswith("nce.")} == {"nce.bank0", "nce.bank2"}
+
+
+def test_a_resumed_pcl_run_continues_with_the_memory_banks_it_checkpointed(tmp_path):
+    from types import SimpleNamespace
+
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.training.listeners.checkpoints import Checkpointer
+    from kdhar.training.loop import Epoch, RunState
+    from kdhar.training.prepare import Optimisers, _restore
+
+    def prepared(step):
+        return SimpleNamespace(model=step.model, step=step, optimisers=Optimisers.build(step, OptimConfig(), 1),
+                               cfg=RunConfig(pcl=PCLConfig(ssl="pcl")), objective=SimpleNamespace(teacher=None),
+                               splits=SimpleNamespace(classes=["a", "b", "c"]), ddp=None)
+
+    trained = make_step()
+    b = tuple_batch()
+    for _ in range(2):  # the banks move away from their random start
+        trained(b["clips"], b["label"], b["pretext"], b["index"])
+    checkpointer = Checkpointer(tmp_path)
+    run = RunState(prepared(trained), tracker=None, run_id="r", history=[{"epoch": 1}])
+    checkpointer.on_run_start(run)
+    checkpointer.on_epoch_end(run, Epoch(0, {}, {}))
+
+    torch.manual_seed(7)  # a fresh process: other random banks
+    fresh = PCLStep(build_model("tiny3d", 3, width=4, dropout=0.0), num_rows=6, pcl=PCLConfig(ssl="pcl", negatives=8))
+    assert not torch.equal(fresh.nce.bank0, trained.nce.bank0)
+    _restore(prepared(fresh), load_checkpoint(tmp_path / "checkpoints" / "r" / "last.pt"))
+    for name in ("bank0", "bank2"):
+        assert torch.equal(getattr(fresh.nce, name), getattr(trained.nce, name)), name
+
+
+def test_contrastive_logits_are_float32_under_bf16_autocast():
+    from kdhar.objectives.contrast import MemoryBankNCE
+
+    z0, z2 = (F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(s)), dim=1) for s in (1, 2))
+    index = torch.arange(4)
+    losses = {}
+    for name, enabled in (("bf16", True), ("fp32", False)):
+        torch.manual_seed(0)  # the same banks and negatives each time
+        nce = MemoryBankNCE(6, dim=16, negatives=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            losses[name] = nce(z0, z2, index)
+    for term in ("nce0_loss", "nce2_loss"):  # bf16 logits near 1/0.07 = 14 come in steps of 1/16
+        torch.testing.assert_close(losses["bf16"][term], losses["fp32"][term], rtol=0, atol=1e-6)
+    draw = torch.randint(6, (4, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (*nce.logits(z0, z2, draw), *nce.logits(z0.bfloat16(), z2.bfloat16(), draw))
+    assert all(t.dtype == torch.float32 for t in logits)
+    # In the step, the projector runs in float32 too: its term under autocast is the float32 one.
+    terms = {}
+    for name, enabled in (("bf16", True), ("fp32", False)):
+        step = make_step()  # same weights, banks and random draws each time
+        pooled = torch.randn(4, 3, step.model.head.fc.in_features)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            terms[name] = step.contrastive(pooled, index, {})
+    torch.testing.assert_close(terms["bf16"], terms["fp32"], rtol=0, atol=1e-5)
 
 
 def test_factory_names_methods_and_refuses_impossible_combinations():

@@ -50,6 +50,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "negatives": ("pcl", "negatives"),
     "nce_temperature": ("pcl", "temperature"),
     "bank_momentum": ("pcl", "momentum"),
+    "fp32_logits": ("pcl", "fp32_logits"),
     # GKD (`kd: gkd`): the attention module, its CVAE and the distillation terms
     "kd": ("gkd", "method"),
     "attention": ("gkd", "attention"),
