@@ -26,6 +26,21 @@ def test_layouts_follow_upstream_and_the_nominal_reading():
         TupleLayout(clip_len=6)
 
 
+@pytest.mark.parametrize(("title", "layout"), [
+    ("paper size: clip_len 10, interval 8 (a video needs 46 frames)", TupleLayout(clip_len=10, interval=8)),
+    ("size cpu: clip_len 8, interval 2 (a video needs 28 frames)", TupleLayout(clip_len=8, interval=2)),
+])
+def test_the_readmes_tuple_diagrams_are_the_codes(title, layout):
+    from pathlib import Path
+
+    from kdhar.data.tuples import diagram
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = "\n".join("    " + line for line in [title, *diagram(layout).splitlines()])
+    assert shown in readme
+    assert f"needs {layout.span} frames" in title
+
+
 def test_draws_stay_in_the_video_and_remote_clips_keep_their_distance():
     layout, rng = TupleLayout(), np.random.default_rng(0)
     labels = Counter()
