@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, PCLConfig, RunConfig
+from kdhar.data.index import load_index
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.models import build_model
 from kdhar.objectives import build_objective
@@ -394,8 +395,13 @@ def test_pretrain_then_distill_inside_pcl_log_every_term_and_the_encoder_carries
     assert set(students) == {"pcl", "pcl+kd-logit"}
     kd = students["pcl+kd-logit"]
     for key in ("train_pretext_loss", "train_nce0_loss", "train_task_loss", "train_kd_loss", "test_video_top1",
-                "ssl_val_pretext_loss", "retrieval_top1", "acc_late", "best_acc_late", "epoch_lr"):
+                "ssl_val_pretext_loss", "retrieval_top1", "acc_late", "best_acc_late", "sel_acc_late", "epoch_lr"):
         assert key in kd.data.metrics, key
+    # PCL's protocol by default: no hold-out, every training-list video in the retrieval gallery, Eq. 7.
+    assert kd.data.params["val_videos"] == "0" and kd.data.params["kd.weighting"] == "sum"
+    listed = len(load_index("ucf101", str(pcl_set), 1, "train").samples)
+    assert kd.data.params["train_videos"] == str(listed) and kd.data.metrics["retrieval_gallery_videos"] == listed
+    assert kd.data.tags["bank_rows"] == str(listed - 1)  # one row per video long enough for a tuple
     assert kd.data.tags["teacher_run_id"] == teacher.run_id
     assert kd.data.tags["pair_key"] == students["pcl"].data.tags["pair_key"]  # the pair is like for like
     # Both start from the encoder: named for it, and paired with each other
