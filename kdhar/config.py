@@ -24,6 +24,8 @@ class ClipConfig:
     crop: int = 112  # square crop fed to the network
     augment: bool = True  # the paper's colour jitter/grayscale/blur/flip on training clips
     hflip: bool = True  # part of the paper's augmentation; wrong when classes are mirror images
+    # half: (x - 0.5) / 0.5 per channel; imagenet: ImageNet's mean and std, as PCL's code (its runs' default)
+    normalize: str = "half"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class ModelConfig:
 
 
 MODALITIES = ("rgb", "res")  # what ModelConfig.modality may be; kdhar.models computes "res"
+NORMALIZE = ("half", "imagenet")  # what ClipConfig.normalize may be; kdhar.data.transforms holds the values
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class OptimConfig:
     # Under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm, CUDA only)
     # rather than each process's share of it.
     sync_bn: bool = False
+    # schedule "plateau": a new minimum must beat the best by this share (ReduceLROnPlateau's default
+    # relative threshold, which PCL's code keeps); 0 counts any decrease.
+    plateau_threshold: float = 1e-4
 
 
 KD_WEIGHTINGS = ("mix", "sum")
@@ -123,12 +129,15 @@ class KDConfig:
 
 
 SSL_METHODS = ("none", "pcl")
+# The KD weighting of PCL runs unless one is given: the paper's Eq. 7, CE + lambda * KD (lambda 1).
+PCL_KD_WEIGHTING = "sum"
 CONTRASTS = ("nce", "ntxent")
 # PCL's choices. The data and model code that acts on them imports them from here, so checking a
 # configuration needs nothing above this module.
 STRIDES = ("upstream", "nominal")  # clip_stride: see kdhar.data.tuples.TupleLayout
 SPATIAL_PERMS = ("fixed", "random")  # spatial_perm: see kdhar.data.pretext
 SWAP_PAIRS = ("any", "adjacent")  # swap_pairs: see kdhar.data.pretext
+RETRIEVAL_POOLS = ("floor", "ceil")  # retrieval_pool: see kdhar.retrieval.clip_feature
 
 
 @dataclass(frozen=True)
@@ -150,13 +159,19 @@ class PCLConfig:
     negatives: int = 1024  # K, drawn with replacement from the bank
     temperature: float = 0.07
     momentum: float = 0.5  # memory-bank update
+    # Projector and contrastive logits in float32 under autocast, as upstream (trained in float32);
+    # false: bf16 on CUDA, whose logits near 1/0.07 = 14 come in steps of 1/16.
+    fp32_logits: bool = True
+    # Retrieval features: floor is upstream's MaxPool3d((1, 2, 2)) (9,216-d for R3D at 112x112);
+    # ceil keeps an odd last row and column (16,384-d there).
+    retrieval_pool: str = "floor"
 
     def method_params(self) -> dict[str, Any]:
         """The knobs that act (what a PCL run logs as pcl.*); none for a run without PCL."""
         if self.ssl == "none":
             return {}
         out = {k: getattr(self, k) for k in ("ssl", "interval", "clip_stride", "spatial_perm", "swap_pairs", "contrast",
-                                             "contrast_weight", "temperature")}
+                                             "contrast_weight", "temperature", "fp32_logits", "retrieval_pool")}
         if self.contrast == "nce":
             out.update(negatives=self.negatives, momentum=self.momentum)
         return out
@@ -225,16 +240,25 @@ CPU_PRESET: dict[str, dict[str, Any]] = {
     "model": {"width": 8, "dropout": 0.0},
     "optim": {"batch_size": 16, "epochs": 12, "lr": 0.02},
 }
-# On top of CPU_PRESET for PCL runs. PCL's clips are consecutive frames (no subsampling), and a
-# tuple of three 8-frame clips 2 apart spans 28 of the synthetic videos' 32 frames (the paper's
-# interval 8 needs 40). Test clips are cut the same way, 3 per video to cover it. Those 32 frames
+# On top of CPU_PRESET for PCL runs. PCL's clips are consecutive frames (no subsampling); three
+# 8-frame clips at interval 2 need videos of 28 frames (VCOP's rule; the paper's interval 8 needs 40)
+# and, at upstream's stride, start 5 apart, sharing 3 frames (README, "How far apart the clips are"). Test clips are cut the same way, 3 per video to cover it. Those 32 frames
 # leave no room for a remote clip (label 4 needs 2 x (8 + 16) frames beside the tuple), so at this
 # size the pretext task is 4-way; `kdhar data synth --frames 96` makes videos that allow it.
 # For PCL runs at the paper's size: Table 1's clip length (the ClipConfig default 16 is PCL's code's).
 # Its schedule too: ReduceLROnPlateau on the self-supervised validation loss, no warm-up.
-PCL_PAPER_PRESET: dict[str, dict[str, Any]] = {"clip": {"clip_len": 10}, "optim": {"schedule": "plateau", "warmup": 0.0}}
+# At both sizes, PCL's code's protocol: every training video trains (no validation hold-out: the
+# self-supervised validation loss on the test list selects), ImageNet normalisation, no warm-up
+# (the paper's Eq. 7 runs from the first step).
+PCL_PROTOCOL: dict[str, dict[str, Any]] = {"data": {"val_fraction": 0.0}, "clip": {"normalize": "imagenet"},
+                                           "optim": {"warmup": 0.0}}
+PCL_PAPER_PRESET: dict[str, dict[str, Any]] = {"data": PCL_PROTOCOL["data"],
+                                               "clip": {**PCL_PROTOCOL["clip"], "clip_len": 10},
+                                               "optim": {**PCL_PROTOCOL["optim"], "schedule": "plateau"}}
 PCL_CPU_PRESET: dict[str, dict[str, Any]] = {
-    "clip": {"frame_interval": 1, "test_clips": 3},
+    "data": PCL_PROTOCOL["data"],
+    "clip": {**PCL_PROTOCOL["clip"], "frame_interval": 1, "test_clips": 3},
+    "optim": PCL_PROTOCOL["optim"],
     "pcl": {"interval": 2},
 }
 # GKD runs (the attention module on) at the paper's size: the recognition code's SGD at lr 1e-3, no
@@ -269,6 +293,8 @@ def check_run_config(cfg: RunConfig) -> None:
     need(o.batch_size >= 1, "batch_size", o.batch_size, "must be at least 1")
     need(finite(o.warmup) and o.warmup >= 0, "warmup", o.warmup, "must be a finite number of epochs >= 0")
     need(finite(o.grad_clip) and o.grad_clip >= 0, "grad_clip", o.grad_clip, "must be >= 0 (0 turns clipping off)")
+    need(finite(o.plateau_threshold) and 0 <= o.plateau_threshold < 1, "plateau_threshold", o.plateau_threshold,
+         "must be in [0, 1) (ReduceLROnPlateau's default: 1e-4)")
     need(o.threads >= 1, "threads", o.threads, "must be at least 1")
     need(m.width >= 1, "width", m.width, "must be at least 1")
     need(finite(m.dropout) and 0 <= m.dropout < 1, "dropout", m.dropout, "must be in [0, 1)")
@@ -277,6 +303,7 @@ def check_run_config(cfg: RunConfig) -> None:
     need(c.frame_interval >= 1, "frame_interval", c.frame_interval, "must be at least 1")
     need(c.test_clips >= 1, "test_clips", c.test_clips, "must be at least 1")
     need(c.crop >= 1, "crop", c.crop, "must be at least 1 pixel")
+    need(c.normalize in NORMALIZE, "normalize", c.normalize, f"must be one of {', '.join(NORMALIZE)}")
     if c.resize is not None:
         need(c.crop <= min(c.resize), "crop", c.crop,
              f"must fit in the {c.resize[0]}x{c.resize[1]} frames it is cut from (resize); lower --crop")
@@ -295,6 +322,8 @@ def check_run_config(cfg: RunConfig) -> None:
         need(p.negatives >= 1, "negatives", p.negatives, "must be at least 1")
         need(finite(p.temperature) and p.temperature > 0, "nce_temperature", p.temperature, "must be > 0 (upstream: 0.07)")
         need(finite(p.momentum) and 0 <= p.momentum < 1, "bank_momentum", p.momentum, "must be in [0, 1)")
+        need(p.retrieval_pool in RETRIEVAL_POOLS, "retrieval_pool", p.retrieval_pool,
+             f"must be one of {', '.join(RETRIEVAL_POOLS)}")
         need(c.crop % 2 == 0, "crop", c.crop, "must be even for the quadrant permutation of PCL's pretext task")
         size = -(-c.clip_len // 4)
         need(-(-c.clip_len // size) == 4, "clip_len", c.clip_len,

@@ -61,7 +61,8 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
         modality = state["config"].get("model.modality", "rgb")
         model = build_model(state["arch"], len(state["classes"]), width=width, modality=modality)
         model.load_state_dict(state["model"])
-        return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"], run_id=state.get("run_id"))
+        return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"],
+                       run_id=state.get("run_id"), normalize=state["config"].get("clip.normalize", "half"))
     if spec in MODELS:
         kind = "teacher-attention" if attention else "teacher"
         uri = tracking.champion_uri(f"kdhar-{kind}-{spec}", dataset_fingerprint)
@@ -86,7 +87,8 @@ def _teacher_from_uri(uri: str, device) -> Teacher:
     config = tracking.load_run_dict(run_id, "config.json")
     # A logged model is an exported graph that takes only the clip size it was trained on.
     clip = (int(config["clip.clip_len"]), int(config["clip.crop"])) if "clip.crop" in config else None
-    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id, clip=clip)
+    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id, clip=clip,
+                   normalize=config.get("clip.normalize", "half"))  # runs from before the knob were "half"
 
 
 def check_teacher_clips(teacher: Teacher, cfg: RunConfig) -> None:
@@ -98,6 +100,12 @@ def check_teacher_clips(teacher: Teacher, cfg: RunConfig) -> None:
             f"teacher {teacher.uri} takes {t_len}-frame {t_crop}x{t_crop} clips, the size it was trained on, but the "
             f"student's are {s_len}-frame {s_crop}x{s_crop}: pass --clip-len {t_len} --crop {t_crop} (or use a "
             "teacher trained on the student's clips)"
+        )
+    if teacher.normalize is not None and teacher.normalize != cfg.clip.normalize:
+        raise ValueError(
+            f"teacher {teacher.uri} was trained on clips normalised '{teacher.normalize}' but the student's are "
+            f"'{cfg.clip.normalize}' (PCL runs default to imagenet): pass --normalize {teacher.normalize}, or train the "
+            f"teacher with --normalize {cfg.clip.normalize}"
         )
 
 

@@ -16,12 +16,13 @@ from kdhar.train import check_same_classes, load_splits, pick_device
 
 # How clips were cut for training: an exported model takes only these sizes, so evaluation reads
 # them from the model's own run unless the user sets them.
-TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize")
+TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize", "normalize")
 
 
 def trained_clip(cfg: RunConfig, trained: dict, explicit: frozenset[str] = frozenset()) -> RunConfig:
     """`cfg` with the clip settings and modality of the model's training run (`trained`: its
-    config.json), except those in `explicit`. Runs from before modalities existed were rgb."""
+    config.json), except those in `explicit`. Runs from before modalities existed were rgb, and
+    those from before normalisations existed were normalised "half" (the ClipConfig default)."""
     changes = {k: trained[f"clip.{k}"] for k in TRAINED_CLIP if k not in explicit and f"clip.{k}" in trained}
     if "resize" in changes:
         changes["resize"] = tuple(changes["resize"])

@@ -223,6 +223,36 @@ def test_pcl_at_the_papers_size_takes_table_1():
     assert cfg.model.modality == "res" and cfg.optim.warmup == 0.0
 
 
+@pytest.mark.parametrize("size", ["cpu", "paper"])
+def test_pcl_runs_take_the_pcl_codes_protocol_by_default(size):
+    from kdhar.experiments import DatasetSpec
+
+    def cfg(**overrides):
+        return build_run_config("r3d_10", size=size, overrides=overrides, dataset=DatasetSpec("ucf101", "x"),
+                                fraction=0.25, seed=0)
+
+    pcl = cfg(ssl="pcl")
+    # Every training video trains (the self-supervised validation loss selects), ImageNet
+    # normalisation, no warm-up, upstream's plateau threshold and retrieval pooling, fp32 logits.
+    assert (pcl.data.val_fraction, pcl.clip.normalize, pcl.optim.warmup) == (0.0, "imagenet", 0.0)
+    assert (pcl.optim.plateau_threshold, pcl.pcl.retrieval_pool, pcl.pcl.fp32_logits) == (1e-4, "floor", True)
+    # Each is a switch; the runs without PCL keep theirs.
+    assert cfg(ssl="pcl", val_fraction=0.1, normalize="half").data.val_fraction == 0.1
+    assert cfg(ssl="pcl", normalize="half").clip.normalize == "half"
+    plain = cfg()
+    assert (plain.data.val_fraction, plain.clip.normalize) == (0.1, "half")
+
+
+def test_a_pcl_grid_distils_by_eq_7_and_its_teachers_and_fine_tunes_see_the_students_normalisation():
+    spec = parse_spec(minimal(seeds=[0], fractions=[0.25], ssl="pcl", overrides={"epochs": 3}, finetune=True,
+                              transfer={"name": "hmdb51", "root": "data/hmdb51"}))
+    assert (spec.weighting, spec.lam) == ("sum", 1.0)  # the paper's Eq. 7, lambda 1
+    assert {c.cfg.clip.normalize for c in plan(spec)} == {"imagenet"}  # teachers, students, fine-tunes
+    assert parse_spec(minimal(ssl="pcl", weighting="mix")).weighting == "mix"
+    assert parse_spec(minimal()).weighting == "mix"  # plain KD grids keep theirs
+    assert {c.cfg.clip.normalize for c in plan(parse_spec(minimal()))} == {"half"}
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"ssl": "simclr"}, "ssl: 'simclr' must be one of none, pcl"),
     ({"overrides": {"ssl": "pcl"}}, "ssl goes at the top of the spec"),

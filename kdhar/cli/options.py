@@ -103,6 +103,9 @@ RUN_OPTIONS = {
     "split": click.option("--split", default=1, show_default=True, type=INT),
     "split_dir": click.option("--split-dir", default=None, help="folder of the split files when they are not in --root (UCF101: also found beside it)"),
     "fraction": click.option("--fraction", default=1.0, show_default=True, type=FLOAT, help="class-balanced share of training videos, in (0, 1]"),
+    "val_fraction": click.option("--val-fraction", type=FLOAT, default=None,
+                                 help="share of the training groups held out for validation (default 0.1; 0 with --ssl pcl, "
+                                      "as PCL's code, where the self-supervised validation loss selects)"),
     "size": click.option("--size", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]), help="cpu: small clips/widths/epochs; paper: Table 1"),
     "epochs": click.option("--epochs", type=INT, default=None, help="overrides the size preset"),
     "lr": click.option("--lr", type=FLOAT, default=None),
@@ -115,6 +118,9 @@ RUN_OPTIONS = {
     "frame_interval": click.option("--frame-interval", type=INT, default=None),
     "crop": click.option("--crop", type=INT, default=None),
     "test_clips": click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
+    "normalize": click.option("--normalize", type=_OptionalChoice(C.NORMALIZE), default=None,
+                              help="half: (x-0.5)/0.5; imagenet: ImageNet's mean/std, as PCL's code (default half; "
+                                   "imagenet with --ssl pcl; a teacher must see the clips its student does)"),
     "augment": bool_option("--augment", help="the paper's training augmentations (default: on, off at size cpu)"),
     "schedule": click.option("--schedule", type=_OptionalChoice(["cosine", "step", "constant", "plateau"]), default=None,
                              help="lr schedule (default cosine; plateau for --ssl pcl at size paper): plateau is x0.1 "
@@ -173,8 +179,10 @@ def run_options(fn=None, *, only: tuple[str, ...] | None = None, exclude: tuple[
 KD_PRESETS = {"sskd": {"weighting": "mix", "alpha": 0.9}}
 
 
-def kd_settings(tau, weighting, alpha, lam) -> dict[str, Any]:
-    """The KD knobs as given, with a named preset (--kd-weighting sskd) spelled out."""
+def kd_settings(tau, weighting, alpha, lam, ssl: str = "none") -> dict[str, Any]:
+    """The KD knobs as given, with a named preset (--kd-weighting sskd) spelled out; without a
+    weighting, PCL runs (`ssl` "pcl") take the paper's Eq. 7 (sum) and the others mix."""
+    weighting = weighting or (C.PCL_KD_WEIGHTING if ssl == "pcl" else C.KDConfig.weighting)
     preset = KD_PRESETS.get(weighting)
     if preset is None:
         return dict(tau=tau, weighting=weighting, alpha=alpha, lam=lam)
@@ -188,9 +196,10 @@ def kd_options(fn):
     """The logit-KD knobs (distill, tune)."""
     opts = [
         click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)"),
-        click.option("--kd-weighting", type=click.Choice([*C.KD_WEIGHTINGS, *KD_PRESETS]), default=C.KDConfig.weighting,
-                     show_default=True, help="mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's "
-                                             "Eq. 7); sskd: SSKD's weights, mix with alpha 0.9 (CE 0.1, KD 0.9)"),
+        click.option("--kd-weighting", type=_OptionalChoice([*C.KD_WEIGHTINGS, *KD_PRESETS]), default=None,
+                     help=f"mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's Eq. 7); sskd: "
+                          f"SSKD's weights, mix with alpha 0.9 (CE 0.1, KD 0.9) (default {C.KDConfig.weighting}; "
+                          f"{C.PCL_KD_WEIGHTING} with --ssl pcl)"),
         click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix (default 0.5)"),
         click.option("--lam", type=FLOAT, default=None, help="soft-term weight under sum (default 1)"),
     ]

@@ -109,7 +109,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     """
     from kdhar import distill as D
 
-    cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam))
+    cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam, opts["ssl"]))
     ensure_data(cfg.data.root)
     _launch(opts, cfg.optim.batch_size)
     res = D.distill(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kdhar.config import DataConfig
+
 from kdhar.cli.data import ensure_data
 from kdhar.cli.options import (
     INT,
@@ -50,7 +52,10 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, storage_file, tau,
     if dashboard:
         click.echo(tuning.dashboard_command(storage))
         return
-    kd = kd_settings(tau, kd_weighting, alpha, lam)
+    kd = kd_settings(tau, kd_weighting, alpha, lam, opts["ssl"])
+    if opts["ssl"] == "pcl" and opts.get("val_fraction") is None:
+        # PCL runs hold nothing out by default; a study scores its trials on held-out groups, never the test split.
+        opts = {**opts, "val_fraction": DataConfig.val_fraction}
     cfg = build_config(student, opts, kd=kd)
     ensure_data(cfg.data.root)
     summary = tuning.tune(

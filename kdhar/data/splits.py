@@ -13,7 +13,8 @@ from kdhar.data.subsets import class_balanced_subset, group_holdout
 
 @dataclass
 class Splits:
-    """The indexes a run trains, validates and tests on, and the training list's fingerprint."""
+    """The indexes a run trains, validates and tests on, the whole training list they come from
+    (`train_list`, retrieval's gallery whatever the fraction and hold-out) and its fingerprint."""
 
     classes: list[str]
     train: DatasetIndex
@@ -21,6 +22,7 @@ class Splits:
     test: DatasetIndex
     fingerprint: str
     missing: int
+    train_list: DatasetIndex
 
 
 def load_splits(cfg: RunConfig) -> Splits:
@@ -40,4 +42,5 @@ def load_splits(cfg: RunConfig) -> Splits:
         test=test,
         fingerprint=fingerprint(train_full),
         missing=train_full.missing + test.missing,
+        train_list=train_full,
     )

@@ -32,6 +32,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "test_clips": ("clip", "test_clips"),
     "augment": ("clip", "augment"),
     "hflip": ("clip", "hflip"),
+    "normalize": ("clip", "normalize"),
     "num_workers": ("data", "num_workers"),
     "val_fraction": ("data", "val_fraction"),
     "views": ("data", "views"),
@@ -39,6 +40,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "grad_clip": ("optim", "grad_clip"),
     "threads": ("optim", "threads"),
     "sync_bn": ("optim", "sync_bn"),
+    "plateau_threshold": ("optim", "plateau_threshold"),
     # PCL (`ssl: pcl`): the tuple view and the self-supervised terms
     "ssl": ("pcl", "ssl"),
     "pcl_interval": ("pcl", "interval"),
@@ -50,6 +52,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "negatives": ("pcl", "negatives"),
     "nce_temperature": ("pcl", "temperature"),
     "bank_momentum": ("pcl", "momentum"),
+    "fp32_logits": ("pcl", "fp32_logits"),
+    "retrieval_pool": ("pcl", "retrieval_pool"),
     # GKD (`kd: gkd`): the attention module, its CVAE and the distillation terms
     "kd": ("gkd", "method"),
     "attention": ("gkd", "attention"),

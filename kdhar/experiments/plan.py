@@ -174,7 +174,7 @@ def plan(spec: GridSpec) -> list[Cell]:
     gkd = any(m != "logit" for m in spec.kd_methods)
     teachers = [
         Cell("teacher", t, "none", 1.0, spec.teacher_seed,
-             build_run_config(t, size=spec.size, overrides={**spec.overrides, **(GKD_TEACHER if gkd else {}),
+             build_run_config(t, size=spec.size, overrides={**_shared(spec), **(GKD_TEACHER if gkd else {}),
                                                              **spec.teacher_overrides},
                               dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed))
         for t in spec.teachers
@@ -186,6 +186,15 @@ def plan(spec: GridSpec) -> list[Cell]:
             for seed in spec.seeds:
                 _student_cells(spec, s, frac, seed, scratch, kd)
     return teachers + scratch + kd + _finetune_cells(spec, scratch + kd)
+
+
+def _shared(spec: GridSpec) -> dict[str, Any]:
+    """The overrides of the cells around the students (teachers, fine-tunes): the spec's, and in a
+    PCL grid the students' normalisation, since a teacher sees the students' clips and a fine-tune
+    starts from their weights."""
+    if spec.ssl != "pcl":
+        return dict(spec.overrides)
+    return {"normalize": C.PCL_PROTOCOL["clip"]["normalize"], **spec.overrides}
 
 
 def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: list[Cell], kd: list[Cell]) -> None:
@@ -218,7 +227,7 @@ def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
         return []
     cells = []
     for src in students:
-        overrides = {**spec.overrides, **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
+        overrides = {**_shared(spec), **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
         overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
         cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
                                dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)

@@ -133,7 +133,7 @@ class _SpecReader:
             teacher_seed=self.whole("teacher_seed", raw.get("teacher_seed", 0)),
             tau=self.number("tau", C.KDConfig.tau),
             lam=self.number("lam", C.KDConfig.lam),
-            weighting=str(raw.get("weighting", C.KDConfig.weighting)),
+            weighting=str(raw.get("weighting", C.PCL_KD_WEIGHTING if ssl == "pcl" else C.KDConfig.weighting)),
             alpha=self.number("alpha", C.KDConfig.alpha),
             finetune=finetune,
             cache_teacher=self.flag("cache_teacher"),

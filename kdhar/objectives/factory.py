@@ -9,6 +9,7 @@ here and in the step modules, not in `kdhar.train`.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class Objective:
             each epoch (logged as `<validation_prefix>_*`), or None.
         plateau_metric: the epoch metric the plateau schedule watches first (else the validation
             split's loss, else the training loss).
+        selection_metric: the epoch metric, lowest best, that picks the run's best epoch (`best.pt`,
+            the `sel_acc_*` stages) in place of the validation split's accuracy, or None.
         final_metrics: `final_metrics(model, cfg, splits, device)`, metrics of the trained model
             logged at the end (PCL: clip retrieval), or None.
         name_prefix, description: what run names and the run's description add for the method.
@@ -73,6 +76,7 @@ class Objective:
     make_validation: Callable[..., Any] | None = None
     validation_prefix: str = "ssl_val"
     plateau_metric: str | None = None
+    selection_metric: str | None = None
     final_metrics: Callable[..., dict[str, float]] | None = None
     name_prefix: str = ""
     description: str = ""
@@ -181,10 +185,15 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
     if teacher is not None:
         check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
 
+    tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
+    tags["ssl"] = "pcl"
+
     def make_step(model: nn.Module, num_train: int) -> nn.Module:
         term = None
         if teacher is not None:
             term = LogitKD(teacher.model, tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
+        if pcl.contrast == "nce":
+            tags.update(bank_note(num_train, pcl.negatives))
         return PCLStep(model, num_train, pcl, tuple_len=layout.tuple_len, labels=labels, kd=term)
 
     def tuples(index, train: bool, seed: int, cache_bytes: int = 0) -> TupleClipDataset:
@@ -213,15 +222,26 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
 
         return retrieval_on_splits(model, run_cfg, splits, device)  # a label-free measure of the encoder
 
-    tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
-    tags["ssl"] = "pcl"
     description = (f" Trained inside PCL on tuples of {clip.tuple_len} clips {pcl.interval} apart ({pcl.clip_stride} "
                    f"stride): the 5-way pretext task plus {pcl.contrast_weight:g} x the {pcl.contrast} contrastive loss"
                    + (", and the action head on the first and last clips." if labels else ", no labels."))
     return Objective(name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
                      soft_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
-                     make_validation=make_validation, plateau_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
+                     make_validation=make_validation, plateau_metric="ssl_val_pretext_loss",
+                     selection_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
                      name_prefix="pcl-", description=description, labels=labels)
+
+
+def bank_note(rows: int, negatives: int) -> dict[str, str]:
+    """The memory bank's size as run tags (`bank_rows`, `bank_below_negatives`); a bank with fewer
+    rows than K negatives (a 2 % share of UCF101 has about 190) is also said once on stderr, by
+    rank 0 alone under torchrun: each sample's K draws then repeat rows and may hold its own row."""
+    below = rows < negatives
+    if below and os.environ.get("RANK", "0") == "0":
+        print(f"[pcl] warning: the memory bank has {rows} rows (training videos), fewer than its {negatives} "
+              "negatives: each draw repeats rows and may hold the positive's own (tagged bank_below_negatives=true)",
+              file=sys.stderr, flush=True)
+    return {"bank_rows": str(rows), "bank_below_negatives": str(below).lower()}
 
 
 def load_gkd_teacher(teacher: Teacher) -> tuple[nn.Module, nn.Module]:

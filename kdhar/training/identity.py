@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 # Knobs added after runs were already being identified by their hash: at these values they behave
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
-HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False}
+# The plateau threshold acts only under the plateau schedule: runs on another schedule keep their identity.
+HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False, "clip.normalize": "half",
+                "optim.plateau_threshold": 1e-4}
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:

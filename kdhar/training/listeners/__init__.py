@@ -29,10 +29,10 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
         *([ObjectiveValidation()] if main and prep.val_loader is not None else []),
         *([ShareMetrics()] if prep.ddp is not None else []),
         *([PlateauSchedule(prep.optimisers.plateau, objective.plateau_metric)] if prep.optimisers.plateau else []),
-        StageAccuracy(prep.cfg.optim.epochs),
+        StageAccuracy(prep.cfg.optim.epochs, objective.selection_metric),
         *([ProgressPrinter()] if prep.progress else []),
         MetricLogger(),
-        *([Checkpointer(workdir)] if main else []),
+        *([Checkpointer(workdir, objective.selection_metric)] if main else []),
         *([EpochCallback(epoch_callback)] if epoch_callback is not None else []),
     ]
     outcome = [

@@ -1,4 +1,5 @@
-"""The checkpoint listener: `last.pt` every epoch, `best.pt` on a new validation best."""
+"""The checkpoint listener: `last.pt` every epoch, `best.pt` on a new validation best (the objective's
+own selection metric where it has one: PCL's self-supervised validation loss)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ BEST_METRIC = "val_video_top1"  # what best.pt keeps the best of; never the test
 BEST_KEYS = ("model", "epoch", "run_id", "classes", "arch", "config", "identity")  # what best.pt holds
 
 
+def best_so_far(history: list[dict[str, float]], metric: str, lowest: bool = False) -> dict[str, float] | None:
+    """The epoch of `history` with the best `metric` (the highest, or with `lowest` the lowest; the
+    first of equals), or None when no epoch logged it."""
+    logged = [h for h in history if metric in h and not math.isnan(h[metric])]
+    if not logged:
+        return None
+    sign = -1.0 if lowest else 1.0
+    return max(logged, key=lambda h: sign * h[metric])
+
+
 def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A step's own saved weights beyond the model's (a method's heads), for a resume."""
     model = getattr(step, "model", None)
@@ -28,8 +39,10 @@ def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Checkpointer(Listener):
     """Saves what a resume needs after every epoch under <workdir>/checkpoints/<run id>/; rank 0 only."""
 
-    def __init__(self, workdir: str | Path) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: str | Path, select: str | None = None) -> None:
+        """`select`: the objective's selection metric (lowest best) for `best.pt`; None: the
+        validation split's video accuracy."""
+        self.workdir, self.select = workdir, select
         self.path: Path | None = None
 
     def on_run_start(self, run: RunState) -> None:
@@ -53,7 +66,7 @@ class Checkpointer(Listener):
             "config": stored_config(prep.cfg, prep.objective.teacher is not None),
             "identity": run_identity(prep.role, prep.objective),
         }
-        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None)
+        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None, self.select)
 
 
 def checkpoint_dir(workdir: str | Path, run_id: str) -> Path:
@@ -61,25 +74,20 @@ def checkpoint_dir(workdir: str | Path, run_id: str) -> Path:
     return Path(workdir) / "checkpoints" / run_id
 
 
-def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None) -> None:
-    """`best.pt` when the validation accuracy reached a new best (weights only, loadable as a
-    --teacher or --init checkpoint; the logged model is the last epoch's), then the epoch's
-    checkpoint (`last.pt`), and for a torchrun job the record its restart resumes from.
+def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None,
+               select: str | None = None) -> None:
+    """`best.pt` when the validation accuracy (or the lowest `select`) reached a new best (weights
+    only, loadable as a --teacher or --init checkpoint; the logged model is the last epoch's), then
+    the epoch's checkpoint (`last.pt`), and for a torchrun job the record its restart resumes from.
 
     best.pt goes first so that a process killed at any point leaves a pair a resume completes: killed
     before last.pt is replaced, the resume trains the epoch again and finds the same new best; in the
     other order, a kill between the two left last.pt past a best that best.pt never got (or no
     best.pt at all), and the resumed run's history no longer saw that epoch as new."""
-    if _new_best(history, BEST_METRIC):
+    metric = select or BEST_METRIC
+    if history and metric in history[-1] and best_so_far(history, metric, lowest=select is not None) is history[-1]:
         best = {k: state[k] for k in BEST_KEYS}
-        save_checkpoint(path.with_name("best.pt"), {**best, BEST_METRIC: history[-1][BEST_METRIC]})
+        save_checkpoint(path.with_name("best.pt"), {**best, metric: history[-1][metric]})
     save_checkpoint(path, state)
     if elastic_dir is not None:
         distributed.record_checkpoint(elastic_dir, path)
-
-
-def _new_best(history: list[dict[str, float]], metric: str) -> bool:
-    """Whether the last epoch set a new maximum of `metric` (validation runs only)."""
-    if not history or metric not in history[-1]:
-        return False
-    return history[-1][metric] > max((h.get(metric, -math.inf) for h in history[:-1]), default=-math.inf)

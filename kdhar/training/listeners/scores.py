@@ -10,6 +10,7 @@ from typing import Any
 from kdhar.engine import Plateau, evaluate, evaluate_terms
 from kdhar.objectives.gkd import DEGENERATE_ATTENTION_STD
 from kdhar.objectives.stuck import is_stuck, stuck_reason, uniform_term
+from kdhar.training.listeners.checkpoints import best_so_far
 from kdhar.training.loop import Epoch, Listener, RunState
 
 # The paper reports accuracy after 50, 150 and 200 of 200 epochs; we keep the same fractions of any run.
@@ -141,11 +142,14 @@ class PlateauSchedule(Listener):
 
 
 class StageAccuracy(Listener):
-    """The paper's stages: test accuracy at 25/75/100 % of the epochs (`acc_<stage>`) and the best
-    test accuracy reached by then (`best_acc_<stage>`, as the KD paper reads its stages)."""
+    """The paper's stages: test accuracy at 25/75/100 % of the epochs (`acc_<stage>`), the best test
+    accuracy reached by then (`best_acc_<stage>`, as the KD paper reads its stages) and, with a
+    selection metric (PCL's self-supervised validation loss, which upstream selects its checkpoint
+    by), the test accuracy of the epoch with its lowest value so far (`sel_acc_<stage>`, that
+    epoch `sel_epoch_<stage>`): what a checkpoint chosen without looking at the test split scores."""
 
-    def __init__(self, epochs: int) -> None:
-        self.stages = stage_epochs(epochs)
+    def __init__(self, epochs: int, select: str | None = None) -> None:
+        self.stages, self.select = stage_epochs(epochs), select
 
     def on_run_start(self, run: RunState) -> None:
         """A run resumed with more epochs has new stages; those its history already passed are
@@ -163,8 +167,13 @@ class StageAccuracy(Listener):
         m = epoch.metrics
         if "test_video_top1" not in m:
             return
-        best_test = max([h["test_video_top1"] for h in run.history] + [m["test_video_top1"]])
+        history = [*run.history, {"epoch": epoch.done, **m}]
+        best_test = max(h["test_video_top1"] for h in history)
+        chosen = best_so_far(history, self.select, lowest=True) if self.select else None
         for stage, at in self.stages.items():
             if epoch.done == at:
                 m[f"acc_{stage}"] = m["test_video_top1"]
                 m[f"best_acc_{stage}"] = best_test
+                if chosen is not None:
+                    m[f"sel_acc_{stage}"] = chosen["test_video_top1"]
+                    m[f"sel_epoch_{stage}"] = float(chosen["epoch"])
