@@ -103,7 +103,7 @@ class SearchSpace:
                 raise ValueError(f"search space part '{part}': unknown parameter '{name}'; tunable: {', '.join(TUNABLE)}")
             if name in seen:
                 raise ValueError(f"search space part '{part}': {name} is given twice")
-            unused = {"mix": "lam", "sum": "alpha"}.get(weighting)
+            unused = {"mix": "lam", "balanced": "lam", "sum": "alpha"}.get(weighting)
             if name == unused:
                 raise ValueError(f"search space part '{part}': {name} does not act under --kd-weighting {weighting}")
             if (name in GKD_KNOBS and method == "logit") or (name in LOGIT_KNOBS and method == "gkd"):
