@@ -250,11 +250,25 @@ def test_pcl_and_fraction_spec_mistakes_name_the_key(changes, message):
         parse_spec(minimal(**changes))
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml",
+                                  "pcl-replication.yaml"])
 def test_shipped_specs_parse(name):
     spec = load_spec(REPO / "experiments" / name)
     cells = plan(spec)
     assert cells[0].role == "teacher"
+    students = [c for c in cells if c.role == "student"]
+    if name == "cpu.yaml":
+        # Equal optimiser-step budgets across fractions, >= 2 runs of each teacher recipe (RGB and
+        # residual frames), >= 20 paired seeds, an RGB student at width 4.
+        assert {c.fraction: c.fraction * c.cfg.optim.epochs for c in students} == {0.5: 3.0, 0.25: 3.0}
+        teachers = [(c.teacher_id, c.cfg.model.modality) for c in cells if c.role == "teacher"]
+        assert teachers == [("c3d-rgb-s0", "rgb"), ("c3d-rgb-s1", "rgb"), ("c3d-res-s0", "res"), ("c3d-res-s1", "res")]
+        assert len(spec.seeds) >= 20 and {(c.arch, c.cfg.model.width, c.cfg.model.modality) for c in students} == {
+            ("c3d", 4, "rgb")}
+        assert len(students) == len(spec.seeds) * 2 * (1 + len(teachers))
+    if name == "pcl-replication.yaml":
+        assert {(c.arch, c.cfg.model.width, c.fraction, c.cfg.pcl.ssl) for c in students} == {("c3d", 4, 0.25, "pcl")}
+        assert len(spec.seeds) >= 15 and len(students) == 2 * len(spec.seeds)
     if name == "paper.yaml":
         assert spec.students == ["c3d", "r3d_18", "r2plus1d_18"] and spec.fractions == [1.0, 0.5, 0.25, 0.02]
         assert spec.finetune and spec.transfer.name == "hmdb51"
