@@ -103,7 +103,7 @@ class OptimConfig:
     plateau_threshold: float = 1e-4
 
 
-KD_WEIGHTINGS = ("mix", "sum")
+KD_WEIGHTINGS = ("mix", "sum", "balanced")
 
 
 @dataclass(frozen=True)
@@ -115,16 +115,20 @@ class KDConfig:
     2.3-2.4x after a few epochs (benchmarks/bench_kd_grad_scale.py), so under "mix" at alpha 0.5 the
     total gradient is 1.5-1.7x plain CE's and under "sum" about 3x, both at the CE-tuned lr. Under
     "sum" without warm-up that collapsed width-4 students on a 3-epoch cell (README).
+    "balanced": "mix" with the soft term rescaled, per batch, so that its gradient at the student's
+    logits is as large as CE's (`objectives.kd.balance_scale`, kept between 1/tau^2 and 1); at alpha
+    0.5 the step is then about plain CE's. Which weighting is the default is decided by measured runs,
+    not by this argument: `--kd-weighting sum --warmup 0` is the paper's recipe.
     """
 
     tau: float = 4.0  # the paper's temperature
-    weighting: str = "mix"  # mix | sum (see the class docstring)
-    alpha: float = 0.5  # weight of the soft term under "mix", in [0, 1]
+    weighting: str = "mix"  # mix | sum | balanced (see the class docstring)
+    alpha: float = 0.5  # weight of the soft term under "mix" and "balanced", in [0, 1]
     lam: float = 1.0  # weight of the soft term under "sum" (the paper's lambda)
 
     def method_params(self) -> dict[str, Any]:
         """Only the knobs that act under this weighting (what a run logs as kd.*)."""
-        weight = {"alpha": self.alpha} if self.weighting == "mix" else {"lam": self.lam}
+        weight = {"lam": self.lam} if self.weighting == "sum" else {"alpha": self.alpha}
         return {"tau": self.tau, "weighting": self.weighting, **weight}
 
 

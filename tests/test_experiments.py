@@ -64,28 +64,44 @@ def test_spec_values_are_checked_before_any_cell(changes, match):
         parse_spec(minimal(**changes))
 
 
-def test_tuned_study_settings_reach_the_distilled_cells_only(tmp_path, monkeypatch):
-    import optuna
-
-    from kdhar.experiments import with_tuned
-
-    monkeypatch.chdir(tmp_path)  # the default Optuna storage is ./optuna.db
-    study = optuna.create_study(study_name="best", storage="sqlite:///optuna.db", direction="maximize")
-    for value, params in ((0.4, {"tau": 2.0, "alpha": 0.3, "lr": 0.01}), (0.6, {"tau": 3.0, "alpha": 0.7, "lr": 0.005})):
-        dist = {k: optuna.distributions.FloatDistribution(0.001, 10) for k in params}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value))
-    spec = with_tuned(parse_spec(minimal(tuned="best", teachers=["c3d"], students=["tiny3d"], seeds=[0], fractions=[1])))
-    cells = {c.wave: c for c in plan(spec)}
-    assert (cells["kd"].cfg.kd.tau, cells["kd"].cfg.kd.alpha, cells["kd"].cfg.optim.lr) == (3.0, 0.7, 0.005)
-    assert cells["scratch"].cfg.optim.lr == 0.02  # the scratch twin keeps the CE-tuned preset lr
-    assert cells["teacher"].cfg.optim.lr == 0.02
-    with pytest.raises(ValueError, match="no study 'missing'"):
-        with_tuned(parse_spec(minimal(tuned="missing")))
-
-
 def test_self_distill_adds_same_architecture_pairs():
     cells = plan(parse_spec(minimal(self_distill=True, teachers=["c3d"], students=["c3d"], seeds=[0], fractions=[1])))
     assert [(c.role, c.teacher) for c in cells] == [("teacher", "none"), ("student", "none"), ("student", "c3d")]
+
+
+def test_teacher_recipes_and_seeds_give_one_kd_cell_per_teacher_run():
+    # One architecture teaching from RGB and from residual frames, each trained with two seeds.
+    spec = parse_spec(minimal(teachers=["c3d", {"arch": "c3d", "name": "c3d-res", "modality": "res", "epochs": 4}],
+                              teacher_overrides={"epochs": 3}, teacher_seeds=[0, 1], students=["tiny3d"],
+                              fractions=[0.5], seeds=[0, 1, 2]))
+    cells = plan(spec)
+    teachers = [(c.teacher_id, c.seed, c.cfg.model.modality, c.cfg.optim.epochs) for c in cells if c.role == "teacher"]
+    assert teachers == [("c3d-s0", 0, "rgb", 3), ("c3d-s1", 1, "rgb", 3), ("c3d-res-s0", 0, "res", 4),
+                        ("c3d-res-s1", 1, "res", 4)]
+    kd = [c for c in cells if c.wave == "kd"]
+    assert len(kd) == 4 * 3 and {c.teacher for c in kd} == {t[0] for t in teachers}
+    assert all(c.cfg.model.modality == "rgb" for c in cells if c.role == "student")  # students see RGB frames
+    assert [c.label() for c in cells[:3:2]] == ["teacher c3d-s0 (c3d)", "teacher c3d-res-s0 (c3d)"]
+    # One run per architecture (the old form) keeps the architecture as the name, and so its cells' hashes.
+    old = plan(parse_spec(minimal(teachers=["c3d"], students=["tiny3d"], seeds=[0], fractions=[1.0])))
+    assert [(c.teacher_id, c.teacher) for c in old] == [("c3d", "none"), ("tiny3d", "none"), ("tiny3d", "c3d")]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teachers": ["c3d", "c3d"]}, "c3d given more than once; name each recipe"),
+    ({"teachers": [{"name": "x"}]}, "needs an arch"),
+    ({"teachers": [{"arch": "c3d", "name": "c3d-res", "crop": 32}]}, "teachers.c3d-res may not set crop"),
+    ({"teachers": [{"arch": "c3d", "name": "scratch"}]}, "name 'scratch' must be"),
+    ({"teachers": [{"arch": "c3dd"}]}, "unknown architecture c3dd"),
+    ({"teacher_seed": 0, "teacher_seeds": [0, 1]}, "teacher_seed or teacher_seeds, not both"),
+    ({"teacher_seeds": [1, 1]}, "teacher_seeds: 1 given more than once"),
+    ({"tuned": {"r2plus1d_18": "s"}}, "tuned: 'r2plus1d_18' is not one of scratch, kd, c3d, r3d_18"),
+    ({"tuned": {"kd": []}}, "tuned.kd: .* must be a study name or a list of them"),
+    ({"tuned": 3}, "tuned: 3 must be a study made by `kdhar tune` or a mapping"),
+])
+def test_teacher_and_tuned_mistakes_name_the_key(changes, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(minimal(**changes))
 
 
 def test_run_config_applies_preset_then_overrides():
@@ -264,11 +280,25 @@ def test_pcl_and_fraction_spec_mistakes_name_the_key(changes, message):
         parse_spec(minimal(**changes))
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml",
+                                  "pcl-replication.yaml"])
 def test_shipped_specs_parse(name):
     spec = load_spec(REPO / "experiments" / name)
     cells = plan(spec)
     assert cells[0].role == "teacher"
+    students = [c for c in cells if c.role == "student"]
+    if name == "cpu.yaml":
+        # Equal optimiser-step budgets across fractions, >= 2 runs of each teacher recipe (RGB and
+        # residual frames), >= 20 paired seeds, an RGB student at width 4.
+        assert {c.fraction: c.fraction * c.cfg.optim.epochs for c in students} == {0.5: 3.0, 0.25: 3.0}
+        teachers = [(c.teacher_id, c.cfg.model.modality) for c in cells if c.role == "teacher"]
+        assert teachers == [("c3d-rgb-s0", "rgb"), ("c3d-rgb-s1", "rgb"), ("c3d-res-s0", "res"), ("c3d-res-s1", "res")]
+        assert len(spec.seeds) >= 20 and {(c.arch, c.cfg.model.width, c.cfg.model.modality) for c in students} == {
+            ("c3d", 4, "rgb")}
+        assert len(students) == len(spec.seeds) * 2 * (1 + len(teachers))
+    if name == "pcl-replication.yaml":
+        assert {(c.arch, c.cfg.model.width, c.fraction, c.cfg.pcl.ssl) for c in students} == {("c3d", 4, 0.25, "pcl")}
+        assert len(spec.seeds) >= 15 and len(students) == 2 * len(spec.seeds)
     if name == "paper.yaml":
         assert spec.students == ["c3d", "r3d_18", "r2plus1d_18"] and spec.fractions == [1.0, 0.5, 0.25, 0.02]
         assert spec.finetune and spec.transfer.name == "hmdb51"

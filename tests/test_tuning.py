@@ -302,13 +302,127 @@ def test_tune_refuses_bad_inputs_before_any_trial(tiny_data, workdir):
     cfg = tiny_config(tiny_data["root"])
     kw = dict(n_trials=2, study_name="bad", experiment=EXPERIMENT, seed=0, cache_teacher=False, device="cpu",
               space=SearchSpace(), storage=None, pruner="none")
-    with pytest.raises(ValueError, match="needs a teacher"):
-        tune(cfg, teacher="none", **kw)
+    with pytest.raises(ValueError, match="tau, alpha do not act without a teacher"):
+        tune(cfg, teacher="none", **kw)  # the default KD space, for a scratch study
+    with pytest.raises(ValueError, match="val_seeds 0"):
+        tune(cfg, teacher="none", **{**kw, "space": SearchSpace.default(scratch=True), "val_seeds": 0})
     with pytest.raises(ValueError, match="pruner 'sometimes'"):
         tune(cfg, teacher=str(tiny_data["teacher"]), **{**kw, "pruner": "sometimes"})
     with pytest.raises(StorageUnavailableError):
         tune(cfg, teacher=str(tiny_data["teacher"]), **{**kw, "storage": "postgresql://postgres@127.0.0.1:1/x"})
     assert tracking.find_runs(EXPERIMENT, "tags.optuna_study = 'bad'") == []
+
+
+# ---------------------------------------------------------------------------- scratch studies and tuned grids
+def test_scratch_study_tunes_the_lr_over_several_validation_seeds(tiny_data, workdir):
+    """End to end: 2 trials x 2 seeds of a one-epoch scratch run (a few seconds on one core), the one
+    path that gives a scratch twin the tuning budget of its distilled twin."""
+    from kdhar.data.index import fingerprint, load_index
+    from kdhar.tuning import load_record
+
+    cfg = tiny_config(tiny_data["root"], epochs=1)
+    assert SearchSpace.parse(None, scratch=True).names() == ["lr"]
+    with pytest.raises(ValueError, match="tau does not act without a teacher"):
+        SearchSpace.parse("tau=1:4", scratch=True)
+    summary = tune(cfg, teacher="none", n_trials=2, storage=None, pruner="none", experiment=EXPERIMENT, seed=0,
+                   device="cpu", val_seeds=2, space=SearchSpace.parse("lr=0.005:0.05:log", scratch=True))
+    name = summary["study_name"]
+    assert name.startswith("scratch-tiny3d-ucf101-") and (summary["complete"], summary["epochs"]) == (2, 4)
+    [parent] = parents(name)
+    assert parent["params"]["val_seeds"] == "2" and "trained from scratch" in parent["tags"]["mlflow.note.content"]
+    runs = {r["run_id"]: r for r in children_of(parent["run_id"])}
+    for trial in study_trials(None, name):
+        mine = [runs[i] for i in trial["user_attrs"]["mlflow_run_ids"]]
+        assert sorted(r["params"]["optim.seed"] for r in mine) == ["0", "1"]  # each seed its own validation groups
+        assert all(float(r["params"]["optim.lr"]) == pytest.approx(trial["params"]["lr"]) for r in mine)
+        assert not any(k.startswith("kd.") for r in mine for k in r["params"])  # no teacher, no KD knob
+        assert trial["value"] == pytest.approx(sum(r["metrics"]["best_val_video_top1"] for r in mine) / 2)
+    # The study records what it measured, and a grid cell is compared with it.
+    record = load_record(name)
+    fp = fingerprint(load_index("ucf101", str(tiny_data["root"]), 1, "train"))
+    assert record.scratch and record.searched == ["lr"] and record.best == {"lr": summary["best_params"]["lr"]}
+    assert record.differences(cfg, True, fp) == []
+    longer = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=3))
+    assert record.differences(longer, True, fp) == ["optim.epochs 1 (cell: 3)"]
+    assert record.differences(cfg, False, fp) == ["teacher 'none' (cell: a teacher)"]
+
+
+def grid(root: Path, **changes) -> dict:
+    """A grid spec of tiny cells on the tiny set: two teacher recipes (RGB and residual frames)."""
+    raw = {"experiment": "tuned-grid", "dataset": {"name": "ucf101", "root": str(root)}, "size": "cpu",
+           "overrides": {"epochs": 2, "batch_size": 8, "num_workers": 0},
+           "teachers": ["c3d", {"arch": "c3d", "name": "c3d-res", "modality": "res"}], "students": ["tiny3d"],
+           "fractions": [1.0, 0.5], "seeds": [0, 1]}
+    return {**raw, **changes}
+
+
+def recorded_study(name: str, cell, teacher: str, best: dict[str, float], root: Path) -> None:
+    """A study in ./optuna.db whose record says it measured `cell`'s run, with one complete trial."""
+    import optuna
+
+    from kdhar.data.index import fingerprint, load_index
+    from kdhar.tuning import ATTR_CONFIG, ATTR_SPACE, study_config
+
+    space = SearchSpace(**{k: (ParamRange(0.001, 10) if k in best else None) for k in ("tau", "alpha", "lr")})
+    fp = fingerprint(load_index("ucf101", str(root), 1, "train"))
+    study = optuna.create_study(study_name=name, storage="sqlite:///optuna.db", direction="maximize")
+    study.set_user_attr(ATTR_SPACE, str(space))
+    study.set_user_attr(ATTR_CONFIG, json.dumps(study_config(cell.cfg, space, teacher, fp), sort_keys=True, default=str))
+    dist = {k: optuna.distributions.FloatDistribution(0.001, 10) for k in best}
+    study.add_trial(optuna.trial.create_trial(params=best, distributions=dist, value=0.5))
+
+
+def test_tuned_cells_take_the_study_that_measured_them(tiny_data, workdir):
+    from kdhar.experiments import parse_spec, plan, tuned_plan
+
+    root = tiny_data["root"]
+    cells = plan(parse_spec(grid(root)))
+    first = {(c.wave, c.teacher, c.fraction): c for c in cells if c.role == "student" and c.seed == 0}
+    for frac, tag in ((1.0, "f1"), (0.5, "f05")):
+        recorded_study(f"s-{tag}", first[("scratch", "none", frac)], "none", {"lr": 0.01 * frac}, root)
+        recorded_study(f"k-{tag}", first[("kd", "c3d", frac)], "c3d", {"tau": 3.0, "alpha": 0.7, "lr": 0.005 * frac}, root)
+    recorded_study("res-f1", first[("kd", "c3d-res", 1.0)], "c3d", {"tau": 2.0, "alpha": 0.2, "lr": 0.03}, root)
+    tuned = {"scratch": ["s-f1", "s-f05"], "kd": ["k-f1", "k-f05"]}
+    spec = parse_spec(grid(root, tuned=tuned))
+    for cell in tuned_plan(spec):
+        if cell.role == "teacher":
+            assert cell.cfg.optim.lr == 0.02  # teachers are never tuned
+        elif cell.teacher == "none":
+            assert cell.cfg.optim.lr == pytest.approx(0.01 * cell.fraction)
+        else:  # both teachers' cells take the kd studies, each the one at its own fraction
+            assert (cell.cfg.kd.tau, cell.cfg.kd.alpha, cell.cfg.optim.lr) == (3.0, 0.7, pytest.approx(0.005 * cell.fraction))
+    # A teacher's own studies go before kd's; a teacher-run arm with no study for a cell is refused.
+    own = tuned_plan(parse_spec(grid(root, fractions=[1.0], tuned={**tuned, "c3d-res": "res-f1"})))
+    assert {(c.teacher, c.cfg.kd.tau) for c in own if c.wave == "kd"} == {("c3d", 3.0), ("c3d-res", 2.0)}
+
+
+@pytest.mark.parametrize("changes, message", [
+    # a longer budget than the study measured
+    ({"overrides": {"epochs": 3, "batch_size": 8, "num_workers": 0}},
+     r"tuned\.scratch: no study measured student tiny3d scratch fraction=1 seed=0: study 's-f1' differs in "
+     r"optim\.epochs 2 \(cell: 3\)"),
+    # another student
+    ({"students": ["c3d"], "self_distill": True}, r"study 's-f1' differs in model\.arch 'tiny3d' \(cell: 'c3d'\)"),
+    # another share of the data: no study of the arm measured fraction 0.5
+    ({"fractions": [1.0, 0.5]}, r"fraction=0\.5 seed=0: study 's-f1' differs in data\.fraction 1\.0 \(cell: 0\.5\)"),
+    # a scratch study given for distilled cells
+    ({"tuned": {"kd": "s-f1"}}, r"tuned\.kd: no study measured student tiny3d <- c3d fraction=1 seed=0: study 's-f1' "
+                                r"differs in teacher 'none' \(cell: a teacher\)"),
+    ({"tuned": {"scratch": "unrecorded"}}, r"tuned\.scratch: study 'unrecorded' does not record what its trials measured"),
+])
+def test_tuned_refuses_a_study_that_measured_another_cell(tiny_data, workdir, changes, message):
+    import optuna
+
+    from kdhar.experiments import SpecError, parse_spec, plan, tuned_plan
+
+    root = tiny_data["root"]
+    cells = plan(parse_spec(grid(root, fractions=[1.0])))
+    recorded_study("s-f1", next(c for c in cells if c.wave == "scratch" and c.seed == 0), "none", {"lr": 0.01}, root)
+    optuna.create_study(study_name="unrecorded", storage="sqlite:///optuna.db", direction="maximize")
+    spec = parse_spec(grid(root, **{"fractions": [1.0], "tuned": {"scratch": "s-f1"}, **changes}))
+    with pytest.raises(SpecError, match=message) as err:
+        tuned_plan(spec, "grid.yaml")
+    assert "\n" not in str(err.value) and str(err.value).startswith("grid.yaml: tuned.")
 
 
 # ---------------------------------------------------------------------------- several workers

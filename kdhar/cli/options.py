@@ -197,10 +197,11 @@ def kd_options(fn):
     opts = [
         click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)"),
         click.option("--kd-weighting", type=_OptionalChoice([*C.KD_WEIGHTINGS, *KD_PRESETS]), default=None,
-                     help=f"mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's Eq. 7); sskd: "
-                          f"SSKD's weights, mix with alpha 0.9 (CE 0.1, KD 0.9) (default {C.KDConfig.weighting}; "
+                     help=f"mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's Eq. 7); "
+                          f"balanced: mix with the soft term's gradient scaled to CE's; sskd: SSKD's weights, mix "
+                          f"with alpha 0.9 (CE 0.1, KD 0.9) (default {C.KDConfig.weighting}; "
                           f"{C.PCL_KD_WEIGHTING} with --ssl pcl)"),
-        click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix (default 0.5)"),
+        click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix and balanced (default 0.5)"),
         click.option("--lam", type=FLOAT, default=None, help="soft-term weight under sum (default 1)"),
     ]
     for opt in reversed(opts):

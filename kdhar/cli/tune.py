@@ -21,7 +21,8 @@ from kdhar.cli.options import (
 
 
 @click.command("tune")
-@click.option("--teacher", default="c3d", show_default=True)
+@click.option("--teacher", default="c3d", show_default=True,
+              help="as for distill; none tunes the lr of scratch runs (the twins of distilled ones)")
 @click.option("--student", default="tiny3d", show_default=True)
 @click.option("--n-trials", type=INT, default=20, show_default=True, help="total trials of the study, over all workers")
 @click.option("--study-name", default=None, help="default: derived from teacher, student and dataset")
@@ -32,6 +33,9 @@ from kdhar.cli.options import (
 @kd_options
 @click.option("--space", default=None, help='search space, e.g. "tau=1:8:log,alpha=0.1:0.9,lr=none" (none: not searched)')
 @click.option("--pruner", type=click.Choice(["median", "asha", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--val-seeds", type=INT, default=1, show_default=True,
+              help="runs per trial (seeds --seed, +1, ...), each with its own validation groups; a trial scores their "
+                   "mean best validation accuracy")
 @bool_option("--cache-teacher", default=False, show_default=True,
              help="reuse teacher logits across trials for replayed views (needs --views)")
 @click.option("--dashboard", is_flag=True, help="print the optuna-dashboard command for the storage and exit")
@@ -43,9 +47,9 @@ from kdhar.cli.options import (
 @gkd_options
 @run_options(exclude=("resume", "allow_config_change"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, storage_file, tau, kd_weighting, alpha, lam, space, pruner,
-             cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:
+             val_seeds, cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs); with --kd gkd
-    GKD's beta and ramp (and tau/alpha for gkd+logit)."""
+    GKD's beta and ramp (and tau/alpha for gkd+logit); with --teacher none the lr of scratch runs."""
     from kdhar import tuning
 
     storage = tuning.storage_from_options(text_or_none(storage), text_or_none(storage_file))
@@ -58,11 +62,13 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, storage_file, tau,
         opts = {**opts, "val_fraction": DataConfig.val_fraction}
     cfg = build_config(student, opts, kd=kd)
     ensure_data(cfg.data.root)
+    scratch = teacher.lower() == "none"
     summary = tuning.tune(
         cfg, teacher=teacher, n_trials=n_trials, study_name=text_or_none(study_name), storage=storage,
-        space=tuning.SearchSpace.parse(text_or_none(space), kd["weighting"], cfg.gkd.method), pruner=pruner, experiment=opts["experiment"],
-        seed=opts["seed"], cache_teacher=bool(cache_teacher), device=opts["device"], log=lambda line: click.echo(line, err=True),
-        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        space=tuning.SearchSpace.parse(text_or_none(space), kd["weighting"], cfg.gkd.method, scratch), pruner=pruner,
+        experiment=opts["experiment"], seed=opts["seed"], cache_teacher=bool(cache_teacher) and not scratch,
+        device=opts["device"], log=lambda line: click.echo(line, err=True), heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period, val_seeds=val_seeds,
     )
     best = summary.get("best_params") or {}
     click.echo(

@@ -77,11 +77,14 @@ MODEL_OVERRIDES = {
 
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
-    "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
+    "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "teacher_seeds", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
     "fraction_overrides", "keep_checkpoints", "kd",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
+# What `tuned:` may name besides a teacher's name: the studies of the scratch twins, and of every
+# distilled cell whose teacher has no studies of its own.
+TUNED_ARMS = ("scratch", "kd")
 
 
 class SpecError(ValueError):
@@ -100,12 +103,31 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher recipe of a grid: `name` is how its distilled cells and their labels call it (the
+    architecture unless the spec names it), `overrides` its own model overrides on top of
+    `teacher_overrides` (e.g. `modality: res`, so one architecture can teach from RGB and from
+    residual frames in the same grid)."""
+
+    name: str
+    arch: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def teacher_runs(teachers: list[TeacherSpec], seeds: list[int]) -> list[tuple[TeacherSpec, int, str]]:
+    """One run per teacher recipe and seed: (recipe, seed, the name its distilled cells call it by).
+    The name is the recipe's with one seed, and `<name>-s<seed>` with several."""
+    several = len(seeds) > 1
+    return [(t, seed, f"{t.name}-s{seed}" if several else t.name) for t in teachers for seed in seeds]
+
+
+@dataclass(frozen=True)
 class GridSpec:
     """A whole study: every field is plain data read from YAML."""
 
     experiment: str
     dataset: DatasetSpec
-    teachers: list[str]
+    teachers: list[TeacherSpec]
     students: list[str]
     fractions: list[float]
     seeds: list[int]
@@ -121,24 +143,36 @@ class GridSpec:
     fraction_overrides: dict[float, dict[str, Any]] = field(default_factory=dict)
     transfer: DatasetSpec | None = None
     self_distill: bool = False  # also distil an architecture into itself
-    teacher_seed: int = 0  # teachers are trained once, on all training videos
+    # Each teacher recipe is trained once per seed, on all training videos; with several seeds every
+    # distilled cell is repeated per teacher run, so a row of the report is one teacher run.
+    teacher_seeds: list[int] = field(default_factory=lambda: [0])
     tau: float = C.KDConfig.tau
     lam: float = C.KDConfig.lam
     weighting: str = C.KDConfig.weighting
     alpha: float = C.KDConfig.alpha
     finetune: bool = False
     cache_teacher: bool = False
-    tuned: str | None = None  # an Optuna study whose best KD settings (and lr) the KD cells use
+    # Optuna studies whose best settings cells take: "scratch", "kd" or a teacher's name -> studies;
+    # each cell takes the study that measured its own configuration (`spec.tuned_plan`).
+    tuned: dict[str, list[str]] = field(default_factory=dict)
     # "pcl": students (scratch and distilled) train inside PCL; teachers and fine-tunes stay supervised.
     ssl: str = "none"
     # A finished cell's model is in the tracking store; its checkpoint (optimizer state and all) is
     # deleted unless this is set (the paper's grid would otherwise leave ~18 GB behind).
     keep_checkpoints: bool = False
-    kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr; GKD's beta and ramp)
     # The distillation methods of the KD cells (`--kd`): with gkd or gkd+logit the teachers train with
     # GKD's attention module (all methods distil from them) and each scratch cell gets a twin with the
     # attention module and no teacher ("scratch + attention").
     kd_methods: list[str] = field(default_factory=lambda: ["logit"])
+
+    @property
+    def teacher_seed(self) -> int:
+        """The first teacher seed (a grid of one teacher run per recipe has only this one)."""
+        return self.teacher_seeds[0]
+
+    def teacher_runs(self) -> list[tuple[TeacherSpec, int, str]]:
+        """Every teacher run of the grid (`teacher_runs`)."""
+        return teacher_runs(self.teachers, self.teacher_seeds)
 
     @property
     def kd(self) -> C.KDConfig:

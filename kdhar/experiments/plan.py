@@ -27,8 +27,9 @@ SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd")
 class Cell:
     """One run of the grid.
 
-    `teacher` is the teacher architecture of a distilled student, "none" for a scratch student and
-    for a teacher cell itself. A fine-tune cell carries the student cell whose model it starts from.
+    `teacher` is the teacher run's name of a distilled student (its architecture in a grid of one
+    run per architecture), "none" for a scratch student and for a teacher cell itself; a teacher
+    cell's own name is `name`. A fine-tune cell carries the student cell whose model it starts from.
     """
 
     role: str  # teacher | student | finetune
@@ -38,6 +39,12 @@ class Cell:
     seed: int
     cfg: C.RunConfig
     source: Cell | None = None
+    name: str = ""  # a teacher cell's name, which its distilled cells give as `teacher`
+
+    @property
+    def teacher_id(self) -> str:
+        """What distilled cells call this teacher cell by (its architecture unless it is named)."""
+        return self.name or self.arch
 
     @property
     def wave(self) -> str:
@@ -49,7 +56,7 @@ class Cell:
     def label(self) -> str:
         """The cell in a few words, for progress lines and run names."""
         if self.role == "teacher":
-            return f"teacher {self.arch}"
+            return f"teacher {self.arch}" if self.teacher_id == self.arch else f"teacher {self.teacher_id} ({self.arch})"
         if self.role == "student":
             via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
             pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
@@ -173,11 +180,12 @@ def plan(spec: GridSpec) -> list[Cell]:
     """
     gkd = any(m != "logit" for m in spec.kd_methods)
     teachers = [
-        Cell("teacher", t, "none", 1.0, spec.teacher_seed,
-             build_run_config(t, size=spec.size, overrides={**_shared(spec), **(GKD_TEACHER if gkd else {}),
-                                                             **spec.teacher_overrides},
-                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed))
-        for t in spec.teachers
+        Cell("teacher", t.arch, "none", 1.0, seed,
+             build_run_config(t.arch, size=spec.size, dataset=spec.dataset, fraction=1.0, seed=seed,
+                              overrides={**_shared(spec), **(GKD_TEACHER if gkd else {}), **spec.teacher_overrides,
+                                         **t.overrides}),
+             name=name)
+        for t, seed, name in spec.teacher_runs()
     ]
     scratch: list[Cell] = []
     kd: list[Cell] = []
@@ -211,14 +219,10 @@ def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: l
     scratch.append(Cell("student", arch, "none", frac, seed, config()))
     if any(m != "logit" for m in spec.kd_methods):  # the attention module without a teacher, GKD's own baseline
         scratch.append(Cell("student", arch, "none", frac, seed, config(attention=True)))
-    tuned = {f"gkd_{k}": spec.kd_overrides[k] for k in ("beta", "ramp") if k in spec.kd_overrides}
     for method in spec.kd_methods:
-        cfg = config(**({"kd": method, **tuned} if method != "logit" else {}))
-        # A tuned study's lr is the distilled students' only: the scratch twin keeps the preset lr,
-        # which was chosen for plain cross-entropy.
-        if "lr" in spec.kd_overrides:
-            cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
-        kd += [Cell("student", arch, t, frac, seed, cfg) for t in spec.teachers if t != arch or spec.self_distill]
+        cfg = config(**({"kd": method} if method != "logit" else {}))
+        kd += [Cell("student", arch, name, frac, seed, cfg) for t, _, name in spec.teacher_runs()
+               if t.arch != arch or spec.self_distill]
 
 
 def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:

@@ -64,7 +64,7 @@ def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Spl
     )
     text += method
     if teacher is not None:
-        weight = f"alpha {kd.alpha:g}" if kd.weighting == "mix" else f"lambda {kd.lam:g}"
+        weight = f"lambda {kd.lam:g}" if kd.weighting == "sum" else f"alpha {kd.alpha:g}"
         text += (f" Distilled from {teacher.arch or 'a'} teacher {teacher.uri} (run {teacher.run_id}) with logit KD, "
                  f"tau {kd.tau:g}, {kd.weighting} weighting, {weight}.")
     elif role == "student":

@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 
 from kdhar.train import checkpoint_dir
 
-ATTR_RUN_ID = "mlflow_run_id"  # the trial's MLflow run, as a user attribute
+ATTR_RUN_ID = "mlflow_run_id"  # the trial's (first) MLflow run, as a user attribute
+ATTR_RUN_IDS = "mlflow_run_ids"  # all its runs, one per validation seed, when there are several
 # Where a trial's distill run writes its checkpoints (run_training's default workdir).
 TRIAL_WORKDIR = Path("runs")
 _ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -32,22 +33,21 @@ def prune_trial_checkpoints(study: optuna.Study, workdir: str | Path = TRIAL_WOR
     best = _best_number(study)
     deleted = []
     for trial in study.get_trials(deepcopy=False, states=_ENDED):
-        run_id = trial.user_attrs.get(ATTR_RUN_ID)
-        if not run_id:
-            continue
-        folder = checkpoint_dir(workdir, run_id)
-        if not folder.is_dir():
-            continue
-        if trial.number == best:
-            doomed = [p for p in folder.iterdir() if p.name != "best.pt"]
-        else:
-            doomed = [folder]
-        for path in doomed:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+        # One run per validation seed (--val-seeds): every one of them, the first as ATTR_RUN_ID.
+        run_ids = trial.user_attrs.get(ATTR_RUN_IDS) or [trial.user_attrs.get(ATTR_RUN_ID)]
+        for folder in (checkpoint_dir(workdir, r) for r in run_ids if r):
+            if not folder.is_dir():
+                continue
+            if trial.number == best:
+                doomed = [p for p in folder.iterdir() if p.name != "best.pt"]
             else:
-                path.unlink(missing_ok=True)
-        deleted.extend(doomed)
+                doomed = [folder]
+            for path in doomed:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            deleted.extend(doomed)
     return deleted
 
 
