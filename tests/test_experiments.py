@@ -289,6 +289,15 @@ def write_spec(root: Path, name: str, **changes) -> Path:
     return path
 
 
+def test_a_cpu_crop_larger_than_the_videos_is_refused_before_any_cell(store):
+    from kdhar.experiments import run_grid
+
+    # At size cpu the resize follows the crop, so only the videos' own 32x48 frames can bound it.
+    path = write_spec(store, "big-crop.yaml", experiment="big-crop", overrides={**TINY, "crop": 40})
+    with pytest.raises(SpecError, match=r"big-crop.yaml: crop=40: larger than the 32x48 frames of the videos"):
+        run_grid(path, log=lambda line: None)
+
+
 def test_grid_runs_resumes_and_reports(store):
     from kdhar import tracking
     from kdhar.checkpoint import load_checkpoint

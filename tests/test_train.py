@@ -165,6 +165,8 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
         (["--lr", "inf"], "lr=inf: must be a finite number > 0"),
         (["--epochs", "0"], "epochs=0: must be at least 1"),
         (["--size", "paper", "--crop", "500"], "crop=500: must fit in the 128x171 frames"),
+        # At --size cpu the resize follows the crop, so the crop is held to the videos' own frames.
+        (["--crop", "100"], "crop=100: larger than the 48x64 frames of the videos"),
         (["--device", "bogus"], "--device bogus: not a device"),
     ],
 )
