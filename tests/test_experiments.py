@@ -141,6 +141,8 @@ def test_hash_separates_teachers_and_sources():
         ({"teacher_seed": 1.7}, "teacher_seed: 1.7 is not a whole number"),
         ({"dataset": {"name": "ucf101", "root": "r", "split": 1.7}}, "dataset.split: 1.7 is not a whole number"),
         ({"dataset": {"name": "ucf101", "root": "r", "split": "2"}}, "dataset.split: '2' is not a whole number"),
+        ({"dataset": {"name": "ucf101", "root": "r", "split": 7}}, "dataset.split: 7 is not one of the official splits 1, 2, 3"),
+        ({"transfer": {"name": "hmdb51", "root": "h", "split": 0}, "finetune": True}, "transfer.split: 0 is not one of"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):
