@@ -160,17 +160,28 @@ def test_retrieval_counts_a_hit_when_any_of_the_k_nearest_shares_the_class():
     gallery_labels = np.array([0, 1, 2, 0])
     query = np.array([[2.0, 0.1], [0.1, 3.0], [-1.0, 0.0]])
     query_labels = np.array([1, 1, 2])
-    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 10))
+    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 4, 10))
     # Independently: rank the gallery by cosine similarity for each query.
     expected = {}
-    for k in (1, 2, 3, 10):
+    for k in (1, 2, 3):
         count = 0
         for q, label in zip(query, query_labels):
             sims = gallery @ q / (np.linalg.norm(gallery, axis=1) * np.linalg.norm(q))
             count += label in gallery_labels[np.argsort(-sims)[:k]]
         expected[f"retrieval_top{k}"] = count / len(query)
     assert hits == pytest.approx(expected)
-    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top10"] == 1.0
+    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top3"] == 1.0
+
+
+def test_retrieval_reports_no_k_that_spans_the_whole_gallery():
+    # 12 gallery videos of 3 classes: from k = 12 on every query sees all of them, so top-20 and
+    # top-50 would read 1.0 whatever the features; only the k below the gallery's size are scores.
+    rng = np.random.default_rng(0)
+    gallery, gallery_labels = rng.normal(size=(12, 8)), np.arange(12) % 3
+    query, query_labels = rng.normal(size=(6, 8)), np.arange(6) % 3
+    hits = topk_hits(query, query_labels, gallery, gallery_labels)
+    assert sorted(hits) == ["retrieval_top1", "retrieval_top10", "retrieval_top5"]
+    assert sorted(topk_hits(query, query_labels, gallery[:5], gallery_labels[:5])) == ["retrieval_top1"]
 
 
 # ---------------------------------------------------------------- runs on real (synthetic) videos
