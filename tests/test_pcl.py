@@ -271,3 +271,27 @@ def test_videos_too_short_for_any_tuple_are_one_clear_error(local_tracking, pcl_
     client = MlflowClient(local_tracking)
     exp = client.get_experiment_by_name("short")
     assert exp is None or not client.search_runs([exp.experiment_id])  # refused before any run began
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval(local_tracking, pcl_set, tmp_path):
+    # One epoch of label-free pretraining makes a real encoder whose classifier never saw a label.
+    from kdhar.evaluation import evaluate_model
+
+    cfg = pcl_config(pcl_set, epochs=1)
+    pre = run_training(cfg, role="pretrain", experiment="pcl-eval", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False, register=False)
+    uri = f"runs:/{pre.run_id}"
+    scoring = RunConfig(data=cfg.data, clip=cfg.clip, optim=cfg.optim)
+    with pytest.raises(ValueError, match=rf"model {uri} is a label-free \(self-supervised\) encoder: its classifier "
+                                         r"was never trained.*--retrieval.*kdhar finetune --model"):
+        evaluate_model(uri, scoring, experiment="pcl-eval")
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("pcl-eval").experiment_id
+    assert not client.search_runs([exp], "tags.role = 'evaluation'")  # refused before an evaluation run began
+
+    # Its features are what it learned: --retrieval scores them, and nothing of the untrained head.
+    metrics = evaluate_model(uri, scoring, experiment="pcl-eval", retrieval=True)
+    assert "retrieval_top1" in metrics and not any(k.startswith("test_") for k in metrics)
+    [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
+    assert set(evaluation.data.metrics) == set(metrics)
