@@ -37,14 +37,26 @@ def test_compose_runs_these_scripts_with_secrets_from_the_environment():
         assert ":" in service.get("image", "x:pinned") and not service.get("image", "").endswith(":latest")
 
 
-@pytest.mark.parametrize("weak", ["", "change-me", "short-pw"])
-def test_the_mlflow_entrypoint_refuses_the_example_or_a_short_password(weak, tmp_path):
+RULE = ("12 or more characters, 8 or more of them different, of at least two kinds (lowercase, uppercase, digits, "
+        "others)")
+
+
+# Empty, the example's, short, then 12 characters of too few different ones or of one kind only.
+@pytest.mark.parametrize("weak", ["", "change-me", "short-pw", "aaaaaaaaaaaa", "abcabcabcabc", "abcdefghijkl",
+                                  "123456789012"])
+def test_the_compose_scripts_refuse_the_example_or_a_weak_password(weak, tmp_path):
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "POSTGRES_PASSWORD": PG_PW,
            "MLFLOW_AUTH_ADMIN_PASSWORD": weak, "MLFLOW_FLASK_SERVER_SECRET_KEY": KEY, "MLFLOW_AUTH_DIR": str(tmp_path)}
     done = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 64
-    assert done.stderr.strip() == ("mlflow: MLFLOW_AUTH_ADMIN_PASSWORD is empty, the example's 'change-me' or shorter "
-                                   "than 12 characters: set a real one in .env")
+    assert done.stderr.strip() == ("mlflow: MLFLOW_AUTH_ADMIN_PASSWORD is empty, the example's 'change-me' or weak: "
+                                   f"set one in .env with {RULE}")
+    # The PostgreSQL init script holds the Optuna workers' role to the same rule, before any psql.
+    done = subprocess.run(["sh", str(WORKER_INIT)], env={**os.environ, "OPTUNA_WORKER_PASSWORD": weak},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 64
+    assert done.stderr.strip() == ("postgres init: OPTUNA_WORKER_PASSWORD is empty, the example's 'change-me' or "
+                                   f"weak: set one in .env with {RULE}")
 
 
 @pytest.mark.slow
