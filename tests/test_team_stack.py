@@ -59,6 +59,15 @@ def test_the_compose_scripts_refuse_the_example_or_a_weak_password(weak, tmp_pat
                                    f"weak: set one in .env with {RULE}")
 
 
+def test_the_files_the_stack_and_its_docs_cite_as_its_tests_exist():
+    import re
+
+    citing = [REPO / "docker-compose.yml", REPO / "README.md", *(REPO / "docker").rglob("*"), *(REPO / "docs").glob("*.md")]
+    cited = {(path.relative_to(REPO), name) for path in citing if path.is_file()
+             for name in re.findall(r"tests/test_\w+\.py", path.read_text())}
+    assert cited and [c for c in cited if not (REPO / c[1]).is_file()] == []
+
+
 @pytest.mark.slow
 def test_the_server_requires_sign_in_and_kdhar_works_with_credentials(tmp_path):
     from mlflow import MlflowClient
