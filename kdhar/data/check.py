@@ -93,8 +93,8 @@ def check_crop_in_frames(crop: int, dataset: str, root: str | Path, split: int =
     """Refuses a crop larger than the frames of the dataset's videos (the first listed training video's).
 
     At the CPU size the resize follows the crop, so no check of the crop against the resize can fail:
-    a 1000-pixel crop scaled 96x128 videos up twelvefold and filled gigabytes of memory before its
-    first epoch ended. Reading one frame here costs milliseconds.
+    a 1000-pixel crop would scale 96x128 videos up twelvefold, every clip of every epoch. Only the
+    first video's header is read here.
 
     Raises:
         ValueError: the crop does not fit, naming the crop, the frame size and the file.
