@@ -47,7 +47,7 @@ class DataConfig:
 
     dataset: str = "ucf101"  # ucf101 | hmdb51 | folder
     root: str = "data/synthetic/ucf101"  # embedded default: written by `kdhar data synth`
-    split: int = 1  # official splits 1-3
+    split: int = 1  # official splits 1-3 (SPLITS)
     split_dir: str = ""  # folder of the split files when not in root (or, for UCF101, beside it)
     fraction: float = 1.0  # class-balanced share of the training videos (paper: 1, .5, .25, .02)
     val_fraction: float = 0.1  # share of training groups held out for validation/tuning
@@ -71,6 +71,7 @@ class ModelConfig:
     modality: str = "rgb"
 
 
+SPLITS = (1, 2, 3)  # the official train/test splits of UCF101 and HMDB51; folder datasets cut three too
 MODALITIES = ("rgb", "res")  # what ModelConfig.modality may be; kdhar.models computes "res"
 NORMALIZE = ("half", "imagenet")  # what ClipConfig.normalize may be; kdhar.data.transforms holds the values
 

@@ -173,11 +173,15 @@ def record_epochs_to_scratch(experiment: str, res: RunResult, key: str) -> None:
 
 
 def check_init_modality(spec: str, modality: str) -> None:
-    """Refuses starting from a logged model trained on another input modality (a PCL encoder sees
-    residual frames): its filters would meet inputs of another kind."""
-    if not spec.startswith(("models:/", "runs:/")):
-        return
-    trained = tracking.load_run_dict(tracking.model_run_id(spec), "config.json").get("model.modality", "rgb")
+    """Refuses starting from a logged model or a checkpoint trained on another input modality (a PCL
+    encoder sees residual frames): its filters would meet inputs of another kind. Runs and
+    checkpoints from before modalities existed were rgb."""
+    if spec.startswith(("models:/", "runs:/")):
+        trained = tracking.load_run_dict(tracking.model_run_id(spec), "config.json").get("model.modality", "rgb")
+    else:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"--init {spec}: no such checkpoint or model URI")
+        trained = load_checkpoint(spec).get("config", {}).get("model.modality", "rgb")
     if trained != modality:
         raise ValueError(f"--init {spec} was trained on {trained} input but this run's modality is {modality}: "
                          f"pass --modality {trained}")

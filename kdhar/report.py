@@ -662,8 +662,14 @@ def _teacher_accuracy(experiment: str, students: Sequence[dict[str, Any]]) -> di
 
 def report_folder(experiment: str) -> str:
     """The folder (under --out) an experiment's report goes to: its name as one safe path
-    component, so a name like ../x or /etc cannot write outside --out."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).lstrip(".") or "experiment"
+    component, so a name like ../x or /etc cannot write outside --out, and one folder per name:
+    every other character is percent-encoded (a/b is a%2Fb, so it no longer shares a_b's folder,
+    as when both became a_b), and so is a leading dot. Letters, digits, - _ and . stay as they are."""
+    from urllib.parse import quote
+
+    folder = quote(experiment, safe="-_.")
+    dots = len(folder) - len(folder.lstrip("."))
+    return "%2E" * dots + folder[dots:]
 
 
 def reports_experiment(experiment: str) -> str:

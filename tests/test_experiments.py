@@ -157,6 +157,8 @@ def test_hash_separates_teachers_and_sources():
         ({"teacher_seed": 1.7}, "teacher_seed: 1.7 is not a whole number"),
         ({"dataset": {"name": "ucf101", "root": "r", "split": 1.7}}, "dataset.split: 1.7 is not a whole number"),
         ({"dataset": {"name": "ucf101", "root": "r", "split": "2"}}, "dataset.split: '2' is not a whole number"),
+        ({"dataset": {"name": "ucf101", "root": "r", "split": 7}}, "dataset.split: 7 is not one of the official splits 1, 2, 3"),
+        ({"transfer": {"name": "hmdb51", "root": "h", "split": 0}, "finetune": True}, "transfer.split: 0 is not one of"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):
@@ -347,6 +349,15 @@ def write_spec(root: Path, name: str, **changes) -> Path:
     path = root / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_a_cpu_crop_larger_than_the_videos_is_refused_before_any_cell(store):
+    from kdhar.experiments import run_grid
+
+    # At size cpu the resize follows the crop, so only the videos' own 32x48 frames can bound it.
+    path = write_spec(store, "big-crop.yaml", experiment="big-crop", overrides={**TINY, "crop": 40})
+    with pytest.raises(SpecError, match=r"big-crop.yaml: crop=40: larger than the 32x48 frames of the videos"):
+        run_grid(path, log=lambda line: None)
 
 
 def test_grid_runs_resumes_and_reports(store):

@@ -218,17 +218,28 @@ def test_retrieval_counts_a_hit_when_any_of_the_k_nearest_shares_the_class():
     gallery_labels = np.array([0, 1, 2, 0])
     query = np.array([[2.0, 0.1], [0.1, 3.0], [-1.0, 0.0]])
     query_labels = np.array([1, 1, 2])
-    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 10))
+    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 4, 10))
     # Independently: rank the gallery by cosine similarity for each query.
     expected = {}
-    for k in (1, 2, 3, 10):
+    for k in (1, 2, 3):
         count = 0
         for q, label in zip(query, query_labels):
             sims = gallery @ q / (np.linalg.norm(gallery, axis=1) * np.linalg.norm(q))
             count += label in gallery_labels[np.argsort(-sims)[:k]]
         expected[f"retrieval_top{k}"] = count / len(query)
     assert hits == pytest.approx(expected)
-    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top10"] == 1.0
+    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top3"] == 1.0
+
+
+def test_retrieval_reports_no_k_that_spans_the_whole_gallery():
+    # 12 gallery videos of 3 classes: from k = 12 on every query sees all of them, so top-20 and
+    # top-50 would read 1.0 whatever the features; only the k below the gallery's size are scores.
+    rng = np.random.default_rng(0)
+    gallery, gallery_labels = rng.normal(size=(12, 8)), np.arange(12) % 3
+    query, query_labels = rng.normal(size=(6, 8)), np.arange(6) % 3
+    hits = topk_hits(query, query_labels, gallery, gallery_labels)
+    assert sorted(hits) == ["retrieval_top1", "retrieval_top10", "retrieval_top5"]
+    assert sorted(topk_hits(query, query_labels, gallery[:5], gallery_labels[:5])) == ["retrieval_top1"]
 
 
 def test_retrieval_features_are_upstreams_9216_for_r3d_10_clips_of_10_frames_at_112():
@@ -426,3 +437,27 @@ def test_videos_too_short_for_any_tuple_are_one_clear_error(local_tracking, pcl_
     client = MlflowClient(local_tracking)
     exp = client.get_experiment_by_name("short")
     assert exp is None or not client.search_runs([exp.experiment_id])  # refused before any run began
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval(local_tracking, pcl_set, tmp_path):
+    # One epoch of label-free pretraining makes a real encoder whose classifier never saw a label.
+    from kdhar.evaluation import evaluate_model
+
+    cfg = pcl_config(pcl_set, epochs=1)
+    pre = run_training(cfg, role="pretrain", experiment="pcl-eval", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False, register=False)
+    uri = f"runs:/{pre.run_id}"
+    scoring = RunConfig(data=cfg.data, clip=cfg.clip, optim=cfg.optim)
+    with pytest.raises(ValueError, match=rf"model {uri} is a label-free \(self-supervised\) encoder: its classifier "
+                                         r"was never trained.*--retrieval.*kdhar finetune --model"):
+        evaluate_model(uri, scoring, experiment="pcl-eval")
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("pcl-eval").experiment_id
+    assert not client.search_runs([exp], "tags.role = 'evaluation'")  # refused before an evaluation run began
+
+    # Its features are what it learned: --retrieval scores them, and nothing of the untrained head.
+    metrics = evaluate_model(uri, scoring, experiment="pcl-eval", retrieval=True)
+    assert "retrieval_top1" in metrics and not any(k.startswith("test_") for k in metrics)
+    [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
+    assert set(evaluation.data.metrics) == set(metrics)

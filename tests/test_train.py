@@ -290,6 +290,8 @@ def test_more_epochs_on_resume_rebuild_the_schedule_and_each_refusal_hints_what_
         (["--lr", "inf"], "lr=inf: must be a finite number > 0"),
         (["--epochs", "0"], "epochs=0: must be at least 1"),
         (["--size", "paper", "--crop", "500"], "crop=500: must fit in the 128x171 frames"),
+        # At --size cpu the resize follows the crop, so the crop is held to the videos' own frames.
+        (["--crop", "100"], "crop=100: larger than the 48x64 frames of the videos"),
         (["--device", "bogus"], "--device bogus: not a device"),
     ],
 )
@@ -340,3 +342,21 @@ def test_piped_run_prints_one_line_per_epoch_with_elapsed_and_remaining(tiny_ucf
 
 def test_clock_text_reads_minutes_then_hours():
     assert [clock_text(s) for s in (0, 36.4, 125, 3723)] == ["0:00", "0:36", "2:05", "1:02:03"]
+
+
+def test_init_from_a_checkpoint_of_another_modality_is_refused(tmp_path):
+    from kdhar.checkpoint import save_checkpoint
+    from kdhar.distill import check_init_modality
+    from kdhar.training.resume import stored_config
+
+    # A checkpoint as kdhar writes it for a residual-frame run (a PCL encoder's input).
+    cfg = RunConfig(model=ModelConfig(arch="tiny3d", width=4, modality="res"))
+    model = build_model("tiny3d", 3, width=4, modality="res")
+    path = tmp_path / "res.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": stored_config(cfg, kd=False), "epoch": 1})
+    with pytest.raises(ValueError, match=r"--init .*res.pt was trained on res input but this run's modality is rgb: "
+                                         r"pass --modality res"):
+        check_init_modality(str(path), "rgb")
+    check_init_modality(str(path), "res")  # the same modality starts from it
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        check_init_modality(str(tmp_path / "absent.pt"), "rgb")

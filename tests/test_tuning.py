@@ -246,11 +246,18 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
 
 
 def test_collapsed_trials_fail_with_a_reason_and_best_settings_skip_them(tiny_data, workdir):
+    from click.testing import CliRunner
+
+    from kdhar.cli import cli
+    from kdhar.experiments import DatasetSpec, build_run_config
+
     # lr 4-6 under the paper's unweighted sum throws every student into a constant output. Batch 2
     # for 9 epochs: 54 steps on the 12 training videos, past the 50 before which no run is judged.
-    cfg = tiny_config(tiny_data["root"], epochs=9)
-    cfg = dataclasses.replace(cfg, kd=KDConfig(weighting="sum"),
-                              optim=dataclasses.replace(cfg.optim, warmup=0.0, batch_size=2))
+    # Built as `kdhar tune` builds it from the options below, so the command can rejoin the study.
+    options = {"width": 4, "clip_len": 4, "frame_interval": 1, "crop": 32, "test_clips": 1, "epochs": 9, "batch_size": 2,
+               "warmup": 0.0, "num_workers": 0}
+    cfg = build_run_config("tiny3d", size="cpu", overrides=options, dataset=DatasetSpec("ucf101", str(tiny_data["root"])),
+                           fraction=1.0, seed=0, kd=KDConfig(weighting="sum"))
     summary = tune(cfg, teacher=str(tiny_data["teacher"]), n_trials=2, study_name="collapse", storage=None,
                    space=SearchSpace.parse("lr=4:6", weighting="sum"), pruner="none", experiment=EXPERIMENT,
                    seed=0, cache_teacher=True, device="cpu")
@@ -263,6 +270,18 @@ def test_collapsed_trials_fail_with_a_reason_and_best_settings_skip_them(tiny_da
     with pytest.raises(ValueError, match="no complete trial"):
         best_settings("collapse")
     assert kept_checkpoints(workdir) == []  # no complete trial, nothing worth keeping
+
+    # The command on this spent study (no trial left to run) ends in one line and exit status 1: it
+    # printed "best val acc None" and exited 0, so a script went on without settings.
+    args = ["tune", "--teacher", str(tiny_data["teacher"]), "--student", "tiny3d", "--n-trials", "2", "--study-name",
+            "collapse", "--kd-weighting", "sum", "--space", "lr=4:6", "--pruner", "none", "--cache-teacher", "true",
+            "--experiment", EXPERIMENT, "--root", str(tiny_data["root"]), "--device", "cpu", "--seed", "0",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 1, done.output
+    assert done.output.strip().splitlines()[-1] == (
+        "Error: study collapse: no trial completed (0 complete, 0 pruned, 2 failed), so it has no best settings; each "
+        "trial's fail_reason (its MLflow tag and Optuna user attribute) says why: change the search space or the teacher")
 
 
 def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):

@@ -315,3 +315,17 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
 def explicit_clip(opts: dict[str, Any]) -> frozenset[str]:
     """The clip settings and modality given on the command line; the others come from a logged model's own run."""
     return frozenset(k for k in ("clip_len", "frame_interval", "crop", "modality") if opts.get(k) is not None)
+
+
+def check_crop_fits(cfg: C.RunConfig, opts: dict[str, Any]) -> None:
+    """At --size cpu an explicit --crop also sets the resize (the preset keeps the crop's 8/7), so the
+    crop is checked against the videos' own frames instead; call it once the data is there."""
+    if opts.get("size") != "cpu" or opts.get("crop") is None:
+        return
+    from kdhar.data import check_crop_in_frames
+
+    d = cfg.data
+    try:
+        check_crop_in_frames(cfg.clip.crop, d.dataset, d.root, d.split, d.split_dir or None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

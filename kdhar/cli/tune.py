@@ -70,12 +70,25 @@ def tune_cmd(teacher, student, n_trials, study_name, storage, storage_file, tau,
         device=opts["device"], log=lambda line: click.echo(line, err=True), heartbeat_interval=heartbeat_interval,
         grace_period=grace_period, val_seeds=val_seeds,
     )
+    report_study(summary)
+
+
+def report_study(summary: dict) -> None:
+    """Prints the study's counts, best value and settings, and the dashboard command.
+
+    Raises:
+        click.ClickException: no trial completed and none is still running, so there are no settings
+            to use (the exit status says so to a script or a scheduler; it was 0 with "best None").
+    """
+    counts = f"{summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed"
+    if not summary["complete"] and not summary["running"]:
+        click.echo(f"dashboard: {summary['dashboard']}")
+        raise click.ClickException(
+            f"study {summary['study_name']}: no trial completed ({counts}), so it has no best settings; each trial's "
+            "fail_reason (its MLflow tag and Optuna user attribute) says why: change the search space or the teacher")
     best = summary.get("best_params") or {}
-    click.echo(
-        f"study {summary['study_name']}: {summary['complete']} complete, {summary['pruned']} pruned, "
-        f"{summary['failed']} failed; best val acc {summary['best_value']} at "
-        + ", ".join(f"{k}={v:.3g}" for k, v in best.items())
-    )
+    click.echo(f"study {summary['study_name']}: {counts}; best val acc {summary['best_value']} at "
+               + ", ".join(f"{k}={v:.3g}" for k, v in best.items()))
     click.echo(f"dashboard: {summary['dashboard']}")
 
 

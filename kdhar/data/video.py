@@ -1,4 +1,4 @@
-"""Video file I/O: the only module that imports decord (reading) and PyAV (writing).
+"""Video file I/O: the only module that imports decord (reading) and PyAV (writing, and a stream's frame size).
 
 Readers are opened inside each call and dropped before it returns. A decord `VideoReader` created in
 a parent process and inherited by a forked DataLoader worker hangs, so nothing here is cached.
@@ -117,6 +117,28 @@ def video_info(path: str | Path) -> tuple[int, float]:
     """
     with VideoFile(path) as video:
         return video.num_frames, video.fps
+
+
+def frame_size(path: str | Path) -> tuple[int, int]:
+    """Returns (height, width) of the frames stored in `path`, from the stream's header.
+
+    PyAV reads the header without decoding: decord decodes some widths (48, say) only when it
+    scales the frames, and its reader has no size of its own.
+
+    Raises:
+        VideoError: the file is missing or has no video stream.
+    """
+    import av  # deferred, as for writing
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "file not found")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return int(stream.height), int(stream.width)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise VideoError(path, f"cannot open as a video ({_first_line(exc)})") from exc
 
 
 def read_frames(

@@ -65,6 +65,7 @@ def run_grid(
         if not Path(ds.root).exists():
             raise SpecError(f"{spec_path}: dataset root {ds.root} ({ds.name}) does not exist; "
                             "generate it with `kdhar data synth` or fix 'root'")
+    _check_cpu_crop(spec, spec_path)
     cells = tuned_plan(spec, str(spec_path))
     executor = executor or LocalExecutor(workers)
     executor.start()
@@ -116,6 +117,24 @@ class _OpenCell:
     key: str  # its config_hash
     source_run: str | None
     teacher_run: str | None
+
+
+def _check_cpu_crop(spec: GridSpec, spec_path: str | Path) -> None:
+    """At size cpu a crop without a resize sets the resize too, so it is checked against the videos'
+    own frames (as `--crop` is on the command line) before any cell trains."""
+    if spec.size != "cpu":
+        return
+    from kdhar.data import check_crop_in_frames
+
+    sets = [(spec.dataset, spec.overrides)]
+    if spec.finetune and spec.transfer:
+        sets.append((spec.transfer, {**spec.overrides, **spec.transfer_overrides}))
+    for ds, overrides in sets:
+        if "crop" in overrides and "resize" not in overrides:
+            try:
+                check_crop_in_frames(overrides["crop"], ds.name, ds.root, ds.split, ds.split_dir or None)
+            except ValueError as exc:
+                raise SpecError(f"{spec_path}: {exc}") from None
 
 
 class _GridRun:

@@ -264,7 +264,10 @@ class _SpecReader:
         frac = float(d.get("fraction", 1.0))
         if not 0 < frac <= 1:
             raise self.fail(f"{key}.fraction {frac} is outside (0, 1]")
-        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=self.whole(f"{key}.split", d.get("split", 1)),
+        split = self.whole(f"{key}.split", d.get("split", 1))
+        if split not in C.SPLITS:  # else the grid would fail at its first cell, after planning every one
+            raise self.fail(f"{key}.split: {split} is not one of the official splits {', '.join(map(str, C.SPLITS))}")
+        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=split,
                            fraction=frac, split_dir=str(d.get("split_dir") or ""))
 
     def tuned(self, teachers: list[TeacherSpec], seeds: list[int]) -> dict[str, list[str]]:
