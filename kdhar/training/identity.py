@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # Knobs added after runs were already being identified by their hash: at these values they behave
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
-HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False}
+HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False, "model.keep_time": 0}
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
