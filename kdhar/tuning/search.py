@@ -132,7 +132,7 @@ def _checked_splits(cfg: RunConfig, teacher: str, device: str | None) -> Splits:
 def default_study_name(cfg: RunConfig, teacher: str, fingerprint: str) -> str:
     """kd|gkd|gkd-logit, student, teacher, dataset and its fingerprint: a study on other data, or of
     another --kd method (whose search space differs), is another study."""
-    method = {"logit": "kd", "gkd": "gkd", "gkd+logit": "gkd-logit"}[cfg.gkd.method]
+    method = {"logit": "kd", "feature": "feature-kd", "gkd": "gkd", "gkd+logit": "gkd-logit"}[cfg.gkd.method]
     return (f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}{method}-{cfg.model.arch}-{slug(teacher)}-"
             f"{cfg.data.dataset}-{fingerprint[:8]}")
 
