@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdhar import config as C
-from kdhar.experiments.grid import OVERRIDES, SIZES, DatasetSpec, GridSpec, SpecError
+from kdhar.experiments.grid import OVERRIDES, SIZES, DatasetSpec, GridSpec, SpecError, method_overrides
 
 WAVES = ("teacher", "scratch", "kd", "finetune")
 
 # What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
 # the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
 GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
-SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd")
+SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class Cell:
     """One run of the grid.
 
     `teacher` is the teacher architecture of a distilled student, "none" for a scratch student and
-    for a teacher cell itself. A fine-tune cell carries the student cell whose model it starts from.
+    for a teacher cell itself; `teacher_seed` is the seed of the teacher run a distilled student learns
+    from. A fine-tune cell carries the student cell whose model it starts from.
     """
 
     role: str  # teacher | student | finetune
@@ -38,6 +39,8 @@ class Cell:
     seed: int
     cfg: C.RunConfig
     source: Cell | None = None
+    teacher_seed: int = 0
+    label_teacher_seed: bool = False  # name the teacher's seed in the label (a grid with several)
 
     @property
     def wave(self) -> str:
@@ -49,12 +52,18 @@ class Cell:
     def label(self) -> str:
         """The cell in a few words, for progress lines and run names."""
         if self.role == "teacher":
-            return f"teacher {self.arch}"
+            return f"teacher {self.arch}" + (f" seed={self.seed}" if self.seed else "")
         if self.role == "student":
             via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
+            if self.teacher != "none" and self.label_teacher_seed:
+                via += f" (seed {self.teacher_seed})"
             pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
             g = self.cfg.gkd
             method = "" if not g.attention else (" [attention]" if self.teacher == "none" else f" [{g.method}]")
+            if g.method == "feature":
+                method = " [feature]"
+            if g.attention and g.ablation != "none":
+                method = method[:-1] + f", {g.ablation}]"
             return f"student {self.arch}{pcl} {via}{method} fraction={self.fraction:g} seed={self.seed}"
         src = self.source
         via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
@@ -72,15 +81,20 @@ def build_run_config(
     fraction: float,
     seed: int,
     kd: C.KDConfig | None = None,
+    recipe: str | None = None,
 ) -> C.RunConfig:
     """Defaults -> size preset -> overrides, the same order as the command line.
+
+    `recipe` is a grid's (`C.RECIPES`): "gkd" gives the cell GKD's recipe for its size (`C.GKD_RECIPE`)
+    whether it has the attention module or not, "preset" gives it none; None (a single run) gives
+    it to runs with the attention module only.
 
     Raises:
         SpecError: an unknown override key or size, or a value of the wrong type or range.
     """
     base = C.RunConfig()
     _check_overrides(size, overrides, base)
-    sections = _preset_sections(size, overrides)
+    sections = _preset_sections(size, overrides, recipe)
     for key, value in overrides.items():
         section, name = OVERRIDES[key]
         sections[section][name] = tuple(value) if name == "resize" else value
@@ -101,6 +115,7 @@ def build_run_config(
         kd=kd or base.kd,
         pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
         gkd=dataclasses.replace(base.gkd, **sections["gkd"]),
+        feature=dataclasses.replace(base.feature, **sections["feature"]),
     )
     try:
         C.check_run_config(cfg)
@@ -121,19 +136,25 @@ def _check_overrides(size: str, overrides: dict[str, Any], base: C.RunConfig) ->
         check_override(key, value, getattr(getattr(base, section), name))
 
 
-def _preset_sections(size: str, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = None) -> dict[str, dict[str, Any]]:
     """The size's preset, section by section, with the presets of PCL and GKD where the overrides
-    turn them on; the overrides themselves go on top."""
+    (or the grid's `recipe`) turn them on; the overrides themselves go on top."""
+    if recipe is not None and recipe not in C.RECIPES:
+        raise SpecError(f"recipe {recipe!r} is not one of {', '.join(C.RECIPES)}")
     preset = C.CPU_PRESET if size == "cpu" else {}
     sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in SECTIONS}
     if overrides.get("ssl") == "pcl":
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
         for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
             sections[name].update(values)
-    if overrides.get("kd", "logit") != "logit":
+    if overrides.get("kd", "logit") in C.GKD_METHODS:
         sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
-    if overrides.get("attention") or sections["gkd"].get("attention"):
-        for name, values in (C.GKD_CPU_PRESET if size == "cpu" else C.GKD_PAPER_PRESET).items():
+    attention = bool(overrides.get("attention") or sections["gkd"].get("attention"))
+    if recipe == "gkd" or (recipe is None and attention):
+        for name, values in C.GKD_RECIPE[size].items():
+            sections[name].update(values)
+    if attention:
+        for name, values in C.GKD_MODULE_PRESET[size].items():
             sections[name].update(values)
     return sections
 
@@ -171,13 +192,12 @@ def plan(spec: GridSpec) -> list[Cell]:
     Raises:
         SpecError: an override that makes some cell's configuration invalid.
     """
-    gkd = any(m != "logit" for m in spec.kd_methods)
     teachers = [
-        Cell("teacher", t, "none", 1.0, spec.teacher_seed,
-             build_run_config(t, size=spec.size, overrides={**spec.overrides, **(GKD_TEACHER if gkd else {}),
+        Cell("teacher", t, "none", 1.0, seed,
+             build_run_config(t, size=spec.size, overrides={**spec.overrides, **(GKD_TEACHER if spec.attention else {}),
                                                              **spec.teacher_overrides},
-                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed))
-        for t in spec.teachers
+                              dataset=spec.dataset, fraction=1.0, seed=seed, recipe=spec.cell_recipe))
+        for t in spec.teachers for seed in spec.teacher_seeds
     ]
     scratch: list[Cell] = []
     kd: list[Cell] = []
@@ -190,26 +210,31 @@ def plan(spec: GridSpec) -> list[Cell]:
 
 def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: list[Cell], kd: list[Cell]) -> None:
     """Adds one student's cells at one fraction and seed: its scratch run (and, with GKD, its
-    attention twin) to `scratch`, one distilled run per KD method and teacher to `kd`."""
+    attention twin) to `scratch`, one distilled run per KD method and teacher run to `kd`. Every
+    cell takes the grid's recipe, so the rows differ in their method alone."""
     overrides = {**spec.overrides, **spec.student_overrides.get(arch, {})}
     if spec.ssl != "none":
         overrides["ssl"] = spec.ssl
 
     def config(**method: Any) -> C.RunConfig:
         return build_run_config(arch, size=spec.size, dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd,
-                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method})
+                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method},
+                                recipe=spec.cell_recipe)
 
     scratch.append(Cell("student", arch, "none", frac, seed, config()))
-    if any(m != "logit" for m in spec.kd_methods):  # the attention module without a teacher, GKD's own baseline
+    if spec.attention:  # the attention module without a teacher, GKD's own baseline
         scratch.append(Cell("student", arch, "none", frac, seed, config(attention=True)))
     tuned = {f"gkd_{k}": spec.kd_overrides[k] for k in ("beta", "ramp") if k in spec.kd_overrides}
+    several = len(spec.teacher_seeds) > 1
     for method in spec.kd_methods:
-        cfg = config(**({"kd": method, **tuned} if method != "logit" else {}))
+        extra = method_overrides(method)
+        cfg = config(**extra, **(tuned if extra.get("kd") in C.GKD_METHODS else {}))
         # A tuned study's lr is the distilled students' only: the scratch twin keeps the preset lr,
-        # which was chosen for plain cross-entropy.
+        # which was chosen for plain cross-entropy (the report then names the lr as what differs).
         if "lr" in spec.kd_overrides:
             cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
-        kd += [Cell("student", arch, t, frac, seed, cfg) for t in spec.teachers if t != arch or spec.self_distill]
+        kd += [Cell("student", arch, t, frac, seed, cfg, teacher_seed=ts, label_teacher_seed=several)
+               for t in spec.teachers if t != arch or spec.self_distill for ts in spec.teacher_seeds]
 
 
 def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
@@ -220,7 +245,7 @@ def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
     for src in students:
         overrides = {**spec.overrides, **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
         overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
-        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
+        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides, recipe=spec.cell_recipe,
                                dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
         cells.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
     return cells

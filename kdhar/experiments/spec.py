@@ -17,7 +17,15 @@ from typing import Any
 import yaml
 
 from kdhar import config as C
-from kdhar.experiments.grid import DATASET_KEYS, MODEL_OVERRIDES, SPEC_KEYS, DatasetSpec, GridSpec, SpecError
+from kdhar.experiments.grid import (
+    DATASET_KEYS,
+    GRID_METHODS,
+    MODEL_OVERRIDES,
+    SPEC_KEYS,
+    DatasetSpec,
+    GridSpec,
+    SpecError,
+)
 from kdhar.experiments.plan import plan
 
 REQUIRED_KEYS = ("experiment", "dataset", "teachers", "students", "fractions", "seeds")
@@ -130,7 +138,7 @@ class _SpecReader:
             self_distill=self.flag("self_distill"),
             fractions=fractions,
             seeds=self.distinct("seeds", self.numbers("seeds", int, "[0, 1, 2]")),
-            teacher_seed=self.whole("teacher_seed", raw.get("teacher_seed", 0)),
+            teacher_seeds=self.teacher_seeds(),
             tau=self.number("tau", C.KDConfig.tau),
             lam=self.number("lam", C.KDConfig.lam),
             weighting=str(raw.get("weighting", C.KDConfig.weighting)),
@@ -141,6 +149,7 @@ class _SpecReader:
             ssl=str(ssl),
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
+            recipe=self.recipe(),
         )
 
     def check_combination(self, spec: GridSpec) -> None:
@@ -206,16 +215,30 @@ class _SpecReader:
     def kd_methods(self, ssl: str) -> list[str]:
         methods = self.raw.get("kd", ["logit"])
         methods = [methods] if isinstance(methods, str) else methods
-        if not isinstance(methods, list) or not methods or any(m not in C.KD_METHODS for m in methods):
-            raise self.fail(f"kd: {self.raw.get('kd')!r} must be a list of {', '.join(C.KD_METHODS)}, "
+        if not isinstance(methods, list) or not methods or any(m not in GRID_METHODS for m in methods):
+            raise self.fail(f"kd: {self.raw.get('kd')!r} must be a list of {', '.join(GRID_METHODS)}, "
                             "e.g. kd: [logit, gkd]")
         overrides = self.raw.get("overrides") or {}
-        if "kd" in overrides or "attention" in overrides:
+        if "kd" in overrides or "attention" in overrides or "gkd_ablation" in overrides:
             raise self.fail("kd goes at the top of the spec (kd: [logit, gkd]), where it picks the KD cells' "
                             "methods; the teachers and scratch twins follow from it")
         if ssl != "none" and any(m != "logit" for m in methods):
-            raise self.fail("kd: GKD trains on single clips; it does not combine with ssl: pcl")
+            raise self.fail("kd: feature KD and GKD train on single clips; they do not combine with ssl: pcl")
         return methods
+
+    def recipe(self) -> str | None:
+        recipe = self.raw.get("recipe")
+        if recipe is not None and recipe not in C.RECIPES:
+            raise self.fail(f"recipe: {recipe!r} must be one of {', '.join(C.RECIPES)} (gkd: GKD's recipe for every "
+                            "cell, the default with a GKD method; preset: the size preset alone)")
+        return recipe
+
+    def teacher_seeds(self) -> tuple[int, ...]:
+        """`teacher_seed`: one seed, or a list of them (one teacher run per seed and architecture)."""
+        value = self.raw.get("teacher_seed", 0)
+        if isinstance(value, list):
+            return tuple(self.distinct("teacher_seed", self.numbers("teacher_seed", int, "[0, 1]")))
+        return (self.whole("teacher_seed", value),)
 
     def finetune(self) -> bool:
         finetune = self.flag("finetune")
