@@ -69,6 +69,9 @@ class ModelConfig:
     # "rgb", or "res": residual frames (x[t-1] - x[t]), the input of PCL and of the KD paper's
     # students; computed inside the model, so a logged model carries it.
     modality: str = "rgb"
+    # The trunk's last temporal downsamplings left out (kdhar.models.temporal), so its last feature
+    # keeps a time axis: at 8 frames, 2 keeps T' = 4 in C3D and the ResNets (T' = 1 as published).
+    keep_time: int = 0
 
 
 SPLITS = (1, 2, 3)  # the official train/test splits of UCF101 and HMDB51; folder datasets cut three too
@@ -182,7 +185,12 @@ class PCLConfig:
         return out
 
 
-KD_METHODS = ("logit", "gkd", "gkd+logit")
+KD_METHODS = ("logit", "feature", "gkd", "gkd+logit")
+GKD_METHODS = ("gkd", "gkd+logit")  # the --kd choices that distil through GKD's attention module
+# GKD's ablations (`--gkd-ablation`): each turns one term of a distilled run off. "ad-only": no
+# generative distillation (GD) in the CVAE pass; "gd-only": no attention distillation (AD) in the
+# network pass; "no-rec": no regeneration loss in the network pass (the CVAE then shapes nothing).
+GKD_ABLATIONS = ("none", "ad-only", "gd-only", "no-rec")
 GKD_VARIANTS = ("faithful", "light")
 GKD_NORMS = ("values", "channels")
 GKD_CE = ("mean", "sum-softmax")
@@ -193,8 +201,9 @@ GKD_RESCALES = ("sample", "batch")
 class GKDConfig:
     """Generative feature distillation (GKD, AAAI-24; ../shared/methods/gkd.md) and its attention module.
 
-    `method` is the `--kd` choice: "logit" (Hinton KD on the logits), "gkd" (attention and generative
-    distillation) or "gkd+logit" (both). `attention` gives the network the channel x time attention
+    `method` is the `--kd` choice: "logit" (Hinton KD on the logits), "feature" (FitNets-style hint
+    loss on the last feature, `FeatureKDConfig`), "gkd" (attention and generative distillation) or
+    "gkd+logit" (both). `attention` gives the network the channel x time attention
     head (its classifier reads the attended feature) and a CVAE, trained in two passes per epoch (the
     CVAE, then the network): a GKD teacher (`train-teacher --attention`), every GKD student, and,
     without a teacher, the "scratch + attention module" baseline. The knobs only act (and are only
@@ -216,20 +225,41 @@ class GKDConfig:
     # GroupNorm groups: "values" keeps >= 16 values per group (the code's 32 groups at its I3D shape);
     # "channels" is gcd(C, 32), which at CPU widths and T' = 1 makes the attention a constant.
     norm: str = "values"
+    ablation: str = "none"  # one of GKD_ABLATIONS: a term turned off (see there)
 
     @property
     def distils(self) -> bool:
-        """Whether a run with a teacher distils features (gkd, gkd+logit), not only logits."""
-        return self.method != "logit"
+        """Whether a run with a teacher distils through the attention module (gkd, gkd+logit)."""
+        return self.method in GKD_METHODS
+
+    def weights(self) -> dict[str, float]:
+        """The weights a GKD step uses, {"beta", "gd_weight", "rec_weight"}, with the ablation's term at 0."""
+        off = {"ad-only": "gd_weight", "gd-only": "beta", "no-rec": "rec_weight"}.get(self.ablation)
+        return {k: 0.0 if k == off else float(getattr(self, k)) for k in ("beta", "gd_weight", "rec_weight")}
 
     def method_params(self, teacher: bool) -> dict[str, Any]:
         """The knobs that act (logged as gkd.*): none without the attention module."""
         if not self.attention:
             return {}
         out = {k: getattr(self, k) for k in ("variant", "ramp", "rec_weight", "cvae_lr", "ce", "rescale", "norm")}
+        if self.ablation != "none":  # logged only when set, so runs without one keep their identity
+            out["ablation"] = self.ablation
         if teacher and self.distils:
             out.update(method=self.method, beta=self.beta, gd_weight=self.gd_weight)
         return out
+
+
+@dataclass(frozen=True)
+class FeatureKDConfig:
+    """Feature KD (`--kd feature`), the FitNets-style baseline a feature-distillation method is compared
+    with: CE plus `weight` x the mean squared error between the student's last feature, mapped to the
+    teacher's shape by a learned 1 x 1 x 1 convolution and resizing (the regressor), and the frozen
+    teacher's last feature. Trained jointly, in one stage (FitNets trains the hint first)."""
+
+    weight: float = 1.0
+
+    def method_params(self) -> dict[str, Any]:
+        return {"weight": self.weight}
 
 
 # Overrides for a 2-core CPU: small clips, narrow networks, few epochs; measured on the synthetic
@@ -266,11 +296,25 @@ PCL_CPU_PRESET: dict[str, dict[str, Any]] = {
     "optim": PCL_PROTOCOL["optim"],
     "pcl": {"interval": 2},
 }
-# GKD runs (the attention module on) at the paper's size: the recognition code's SGD at lr 1e-3, no
-# schedule and no warm-up, batch 6. At size cpu the CVAE's Adam runs at phase 1's 1e-3: a run has a
-# few dozen CVAE steps per epoch, not the paper's thousands.
-GKD_PAPER_PRESET: dict[str, dict[str, Any]] = {"optim": {"lr": 1e-3, "schedule": "constant", "warmup": 0.0, "batch_size": 6}}
-GKD_CPU_PRESET: dict[str, dict[str, Any]] = {"gkd": {"cvae_lr": 1e-3}}
+# GKD's recipe, per size: what every student of a grid with `recipe: gkd` trains with (scratch,
+# scratch + attention, logit KD, feature KD and GKD alike, so that they are matched twins), its
+# teachers too, and any single run with the attention module. At the paper's size it is the
+# recognition code's SGD at lr 1e-3, no schedule, no warm-up, batch 6. At size cpu the network keeps
+# the CPU preset's SGD (lr 1e-3 without a schedule leaves a 12-epoch run at chance) and its trunk
+# keeps a time axis: leaving out the last two temporal downsamplings keeps T' = 4 of the 8 frames in
+# C3D and the ResNets (T' = 1 as published, where a channel x time attention has no time to attend
+# to; tiny3d and MC3-18 keep T' = 8), as the paper's I3D keeps T' = 8 of 64 frames.
+GKD_RECIPE: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"optim": {"lr": 1e-3, "schedule": "constant", "warmup": 0.0, "batch_size": 6}},
+    "cpu": {"model": {"keep_time": 2}},
+}
+# The attention module's own settings, only for runs that have it (twins without it have no CVAE):
+# at size cpu the CVAE's Adam runs at phase 1's 1e-3, since a run has a few dozen CVAE steps per
+# epoch, not the paper's thousands.
+GKD_MODULE_PRESET: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {"gkd": {"cvae_lr": 1e-3}}}
+# A grid's `recipe`: "gkd" gives every cell GKD_RECIPE (the default of a grid with a GKD method);
+# "preset" gives none of them it, the size preset alone (the default otherwise).
+RECIPES = ("preset", "gkd")
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -304,6 +348,7 @@ def check_run_config(cfg: RunConfig) -> None:
     need(m.width >= 1, "width", m.width, "must be at least 1")
     need(finite(m.dropout) and 0 <= m.dropout < 1, "dropout", m.dropout, "must be in [0, 1)")
     need(m.modality in MODALITIES, "modality", m.modality, f"must be one of {', '.join(MODALITIES)}")
+    need(m.keep_time >= 0, "keep_time", m.keep_time, "must be >= 0 (the trunk's last temporal downsamplings left out)")
     need(c.clip_len >= 1, "clip_len", c.clip_len, "must be at least 1 frame")
     need(c.frame_interval >= 1, "frame_interval", c.frame_interval, "must be at least 1")
     need(c.test_clips >= 1, "test_clips", c.test_clips, "must be at least 1")
@@ -335,19 +380,28 @@ def check_run_config(cfg: RunConfig) -> None:
              "torch.chunk must split it into 4 temporal chunks for PCL's chunk swap (e.g. 8, 10 or 16)")
     g = cfg.gkd
     need(g.method in KD_METHODS, "kd", g.method, f"must be one of {', '.join(KD_METHODS)}")
+    need(finite(cfg.feature.weight) and cfg.feature.weight >= 0, "feature_weight", cfg.feature.weight,
+         "must be >= 0 (the hint loss's weight, default 1)")
+    if g.method == "feature":
+        need(not g.attention, "kd", g.method, "trains the plain student, without GKD's attention module: leave "
+             "attention out")
+        need(p.ssl == "none", "ssl", p.ssl, "feature KD trains on single clips: leave --ssl pcl out")
     if g.attention:
         need(g.variant in GKD_VARIANTS, "gkd_variant", g.variant, f"must be one of {', '.join(GKD_VARIANTS)}")
         need(g.ce in GKD_CE, "gkd_ce", g.ce, f"must be one of {', '.join(GKD_CE)}")
         need(g.rescale in GKD_RESCALES, "gkd_rescale", g.rescale, f"must be one of {', '.join(GKD_RESCALES)}")
         need(g.norm in GKD_NORMS, "gkd_norm", g.norm, f"must be one of {', '.join(GKD_NORMS)}")
+        need(g.ablation in GKD_ABLATIONS, "gkd_ablation", g.ablation, f"must be one of {', '.join(GKD_ABLATIONS)}")
         need(finite(g.beta) and g.beta >= 0, "gkd_beta", g.beta, "must be >= 0 (the paper: 0.1)")
         need(finite(g.ramp) and 0 < g.ramp <= 1, "gkd_ramp", g.ramp, "must be a share of the epochs in (0, 1] (the paper: 0.1)")
         need(finite(g.rec_weight) and g.rec_weight >= 0, "gkd_rec_weight", g.rec_weight, "must be >= 0 (the paper: 0.5)")
         need(finite(g.gd_weight) and g.gd_weight >= 0, "gkd_gd_weight", g.gd_weight, "must be >= 0 (the paper: 0.01)")
         need(finite(g.cvae_lr) and g.cvae_lr > 0, "cvae_lr", g.cvae_lr, "must be > 0 (the paper: 1e-4)")
         need(p.ssl == "none", "ssl", p.ssl, "GKD's attention module trains on single clips: leave --ssl pcl out")
-    elif g.method != "logit":
+    elif g.method in GKD_METHODS:
         need(False, "kd", g.method, "needs the attention module (attention: true), which --kd gkd turns on")
+    else:
+        need(g.ablation == "none", "gkd_ablation", g.ablation, "turns off a term of GKD: use it with --kd gkd")
 
 
 def with_overrides(obj: Any, **changes: Any) -> Any:
@@ -375,6 +429,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     pcl: PCLConfig = field(default_factory=PCLConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
+    feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
 
     def params(self, kd: bool = True) -> dict[str, Any]:
         """`section.field` -> value; kd=False leaves the distillation knobs out (runs without a teacher),
@@ -383,6 +438,8 @@ class RunConfig:
         out = to_params(data=self.data, clip=self.clip, model=self.model, optim=self.optim)
         out.update({f"pcl.{k}": v for k, v in self.pcl.method_params().items()})
         out.update({f"gkd.{k}": v for k, v in self.gkd.method_params(teacher=kd).items()})
-        if kd and self.gkd.method != "gkd":  # GKD alone uses no logit-KD knob
+        if kd and self.gkd.method in ("logit", "gkd+logit"):  # GKD and feature KD alone use no logit-KD knob
             out.update({f"kd.{k}": v for k, v in self.kd.method_params().items()})
+        if kd and self.gkd.method == "feature":
+            out.update({f"feature.{k}": v for k, v in self.feature.method_params().items()})
         return out

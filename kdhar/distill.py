@@ -26,8 +26,13 @@ def pair_key(cfg: RunConfig, init: str | None = None) -> str:
     (the number of replayed views included, so a cached KD run pairs only with a like scratch run).
     The weights a run starts from (`init`) and, with GKD's attention module, the `--kd` method are
     part of it: an --init run pairs only with a twin started from the same weights, and `--kd gkd`
-    and `--kd gkd+logit` each with the twin run with the same --kd and --teacher none."""
+    and `--kd gkd+logit` each with the twin run with the same --kd and --teacher none.
+
+    The seed is left out, so the runs of every seed of a cell share it: a report's row holds them all
+    and pairs them seed by seed (with the seed in it, each row held one seed and no test had pairs).
+    """
     params = cfg.params(kd=False)
+    params.pop("optim.seed")
     if init:
         params["init"] = init
     if cfg.gkd.attention:
@@ -59,7 +64,8 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
         state = load_checkpoint(path)
         width = int(state["config"].get("model.width", 64))
         modality = state["config"].get("model.modality", "rgb")
-        model = build_model(state["arch"], len(state["classes"]), width=width, modality=modality)
+        keep_time = int(state["config"].get("model.keep_time", 0))
+        model = build_model(state["arch"], len(state["classes"]), width=width, modality=modality, keep_time=keep_time)
         model.load_state_dict(state["model"])
         return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"],
                        run_id=state.get("run_id"), normalize=state["config"].get("clip.normalize", "half"))
@@ -156,13 +162,15 @@ def distill(
         progress=progress,
     )
     if t is not None:
-        record_epochs_to_scratch(experiment, res, tags["pair_key"])
+        record_epochs_to_scratch(experiment, res, tags["pair_key"], cfg.optim.seed)
     return res
 
 
-def record_epochs_to_scratch(experiment: str, res: RunResult, key: str) -> None:
-    """Logs the first epoch at which a KD run reached its scratch twin's final accuracy, if the twin exists."""
-    twins = tracking.find_runs(experiment, f"tags.pair_key = '{key}' and tags.teacher_arch = 'none' and attributes.status = 'FINISHED'")
+def record_epochs_to_scratch(experiment: str, res: RunResult, key: str, seed: int) -> None:
+    """Logs the first epoch at which a KD run reached its scratch twin's final accuracy (the twin of
+    its seed), if the twin exists."""
+    twins = tracking.find_runs(experiment, f"tags.pair_key = '{key}' and tags.teacher_arch = 'none' and "
+                                           f"tags.seed = '{seed}' and attributes.status = 'FINISHED'")
     if not twins:
         return
     target = twins[0]["metrics"].get("final_test_video_top1")

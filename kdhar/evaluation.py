@@ -130,7 +130,8 @@ def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes
 
     arch = tracking.run_tags(run_id).get("arch")
     encoder = build_model(arch, num_classes, width=int(float(trained.get("model.width", 64))),
-                          modality=trained.get("model.modality", "rgb"))
+                          modality=trained.get("model.modality", "rgb"),
+                          keep_time=int(float(trained.get("model.keep_time", 0))))
     skipped = load_compatible(encoder, load_init(model_uri))
     if skipped:
         raise ValueError(f"model {model_uri}: weights {', '.join(skipped[:3])} do not fit a {arch} rebuilt from its run")

@@ -114,6 +114,9 @@ RUN_OPTIONS = {
     "modality": click.option("--modality", type=_OptionalChoice(["rgb", "res"]), default=None,
                              help="rgb, or res: residual frames x[t-1]-x[t] (PCL's input), computed inside the model "
                                   "(default rgb; a logged model's own when scoring or fine-tuning it)"),
+    "keep_time": click.option("--keep-time", type=INT, default=None,
+                              help="leave out the trunk's last N temporal downsamplings, so its last feature keeps a "
+                                   "time axis (default 0; 2 at size cpu with --kd gkd: T' = 4 from 8 frames)"),
     "clip_len": click.option("--clip-len", type=INT, default=None),
     "frame_interval": click.option("--frame-interval", type=INT, default=None),
     "crop": click.option("--crop", type=INT, default=None),
@@ -263,12 +266,15 @@ def gkd_options(fn=None, *, kd: bool = True):
     if kd:
         opts = [
             click.option("--kd", type=click.Choice(C.KD_METHODS), default="logit", show_default=True,
-                         help="logit: Hinton KD on the logits; gkd: generative feature KD (attention + CVAE, needs a "
-                              "teacher from train-teacher --attention; with --teacher none the scratch + attention "
-                              "baseline); gkd+logit: both"),
+                         help="logit: Hinton KD on the logits; feature: FitNets-style hint loss on the last feature; "
+                              "gkd: generative feature KD (attention + CVAE, needs a teacher from train-teacher "
+                              "--attention; with --teacher none the scratch + attention baseline); gkd+logit: both"),
             click.option("--gkd-beta", type=FLOAT, default=None, help=f"attention-distillation weight (default {g.beta:g})"),
             click.option("--gkd-gd-weight", type=FLOAT, default=None,
                          help=f"generative-distillation weight in the CVAE pass (default {g.gd_weight:g})"),
+            click.option("--gkd-ablation", type=_OptionalChoice(C.GKD_ABLATIONS), default=None,
+                         help="turn one GKD term off: ad-only (no generative distillation), gd-only (no attention "
+                              "distillation), no-rec (no regeneration loss); default none"),
             *opts,
         ]
 

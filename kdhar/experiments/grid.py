@@ -25,6 +25,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "width": ("model", "width"),
     "dropout": ("model", "dropout"),
     "modality": ("model", "modality"),
+    "keep_time": ("model", "keep_time"),
     "clip_len": ("clip", "clip_len"),
     "frame_interval": ("clip", "frame_interval"),
     "crop": ("clip", "crop"),
@@ -66,20 +67,40 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "gkd_ce": ("gkd", "ce"),
     "gkd_rescale": ("gkd", "rescale"),
     "gkd_norm": ("gkd", "norm"),
+    "gkd_ablation": ("gkd", "ablation"),
+    # Feature KD (`kd: feature`): the hint loss's weight
+    "feature_weight": ("feature", "weight"),
 }
+
+# A grid's `kd` methods: the `--kd` choices, and GKD with one of its ablations ("gkd-ad-only": `--kd gkd
+# --gkd-ablation ad-only`), each a row of its own.
+GRID_METHODS = (*C.KD_METHODS, *(f"gkd-{a}" for a in C.GKD_ABLATIONS if a != "none"))
+
+
+def method_overrides(method: str) -> dict[str, Any]:
+    """The overrides a grid method gives its distilled cells (none for logit KD, the default)."""
+    if method == "logit":
+        return {}
+    kd, _, ablation = method.partition("-") if method.startswith("gkd-") else (method, "", "")
+    return {"kd": kd, **({"gkd_ablation": ablation} if ablation else {})}
+
+
+def uses_attention(method: str) -> bool:
+    """Whether a grid method distils through GKD's attention module (its teachers need one)."""
+    return method_overrides(method).get("kd") in C.GKD_METHODS
 
 # What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the
 # teacher, so teachers and students may differ in size and schedule but not in how clips are cut.
 MODEL_OVERRIDES = {
     "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
-    "modality",
+    "modality", "keep_time",
 }
 
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "teacher_seeds", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
-    "fraction_overrides", "keep_checkpoints", "kd",
+    "fraction_overrides", "keep_checkpoints", "kd", "recipe",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 # What `tuned:` may name besides a teacher's name: the studies of the scratch twins, and of every
@@ -164,6 +185,20 @@ class GridSpec:
     # GKD's attention module (all methods distil from them) and each scratch cell gets a twin with the
     # attention module and no teacher ("scratch + attention").
     kd_methods: list[str] = field(default_factory=lambda: ["logit"])
+    # What every cell trains with (kdhar.config.RECIPES): "gkd" is GKD's recipe for the size
+    # (kdhar.config.GKD_RECIPE) for every cell, so that the rows are matched twins; None: "gkd" when
+    # a method uses the attention module, else "preset".
+    recipe: str | None = None
+
+    @property
+    def attention(self) -> bool:
+        """Whether a method distils through GKD's attention module (teachers train with one, and every
+        scratch cell gets a "scratch + attention" twin)."""
+        return any(uses_attention(m) for m in self.kd_methods)
+
+    @property
+    def cell_recipe(self) -> str:
+        return self.recipe or ("gkd" if self.attention else "preset")
 
     @property
     def teacher_seed(self) -> int:

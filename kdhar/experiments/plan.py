@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdhar import config as C
-from kdhar.experiments.grid import OVERRIDES, SIZES, DatasetSpec, GridSpec, SpecError
+from kdhar.experiments.grid import OVERRIDES, SIZES, DatasetSpec, GridSpec, SpecError, method_overrides
 
 WAVES = ("teacher", "scratch", "kd", "finetune")
 
 # What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
 # the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
 GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
-SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd")
+SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class Cell:
             pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
             g = self.cfg.gkd
             method = "" if not g.attention else (" [attention]" if self.teacher == "none" else f" [{g.method}]")
+            if g.method == "feature":
+                method = " [feature]"
+            if g.attention and g.ablation != "none":
+                method = method[:-1] + f", {g.ablation}]"
             return f"student {self.arch}{pcl} {via}{method} fraction={self.fraction:g} seed={self.seed}"
         src = self.source
         via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
@@ -79,15 +83,20 @@ def build_run_config(
     fraction: float,
     seed: int,
     kd: C.KDConfig | None = None,
+    recipe: str | None = None,
 ) -> C.RunConfig:
     """Defaults -> size preset -> overrides, the same order as the command line.
+
+    `recipe` is a grid's (`C.RECIPES`): "gkd" gives the cell GKD's recipe for its size (`C.GKD_RECIPE`)
+    whether it has the attention module or not, "preset" gives it none; None (a single run) gives
+    it to runs with the attention module only.
 
     Raises:
         SpecError: an unknown override key or size, or a value of the wrong type or range.
     """
     base = C.RunConfig()
     _check_overrides(size, overrides, base)
-    sections = _preset_sections(size, overrides)
+    sections = _preset_sections(size, overrides, recipe)
     for key, value in overrides.items():
         section, name = OVERRIDES[key]
         sections[section][name] = tuple(value) if name == "resize" else value
@@ -108,6 +117,7 @@ def build_run_config(
         kd=kd or base.kd,
         pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
         gkd=dataclasses.replace(base.gkd, **sections["gkd"]),
+        feature=dataclasses.replace(base.feature, **sections["feature"]),
     )
     try:
         C.check_run_config(cfg)
@@ -128,19 +138,25 @@ def _check_overrides(size: str, overrides: dict[str, Any], base: C.RunConfig) ->
         check_override(key, value, getattr(getattr(base, section), name))
 
 
-def _preset_sections(size: str, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = None) -> dict[str, dict[str, Any]]:
     """The size's preset, section by section, with the presets of PCL and GKD where the overrides
-    turn them on; the overrides themselves go on top."""
+    (or the grid's `recipe`) turn them on; the overrides themselves go on top."""
+    if recipe is not None and recipe not in C.RECIPES:
+        raise SpecError(f"recipe {recipe!r} is not one of {', '.join(C.RECIPES)}")
     preset = C.CPU_PRESET if size == "cpu" else {}
     sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in SECTIONS}
     if overrides.get("ssl") == "pcl":
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
         for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
             sections[name].update(values)
-    if overrides.get("kd", "logit") != "logit":
+    if overrides.get("kd", "logit") in C.GKD_METHODS:
         sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
-    if overrides.get("attention") or sections["gkd"].get("attention"):
-        for name, values in (C.GKD_CPU_PRESET if size == "cpu" else C.GKD_PAPER_PRESET).items():
+    attention = bool(overrides.get("attention") or sections["gkd"].get("attention"))
+    if recipe == "gkd" or (recipe is None and attention):
+        for name, values in C.GKD_RECIPE[size].items():
+            sections[name].update(values)
+    if attention:
+        for name, values in C.GKD_MODULE_PRESET[size].items():
             sections[name].update(values)
     return sections
 
@@ -178,12 +194,12 @@ def plan(spec: GridSpec) -> list[Cell]:
     Raises:
         SpecError: an override that makes some cell's configuration invalid.
     """
-    gkd = any(m != "logit" for m in spec.kd_methods)
     teachers = [
         Cell("teacher", t.arch, "none", 1.0, seed,
              build_run_config(t.arch, size=spec.size, dataset=spec.dataset, fraction=1.0, seed=seed,
-                              overrides={**_shared(spec), **(GKD_TEACHER if gkd else {}), **spec.teacher_overrides,
-                                         **t.overrides}),
+                              overrides={**_shared(spec), **(GKD_TEACHER if spec.attention else {}), **spec.teacher_overrides,
+                                         **t.overrides},
+                              recipe=spec.cell_recipe),
              name=name)
         for t, seed, name in spec.teacher_runs()
     ]
@@ -207,20 +223,22 @@ def _shared(spec: GridSpec) -> dict[str, Any]:
 
 def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: list[Cell], kd: list[Cell]) -> None:
     """Adds one student's cells at one fraction and seed: its scratch run (and, with GKD, its
-    attention twin) to `scratch`, one distilled run per KD method and teacher to `kd`."""
+    attention twin) to `scratch`, one distilled run per KD method and teacher run to `kd`. Every
+    cell takes the grid's recipe, so the rows differ in their method alone."""
     overrides = {**spec.overrides, **spec.student_overrides.get(arch, {})}
     if spec.ssl != "none":
         overrides["ssl"] = spec.ssl
 
     def config(**method: Any) -> C.RunConfig:
         return build_run_config(arch, size=spec.size, dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd,
-                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method})
+                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method},
+                                recipe=spec.cell_recipe)
 
     scratch.append(Cell("student", arch, "none", frac, seed, config()))
-    if any(m != "logit" for m in spec.kd_methods):  # the attention module without a teacher, GKD's own baseline
+    if spec.attention:  # the attention module without a teacher, GKD's own baseline
         scratch.append(Cell("student", arch, "none", frac, seed, config(attention=True)))
     for method in spec.kd_methods:
-        cfg = config(**({"kd": method} if method != "logit" else {}))
+        cfg = config(**method_overrides(method))
         kd += [Cell("student", arch, name, frac, seed, cfg) for t, _, name in spec.teacher_runs()
                if t.arch != arch or spec.self_distill]
 
@@ -233,7 +251,7 @@ def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
     for src in students:
         overrides = {**_shared(spec), **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
         overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
-        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
+        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides, recipe=spec.cell_recipe,
                                dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
         cells.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
     return cells

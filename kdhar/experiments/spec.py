@@ -20,6 +20,7 @@ import yaml
 from kdhar import config as C
 from kdhar.experiments.grid import (
     DATASET_KEYS,
+    GRID_METHODS,
     MODEL_OVERRIDES,
     SPEC_KEYS,
     TUNED_ARMS,
@@ -220,6 +221,7 @@ class _SpecReader:
             ssl=str(ssl),
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
+            recipe=self.recipe(),
         )
 
     def check_combination(self, spec: GridSpec) -> None:
@@ -303,16 +305,23 @@ class _SpecReader:
     def kd_methods(self, ssl: str) -> list[str]:
         methods = self.raw.get("kd", ["logit"])
         methods = [methods] if isinstance(methods, str) else methods
-        if not isinstance(methods, list) or not methods or any(m not in C.KD_METHODS for m in methods):
-            raise self.fail(f"kd: {self.raw.get('kd')!r} must be a list of {', '.join(C.KD_METHODS)}, "
+        if not isinstance(methods, list) or not methods or any(m not in GRID_METHODS for m in methods):
+            raise self.fail(f"kd: {self.raw.get('kd')!r} must be a list of {', '.join(GRID_METHODS)}, "
                             "e.g. kd: [logit, gkd]")
         overrides = self.raw.get("overrides") or {}
-        if "kd" in overrides or "attention" in overrides:
+        if "kd" in overrides or "attention" in overrides or "gkd_ablation" in overrides:
             raise self.fail("kd goes at the top of the spec (kd: [logit, gkd]), where it picks the KD cells' "
                             "methods; the teachers and scratch twins follow from it")
         if ssl != "none" and any(m != "logit" for m in methods):
-            raise self.fail("kd: GKD trains on single clips; it does not combine with ssl: pcl")
+            raise self.fail("kd: feature KD and GKD train on single clips; they do not combine with ssl: pcl")
         return methods
+
+    def recipe(self) -> str | None:
+        recipe = self.raw.get("recipe")
+        if recipe is not None and recipe not in C.RECIPES:
+            raise self.fail(f"recipe: {recipe!r} must be one of {', '.join(C.RECIPES)} (gkd: GKD's recipe for every "
+                            "cell, the default with a GKD method; preset: the size preset alone)")
+        return recipe
 
     def finetune(self) -> bool:
         finetune = self.flag("finetune")
@@ -383,8 +392,9 @@ class _SpecReader:
         """`teacher_seeds: [0, 1]` (one teacher run per recipe and seed) or `teacher_seed: 0`."""
         if "teacher_seeds" in self.raw and "teacher_seed" in self.raw:
             raise self.fail("give teacher_seed or teacher_seeds, not both")
-        if "teacher_seeds" in self.raw:
-            return self.distinct("teacher_seeds", self.numbers("teacher_seeds", int, "[0, 1]"))
+        for key in ("teacher_seeds", "teacher_seed"):  # teacher_seed may list them too
+            if isinstance(self.raw.get(key), list) or key == "teacher_seeds" and key in self.raw:
+                return self.distinct(key, self.numbers(key, int, "[0, 1]"))
         return [self.whole("teacher_seed", self.raw.get("teacher_seed", 0))]
 
     def known_archs(self, key: str, names: list[Any]) -> None:

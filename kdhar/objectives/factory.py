@@ -104,6 +104,7 @@ METHOD_TERMS = {
     "gkd": ("task_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss", "cvae_gd_loss"),
     "gkd+kd-logit": ("task_loss", "kd_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss",
                      "cvae_gd_loss"),
+    "kd-feature": ("task_loss", "hint_loss"),
 }
 
 
@@ -123,6 +124,9 @@ def build_objective(
         device: where the cache is computed on first use.
         labels: False for label-free pretraining (PCL only, no teacher).
 
+    Methods: `supervised`, `kd-logit`, `kd-feature` (`--kd feature`), `pcl`, `pcl+kd-logit`, `pcl-ssl`,
+    and with GKD's attention module `attention`, `gkd`, `gkd+kd-logit`.
+
     Raises:
         ValueError: unusable KD settings, a cache without replayed views or with PCL, or a
             label-free run that is not PCL or has a teacher.
@@ -135,6 +139,8 @@ def build_objective(
         raise ValueError("label-free training is PCL's: use --ssl pcl")
     if teacher is None:
         return Objective(name="supervised", make_step=lambda model, _n: SupervisedStep(model), tags={"method": "supervised"})
+    if cfg.gkd.method == "feature":
+        return _feature_objective(cfg, teacher, cache_teacher)
     kd = cfg.kd
     check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
     tags = _teacher_tags("kd-logit", teacher)
@@ -263,6 +269,57 @@ def load_gkd_teacher(teacher: Teacher) -> tuple[nn.Module, nn.Module]:
     return load_gkd_state(state)
 
 
+def load_feature_teacher(teacher: Teacher) -> nn.Module:
+    """The teacher as a network whose trunk can be read (`forward_features`), for feature KD.
+
+    A kdhar checkpoint is one already. A logged model is an exported graph that gives logits only:
+    a GKD teacher's network comes back from the state it logged (`GKD_STATE`), any other teacher's
+    architecture is rebuilt from its run's configuration and given the graph's weights.
+
+    Raises:
+        ValueError: a teacher that is neither a checkpoint nor a logged kdhar run.
+    """
+    if hasattr(teacher.model, "forward_features"):
+        return teacher.model
+    from kdhar import tracking
+    from kdhar.models import build_model
+    from kdhar.objectives.gkd import load_gkd_state
+
+    if not teacher.run_id or not teacher.arch:
+        raise ValueError(f"teacher {teacher.uri}: feature KD reads the teacher's last feature map, which this model does "
+                         "not expose; pass the teacher's run (runs:/<run id>) or a kdhar checkpoint")
+    state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    if state is not None:
+        return load_gkd_state(state)[0]
+    config = tracking.load_run_dict(teacher.run_id, "config.json")
+    model = build_model(teacher.arch, len(teacher.classes), width=int(float(config.get("model.width", 64))),
+                        modality=config.get("model.modality", "rgb"), keep_time=int(float(config.get("model.keep_time", 0))))
+    # An exported graph's parameters sit under "graph." (as kdhar.distill.load_init reads them)
+    model.load_state_dict({k.removeprefix("graph."): v.cpu() for k, v in teacher.model.state_dict().items()})
+    return model.eval()
+
+
+def _feature_objective(cfg: RunConfig, teacher: Teacher, cache_teacher: bool) -> Objective:
+    """Feature KD (`--kd feature`): CE plus the FitNets-style hint loss on the last feature map."""
+    from kdhar.objectives.feature import FeatureKDStep
+
+    if cache_teacher:
+        raise ValueError("--cache-teacher stores logits only; feature KD needs the teacher's feature each step: leave it out")
+    network = load_feature_teacher(teacher)
+    weight, clip = cfg.feature.weight, cfg.clip
+    params: dict[str, Any] = {"feature.weight": weight}
+
+    def make_step(model: nn.Module, _num_train: int) -> nn.Module:
+        step = FeatureKDStep(model, network, weight, (clip.clip_len, clip.crop))
+        params["feature.adapter"] = step.regressor.describe()  # the regressor onto the teacher's feature
+        return step
+
+    description = (f" Distilled with feature KD: CE + {weight:g} x the MSE between its last feature, mapped by a learned "
+                   "1x1x1 regressor to the teacher's shape, and the teacher's last feature (FitNets-style hint).")
+    return Objective(name="kd-feature", make_step=make_step, params=params, tags=_teacher_tags("kd-feature", teacher),
+                     teacher=teacher, name_prefix="feature-", description=description)
+
+
 def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool) -> Objective:
     """The attention module and its CVAE in two passes per epoch: without a teacher GKD's phase 1 (a
     teacher for GKD, or the "scratch + attention module" baseline); with one, GKD (`--kd gkd`) or
@@ -297,7 +354,8 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
         if step.adapter is not None:  # what aligns the student's feature with the teacher's, for the params
             params["gkd.adapter"] = step.adapter.describe()
         built["meta"] = {"arch": cfg.model.arch, "num_classes": model.num_classes, "width": cfg.model.width,
-                         "modality": cfg.model.modality, "clip_len": clip.clip_len, "crop": clip.crop,
+                         "modality": cfg.model.modality, "keep_time": cfg.model.keep_time, "clip_len": clip.clip_len,
+                         "crop": clip.crop,
                          "variant": g.variant, "rescale": g.rescale, "norm": g.norm}
         return step
 
@@ -306,13 +364,18 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
 
     tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
     tags["gkd_variant"] = g.variant
+    ablation = "" if g.ablation == "none" else f"{g.ablation}-"
+    if ablation:
+        tags["gkd_ablation"] = g.ablation  # a row of its own in reports, beside the full method
     description = (f" With GKD's channel x time attention module ({g.variant}) and a CVAE, trained in two passes per "
                    f"epoch (CVAE, then network; regeneration weight ramped over {g.ramp:g} of the epochs)"
-                   + (f"; distilled with {name} (beta {g.beta:g})." if teacher is not None else ", no teacher."))
+                   + (f"; distilled with {name} (beta {g.beta:g})" if teacher is not None else ", no teacher")
+                   + (f"; ablation {g.ablation} (that term's weight is 0)." if ablation else "."))
     return Objective(
         name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
         # ad_loss is no soft term: it falls even when the student learns nothing (the accuracy rule judges gkd)
         soft_term="kd_loss" if name == "gkd+kd-logit" else None,
         # gkd and gkd+logit runs of one pair are told apart by name, as by pair_key
-        name_prefix={"gkd": "gkd-", "gkd+kd-logit": "gkd+logit-"}.get(name, "att-"), description=description, logged_state=logged_state,
+        name_prefix={"gkd": "gkd-", "gkd+kd-logit": "gkd+logit-"}.get(name, "att-") + ablation, description=description,
+        logged_state=logged_state,
     )

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
 # The plateau threshold acts only under the plateau schedule: runs on another schedule keep their identity.
 HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False, "clip.normalize": "half",
-                "optim.plateau_threshold": 1e-4}
+                "optim.plateau_threshold": 1e-4, "model.keep_time": 0}
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:

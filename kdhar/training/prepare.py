@@ -161,7 +161,7 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
     view = TrainingView.build(objective, cfg, splits)
     train_loader, eval_loaders, val_loader = _loaders(cfg, objective, splits, view, dev, ddp)
     model = build_model(cfg.model.arch, len(splits.classes), width=cfg.model.width, dropout=cfg.model.dropout,
-                        modality=cfg.model.modality)
+                        modality=cfg.model.modality, keep_time=cfg.model.keep_time)
     step = objective.make_step(model, len(view.train)).to(dev)  # moves a step's frozen teacher too
     model = step.model  # the network as trained and logged (a step may wrap the plain one with its own parts)
     if init_state is not None:  # after the wrapping, so the wrapper's own weights load too

@@ -164,7 +164,7 @@ def default_study_name(cfg: RunConfig, teacher: str, fingerprint: str) -> str:
         method = "scratch" if cfg.gkd.method == "logit" else "attention"
         return (f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}{method}-{cfg.model.arch}-{cfg.data.dataset}-"
                 f"{fingerprint[:8]}")
-    method = {"logit": "kd", "gkd": "gkd", "gkd+logit": "gkd-logit"}[cfg.gkd.method]
+    method = {"logit": "kd", "feature": "feature-kd", "gkd": "gkd", "gkd+logit": "gkd-logit"}[cfg.gkd.method]
     return (f"{'pcl-' if cfg.pcl.ssl == 'pcl' else ''}{method}-{cfg.model.arch}-{slug(teacher)}-"
             f"{cfg.data.dataset}-{fingerprint[:8]}")
 

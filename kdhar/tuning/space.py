@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from kdhar.config import RunConfig
+from kdhar.config import GKD_METHODS, RunConfig
 
 
 OBJECTIVE = "val_video_top1"  # per-epoch metric logged by kdhar.train for the held-out groups
@@ -78,14 +78,14 @@ class SearchSpace:
     @classmethod
     def default(cls, weighting: str = "mix", method: str = "logit", scratch: bool = False) -> SearchSpace:
         """The default ranges for a KD weighting (alpha under "mix" and "balanced", lam under "sum")
-        and `--kd` method: GKD's beta and ramp for gkd and gkd+logit, no logit-KD knob for gkd alone;
-        lr alone for a run without a teacher (`scratch`)."""
+        and `--kd` method: GKD's beta and ramp for gkd and gkd+logit, no logit-KD knob for gkd or
+        feature KD alone; lr alone for a run without a teacher (`scratch`)."""
         if scratch:
             return cls(tau=None, alpha=None)
         space = cls(alpha=None, lam=ParamRange(0.1, 2.0)) if weighting == "sum" else cls()
-        if method != "logit":
+        if method in GKD_METHODS:
             space = dataclasses.replace(space, beta=ParamRange(0.01, 1.0, log=True), ramp=ParamRange(0.05, 1.0))
-        if method == "gkd":
+        if method in ("gkd", "feature"):
             space = dataclasses.replace(space, tau=None, alpha=None, lam=None)
         return space
 
@@ -117,7 +117,7 @@ class SearchSpace:
             if scratch and name != "lr":
                 raise ValueError(f"search space part '{part}': {name} does not act without a teacher "
                                  "(--teacher none tunes the lr of scratch runs)")
-            if (name in GKD_KNOBS and method == "logit") or (name in LOGIT_KNOBS and method == "gkd"):
+            if (name in GKD_KNOBS and method not in GKD_METHODS) or (name in LOGIT_KNOBS and method in ("gkd", "feature")):
                 raise ValueError(f"search space part '{part}': {name} does not act under --kd {method}")
             seen.add(name)
             value = None if rng.strip() == "none" else _parse_range(name, rng.strip(), part)

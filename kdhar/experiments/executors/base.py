@@ -72,7 +72,9 @@ def run_cell(
         from kdhar.distill import distill
 
         res = distill(cell.cfg, teacher=teacher_uri or "none", experiment=experiment, device=device, extra_tags=tags,
-                      cache_teacher=cache_teacher and cell.teacher != "none" and not cell.cfg.gkd.attention,
+                      # the logit cache holds logits, which only logit KD reads
+                      cache_teacher=cache_teacher and cell.teacher != "none" and cell.cfg.gkd.method == "logit"
+                      and not cell.cfg.gkd.attention,
                       progress=progress, resume=resume)
     else:
         from kdhar.finetune import finetune
