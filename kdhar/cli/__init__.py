@@ -15,7 +15,7 @@ import click
 
 from kdhar.cli import bench, data, evaluate, grid, runs, train, tune
 from kdhar.cli.data import ensure_data
-from kdhar.cli.errors import UserError, is_user_error
+from kdhar.cli.errors import UserError, is_user_error, operational_error
 from kdhar.cli.options import (
     BOOL,
     DEFAULT_HMDB_ROOT,
@@ -90,8 +90,12 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        if os.environ.get("KDHAR_DEBUG") or not is_user_error(exc):
+        if os.environ.get("KDHAR_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message, code = operational_error(exc), 1  # a killed worker
+        if message is None and is_user_error(exc):
+            message, code = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 2
+        if message is None:
+            raise
         click.echo(f"Error: {message}", err=True)  # the same form as click's own usage errors
-        sys.exit(2)
+        sys.exit(code)

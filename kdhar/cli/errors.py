@@ -22,3 +22,13 @@ def is_user_error(exc: BaseException) -> bool:
     if is_bad_reference(exc):
         return True
     return isinstance(exc, (ValueError, FileNotFoundError, MissingVideosError, VideoError, TrackingError, CheckpointError))
+
+
+def operational_error(exc: BaseException) -> str | None:
+    """The one line for something that happened to the command rather than a bug or a mistake in its
+    input (a worker killed outright), shown with exit code 1; None for anything else."""
+    from kdhar.experiments.executors.base import WorkerDied
+
+    if isinstance(exc, WorkerDied):
+        return str(exc).strip().splitlines()[0]
+    return None
