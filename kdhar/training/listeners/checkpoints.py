@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kdhar import distributed
-from kdhar.checkpoint import save_checkpoint
+from kdhar.checkpoint import CheckpointDiskFull, save_checkpoint
 from kdhar.engine import rng_state
 from kdhar.training.loop import Epoch, Listener, RunState
 from kdhar.training.resume import stored_config
@@ -58,7 +58,12 @@ def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]
     save_checkpoint(path, state)
     if _new_best(history, BEST_METRIC):
         best = {k: state[k] for k in ("model", "epoch", "run_id", "classes", "arch", "config")}
-        save_checkpoint(path.with_name("best.pt"), {**best, BEST_METRIC: history[-1][BEST_METRIC]})
+        try:
+            save_checkpoint(path.with_name("best.pt"), {**best, BEST_METRIC: history[-1][BEST_METRIC]})
+        except CheckpointDiskFull as exc:
+            # best.pt holds no optimiser state; the run continues from the last.pt just written.
+            raise CheckpointDiskFull(f"disk full at {path.parent}: best.pt not written, {path.name} of epoch "
+                                     f"{state['epoch']} is intact; free space and resume with --resume {path}") from exc
     if elastic_dir is not None:
         distributed.record_checkpoint(elastic_dir, path)
 
