@@ -64,6 +64,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[teacher")]
 
 
+@pytest.mark.slow
 def test_disk_filling_up_under_the_default_store_is_one_line_and_no_run_stays_running_unnamed(tiny_ucf, tmp_path,
                                                                                              monkeypatch):
     # The default ./mlflow.db, the checkpoints and the artifacts on one disk that fills up after the
@@ -107,6 +108,7 @@ def test_disk_filling_up_under_the_default_store_is_one_line_and_no_run_stays_ru
             assert client.get_run(run_id).info.status == "FAILED" and f"run {run_id} ended FAILED" in lines[0]
 
 
+@pytest.mark.slow
 def test_disk_full_while_logging_the_model_is_one_line_and_the_run_ends_failed(tiny_ucf, tmp_path):
     # The logged model goes to a disk with no room for it (the store and the run's other files have
     # room): three chained tracebacks, and MLflow's own attempt to mark the model FAILED failed too.

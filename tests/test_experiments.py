@@ -464,6 +464,7 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
     assert students("KILLED") == students("RUNNING") == students("FAILED") == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_worker_killed_outright_is_one_line_naming_its_cell_and_its_run_is_ended(store):
     """A pool worker SIGKILLed mid-cell (as the out-of-memory killer does) broke the pool: the grid
