@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pickle
 import re
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 
+from kdhar.disk import DiskFullError, disk_full
+
 
 # A checkpoint is written to ".<name>.<random>.tmp" beside it, then renamed over it.
 TEMP_SUFFIX = ".tmp"
@@ -24,6 +25,10 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
+
+
+class CheckpointDiskFull(CheckpointError, DiskFullError):
+    """The disk filled up while a checkpoint was written; the previous one is intact."""
 
 
 @contextlib.contextmanager
@@ -43,16 +48,6 @@ def _signals_deferred(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
             signal.signal(s, handler)
         for s in received:
             signal.raise_signal(s)
-
-
-def _disk_full(exc: BaseException | None) -> bool:
-    """Whether `exc` or an exception it was raised from is "no space left on device" (torch.save
-    reports it as a RuntimeError whose context is the OSError)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -91,10 +86,10 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if _disk_full(exc):
+        if disk_full(exc):  # torch.save reports it as a RuntimeError whose context is the OSError
             then = (f"the previous one ({path}) is intact; free space and resume with --resume {path}"
                     if path.exists() else "there was no earlier one; free space and run again")
-            raise CheckpointError(f"disk full at {path.parent}: checkpoint not written, {then}") from exc
+            raise CheckpointDiskFull(f"disk full at {path.parent}: checkpoint not written, {then}") from exc
         raise
     # Persist the rename itself, so a power cut cannot bring back the old directory entry.
     dir_fd = os.open(path.parent, os.O_RDONLY)

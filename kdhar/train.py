@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 
+from kdhar.checkpoint import load_checkpoint
 from kdhar.config import RunConfig
+from kdhar.disk import DiskFullError
 from kdhar.objectives import Objective, Teacher
 from kdhar.training.identity import (HASH_NEUTRAL, config_hash, default_run_name, describe_run, open_tracker,
                                      registered_name)
@@ -89,6 +91,19 @@ def run_training(
     prep = prepare(cfg, role=role, objective=objective, init_state=init_state, init=init, resume=resume,
                    allow_config_change=allow_config_change, workdir=workdir, device=device, progress=progress)
     listeners = listeners_for(prep, workdir=workdir, register=register, epoch_callback=epoch_callback)
-    run = EpochLoop(prep, listeners).run(open_tracker(prep, experiment, run_name, parent_run_id, tags))
+    tracker = open_tracker(prep, experiment, run_name, parent_run_id, tags)
+    try:
+        run = EpochLoop(prep, listeners).run(tracker)
+    except DiskFullError as exc:
+        raise with_resume_hint(exc, Path(workdir) / "checkpoints" / tracker.run_id / "last.pt") from exc.__cause__
     return RunResult(run_id=run.run_id, final=run.final, history=run.history, stopped=run.stopped,
                      model_uri=run.model_uri)
+
+
+def with_resume_hint(exc: DiskFullError, checkpoint: Path) -> DiskFullError:
+    """A full disk's line, plus the checkpoint the run continues from once space is freed (the
+    tracker that ended the run does not know it); unchanged when it names one already or none exists."""
+    if "--resume" in str(exc) or not checkpoint.is_file():
+        return exc
+    epoch = load_checkpoint(checkpoint)["epoch"]
+    return type(exc)(f"{str(exc).rstrip('.')}; to continue it from epoch {epoch}, add --resume {checkpoint}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -532,6 +533,52 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
     for run_id in reached:  # every epoch trained once: resumed where the checkpoint was, not from 0
         assert sorted({step for step, _ in tracking.metric_history(run_id, "train_loss")}) == list(range(1, 301))
     assert students("KILLED") == students("RUNNING") == students("FAILED") == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_outright_is_one_line_naming_its_cell_and_its_run_is_ended(store):
+    """A pool worker SIGKILLed mid-cell (as the out-of-memory killer does) broke the pool: the grid
+    died with BrokenProcessPool's traceback and the cell's run stayed RUNNING. Now one line names the
+    cell and its run, which is ended KILLED and resumes from its checkpoint on the next grid run."""
+    from kdhar import tracking
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.experiments import interrupted_run
+
+    exp = "worker-killed"
+    spec = write_spec(store, "w.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=False,
+                      overrides={**TINY, "epochs": 300})
+
+    def training_worker():
+        # The teacher's run and the pid of the worker training it, once its first checkpoint is written.
+        for run in tracking.find_runs(exp, "tags.role = 'teacher' and attributes.status = 'RUNNING'"):
+            path = store / "runs" / "checkpoints" / run["run_id"] / "last.pt"
+            try:
+                if path.exists() and load_checkpoint(path)["epoch"] >= 1:
+                    return run["run_id"], int(run["tags"]["pid"])
+            except Exception:  # noqa: BLE001 - being written; look again
+                pass
+        return None
+
+    proc = subprocess.Popen([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--workers", "2"],
+                            cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id, worker = _wait_for(training_worker, 180, "the teacher's worker to write a checkpoint")
+        assert worker != proc.pid and _alive(worker)
+        os.kill(worker, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("Error: a grid worker process was killed"), err
+    assert f"while training teacher tiny3d (run {run_id})" in lines[-1] and "ended KILLED" in lines[-1]
+    assert "run the same `kdhar experiment run` again to resume" in lines[-1]
+    assert tracking.run_status(run_id) == "KILLED"
+    assert tracking.find_runs(exp, "attributes.status = 'RUNNING'") == []  # no claim or run left behind
+    (teacher,) = [c for c in plan(load_spec(spec)) if c.role == "teacher"]
+    key = cell_hash(teacher)
+    assert interrupted_run(exp, teacher, key, log=lambda _: None) == f"runs/checkpoints/{run_id}/last.pt"
 
 
 def test_report_on_missing_or_empty_experiment(store):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kdhar import tracking
-from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.config import ClipConfig, DataConfig, GKDConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
 from kdhar.tuning import (
     ParamRange,
     SearchSpace,
@@ -442,6 +442,31 @@ def test_tuned_refuses_a_study_that_measured_another_cell(tiny_data, workdir, ch
     with pytest.raises(SpecError, match=message) as err:
         tuned_plan(spec, "grid.yaml")
     assert "\n" not in str(err.value) and str(err.value).startswith("grid.yaml: tuned.")
+
+
+def test_a_gkd_study_refuses_a_teacher_without_its_attention_module_before_any_trial(tiny_data, workdir, monkeypatch):
+    # The teacher was checked only inside the first trial: Optuna printed the trial's traceback, and
+    # the study, its parent run and a failed trial run were left behind.
+    cfg = dataclasses.replace(tiny_config(tiny_data["root"]), gkd=GKDConfig(method="gkd", attention=True))
+    kw = dict(n_trials=1, study_name="gkd", experiment=EXPERIMENT, seed=0, cache_teacher=False, device="cpu",
+              storage=None, pruner="none")
+    checkpoint = tiny_data["teacher"]
+    run_id = checkpoint.parent.name
+    # A checkpoint file whose run lives in another tracking store: GKD's parts are not here.
+    with pytest.raises(ValueError) as refused:
+        tune(cfg, teacher=str(checkpoint), **kw)
+    line = str(refused.value)
+    assert f"teacher {checkpoint}: its run {run_id} is not in the tracking store sqlite:///{workdir}" in line
+    assert "set MLFLOW_TRACKING_URI to the store it was trained in" in line
+    assert "`kdhar train-teacher --arch tiny3d --attention`" in line and "\n" not in line
+    assert tracking.find_runs(EXPERIMENT) == [] and not (workdir / "optuna.db").exists()
+
+    # In its own store the run is found, but it was trained without the attention module.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{checkpoint.parents[3] / 'teacher-mlflow.db'}")
+    with pytest.raises(ValueError, match=rf"teacher runs:/{run_id} has no GKD attention module and CVAE: train one "
+                                         r"with `kdhar train-teacher --arch tiny3d --attention`"):
+        tune(cfg, teacher=f"runs:/{run_id}", **kw)
+    assert tracking.find_runs(EXPERIMENT) == [] and not (workdir / "optuna.db").exists()
 
 
 # ---------------------------------------------------------------------------- several workers

@@ -259,11 +259,21 @@ def load_gkd_teacher(teacher: Teacher) -> tuple[nn.Module, nn.Module]:
     from kdhar import tracking
     from kdhar.objectives.gkd import load_gkd_state
 
-    hint = (f"teacher {teacher.uri} has no GKD attention module and CVAE: train one with `kdhar train-teacher "
-            f"--arch {teacher.arch or 'ARCH'} --attention` (add --init {teacher.uri} to continue from this teacher)")
+    train = f"`kdhar train-teacher --arch {teacher.arch or 'ARCH'} --attention`"
+    hint = (f"teacher {teacher.uri} has no GKD attention module and CVAE: train one with {train} (add --init "
+            f"{teacher.uri} to continue from this teacher)")
     if not teacher.run_id:
         raise ValueError(hint)
-    state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    try:
+        state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    except Exception as exc:
+        if not tracking.is_bad_reference(exc):
+            raise
+        # A checkpoint file travels without its run: the attention module and CVAE stay in the store it was trained in.
+        raise ValueError(
+            f"teacher {teacher.uri}: its run {teacher.run_id} is not in the tracking store "
+            f"{tracking.mask_uri(tracking.tracking_uri())}, which is where GKD finds the teacher's attention module and "
+            f"CVAE; set MLFLOW_TRACKING_URI to the store it was trained in, or train one here with {train}") from None
     if state is None:
         raise ValueError(hint)
     return load_gkd_state(state)

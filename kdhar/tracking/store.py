@@ -125,6 +125,15 @@ def _open_sqlite_store(uri: str, path: Path) -> None:
     _OPENED.add(uri)
 
 
+def full_disk_at(error: BaseException) -> str:
+    """Where a full disk refused a write: the file an OSError names, else the SQLite store's file
+    (SQLite's "database or disk is full" names none), else the store's URI."""
+    from kdhar.disk import full_path
+
+    uri = tracking_uri()
+    return full_path(error) or (uri.split(":///", 1)[1] if uri.startswith("sqlite:///") else mask_uri(uri))
+
+
 def mask_uri(uri: str) -> str:
     """The URI with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)

@@ -137,14 +137,18 @@ def _checked_space(space: SearchSpace, scratch: bool) -> SearchSpace:
 
 
 def _checked_splits(cfg: RunConfig, teacher: str, device: str | None) -> Splits:
-    """The run's splits, once a validation split and (unless "none") the teacher are known to exist.
+    """The run's splits, once a validation split exists and the teacher is one every trial can learn
+    from: the checks `distill` makes before training (class set, clip size, and for GKD the teacher's
+    attention module and CVAE) are made here once, so a teacher no trial could use is refused in one
+    line before the study opens, not by a failed first trial.
 
     Raises:
-        ValueError: no validation fraction or groups (the test split is never tuned on), or a
-            teacher that cannot be resolved.
+        ValueError: no validation fraction or groups (the test split is never tuned on), or a teacher
+            (unless "none") the student cannot learn from.
     """
-    from kdhar.distill import resolve_teacher
-    from kdhar.train import load_splits
+    from kdhar.distill import check_teacher_clips, resolve_teacher
+    from kdhar.objectives import build_objective
+    from kdhar.train import check_same_classes, load_splits
 
     if cfg.data.val_fraction <= 0:
         raise ValueError("tuning needs a validation split: set data.val_fraction above 0 (the test split is never tuned on)")
@@ -152,7 +156,10 @@ def _checked_splits(cfg: RunConfig, teacher: str, device: str | None) -> Splits:
     if splits.val is None:
         raise ValueError(f"the dataset at {cfg.data.root} leaves no validation groups; tuning needs some (raise val_fraction)")
     if teacher.lower() != "none":
-        resolve_teacher(teacher, splits.fingerprint, device or "cpu", attention=cfg.gkd.attention)
+        resolved = resolve_teacher(teacher, splits.fingerprint, device or "cpu", attention=cfg.gkd.attention)
+        check_same_classes(f"teacher {resolved.uri}", resolved.classes, splits.classes)
+        check_teacher_clips(resolved, cfg)
+        build_objective(cfg, resolved)  # GKD: loads the teacher's attention module and CVAE, or says how to train them
     return splits
 
 

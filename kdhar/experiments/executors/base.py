@@ -12,6 +12,11 @@ from typing import Protocol
 from kdhar.experiments.plan import Cell
 
 
+class WorkerDied(RuntimeError):
+    """A process training cells died without a word (SIGKILL, the out-of-memory killer): the message
+    names its cells, says how their runs were ended and how to resume them."""
+
+
 @dataclass(frozen=True)
 class CellJob:
     """A claimed cell to train: `run_cell`'s arguments, less whether it shows progress bars (the
