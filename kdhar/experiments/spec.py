@@ -141,6 +141,7 @@ class _SpecReader:
             ssl=str(ssl),
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
+            task=self.task(ssl, kd_methods, finetune),
         )
 
     def check_combination(self, spec: GridSpec) -> None:
@@ -216,6 +217,23 @@ class _SpecReader:
         if ssl != "none" and any(m != "logit" for m in methods):
             raise self.fail("kd: GKD trains on single clips; it does not combine with ssl: pcl")
         return methods
+
+    def task(self, ssl: str, kd_methods: list[str], finetune: bool) -> str:
+        task = self.raw.get("task", "recognition")
+        if task not in C.TASKS:
+            raise self.fail(f"task: {task!r} must be one of {', '.join(C.TASKS)}")
+        if task != "detection":
+            return task
+        dataset = (self.raw.get("dataset") or {}).get("name") if isinstance(self.raw.get("dataset"), dict) else None
+        if dataset != "thumos14":
+            raise self.fail(f"task: detection trains on untrimmed videos: give dataset {{name: thumos14, root: ...}}, "
+                            f"not {dataset!r}")
+        if ssl != "none" or finetune or self.raw.get("cache_teacher"):
+            raise self.fail("task: detection takes none of ssl, finetune and cache_teacher")
+        if "gkd+logit" in kd_methods:
+            raise self.fail("task: detection distils with kd: [logit, gkd] (logit: per-step scores); "
+                            "gkd+logit is recognition's")
+        return task
 
     def finetune(self) -> bool:
         finetune = self.flag("finetune")
