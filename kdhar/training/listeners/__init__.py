@@ -29,10 +29,10 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
         *([ObjectiveValidation()] if main and prep.val_loader is not None else []),
         *([ShareMetrics()] if prep.ddp is not None else []),
         *([PlateauSchedule(prep.optimisers.plateau, objective.plateau_metric)] if prep.optimisers.plateau else []),
-        StageAccuracy(prep.cfg.optim.epochs),
+        StageAccuracy(prep.cfg.optim.epochs, prep.evaluation.headline, prep.evaluation.stage_prefix),
         *([ProgressPrinter()] if prep.progress else []),
         MetricLogger(),
-        *([Checkpointer(workdir)] if main else []),
+        *([Checkpointer(workdir, f"val_{prep.evaluation.headline}")] if main else []),
         *([EpochCallback(epoch_callback)] if epoch_callback is not None else []),
     ]
     outcome = [

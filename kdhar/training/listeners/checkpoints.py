@@ -27,8 +27,8 @@ def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Checkpointer(Listener):
     """Saves what a resume needs after every epoch under <workdir>/checkpoints/<run id>/; rank 0 only."""
 
-    def __init__(self, workdir: str | Path) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: str | Path, best_metric: str = BEST_METRIC) -> None:
+        self.workdir, self.best_metric = workdir, best_metric
         self.path: Path | None = None
 
     def on_run_start(self, run: RunState) -> None:
@@ -48,17 +48,19 @@ class Checkpointer(Listener):
             "arch": prep.cfg.model.arch,
             "config": stored_config(prep.cfg, prep.objective.teacher is not None),
         }
-        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None)
+        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None, self.best_metric)
 
 
-def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None) -> None:
-    """The epoch's checkpoint (`last.pt`), `best.pt` when the validation accuracy reached a new best
-    (weights only, loadable as a --teacher or --init checkpoint; the logged model is the last
-    epoch's), and for a torchrun job the record its restart resumes from."""
+def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None,
+               metric: str = BEST_METRIC) -> None:
+    """The epoch's checkpoint (`last.pt`), `best.pt` when the validation score (`metric`: the video
+    accuracy, or a detector's mAP) reached a new best (weights only, loadable as a --teacher or
+    --init checkpoint; the logged model is the last epoch's), and for a torchrun job the record its
+    restart resumes from."""
     save_checkpoint(path, state)
-    if _new_best(history, BEST_METRIC):
+    if _new_best(history, metric):
         best = {k: state[k] for k in ("model", "epoch", "run_id", "classes", "arch", "config")}
-        save_checkpoint(path.with_name("best.pt"), {**best, BEST_METRIC: history[-1][BEST_METRIC]})
+        save_checkpoint(path.with_name("best.pt"), {**best, metric: history[-1][metric]})
     if elastic_dir is not None:
         distributed.record_checkpoint(elastic_dir, path)
 
