@@ -82,9 +82,10 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
 def resolve_detection_teacher(spec: str, dataset_fingerprint: str, device: torch.device | str = "cpu",
                               attention: bool = False) -> Teacher | None:
     """A detection run's `teacher` parameter as a frozen detector: `none`, an architecture name (the
-    champion of its detection teachers for this dataset, among those with GKD's attention module when
-    `attention`), or a `models:/` / `runs:/` URI of a detection run. The detector is rebuilt from the
-    state its run logged (`DETECTOR_STATE`), so a student can reach its taps."""
+    champion of its detection teachers for this dataset: among those with GKD's attention module when
+    `attention`, else a plain one, or failing that one with attention), or a `models:/` / `runs:/` URI
+    of a detection run. The detector is rebuilt from the state its run logged (`DETECTOR_STATE`), so
+    a student can reach its taps."""
     from kdhar.objectives.detection_factory import DETECTOR_STATE
     from kdhar.objectives.detection_gkd import load_detector_state
     from kdhar.training.identity import registered_name
@@ -93,8 +94,9 @@ def resolve_detection_teacher(spec: str, dataset_fingerprint: str, device: torch
         return None
     command = f"kdhar detect train-teacher --arch {spec}{' --attention true' if attention else ''}"
     if spec in MODELS:
-        uri = tracking.champion_uri(registered_name("teacher", "det-attention" if attention else "det-scratch", spec),
-                                    dataset_fingerprint)
+        kinds = ("det-attention",) if attention else ("det-scratch", "det-attention")
+        uri = next((u for u in (tracking.champion_uri(registered_name("teacher", kind, spec), dataset_fingerprint)
+                                for kind in kinds) if u is not None), None)
         if uri is None:
             what = "detection teacher with GKD's attention module" if attention else "detection teacher"
             raise ValueError(f"no trained {spec} {what} found for this dataset (fingerprint {dataset_fingerprint}); "

@@ -58,6 +58,8 @@ def timelines_figure(videos: list[dict], classes: list[str]) -> Figure:
             "predicted" [(label, start, end, score)].
         classes: class names by label.
     """
+    from matplotlib.patches import Patch
+
     colours = plt.get_cmap("tab20")
     fig, axes = plt.subplots(len(videos), 1, figsize=(10, 1.3 * len(videos) + 0.8), squeeze=False)
     shown: set[int] = set()
@@ -65,19 +67,15 @@ def timelines_figure(videos: list[dict], classes: list[str]) -> Figure:
         for lane, rows in ((0, [(*r, 1.0) for r in video["truth"]]), (1, video["predicted"])):
             for label, start, end, score in rows:
                 ax.broken_barh([(start, end - start)], (lane + 0.1, 0.8), color=colours(int(label) % 20),
-                               alpha=max(0.15, float(score)), label=classes[int(label)] if int(label) not in shown else None)
+                               alpha=max(0.15, float(score)))
                 shown.add(int(label))
         ax.set_xlim(0, video["duration"])
         ax.set_ylim(0, 2)
         ax.set_yticks([0.5, 1.5], ["true", "predicted"])
         ax.set_title(video["name"], fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("seconds")
-    handles, labels = [], []
-    for ax in axes[:, 0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.append(h)
-            labels.append(lab)
+    handles = [Patch(color=colours(k % 20), label=classes[k]) for k in sorted(shown)]
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=min(4, len(handles)))
+        fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(4, len(handles)))
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return fig
