@@ -47,6 +47,8 @@ def evaluate_model(
     dev = pick_device(device)
     run_id = tracking.model_run_id(model_uri)
     trained = tracking.load_run_dict(run_id, "config.json")
+    if trained.get("task") == "detection":
+        raise ValueError(f"model {model_uri} is a temporal detector: score it with `kdhar detect evaluate --model {model_uri}`")
     cfg = trained_clip(cfg, trained, explicit)
     modality = trained.get("model.modality", "rgb")
     if cfg.model.modality != modality:

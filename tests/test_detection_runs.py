@@ -218,5 +218,7 @@ def test_detect_teacher_then_gkd_student_then_evaluate_through_the_cli(local_tra
     [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
     for key in ("map_avg", "gkd_map_avg", "ap_0.5_SitDown"):
         assert evaluation.data.metrics[f"test_{key}"] == pytest.approx(metrics[f"final_test_{key}"], abs=1e-9), key
+    with pytest.raises(ValueError, match="score it with `kdhar detect evaluate"):  # not a classifier
+        kdhar("evaluate", "--model", f"runs:/{student.info.run_id}", "--root", str(tiny_set), "--experiment", "det")
     report = build_report("det", Path(local_tracking.removeprefix("sqlite:///")).parent / "reports")
     assert "Detection: student tiny3d on thumos14" in report.text
