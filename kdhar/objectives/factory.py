@@ -1,7 +1,7 @@
 """One factory from method names to a built objective, so the training loop never learns a method.
 
-`build_objective` turns the run's configuration (`--ssl none|pcl`) and its teacher (or none) into an
-`Objective`: how to wrap the student into a step module, the data view it trains on (single clips,
+`build_objective` turns the run's configuration (`--ssl none|pcl`, or `task` "detection", whose
+objectives `detection_factory` builds) and its teacher (or none) into an `Objective`: how to wrap the student into a step module, the data view it trains on (single clips,
 or PCL's clip tuples), the knobs to log, the tags that say what the run is, and what each batch
 needs beyond the clip (cached teacher logits). Teacher handling, the logit cache and the views live
 here and in the step modules, not in `kdhar.train`.

@@ -24,7 +24,8 @@ class Objective:
             whose forward(x, y, **extra) returns {"loss", "output", ...named "*_loss" terms}, and
             optionally "target" (what "output" is scored against, default the labels) and
             "*_correct" counts (reported as "*_acc"); `num_train` is the training view's length.
-        view: "clip" (single clips, `VideoClipDataset`) or "tuple" (`make_data` builds it).
+        view: "clip" (single clips, `VideoClipDataset`), "tuple" (PCL) or "window" (windows of untrimmed
+            videos, detection); `make_data` builds the last two.
         make_data: `make_data(index, seed, cache_bytes)`, the training dataset of a non-clip view;
             it may have `too_short` (videos left out).
         make_validation: `make_validation(index, seed)`, a fixed set that `step.validate` scores
