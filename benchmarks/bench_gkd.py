@@ -44,7 +44,12 @@ FLOP ideal: FLOPs of each step's forward + backward as torch's FlopCounterMode c
 (convolutions and matrix products only: GroupNorm, interpolation and the elementwise losses are
 not counted, so GKD's ideal is a lower bound), as a ratio to scratch and to logit KD.
 
-    python benchmarks/bench_gkd.py --threads 1                      # CPU size (the CPU grid's C3D cell)
+Every row trains at GKD's recipe for the size (`recipe="gkd"`, as every cell of a GKD grid): at
+size cpu the trunks keep a time axis (keep_time 2: T' = 4 of the 8 frames for C3D and the
+ResNets), teacher and student see the same RGB frames. The last lines print the figure the grid's
+cost is planned with: a GKD step (both passes) over a logit-KD step, measured side by side.
+
+    python benchmarks/bench_gkd.py --threads 1                      # GKD's CPU preset (experiments/gkd-cpu.yaml's cell)
     python benchmarks/bench_gkd.py --threads 1 --json gkd_cost.json
     python benchmarks/bench_gkd.py --device cuda --width 64 --teacher-width 64 --clip-len 16 --crop 112 --batch 6
 """
@@ -74,7 +79,7 @@ from kdhar.experiments import DatasetSpec, build_run_config
 from kdhar.models import build_model
 from kdhar.objectives import build_objective
 from kdhar.objectives.factory import Teacher
-from kdhar.objectives.gkd import VARIANTS, GKDStep, build_gkd_net
+from kdhar.objectives.gkd import VARIANTS, GKDStep, build_gkd_net, feature_shape
 
 PASSES = GKDStep.passes  # ("cvae", "net"): the order an epoch runs them
 MMAP_THRESHOLD = 64 * 1024  # glibc's mmap threshold in the memory subprocesses (bytes)
@@ -84,10 +89,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--student", default="c3d")
-    p.add_argument("--width", type=int, default=4, help="student width (the CPU grid's C3D student: 4)")
+    p.add_argument("--width", type=int, default=8, help="student width (experiments/gkd-cpu.yaml's C3D student: 8)")
     p.add_argument("--teacher", default="c3d")
     p.add_argument("--teacher-width", type=int, default=8)
-    p.add_argument("--teacher-modality", default="res", help="the CPU grid's teachers see residual frames")
+    p.add_argument("--teacher-modality", default="rgb", help="GKD's teachers see the students' RGB frames")
+    p.add_argument("--keep-time", type=int, default=None,
+                   help="the trunks' last temporal downsamplings left out (default: GKD's recipe, 2 at size cpu)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--clip-len", type=int, default=8)
     p.add_argument("--crop", type=int, default=56)
@@ -135,11 +142,13 @@ class Built:
 
 
 def run_config(args: argparse.Namespace, variant: str | None = None):
-    """The run's configuration as `kdhar train` / the CPU grid builds it (size cpu), optionally with GKD."""
+    """The run's configuration as a GKD grid builds each cell (size cpu, GKD's recipe), optionally with GKD."""
     overrides = {"width": args.width, "batch_size": args.batch, "clip_len": args.clip_len, "crop": args.crop}
+    if args.keep_time is not None:
+        overrides["keep_time"] = args.keep_time
     if variant is not None:
         overrides.update(kd="gkd", gkd_variant=variant)
-    return build_run_config(args.student, size="cpu", overrides=overrides,
+    return build_run_config(args.student, size="cpu", overrides=overrides, recipe="gkd",
                             dataset=DatasetSpec("ucf101", "data/synthetic/ucf101"), fraction=1.0, seed=0)
 
 
@@ -156,9 +165,10 @@ def build(name: str, args: argparse.Namespace, device: torch.device, batch: dict
     cfg = run_config(args, variant if part else None)
     torch.manual_seed(0)
     student = build_model(cfg.model.arch, args.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
-                          modality=cfg.model.modality)
+                          modality=cfg.model.modality, keep_time=cfg.model.keep_time)
     torch.manual_seed(1)
-    teacher = build_model(args.teacher, args.num_classes, width=args.teacher_width, modality=args.teacher_modality)
+    teacher = build_model(args.teacher, args.num_classes, width=args.teacher_width, modality=args.teacher_modality,
+                          keep_time=cfg.model.keep_time)
     o = cfg.optim
 
     def sgd(params) -> torch.optim.Optimizer:
@@ -173,8 +183,8 @@ def build(name: str, args: argparse.Namespace, device: torch.device, batch: dict
         # As _gkd_objective's make_step with method "gkd"; the teacher, a GKD network with its CVAE
         # (what `train-teacher --attention` logs), is built from the plain teacher.
         g, clip = cfg.gkd, cfg.clip
-        t_net, t_cvae = build_gkd_net(teacher, clip.clip_len, clip.crop, g.variant, g.rescale)
-        net, cvae = build_gkd_net(student, clip.clip_len, clip.crop, g.variant, g.rescale)
+        t_net, t_cvae = build_gkd_net(teacher, clip.clip_len, clip.crop, g.variant, g.rescale, g.norm)
+        net, cvae = build_gkd_net(student, clip.clip_len, clip.crop, g.variant, g.rescale, g.norm)
         step = GKDStep(net, cvae, g, o.epochs, (clip.clip_len, clip.crop), t_net, t_cvae, kd=None).to(device)
         # run_training's optimisers: the configured SGD for "net", the pass's own for the others
         optimizers = {p: sgd(step.pass_parameters("net")) if p == "net" else step.pass_optimizer(p) for p in PASSES}
@@ -345,8 +355,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         })
 
     shape = (args.batch, 3, args.clip_len, args.crop, args.crop)
+    cfg = run_config(args)
+    t_prime = {name: feature_shape(build_model(arch, args.num_classes, width=w, keep_time=cfg.model.keep_time),
+                                   args.clip_len, args.crop)[1]
+               for name, arch, w in (("student", args.student, args.width), ("teacher", args.teacher, args.teacher_width))}
     print(f"device={device} threads={torch.get_num_threads()} batch={shape} student={args.student}@{args.width} "
-          f"teacher={args.teacher}@{args.teacher_width} ({args.teacher_modality}) repeats={args.repeats} "
+          f"teacher={args.teacher}@{args.teacher_width} ({args.teacher_modality}) keep_time={cfg.model.keep_time} "
+          f"(T' student {t_prime['student']}, teacher {t_prime['teacher']}) repeats={args.repeats} "
           f"(interleaved, medians); peak memory: {measure}, one process per row")
     head = (f"{'method':<15} | {'variant':<8} | {'ms/step':>8} | {'xscratch':>8} | {'xlogitKD':>8} | "
             f"{'peak MB':>8} | {'xscratch':>8} | {'xlogitKD':>8} | {'GFLOP':>7} | {'FLOP xscr':>9} | {'FLOP xKD':>8}")
@@ -358,9 +373,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
               f"{r['gflop']:7.3f} | {r['flop_x_scratch']:9.2f} | {r['flop_x_kd']:8.2f}")
     print("gkd = one CVAE-pass step + one net-pass step (an epoch is both passes over the data); its peak memory "
           "alternates both on one step. FLOP ideal counts convolutions and matrix products only.")
+    for v in args.variants:
+        r = rows[order.index(f"{v}/gkd")]
+        print(f"GKD step / logit-KD step ({v}): {r['time_x_kd']:.2f} (time, {r['ms_per_step']:.0f} vs "
+              f"{ms['kd']:.0f} ms), {r['flop_x_kd']:.2f} (FLOP ideal)")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json", "memory_probe")}
-        settings.update(threads=torch.get_num_threads(), memory_measure=measure, torch=torch.__version__)
+        settings.update(threads=torch.get_num_threads(), memory_measure=measure, torch=torch.__version__,
+                        keep_time=cfg.model.keep_time, t_prime=t_prime)
         Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return rows

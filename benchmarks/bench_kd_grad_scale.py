@@ -7,7 +7,8 @@ batch, the L2 norm of the gradient over the student's parameters of
 - CE alone and tau^2 * KL alone (the raw terms), and their ratio;
 - the weighted label part and the weighted soft part under "mix" (alpha 0.5) and "sum" (lam 1);
 - the whole loss's gradient under each weighting, over plain CE's (how much further a distilled
-  student steps at the same lr than its scratch twin).
+  student steps at the same lr than its scratch twin), "balanced" (alpha 0.5) included: it equalises
+  the two terms' gradients at the logits, and this shows what is left of that over the parameters.
 
 Printed per epoch as medians over the measured batches. Everything runs in --workdir (its own
 MLflow store); the videos are the synthetic set.
@@ -34,7 +35,7 @@ def grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Ten
 
 def measure(student, teacher, x, y, tau: float) -> dict[str, float]:
     """The gradient norms on one batch (see the module docstring)."""
-    from kdhar.objectives.kd import kd_term
+    from kdhar.objectives.kd import balance_scale, kd_term
 
     params = [p for p in student.parameters() if p.requires_grad]
     logits = student(x)
@@ -44,7 +45,9 @@ def measure(student, teacher, x, y, tau: float) -> dict[str, float]:
     g_ce, g_soft = grad_norm(ce, params), grad_norm(soft, params)
     g_mix = grad_norm(0.5 * ce + 0.5 * soft, params)
     g_sum = grad_norm(ce + soft, params)
+    g_bal = grad_norm(0.5 * ce + 0.5 * balance_scale(logits, t_logits, y, tau) * soft, params)
     return {"soft/ce": float(g_soft / g_ce), "mix/ce": float(g_mix / g_ce), "sum/ce": float(g_sum / g_ce),
+            "balanced/ce": float(g_bal / g_ce),
             "ce": float(g_ce), "soft": float(g_soft)}
 
 
@@ -93,7 +96,8 @@ def main() -> None:
     opt = torch.optim.SGD(student.parameters(), lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     print(f"student {args.student} width {cfg.model.width}, {len(splits.train.samples)} training videos, "
           f"tau {args.tau:g}; medians over one batch in {args.every}")
-    print(f"{'epoch':>5} {'|g soft| / |g CE|':>18} {'mix / CE':>9} {'sum / CE':>9} {'|g CE|':>8} {'batches':>8}")
+    print(f"{'epoch':>5} {'|g soft| / |g CE|':>18} {'mix / CE':>9} {'sum / CE':>9} {'balanced / CE':>14} {'|g CE|':>8} "
+          f"{'batches':>8}")
     for epoch in range(args.epochs + 1):
         data.set_epoch(epoch)
         rows = []
@@ -115,8 +119,8 @@ def main() -> None:
             opt.step()
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         label = "init" if epoch == 0 else str(epoch)
-        print(f"{label:>5} {med['soft/ce']:>18.2f} {med['mix/ce']:>9.2f} {med['sum/ce']:>9.2f} {med['ce']:>8.3f} "
-              f"{len(rows):>8}")
+        print(f"{label:>5} {med['soft/ce']:>18.2f} {med['mix/ce']:>9.2f} {med['sum/ce']:>9.2f} "
+              f"{med['balanced/ce']:>14.2f} {med['ce']:>8.3f} {len(rows):>8}")
 
 
 if __name__ == "__main__":

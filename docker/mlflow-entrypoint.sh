@@ -1,5 +1,5 @@
 #!/bin/sh
-# The compose `mlflow` service: refuses the example's or a short password, then starts
+# The compose `mlflow` service: refuses the example's or a weak password, then starts
 # `mlflow server` with basic-auth. The backend URI (with its password), the admin password and the
 # key that signs the sign-in forms' CSRF tokens reach MLflow through its environment
 # (MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY), never a
@@ -7,10 +7,26 @@
 # tests/test_team_stack.py can run this very script natively.
 set -eu
 
+# A weak secret: empty, the example's, shorter than 12 characters, fewer than 8 different characters
+# (aaaaaaaaaaaa, abcabcabcabc) or characters of one kind only (lowercase, uppercase, digits, others).
+# The same rule is in docker/postgres-init/20-optuna-worker.sh; tests/test_team_stack.py holds both to it.
+weak_secret() {
+    [ "$1" = "change-me" ] && return 0
+    [ "${#1}" -lt 12 ] && return 0
+    [ $(($(printf '%s' "$1" | fold -w1 | sort -u | wc -l))) -lt 8 ] && return 0
+    kinds=0
+    case "$1" in *[[:lower:]]*) kinds=$((kinds + 1)) ;; esac
+    case "$1" in *[[:upper:]]*) kinds=$((kinds + 1)) ;; esac
+    case "$1" in *[[:digit:]]*) kinds=$((kinds + 1)) ;; esac
+    case "$1" in *[![:alnum:]]*) kinds=$((kinds + 1)) ;; esac
+    [ "$kinds" -lt 2 ]
+}
+RULE="12 or more characters, 8 or more of them different, of at least two kinds (lowercase, uppercase, digits, others)"
+
 for name in POSTGRES_PASSWORD MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do
     eval "value=\${$name:-}"
-    if [ "$value" = "change-me" ] || [ "${#value}" -lt 12 ]; then
-        echo "mlflow: $name is empty, the example's 'change-me' or shorter than 12 characters: set a real one in .env" >&2
+    if weak_secret "$value"; then
+        echo "mlflow: $name is empty, the example's 'change-me' or weak: set one in .env with $RULE" >&2
         exit 64
     fi
 done

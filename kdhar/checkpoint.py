@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pickle
 import re
@@ -17,9 +16,19 @@ from typing import Any
 
 import torch
 
+from kdhar.disk import DiskFullError, disk_full
+
+
+# A checkpoint is written to ".<name>.<random>.tmp" beside it, then renamed over it.
+TEMP_SUFFIX = ".tmp"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
+
+
+class CheckpointDiskFull(CheckpointError, DiskFullError):
+    """The disk filled up while a checkpoint was written; the previous one is intact."""
 
 
 @contextlib.contextmanager
@@ -41,16 +50,6 @@ def _signals_deferred(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
             signal.raise_signal(s)
 
 
-def _disk_full(exc: BaseException | None) -> bool:
-    """Whether `exc` or an exception it was raised from is "no space left on device" (torch.save
-    reports it as a RuntimeError whose context is the OSError)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Writes `state` to `path` so that `path` always holds a complete checkpoint.
 
@@ -69,7 +68,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def _save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -87,10 +86,10 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if _disk_full(exc):
+        if disk_full(exc):  # torch.save reports it as a RuntimeError whose context is the OSError
             then = (f"the previous one ({path}) is intact; free space and resume with --resume {path}"
                     if path.exists() else "there was no earlier one; free space and run again")
-            raise CheckpointError(f"disk full at {path.parent}: checkpoint not written, {then}") from exc
+            raise CheckpointDiskFull(f"disk full at {path.parent}: checkpoint not written, {then}") from exc
         raise
     # Persist the rename itself, so a power cut cannot bring back the old directory entry.
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -98,6 +97,23 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_partial_writes(path: str | Path) -> list[Path]:
+    """Deletes the temporary files of `path` (".<name>.<random>.tmp" beside it) that writes killed
+    outright left behind (SIGKILL, out of memory, power loss), and returns them. Only the process
+    that owns `path` may call it (a run's own checkpoint): another process's write in progress
+    would lose its file.
+
+    Nothing ever reads such a file, so one left behind is harmless; it only holds disk space.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    partial = sorted(p for p in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}") if p.is_file())
+    for p in partial:
+        p.unlink(missing_ok=True)
+    return partial
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

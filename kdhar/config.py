@@ -24,6 +24,8 @@ class ClipConfig:
     crop: int = 112  # square crop fed to the network
     augment: bool = True  # the paper's colour jitter/grayscale/blur/flip on training clips
     hflip: bool = True  # part of the paper's augmentation; wrong when classes are mirror images
+    # half: (x - 0.5) / 0.5 per channel; imagenet: ImageNet's mean and std, as PCL's code (its runs' default)
+    normalize: str = "half"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class DataConfig:
 
     dataset: str = "ucf101"  # ucf101 | hmdb51 | folder
     root: str = "data/synthetic/ucf101"  # embedded default: written by `kdhar data synth`
-    split: int = 1  # official splits 1-3
+    split: int = 1  # official splits 1-3 (SPLITS)
     split_dir: str = ""  # folder of the split files when not in root (or, for UCF101, beside it)
     fraction: float = 1.0  # class-balanced share of the training videos (paper: 1, .5, .25, .02)
     val_fraction: float = 0.1  # share of training groups held out for validation/tuning
@@ -99,9 +101,14 @@ class ModelConfig:
     # "rgb", or "res": residual frames (x[t-1] - x[t]), the input of PCL and of the KD paper's
     # students; computed inside the model, so a logged model carries it.
     modality: str = "rgb"
+    # The trunk's last temporal downsamplings left out (kdhar.models.temporal), so its last feature
+    # keeps a time axis: at 8 frames, 2 keeps T' = 4 in C3D and the ResNets (T' = 1 as published).
+    keep_time: int = 0
 
 
+SPLITS = (1, 2, 3)  # the official train/test splits of UCF101 and HMDB51; folder datasets cut three too
 MODALITIES = ("rgb", "res")  # what ModelConfig.modality may be; kdhar.models computes "res"
+NORMALIZE = ("half", "imagenet")  # what ClipConfig.normalize may be; kdhar.data.transforms holds the values
 
 
 @dataclass(frozen=True)
@@ -127,9 +134,12 @@ class OptimConfig:
     # Under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm, CUDA only)
     # rather than each process's share of it.
     sync_bn: bool = False
+    # schedule "plateau": a new minimum must beat the best by this share (ReduceLROnPlateau's default
+    # relative threshold, which PCL's code keeps); 0 counts any decrease.
+    plateau_threshold: float = 1e-4
 
 
-KD_WEIGHTINGS = ("mix", "sum")
+KD_WEIGHTINGS = ("mix", "sum", "balanced")
 
 
 @dataclass(frozen=True)
@@ -141,26 +151,33 @@ class KDConfig:
     2.3-2.4x after a few epochs (benchmarks/bench_kd_grad_scale.py), so under "mix" at alpha 0.5 the
     total gradient is 1.5-1.7x plain CE's and under "sum" about 3x, both at the CE-tuned lr. Under
     "sum" without warm-up that collapsed width-4 students on a 3-epoch cell (README).
+    "balanced": "mix" with the soft term rescaled, per batch, so that its gradient at the student's
+    logits is as large as CE's (`objectives.kd.balance_scale`, kept between 1/tau^2 and 1); at alpha
+    0.5 the step is then about plain CE's. Which weighting is the default is decided by measured runs,
+    not by this argument: `--kd-weighting sum --warmup 0` is the paper's recipe.
     """
 
     tau: float = 4.0  # the paper's temperature
-    weighting: str = "mix"  # mix | sum (see the class docstring)
-    alpha: float = 0.5  # weight of the soft term under "mix", in [0, 1]
+    weighting: str = "mix"  # mix | sum | balanced (see the class docstring)
+    alpha: float = 0.5  # weight of the soft term under "mix" and "balanced", in [0, 1]
     lam: float = 1.0  # weight of the soft term under "sum" (the paper's lambda)
 
     def method_params(self) -> dict[str, Any]:
         """Only the knobs that act under this weighting (what a run logs as kd.*)."""
-        weight = {"alpha": self.alpha} if self.weighting == "mix" else {"lam": self.lam}
+        weight = {"lam": self.lam} if self.weighting == "sum" else {"alpha": self.alpha}
         return {"tau": self.tau, "weighting": self.weighting, **weight}
 
 
 SSL_METHODS = ("none", "pcl")
+# The KD weighting of PCL runs unless one is given: the paper's Eq. 7, CE + lambda * KD (lambda 1).
+PCL_KD_WEIGHTING = "sum"
 CONTRASTS = ("nce", "ntxent")
 # PCL's choices. The data and model code that acts on them imports them from here, so checking a
 # configuration needs nothing above this module.
 STRIDES = ("upstream", "nominal")  # clip_stride: see kdhar.data.tuples.TupleLayout
 SPATIAL_PERMS = ("fixed", "random")  # spatial_perm: see kdhar.data.pretext
 SWAP_PAIRS = ("any", "adjacent")  # swap_pairs: see kdhar.data.pretext
+RETRIEVAL_POOLS = ("floor", "ceil")  # retrieval_pool: see kdhar.retrieval.clip_feature
 
 
 @dataclass(frozen=True)
@@ -182,19 +199,30 @@ class PCLConfig:
     negatives: int = 1024  # K, drawn with replacement from the bank
     temperature: float = 0.07
     momentum: float = 0.5  # memory-bank update
+    # Projector and contrastive logits in float32 under autocast, as upstream (trained in float32);
+    # false: bf16 on CUDA, whose logits near 1/0.07 = 14 come in steps of 1/16.
+    fp32_logits: bool = True
+    # Retrieval features: floor is upstream's MaxPool3d((1, 2, 2)) (9,216-d for R3D at 112x112);
+    # ceil keeps an odd last row and column (16,384-d there).
+    retrieval_pool: str = "floor"
 
     def method_params(self) -> dict[str, Any]:
         """The knobs that act (what a PCL run logs as pcl.*); none for a run without PCL."""
         if self.ssl == "none":
             return {}
         out = {k: getattr(self, k) for k in ("ssl", "interval", "clip_stride", "spatial_perm", "swap_pairs", "contrast",
-                                             "contrast_weight", "temperature")}
+                                             "contrast_weight", "temperature", "fp32_logits", "retrieval_pool")}
         if self.contrast == "nce":
             out.update(negatives=self.negatives, momentum=self.momentum)
         return out
 
 
-KD_METHODS = ("logit", "gkd", "gkd+logit")
+KD_METHODS = ("logit", "feature", "gkd", "gkd+logit")
+GKD_METHODS = ("gkd", "gkd+logit")  # the --kd choices that distil through GKD's attention module
+# GKD's ablations (`--gkd-ablation`): each turns one term of a distilled run off. "ad-only": no
+# generative distillation (GD) in the CVAE pass; "gd-only": no attention distillation (AD) in the
+# network pass; "no-rec": no regeneration loss in the network pass (the CVAE then shapes nothing).
+GKD_ABLATIONS = ("none", "ad-only", "gd-only", "no-rec")
 GKD_VARIANTS = ("faithful", "light")
 GKD_NORMS = ("values", "channels")
 GKD_CE = ("mean", "sum-softmax")
@@ -205,8 +233,9 @@ GKD_RESCALES = ("sample", "batch")
 class GKDConfig:
     """Generative feature distillation (GKD, AAAI-24; ../shared/methods/gkd.md) and its attention module.
 
-    `method` is the `--kd` choice: "logit" (Hinton KD on the logits), "gkd" (attention and generative
-    distillation) or "gkd+logit" (both). `attention` gives the network the channel x time attention
+    `method` is the `--kd` choice: "logit" (Hinton KD on the logits), "feature" (FitNets-style hint
+    loss on the last feature, `FeatureKDConfig`), "gkd" (attention and generative distillation) or
+    "gkd+logit" (both). `attention` gives the network the channel x time attention
     head (its classifier reads the attended feature) and a CVAE, trained in two passes per epoch (the
     CVAE, then the network): a GKD teacher (`train-teacher --attention`), every GKD student, and,
     without a teacher, the "scratch + attention module" baseline. The knobs only act (and are only
@@ -228,20 +257,41 @@ class GKDConfig:
     # GroupNorm groups: "values" keeps >= 16 values per group (the code's 32 groups at its I3D shape);
     # "channels" is gcd(C, 32), which at CPU widths and T' = 1 makes the attention a constant.
     norm: str = "values"
+    ablation: str = "none"  # one of GKD_ABLATIONS: a term turned off (see there)
 
     @property
     def distils(self) -> bool:
-        """Whether a run with a teacher distils features (gkd, gkd+logit), not only logits."""
-        return self.method != "logit"
+        """Whether a run with a teacher distils through the attention module (gkd, gkd+logit)."""
+        return self.method in GKD_METHODS
+
+    def weights(self) -> dict[str, float]:
+        """The weights a GKD step uses, {"beta", "gd_weight", "rec_weight"}, with the ablation's term at 0."""
+        off = {"ad-only": "gd_weight", "gd-only": "beta", "no-rec": "rec_weight"}.get(self.ablation)
+        return {k: 0.0 if k == off else float(getattr(self, k)) for k in ("beta", "gd_weight", "rec_weight")}
 
     def method_params(self, teacher: bool) -> dict[str, Any]:
         """The knobs that act (logged as gkd.*): none without the attention module."""
         if not self.attention:
             return {}
         out = {k: getattr(self, k) for k in ("variant", "ramp", "rec_weight", "cvae_lr", "ce", "rescale", "norm")}
+        if self.ablation != "none":  # logged only when set, so runs without one keep their identity
+            out["ablation"] = self.ablation
         if teacher and self.distils:
             out.update(method=self.method, beta=self.beta, gd_weight=self.gd_weight)
         return out
+
+
+@dataclass(frozen=True)
+class FeatureKDConfig:
+    """Feature KD (`--kd feature`), the FitNets-style baseline a feature-distillation method is compared
+    with: CE plus `weight` x the mean squared error between the student's last feature, mapped to the
+    teacher's shape by a learned 1 x 1 x 1 convolution and resizing (the regressor), and the frozen
+    teacher's last feature. Trained jointly, in one stage (FitNets trains the hint first)."""
+
+    weight: float = 1.0
+
+    def method_params(self) -> dict[str, Any]:
+        return {"weight": self.weight}
 
 
 # Overrides for a 2-core CPU: small clips, narrow networks, few epochs; measured on the synthetic
@@ -257,23 +307,46 @@ CPU_PRESET: dict[str, dict[str, Any]] = {
     "model": {"width": 8, "dropout": 0.0},
     "optim": {"batch_size": 16, "epochs": 12, "lr": 0.02},
 }
-# On top of CPU_PRESET for PCL runs. PCL's clips are consecutive frames (no subsampling), and a
-# tuple of three 8-frame clips 2 apart spans 28 of the synthetic videos' 32 frames (the paper's
-# interval 8 needs 40). Test clips are cut the same way, 3 per video to cover it. Those 32 frames
+# On top of CPU_PRESET for PCL runs. PCL's clips are consecutive frames (no subsampling); three
+# 8-frame clips at interval 2 need videos of 28 frames (VCOP's rule; the paper's interval 8 needs 40)
+# and, at upstream's stride, start 5 apart, sharing 3 frames (README, "How far apart the clips are"). Test clips are cut the same way, 3 per video to cover it. Those 32 frames
 # leave no room for a remote clip (label 4 needs 2 x (8 + 16) frames beside the tuple), so at this
 # size the pretext task is 4-way; `kdhar data synth --frames 96` makes videos that allow it.
 # For PCL runs at the paper's size: Table 1's clip length (the ClipConfig default 16 is PCL's code's).
 # Its schedule too: ReduceLROnPlateau on the self-supervised validation loss, no warm-up.
-PCL_PAPER_PRESET: dict[str, dict[str, Any]] = {"clip": {"clip_len": 10}, "optim": {"schedule": "plateau", "warmup": 0.0}}
+# At both sizes, PCL's code's protocol: every training video trains (no validation hold-out: the
+# self-supervised validation loss on the test list selects), ImageNet normalisation, no warm-up
+# (the paper's Eq. 7 runs from the first step).
+PCL_PROTOCOL: dict[str, dict[str, Any]] = {"data": {"val_fraction": 0.0}, "clip": {"normalize": "imagenet"},
+                                           "optim": {"warmup": 0.0}}
+PCL_PAPER_PRESET: dict[str, dict[str, Any]] = {"data": PCL_PROTOCOL["data"],
+                                               "clip": {**PCL_PROTOCOL["clip"], "clip_len": 10},
+                                               "optim": {**PCL_PROTOCOL["optim"], "schedule": "plateau"}}
 PCL_CPU_PRESET: dict[str, dict[str, Any]] = {
-    "clip": {"frame_interval": 1, "test_clips": 3},
+    "data": PCL_PROTOCOL["data"],
+    "clip": {**PCL_PROTOCOL["clip"], "frame_interval": 1, "test_clips": 3},
+    "optim": PCL_PROTOCOL["optim"],
     "pcl": {"interval": 2},
 }
-# GKD runs (the attention module on) at the paper's size: the recognition code's SGD at lr 1e-3, no
-# schedule and no warm-up, batch 6. At size cpu the CVAE's Adam runs at phase 1's 1e-3: a run has a
-# few dozen CVAE steps per epoch, not the paper's thousands.
-GKD_PAPER_PRESET: dict[str, dict[str, Any]] = {"optim": {"lr": 1e-3, "schedule": "constant", "warmup": 0.0, "batch_size": 6}}
-GKD_CPU_PRESET: dict[str, dict[str, Any]] = {"gkd": {"cvae_lr": 1e-3}}
+# GKD's recipe, per size: what every student of a grid with `recipe: gkd` trains with (scratch,
+# scratch + attention, logit KD, feature KD and GKD alike, so that they are matched twins), its
+# teachers too, and any single run with the attention module. At the paper's size it is the
+# recognition code's SGD at lr 1e-3, no schedule, no warm-up, batch 6. At size cpu the network keeps
+# the CPU preset's SGD (lr 1e-3 without a schedule leaves a 12-epoch run at chance) and its trunk
+# keeps a time axis: leaving out the last two temporal downsamplings keeps T' = 4 of the 8 frames in
+# C3D and the ResNets (T' = 1 as published, where a channel x time attention has no time to attend
+# to; tiny3d and MC3-18 keep T' = 8), as the paper's I3D keeps T' = 8 of 64 frames.
+GKD_RECIPE: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"optim": {"lr": 1e-3, "schedule": "constant", "warmup": 0.0, "batch_size": 6}},
+    "cpu": {"model": {"keep_time": 2}},
+}
+# The attention module's own settings, only for runs that have it (twins without it have no CVAE):
+# at size cpu the CVAE's Adam runs at phase 1's 1e-3, since a run has a few dozen CVAE steps per
+# epoch, not the paper's thousands.
+GKD_MODULE_PRESET: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {"gkd": {"cvae_lr": 1e-3}}}
+# A grid's `recipe`: "gkd" gives every cell GKD_RECIPE (the default of a grid with a GKD method);
+# "preset" gives none of them it, the size preset alone (the default otherwise).
+RECIPES = ("preset", "gkd")
 # Temporal detection at the paper's size: GKD's detection code (after AFSD): 256-frame windows of
 # 96x96 crops from frames resized to 112x112, stride 30 for training and 128 for testing, Adam at
 # lr 1e-6 with weight decay 1e-3, batch 1, 50 epochs, no schedule; GKD's beta is 10 there.
@@ -325,14 +398,18 @@ def check_run_config(cfg: RunConfig) -> None:
     need(o.batch_size >= 1, "batch_size", o.batch_size, "must be at least 1")
     need(finite(o.warmup) and o.warmup >= 0, "warmup", o.warmup, "must be a finite number of epochs >= 0")
     need(finite(o.grad_clip) and o.grad_clip >= 0, "grad_clip", o.grad_clip, "must be >= 0 (0 turns clipping off)")
+    need(finite(o.plateau_threshold) and 0 <= o.plateau_threshold < 1, "plateau_threshold", o.plateau_threshold,
+         "must be in [0, 1) (ReduceLROnPlateau's default: 1e-4)")
     need(o.threads >= 1, "threads", o.threads, "must be at least 1")
     need(m.width >= 1, "width", m.width, "must be at least 1")
     need(finite(m.dropout) and 0 <= m.dropout < 1, "dropout", m.dropout, "must be in [0, 1)")
     need(m.modality in MODALITIES, "modality", m.modality, f"must be one of {', '.join(MODALITIES)}")
+    need(m.keep_time >= 0, "keep_time", m.keep_time, "must be >= 0 (the trunk's last temporal downsamplings left out)")
     need(c.clip_len >= 1, "clip_len", c.clip_len, "must be at least 1 frame")
     need(c.frame_interval >= 1, "frame_interval", c.frame_interval, "must be at least 1")
     need(c.test_clips >= 1, "test_clips", c.test_clips, "must be at least 1")
     need(c.crop >= 1, "crop", c.crop, "must be at least 1 pixel")
+    need(c.normalize in NORMALIZE, "normalize", c.normalize, f"must be one of {', '.join(NORMALIZE)}")
     if c.resize is not None:
         need(c.crop <= min(c.resize), "crop", c.crop,
              f"must fit in the {c.resize[0]}x{c.resize[1]} frames it is cut from (resize); lower --crop")
@@ -351,25 +428,36 @@ def check_run_config(cfg: RunConfig) -> None:
         need(p.negatives >= 1, "negatives", p.negatives, "must be at least 1")
         need(finite(p.temperature) and p.temperature > 0, "nce_temperature", p.temperature, "must be > 0 (upstream: 0.07)")
         need(finite(p.momentum) and 0 <= p.momentum < 1, "bank_momentum", p.momentum, "must be in [0, 1)")
+        need(p.retrieval_pool in RETRIEVAL_POOLS, "retrieval_pool", p.retrieval_pool,
+             f"must be one of {', '.join(RETRIEVAL_POOLS)}")
         need(c.crop % 2 == 0, "crop", c.crop, "must be even for the quadrant permutation of PCL's pretext task")
         size = -(-c.clip_len // 4)
         need(-(-c.clip_len // size) == 4, "clip_len", c.clip_len,
              "torch.chunk must split it into 4 temporal chunks for PCL's chunk swap (e.g. 8, 10 or 16)")
     g = cfg.gkd
     need(g.method in KD_METHODS, "kd", g.method, f"must be one of {', '.join(KD_METHODS)}")
+    need(finite(cfg.feature.weight) and cfg.feature.weight >= 0, "feature_weight", cfg.feature.weight,
+         "must be >= 0 (the hint loss's weight, default 1)")
+    if g.method == "feature":
+        need(not g.attention, "kd", g.method, "trains the plain student, without GKD's attention module: leave "
+             "attention out")
+        need(p.ssl == "none", "ssl", p.ssl, "feature KD trains on single clips: leave --ssl pcl out")
     if g.attention:
         need(g.variant in GKD_VARIANTS, "gkd_variant", g.variant, f"must be one of {', '.join(GKD_VARIANTS)}")
         need(g.ce in GKD_CE, "gkd_ce", g.ce, f"must be one of {', '.join(GKD_CE)}")
         need(g.rescale in GKD_RESCALES, "gkd_rescale", g.rescale, f"must be one of {', '.join(GKD_RESCALES)}")
         need(g.norm in GKD_NORMS, "gkd_norm", g.norm, f"must be one of {', '.join(GKD_NORMS)}")
+        need(g.ablation in GKD_ABLATIONS, "gkd_ablation", g.ablation, f"must be one of {', '.join(GKD_ABLATIONS)}")
         need(finite(g.beta) and g.beta >= 0, "gkd_beta", g.beta, "must be >= 0 (the paper: 0.1)")
         need(finite(g.ramp) and 0 < g.ramp <= 1, "gkd_ramp", g.ramp, "must be a share of the epochs in (0, 1] (the paper: 0.1)")
         need(finite(g.rec_weight) and g.rec_weight >= 0, "gkd_rec_weight", g.rec_weight, "must be >= 0 (the paper: 0.5)")
         need(finite(g.gd_weight) and g.gd_weight >= 0, "gkd_gd_weight", g.gd_weight, "must be >= 0 (the paper: 0.01)")
         need(finite(g.cvae_lr) and g.cvae_lr > 0, "cvae_lr", g.cvae_lr, "must be > 0 (the paper: 1e-4)")
         need(p.ssl == "none", "ssl", p.ssl, "GKD's attention module trains on single clips: leave --ssl pcl out")
-    elif g.method != "logit":
+    elif g.method in GKD_METHODS:
         need(False, "kd", g.method, "needs the attention module (attention: true), which --kd gkd turns on")
+    else:
+        need(g.ablation == "none", "gkd_ablation", g.ablation, "turns off a term of GKD: use it with --kd gkd")
     need(cfg.task in TASKS, "task", cfg.task, f"must be one of {', '.join(TASKS)}")
     if cfg.task == "detection":
         _check_detection(cfg, need, finite)
@@ -395,7 +483,10 @@ def _check_detection(cfg: RunConfig, need: Any, finite: Any) -> None:
     need(d.top_k >= 1, "top_k", d.top_k, "must be at least 1")
     need(finite(d.bg_weight) and d.bg_weight >= 0, "bg_weight", d.bg_weight, "must be >= 0 (GKD's detection code: 35)")
     need(cfg.pcl.ssl == "none", "ssl", cfg.pcl.ssl, "PCL trains on clip tuples; a detector trains on windows")
-    need(g.method != "gkd+logit", "kd", g.method, "detection distils with --kd logit (per-step scores) or gkd")
+    need(g.method in ("logit", "gkd"), "kd", g.method, "detection distils with --kd logit (per-step scores) or gkd")
+    need(g.ablation == "none", "gkd_ablation", g.ablation, "is recognition's: detection's GKD keeps every term")
+    need(cfg.model.keep_time == 0, "keep_time", cfg.model.keep_time,
+         "is recognition's: a detector reads its trunk's taps, which keep their time axes")
 
 
 def with_overrides(obj: Any, **changes: Any) -> Any:
@@ -428,6 +519,7 @@ class RunConfig:
     task: str = "recognition"
     window: WindowConfig = field(default_factory=WindowConfig)
     det: DetectionConfig = field(default_factory=DetectionConfig)
+    feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
 
     def params(self, kd: bool = True) -> dict[str, Any]:
         """`section.field` -> value; kd=False leaves the distillation knobs out (runs without a teacher),
@@ -444,6 +536,8 @@ class RunConfig:
             if kd and self.gkd.method == "logit":  # score distillation: CE-free, so tau and lam only
                 out.update({"kd.tau": self.kd.tau, "kd.lam": self.kd.lam})
             return out
-        if kd and self.gkd.method != "gkd":  # GKD alone uses no logit-KD knob
+        if kd and self.gkd.method in ("logit", "gkd+logit"):  # GKD and feature KD alone use no logit-KD knob
             out.update({f"kd.{k}": v for k, v in self.kd.method_params().items()})
+        if kd and self.gkd.method == "feature":
+            out.update({f"feature.{k}": v for k, v in self.feature.method_params().items()})
         return out

@@ -27,8 +27,13 @@ def pair_key(cfg: RunConfig, init: str | None = None) -> str:
     (the number of replayed views included, so a cached KD run pairs only with a like scratch run).
     The weights a run starts from (`init`) and, with GKD's attention module, the `--kd` method are
     part of it: an --init run pairs only with a twin started from the same weights, and `--kd gkd`
-    and `--kd gkd+logit` each with the twin run with the same --kd and --teacher none."""
+    and `--kd gkd+logit` each with the twin run with the same --kd and --teacher none.
+
+    The seed is left out, so the runs of every seed of a cell share it: a report's row holds them all
+    and pairs them seed by seed (with the seed in it, each row held one seed and no test had pairs).
+    """
     params = cfg.params(kd=False)
+    params.pop("optim.seed")
     if init:
         params["init"] = init
     if cfg.gkd.attention:
@@ -60,9 +65,11 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
         state = load_checkpoint(path)
         width = int(state["config"].get("model.width", 64))
         modality = state["config"].get("model.modality", "rgb")
-        model = build_model(state["arch"], len(state["classes"]), width=width, modality=modality)
+        keep_time = int(state["config"].get("model.keep_time", 0))
+        model = build_model(state["arch"], len(state["classes"]), width=width, modality=modality, keep_time=keep_time)
         model.load_state_dict(state["model"])
-        return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"], run_id=state.get("run_id"))
+        return Teacher(model=model.eval(), uri=str(path), classes=list(state["classes"]), arch=state["arch"],
+                       run_id=state.get("run_id"), normalize=state["config"].get("clip.normalize", "half"))
     if spec in MODELS:
         kind = "teacher-attention" if attention else "teacher"
         uri = tracking.champion_uri(f"kdhar-{kind}-{spec}", dataset_fingerprint)
@@ -135,7 +142,8 @@ def _teacher_from_uri(uri: str, device) -> Teacher:
     config = tracking.load_run_dict(run_id, "config.json")
     # A logged model is an exported graph that takes only the clip size it was trained on.
     clip = (int(config["clip.clip_len"]), int(config["clip.crop"])) if "clip.crop" in config else None
-    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id, clip=clip)
+    return Teacher(model=model.eval(), uri=uri, classes=list(classes), arch=arch, run_id=run_id, clip=clip,
+                   normalize=config.get("clip.normalize", "half"))  # runs from before the knob were "half"
 
 
 def check_teacher_clips(teacher: Teacher, cfg: RunConfig) -> None:
@@ -147,6 +155,12 @@ def check_teacher_clips(teacher: Teacher, cfg: RunConfig) -> None:
             f"teacher {teacher.uri} takes {t_len}-frame {t_crop}x{t_crop} clips, the size it was trained on, but the "
             f"student's are {s_len}-frame {s_crop}x{s_crop}: pass --clip-len {t_len} --crop {t_crop} (or use a "
             "teacher trained on the student's clips)"
+        )
+    if teacher.normalize is not None and teacher.normalize != cfg.clip.normalize:
+        raise ValueError(
+            f"teacher {teacher.uri} was trained on clips normalised '{teacher.normalize}' but the student's are "
+            f"'{cfg.clip.normalize}' (PCL runs default to imagenet): pass --normalize {teacher.normalize}, or train the "
+            f"teacher with --normalize {cfg.clip.normalize}"
         )
 
 
@@ -204,14 +218,16 @@ def distill(
         progress=progress,
     )
     if t is not None:
-        record_epochs_to_scratch(experiment, res, tags["pair_key"], "map_avg" if cfg.task == "detection" else "video_top1")
+        record_epochs_to_scratch(experiment, res, tags["pair_key"], cfg.optim.seed,
+                                 "map_avg" if cfg.task == "detection" else "video_top1")
     return res
 
 
-def record_epochs_to_scratch(experiment: str, res: RunResult, key: str, headline: str = "video_top1") -> None:
-    """Logs the first epoch at which a KD run reached its scratch twin's final test score (`headline`:
-    the video accuracy, or a detector's map_avg), if the twin exists."""
-    twins = tracking.find_runs(experiment, f"tags.pair_key = '{key}' and tags.teacher_arch = 'none' and attributes.status = 'FINISHED'")
+def record_epochs_to_scratch(experiment: str, res: RunResult, key: str, seed: int, headline: str = "video_top1") -> None:
+    """Logs the first epoch at which a KD run reached its scratch twin's final test score (the twin
+    of its seed; `headline`: the video accuracy, or a detector's map_avg), if the twin exists."""
+    twins = tracking.find_runs(experiment, f"tags.pair_key = '{key}' and tags.teacher_arch = 'none' and "
+                                           f"tags.seed = '{seed}' and attributes.status = 'FINISHED'")
     if not twins:
         return
     target = twins[0]["metrics"].get(f"final_test_{headline}")
@@ -222,11 +238,15 @@ def record_epochs_to_scratch(experiment: str, res: RunResult, key: str, headline
 
 
 def check_init_modality(spec: str, modality: str) -> None:
-    """Refuses starting from a logged model trained on another input modality (a PCL encoder sees
-    residual frames): its filters would meet inputs of another kind."""
-    if not spec.startswith(("models:/", "runs:/")):
-        return
-    trained = tracking.load_run_dict(tracking.model_run_id(spec), "config.json").get("model.modality", "rgb")
+    """Refuses starting from a logged model or a checkpoint trained on another input modality (a PCL
+    encoder sees residual frames): its filters would meet inputs of another kind. Runs and
+    checkpoints from before modalities existed were rgb."""
+    if spec.startswith(("models:/", "runs:/")):
+        trained = tracking.load_run_dict(tracking.model_run_id(spec), "config.json").get("model.modality", "rgb")
+    else:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"--init {spec}: no such checkpoint or model URI")
+        trained = load_checkpoint(spec).get("config", {}).get("model.modality", "rgb")
     if trained != modality:
         raise ValueError(f"--init {spec} was trained on {trained} input but this run's modality is {modality}: "
                          f"pass --modality {trained}")

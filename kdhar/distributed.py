@@ -116,6 +116,32 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's rows of `tensors` (one batch's worth each, the same number of rows per tensor
+    within a rank), concatenated in rank order; the tensors themselves outside a job of several
+    processes.
+
+    What a step keeps per training video beyond the weights (PCL's memory banks) must see every
+    rank's samples, or each rank's copy drifts from the single-process one. Ranks may hold different
+    numbers of rows (a last, shorter batch): each pads to the largest and the padding is dropped.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world = dist.get_world_size()
+    count = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=tensors[0].device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    gathered = []
+    for t in tensors:
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+    return tuple(gathered)
+
+
 def _weighted(key: str) -> bool:
     """Statistics that are per-clip means (weighted by clips when combined); the rest are counts."""
     return key.endswith(("loss", "acc")) and not key.startswith("first_")

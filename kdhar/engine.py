@@ -408,15 +408,18 @@ def get_lr(step: int, total_steps: int, base_lr: float, schedule: str, warmup_st
 class Plateau:
     """ReduceLROnPlateau's rule as a scale on the schedule (PCL's Table 1 settings): after `patience`
     epochs without a new minimum of the watched loss, the lr is multiplied by `factor`, down to
-    `min_lr`. Stepped once per epoch; its state is plain numbers (checkpointed with the run)."""
+    `min_lr`. A new minimum must be below the best by more than the relative `threshold` (torch's
+    default 1e-4, "rel" mode, which PCL's code keeps), so a loss creeping down by less still counts
+    as a plateau. Stepped once per epoch; its state is plain numbers (checkpointed with the run)."""
 
-    def __init__(self, base_lr: float, factor: float = 0.1, patience: int = 50, min_lr: float = 1e-5) -> None:
+    def __init__(self, base_lr: float, factor: float = 0.1, patience: int = 50, min_lr: float = 1e-5,
+                 threshold: float = 1e-4) -> None:
         self.min_scale = min(1.0, min_lr / base_lr)
-        self.factor, self.patience = factor, patience
+        self.factor, self.patience, self.threshold = factor, patience, threshold
         self.scale, self.best, self.bad = 1.0, math.inf, 0
 
     def step(self, value: float) -> None:
-        if value < self.best:
+        if value < self.best * (1 - self.threshold):
             self.best, self.bad = value, 0
             return
         self.bad += 1

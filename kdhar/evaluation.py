@@ -16,12 +16,13 @@ from kdhar.train import check_same_classes, load_splits, pick_device
 
 # How clips were cut for training: an exported model takes only these sizes, so evaluation reads
 # them from the model's own run unless the user sets them.
-TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize")
+TRAINED_CLIP = ("clip_len", "frame_interval", "crop", "resize", "normalize")
 
 
 def trained_clip(cfg: RunConfig, trained: dict, explicit: frozenset[str] = frozenset()) -> RunConfig:
     """`cfg` with the clip settings and modality of the model's training run (`trained`: its
-    config.json), except those in `explicit`. Runs from before modalities existed were rgb."""
+    config.json), except those in `explicit`. Runs from before modalities existed were rgb, and
+    those from before normalisations existed were normalised "half" (the ClipConfig default)."""
     changes = {k: trained[f"clip.{k}"] for k in TRAINED_CLIP if k not in explicit and f"clip.{k}" in trained}
     if "resize" in changes:
         changes["resize"] = tuple(changes["resize"])
@@ -38,14 +39,16 @@ def evaluate_model(
 
     Clip length, frame interval, resize and crop come from the model's training run, except the
     ones named in `explicit` (options the user gave). `retrieval`: also top-k clip retrieval of the
-    test videos against the whole training list (`kdhar.retrieval`).
+    test videos against the whole training list (`kdhar.retrieval`). A label-free encoder (PCL
+    pretraining) has an untrained classifier, so only its retrieval is scored.
 
     Raises:
-        ValueError: the model's classes differ from the dataset's, or explicit clip settings the
-            exported model cannot take.
+        ValueError: the model's classes differ from the dataset's, explicit clip settings the
+            exported model cannot take, or a label-free encoder without `retrieval`.
     """
     dev = pick_device(device)
     run_id = tracking.model_run_id(model_uri)
+    label_free = _check_scorable(model_uri, run_id, retrieval)
     trained = tracking.load_run_dict(run_id, "config.json")
     if trained.get("task") == "detection":
         raise ValueError(f"model {model_uri} is a temporal detector: score it with `kdhar detect evaluate --model {model_uri}`")
@@ -57,6 +60,33 @@ def evaluate_model(
                          f"--modality {cfg.model.modality} cannot apply to it: leave --modality out")
     splits = load_splits(cfg)
     classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
+    ds = VideoClipDataset(splits.test, cfg.clip, train=False, on_bad=cfg.data.on_bad)
+    loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0, pin_memory=dev.type == "cuda")
+    result, metrics = None, {}
+    if not label_free:
+        result, metrics = _score_classifier(model_uri, trained, cfg, splits, classes, loader, dev)
+    if retrieval:
+        metrics.update(_retrieval(model_uri, run_id, trained, cfg, splits, loader, len(classes), dev))
+    _log_evaluation(model_uri, run_id, cfg, splits, metrics, result, classes, experiment, parent_run_id, retrieval)
+    return metrics
+
+
+def _check_scorable(model_uri: str, run_id: str, retrieval: bool) -> bool:
+    """Whether the model is a label-free encoder; refuses to score one's accuracy, since its classifier
+    never saw a label and its accuracy would be chance that reads as a result."""
+    tags = tracking.run_tags(run_id)
+    label_free = tags.get("role") == "pretrain" or tags.get("method") == "pcl-ssl"
+    if label_free and not retrieval:
+        raise ValueError(
+            f"model {model_uri} is a label-free (self-supervised) encoder: its classifier was never trained, so "
+            f"accuracy would score chance; score its features with --retrieval, or fine-tune it first "
+            f"(kdhar finetune --model {model_uri}) and evaluate that model"
+        )
+    return label_free
+
+
+def _score_classifier(model_uri, trained, cfg, splits, classes, loader, dev) -> tuple[dict, dict[str, float]]:
+    """Clip and video accuracy of the logged model on the test split, once the model takes the clips."""
     model = tracking.load_model(model_uri, dev)
     check_same_classes(f"model {model_uri}", classes, splits.classes)
     shape = f"{cfg.clip.clip_len}x{cfg.clip.crop}x{cfg.clip.crop}"
@@ -69,25 +99,27 @@ def evaluate_model(
             f"model {model_uri} takes clips of {expected} (frames x crop x crop), the size it was trained on, "
             f"not {shape}: leave --clip-len/--crop out to use its own"
         ) from exc
-    ds = VideoClipDataset(splits.test, cfg.clip, train=False, on_bad=cfg.data.on_bad)
-    loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0, pin_memory=dev.type == "cuda")
     result = evaluate(model, loader, dev, len(classes))
     metrics = {f"test_{k}": float(result[k]) for k in ("clip_top1", "clip_top5", "video_top1", "mean_class_acc", "loss")}
-    if retrieval:
-        metrics.update(_retrieval(model_uri, run_id, trained, cfg, splits, loader, len(classes), dev))
+    return result, metrics
+
+
+def _log_evaluation(model_uri, run_id, cfg, splits, metrics, result, classes, experiment, parent_run_id,
+                    retrieval) -> None:
+    """The `evaluation` run: what was scored on which data, its metrics and, for a classifier, its confusion."""
     tags = {"role": "evaluation", "source_model": model_uri, "source_run": run_id, "dataset": cfg.data.dataset,
             "dataset_fingerprint": splits.fingerprint}
     arch = tracking.run_tags(run_id).get("arch", "model")
+    what = "clip retrieval" if result is None else ("accuracy and clip retrieval" if retrieval else "accuracy")
     tags["mlflow.note.content"] = (f"Scores {model_uri} ({arch}, run {run_id}) on the {cfg.data.dataset} test split "
-                                   f"({cfg.data.root}, {len(splits.test.samples)} videos)"
-                                   + (", with clip retrieval." if retrieval else "."))
+                                   f"({cfg.data.root}, {len(splits.test.samples)} videos): {what}.")
     name = f"evaluate-{arch}-{run_id[:8]}-{cfg.data.dataset}"  # which model, which data
     with tracking.RunTracker(experiment, run_name=name, tags=tags, parent_run_id=parent_run_id) as tracker:
         tracker.log_params({**cfg.params(kd=False), "model_uri": model_uri})
         tracker.log_metrics(metrics, step=0)
-        tracker.log_figure(confusion_figure(result["confusion"], classes), "confusion_matrix.png")
-        tracker.log_dict({"per_class": result["per_class"], "classes": classes}, "per_class_report.json")
-    return metrics
+        if result is not None:
+            tracker.log_figure(confusion_figure(result["confusion"], classes), "confusion_matrix.png")
+            tracker.log_dict({"per_class": result["per_class"], "classes": classes}, "per_class_report.json")
 
 
 def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes, dev) -> dict[str, float]:
@@ -100,7 +132,8 @@ def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes
 
     arch = tracking.run_tags(run_id).get("arch")
     encoder = build_model(arch, num_classes, width=int(float(trained.get("model.width", 64))),
-                          modality=trained.get("model.modality", "rgb"))
+                          modality=trained.get("model.modality", "rgb"),
+                          keep_time=int(float(trained.get("model.keep_time", 0))))
     skipped = load_compatible(encoder, load_init(model_uri))
     if skipped:
         raise ValueError(f"model {model_uri}: weights {', '.join(skipped[:3])} do not fit a {arch} rebuilt from its run")

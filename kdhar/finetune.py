@@ -49,6 +49,11 @@ def finetune(
     src = source_info(model_uri)
     model_cfg = dataclasses.replace(cfg.model, arch=src["arch"], width=int(float(src["width"])))
     trained = tracking.load_run_dict(src["run_id"], "config.json")
+    modality = trained.get("model.modality", "rgb")
+    if "modality" in explicit and cfg.model.modality != modality:
+        # Its filters were trained on one kind of input; fed the other they start from noise.
+        raise ValueError(f"--model {model_uri} was trained on {modality} input, so it fine-tunes on {modality} "
+                         f"input: --modality {cfg.model.modality} cannot apply to it; leave --modality out")
     cfg = trained_clip(dataclasses.replace(cfg, model=model_cfg), trained, explicit)
     if "gkd.variant" in trained:
         # A model with GKD's attention module keeps it (its classifier reads the attended feature) and

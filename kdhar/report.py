@@ -33,7 +33,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from kdhar import stats  # noqa: E402
 from kdhar.detection_report import detection_rows, format_detection, write_detection_csv  # noqa: E402
-from kdhar.methods import REPORT_MARKS  # noqa: E402
+from kdhar.methods import ATTENTION_METHODS, REPORT_MARKS  # noqa: E402
 from kdhar.stats import PairedTest  # noqa: E402
 
 # Table column -> the metric it is read from. The stages are logged by kdhar.train at 25/75/100 % of
@@ -51,6 +51,19 @@ READING_NAMES = {"last": "last epoch", "best": "best so far"}
 CURVE_METRIC = "test_video_top1"
 SCRATCH = "none"
 DEFAULT_MARGIN = 0.05  # equivalence margin, as a fraction (5 points)
+ATTENTION = f"{SCRATCH} [attention]"  # the "scratch + attention" row: GKD's module without a teacher
+# What two compared rows must share besides the student, dataset and fraction (their recipe): the
+# name a difference is reported by, the run param it is read from, and the value a run that did not
+# log the param trained with (None: no such runs, so a missing param is not compared).
+RECIPE = (
+    ("lr", "optim.lr", None), ("momentum", "optim.momentum", None), ("weight decay", "optim.weight_decay", None),
+    ("schedule", "optim.schedule", None), ("warm-up", "optim.warmup", None), ("epochs", "optim.epochs", None),
+    ("batch", "optim.batch_size", None), ("grad clip", "optim.grad_clip", None), ("views", "data.views", "0"),
+    ("clip", "clip.clip_len", None), ("frame interval", "clip.frame_interval", None), ("crop", "clip.crop", None),
+    ("resize", "clip.resize", None), ("augment", "clip.augment", None), ("flips", "clip.hflip", None),
+    ("width", "model.width", None), ("dropout", "model.dropout", None), ("modality", "model.modality", "rgb"),
+    ("keep_time", "model.keep_time", "0"), ("init", "init", "-"),
+)
 
 
 def reading_metric(col: str, reading: str) -> str:
@@ -95,10 +108,18 @@ class Row:
     collapsed: int = 0  # runs whose training collapsed; they stay in `acc`
     views: list[int] = field(default_factory=list)  # distinct `views` tags of the runs (0 = fresh views)
     teacher_run: str = ""  # `teacher_run_id` tag of the KD runs; empty for scratch and untagged runs
+    init: bool = False  # the runs started from other weights (--init)
     teacher_acc: float | None = None  # that teacher run's final accuracy, when known
     tests: dict[str, PairedTest] = field(default_factory=dict)  # reading -> final accuracy, KD - scratch
     verdict: str = ""  # the last-epoch reading's verdict, or why there is no comparison; empty for scratch
     pair_key: str = ""  # the runs' `pair_key` tag: a KD row is compared only with scratch runs sharing it
+    method: str = ""  # the runs' `method` tag
+    recipe: dict[str, str] = field(default_factory=dict)  # RECIPE name -> value, from the first run's params
+    # Against the "scratch + attention" row (rows whose student has GKD's attention module and a
+    # teacher): the teacher's own contribution, with the module's held fixed.
+    att_delta: dict[str, float] = field(default_factory=dict)  # reading -> final mean - that row's final mean
+    att_tests: dict[str, PairedTest] = field(default_factory=dict)
+    att_verdict: str = ""  # its last-epoch verdict, or why there is no comparison; empty when not applicable
 
 
 @dataclass
@@ -180,15 +201,20 @@ def verdict(test: PairedTest | None) -> str:
 def adjust_family(rows: Sequence[Row]) -> int:
     """Holm-adjusts every test of every row as one family, sets the verdicts, and returns the family size.
 
-    The family is all KD-vs-scratch tests of the report, both readings of every KD row: rejecting
-    where Holm's p < 0.05 keeps the chance of any false "helps" or "hurts" among them at most 5 %.
+    The family is all KD-vs-scratch tests of the report, both readings of every KD row, and the tests
+    against "scratch + attention": rejecting where Holm's p < 0.05 keeps the chance of any false
+    "helps" or "hurts" among them at most 5 %.
     """
-    members = [(row, reading) for row in rows for reading in READINGS if reading in row.tests]
-    for (row, reading), test in zip(members, stats.adjust([row.tests[r] for row, r in members])):
-        row.tests[reading] = test
+    members = [(row, kind, reading) for row in rows for kind in ("tests", "att_tests") for reading in READINGS
+               if reading in getattr(row, kind)]
+    tests = stats.adjust([getattr(row, kind)[r] for row, kind, r in members])
+    for (row, kind, reading), test in zip(members, tests):
+        getattr(row, kind)[reading] = test
     for row in rows:
         if "last" in row.tests:
             row.verdict = row.tests["last"].verdict
+        if "last" in row.att_tests:
+            row.att_verdict = row.att_tests["last"].verdict
     return len(members)
 
 
@@ -228,7 +254,7 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
         # with the scratch runs of their own regime.
         student = f"{student} ({tags['ssl']})"
     teacher = tags.get("teacher_arch", SCRATCH)
-    marks = [REPORT_MARKS.get(tags.get("method", ""), ""), "init" if tags.get("init") else ""]
+    marks = [REPORT_MARKS.get(tags.get("method", ""), ""), tags.get("gkd_ablation", ""), "init" if tags.get("init") else ""]
     if any(marks):
         # Methods beyond logit KD (GKD's) and runs started from other weights (--init) get rows of
         # their own, e.g. "c3d [gkd]", "none [init]"; the scratch run with GKD's attention module is
@@ -240,16 +266,48 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
             teacher_run)
 
 
-def _scratch_partner(key: tuple, rows: Mapping[tuple, Row]) -> tuple | None:
-    """The scratch row a row is compared with: the plain scratch row sharing its `pair_key` (same
-    configuration but the teacher and KD weights), else another teacher-less row sharing it (a GKD
-    run's "scratch + attention" twin, an --init run's twin started from the same weights)."""
+def _recipe(run: dict[str, Any]) -> dict[str, str]:
+    """The run's RECIPE values from its params (a default where it did not log one)."""
+    params = run.get("params", {})
+    return {name: str(params.get(param, default)) for name, param, default in RECIPE
+            if param in params or default is not None}
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)  # 0.01 and 1e-2, 6 and 6.0
+    except ValueError:
+        return a == b
+
+
+def recipe_differences(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
+    """The RECIPE entries two rows disagree on, as "lr 0.001 vs 0.01" (a's value first); a value only
+    one side has is not compared."""
+    return [f"{name} {a[name]} vs {b[name]}" for name, _param, _default in RECIPE
+            if name in a and name in b and not _same(a[name], b[name])]
+
+
+def _closest(key: tuple, rows: Mapping[tuple, Row], teacher: str) -> tuple | None:
+    """The row of `teacher` (plain scratch, or scratch + attention) for the same dataset, student and
+    fraction that shares `key`'s pair key, else the one whose recipe differs least."""
     dataset, student, _teacher, fraction, pkey, _teacher_run = key
-    plain = (dataset, student, SCRATCH, fraction, pkey, "")
-    if plain in rows and plain != key:
-        return plain
-    return next((k for k in rows if k != key and k[2].startswith(f"{SCRATCH} [") and k[:2] == key[:2]
-                 and k[3:5] == key[3:5]), None)
+    same = (dataset, student, teacher, fraction, pkey, "")
+    if same in rows and same != key:
+        return same
+    candidates = [k for k in rows if k != key and (k[0], k[1], k[2], k[3]) == (dataset, student, teacher, fraction)]
+    return min(candidates, key=lambda k: len(recipe_differences(rows[key].recipe, rows[k].recipe)), default=None)
+
+
+def _scratch_partner(key: tuple, rows: Mapping[tuple, Row]) -> tuple | None:
+    """The scratch row a row is compared with. An --init row: the teacher-less row sharing its
+    `pair_key` (a twin started from the same weights). Any other: the plain scratch row sharing its
+    `pair_key` (same configuration but the teacher and KD weights), else the plain scratch row of
+    the same student and fraction with the closest recipe (a GKD or feature-KD row's pair key names
+    its method's knobs), which is compared only if the recipes are the same."""
+    if rows[key].init:
+        return next((k for k in rows if k != key and k[2].startswith(f"{SCRATCH} [") and k[:2] == key[:2]
+                     and k[3:5] == key[3:5]), None)
+    return _closest(key, rows, SCRATCH)
 
 
 def one_run_per_seed(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -295,6 +353,9 @@ def _row(key: tuple, members: Sequence[dict[str, Any]], transfer_by_source: Mapp
         views=sorted({_views(m) for m in members}),
         teacher_run=key[5],
         teacher_acc=float(teacher_acc[key[5]]) if key[5] in teacher_acc else None,
+        method=members[0]["tags"].get("method", ""),
+        recipe=_recipe(members[0]),
+        init=bool(members[0]["tags"].get("init")),
     )
 
 
@@ -308,12 +369,37 @@ def _compare_with_scratch(row: Row, scratch: Row | None, kd_runs: Sequence[dict[
         # credit (or blame) distillation for the data pipeline.
         row.verdict = f"mismatched views (kd {_join(row.views)} vs scratch {_join(scratch.views)})"
         return
+    differ = recipe_differences(row.recipe, scratch.recipe)
+    if differ:
+        # Another optimiser, schedule, batch or clip credits (or blames) the method for the recipe.
+        row.verdict = "recipes differ (kd vs scratch): " + ", ".join(differ)
+        return
     row.delta = {col: row.acc[col].mean - scratch.acc[col].mean for col in row.acc if col in scratch.acc}
     row.best_delta = {col: row.best[col].mean - scratch.best[col].mean for col in row.best if col in scratch.best}
     if row.transfer is not None and scratch.transfer is not None:
         row.transfer_delta = row.transfer.mean - scratch.transfer.mean
     row.tests = compare_rows(kd_runs, scratch_runs, margin)
     row.verdict = "" if row.tests else "no paired seeds"
+
+
+def _compare_with_attention(row: Row, twin: Row | None, kd_runs: Sequence[dict[str, Any]],
+                            twin_runs: Sequence[dict[str, Any]], margin: float) -> None:
+    """The final accuracy of a distilled row whose student has GKD's attention module against the
+    "scratch + attention" row: what the teacher adds to the module, the paper's ablation logic."""
+    if twin is None:
+        row.att_verdict = "no scratch + attention runs"
+        return
+    differ = recipe_differences(row.recipe, twin.recipe)
+    if len(set(row.views) | set(twin.views)) > 1:
+        differ.insert(0, f"views {_join(row.views)} vs {_join(twin.views)}")
+    if differ:
+        row.att_verdict = "recipes differ (kd vs scratch + attention): " + ", ".join(differ)
+        return
+    for reading, acc, twin_acc in (("last", row.acc, twin.acc), ("best", row.best, twin.best)):
+        if "final" in acc and "final" in twin_acc:
+            row.att_delta[reading] = acc["final"].mean - twin_acc["final"].mean
+    row.att_tests = compare_rows(kd_runs, twin_runs, margin)
+    row.att_verdict = "" if row.att_tests else "no paired seeds"
 
 
 def aggregate(
@@ -325,8 +411,11 @@ def aggregate(
     """Groups FINISHED student runs into rows, with KD - scratch deltas, tests, verdicts and transfer accuracy.
 
     A KD row is compared with the scratch row of the same dataset, student and fraction only when all
-    runs of both share one `views` value; otherwise it gets no deltas and a "mismatched views" verdict.
-    The tests of all rows form one Holm family (`adjust_family`).
+    runs of both share one `views` value and one recipe (`RECIPE`: optimiser, schedule, batch, clip
+    ...); otherwise it gets no deltas and a "mismatched views" or "recipes differ" verdict naming
+    what differs. A distilled row whose student has GKD's attention module is also compared with
+    the "scratch + attention" row, under the same conditions (`att_*`). The tests of all rows form
+    one Holm family (`adjust_family`).
 
     Args:
         student_runs: run dicts (run_id, tags, metrics, status) with role=student.
@@ -352,6 +441,9 @@ def aggregate(
         if row.teacher != SCRATCH:
             twin = _scratch_partner(key, rows)
             _compare_with_scratch(row, rows.get(twin), groups[key], groups.get(twin, []), margin)
+        if row.method in ATTENTION_METHODS and not row.teacher.startswith(SCRATCH):
+            twin = _closest(key, rows, ATTENTION)
+            _compare_with_attention(row, rows.get(twin), groups[key], groups.get(twin, []), margin)
     out = sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher,
                                                r.teacher_run, -r.fraction, r.pair_key))
     adjust_family(out)
@@ -434,23 +526,30 @@ def _stat_headers(margin: float) -> list[str]:
             f"p TOST ±{100 * margin:g}", "TOST Holm", "verdict", f"seeds for ±{100 * margin:g}"]
 
 
-def _acc_cells(row: Row, reading: str) -> list[str]:
-    """One line of the accuracy table; the row's own columns only on its first (last-epoch) line."""
+ATT_HEADER = "Δ vs scratch + attention"
+
+
+def _acc_cells(row: Row, reading: str, attention: bool = False) -> list[str]:
+    """One line of the accuracy table; the row's own columns only on its first (last-epoch) line.
+    `attention`: with the "Δ vs scratch + attention" column (final accuracy, difference of means)."""
     acc, delta = (row.acc, row.delta) if reading == "last" else (row.best, row.best_delta)
     own = [_teacher_label(row), f"{row.fraction:g}", str(len(row.seeds)), f"{row.collapsed}/{len(row.run_ids)}"]
     transfer = [_pct(row.transfer), _signed(row.transfer_delta)]
     if reading != "last":
         own, transfer = [""] * len(own), [""] * len(transfer)
+    att = [_signed(row.att_delta.get(reading))] if attention else []
     return [*own, reading, *(_pct(acc.get(c)) for c in ("final", *STAGES)),
-            *(_signed(delta.get(c)) for c in ("final", *STAGES)), *transfer]
+            *(_signed(delta.get(c)) for c in ("final", *STAGES)), *transfer, *att]
 
 
-def _stat_cells(row: Row) -> list[list[str]]:
-    """Lines of the KD - scratch table for a KD row: one per reading, or one saying why it has none."""
-    if not row.tests:
-        return [[_teacher_label(row), f"{row.fraction:g}", "-", "0", "-", "-", "-", "-", "-", row.verdict or "-", "-"]]
+def _stat_cells(row: Row, against: str = "scratch") -> list[list[str]]:
+    """Lines of the KD - scratch table for a KD row (`against` "attention": the KD - scratch +
+    attention table): one per reading, or one saying why it has none."""
+    tests, why = (row.tests, row.verdict) if against == "scratch" else (row.att_tests, row.att_verdict)
+    if not tests:
+        return [[_teacher_label(row), f"{row.fraction:g}", "-", "0", "-", "-", "-", "-", "-", why or "-", "-"]]
     lines = []
-    for reading, t in row.tests.items():
+    for reading, t in tests.items():
         first = not lines
         lines.append([
             _teacher_label(row) if first else "", f"{row.fraction:g}" if first else "", reading, str(t.n),
@@ -469,19 +568,26 @@ def _render(title: str, headers: list[str], body: list[list[str]], markdown: boo
     return "\n".join([title, fmt.format(*headers), "  ".join("-" * w for w in widths)] + [fmt.format(*c) for c in body])
 
 
+def _family(rows: Sequence[Row]) -> int:
+    return sum(len(r.tests) + len(r.att_tests) for r in rows)
+
+
 def summary(rows: Sequence[Row]) -> str:
     """One sentence: the verdicts per reading, the Holm family and the margin."""
-    family = sum(len(r.tests) for r in rows)
+    family = _family(rows)
     if not family:
         return "No KD row has paired seeds with a scratch twin: nothing was tested."
     parts = []
-    for reading in READINGS:
-        counts = Counter(r.tests[reading].verdict for r in rows if reading in r.tests)
-        if counts:
-            verdicts = (stats.HELPS, stats.HURTS, stats.EQUIVALENT, stats.INCONCLUSIVE)
-            parts.append(f"{READING_NAMES[reading]}: " + ", ".join(f"{counts[v]} {v}" for v in verdicts))
-    return (f"Verdicts ({family} KD-vs-scratch tests in one Holm family, margin ±{100 * _margin(rows):g} points): "
-            + "; ".join(parts) + ".")
+    verdicts = (stats.HELPS, stats.HURTS, stats.EQUIVALENT, stats.INCONCLUSIVE)
+    for kind, what in (("tests", ""), ("att_tests", "vs scratch + attention, ")):
+        for reading in READINGS:
+            counts = Counter(getattr(r, kind)[reading].verdict for r in rows if reading in getattr(r, kind))
+            if counts:
+                parts.append(f"{what}{READING_NAMES[reading]}: " + ", ".join(f"{counts[v]} {v}" for v in verdicts))
+    att = sum(len(r.att_tests) for r in rows)
+    tests = (f"{family} KD-vs-scratch tests" if not att
+             else f"{family - att} KD-vs-scratch and {att} KD-vs-scratch + attention tests")
+    return f"Verdicts ({tests} in one Holm family, margin ±{100 * _margin(rows):g} points): " + "; ".join(parts) + "."
 
 
 def _note(margin: float) -> str:
@@ -503,9 +609,15 @@ def _note(margin: float) -> str:
         "verdict: helps / hurts when p Holm < 0.05 (by the sign of Δ), equivalent when TOST Holm < 0.05 "
         f"instead, else inconclusive. seeds for ±{m}: pairs needed for a 95 % half-width of at most {m} "
         "points at the observed sd of the differences. KD runs that replay a different number of fixed "
-        "views than their scratch runs are not compared (mismatched views). (pcl): students trained inside "
-        "PCL. [gkd]: generative feature KD, [gkd+logit]: GKD with logit KD, scratch + attention: GKD's "
-        "attention module and CVAE without a teacher; all compared with plain scratch."
+        "views than their scratch runs are not compared (mismatched views), nor are rows whose recipes "
+        "differ (recipes differ: the optimiser, schedule, batch, warm-up, epochs, clip or model settings "
+        "that differ, each as kd vs scratch). (pcl): students trained inside "
+        "PCL. [feature]: feature KD (FitNets-style hint loss), [gkd]: generative feature KD, [gkd+logit]: "
+        "GKD with logit KD, [gkd, ad-only|gd-only|no-rec]: GKD with one term off, scratch + attention: "
+        "GKD's attention module and CVAE without a teacher; all compared with plain scratch. "
+        f"{ATT_HEADER}: a row whose student has the attention module against scratch + attention (the "
+        "teacher's own contribution), difference of final means, and paired like KD - scratch, in the "
+        "same Holm family."
     )
 
 
@@ -515,12 +627,18 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
     margin = _margin(rows)
     parts = []
     for (dataset, student), group in _by_student(rows).items():
-        body = [_acc_cells(r, reading) for r in group for reading in READINGS if reading == "last" or r.best]
-        parts.append(_render(f"Student {student} on {dataset}", HEADERS, body, markdown))
+        attention = any(r.att_verdict or r.att_tests for r in group)  # a column only where it applies
+        body = [_acc_cells(r, reading, attention) for r in group for reading in READINGS if reading == "last" or r.best]
+        headers = HEADERS + [ATT_HEADER] if attention else HEADERS
+        parts.append(_render(f"Student {student} on {dataset}", headers, body, markdown))
         kd = [line for r in group if r.teacher != SCRATCH for line in _stat_cells(r)]
         if kd:
             parts.append(_render(f"KD - scratch, paired by seed: student {student} on {dataset}",
                                  _stat_headers(margin), kd, markdown, level="###"))
+        att = [line for r in group if r.att_verdict or r.att_tests for line in _stat_cells(r, "attention")]
+        if att:
+            parts.append(_render(f"KD - scratch + attention, paired by seed: student {student} on {dataset}",
+                                 _stat_headers(margin), att, markdown, level="###"))
     return "\n\n".join(parts + [summary(rows), _note(margin)]) + "\n"
 
 
@@ -539,11 +657,12 @@ def _num(v: float | None) -> str:
     return "" if v is None or math.isnan(v) else f"{v:.6g}"
 
 
-def _test_values(row: Row, reading: str) -> list[Any]:
-    t = row.tests.get(reading)
+def _test_values(row: Row, reading: str, attention: bool = False) -> list[Any]:
+    tests, why = (row.att_tests, row.att_verdict) if attention else (row.tests, row.verdict)
+    t = tests.get(reading)
     if t is None:
-        # Why there is no test (no scratch twin, mismatched views) holds for both readings.
-        return ["", "", "", 0, "", "", "", "", "", "", "" if row.tests else row.verdict, "", ""]
+        # Why there is no test (no scratch twin, mismatched views or recipes) holds for both readings.
+        return ["", "", "", 0, "", "", "", "", "", "", "" if tests else why, "", ""]
     return [_num(t.mean), _num(t.low), _num(t.high), t.n, _num(t.sd), _num(t.p_perm), t.perm_method,
             _num(t.p_holm), _num(t.p_tost), _num(t.p_tost_holm), t.verdict,
             "" if t.seeds_for_margin is None else t.seeds_for_margin,
@@ -559,7 +678,9 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     `monte carlo`, `p_holm`, `p_tost`, `p_tost_holm`, `verdict`, `seeds_for_margin` for a 95 % half-width
     within the margin and `seeds_for_power` for 80 % power at the margin) come once per reading, the
     best-so-far ones prefixed `best_`. `margin` is the equivalence margin, `holm_family` the number of
-    tests Holm's correction ran over; `collapsed` counts the row's collapsed runs.
+    tests Holm's correction ran over; `collapsed` counts the row's collapsed runs. The last columns
+    compare a row whose student has GKD's attention module with "scratch + attention":
+    `delta_final_vs_attention` (and `best_`), and its last-epoch test as `att_<test column>`.
     """
     header = ["dataset", "student", "teacher", "teacher_run", "fraction", "n", "seeds"]
     for prefix in ("", "best_"):
@@ -568,7 +689,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     header += TEST_COLUMNS + [f"best_{c}" for c in TEST_COLUMNS]
     header += ["margin", "holm_family", "collapsed", "views"]
     header += ["transfer_n", "transfer_mean", "transfer_std", "delta_transfer", "epochs_to_scratch_mean", "run_ids"]
-    family = sum(len(r.tests) for r in rows)
+    header += ["delta_final_vs_attention", "best_delta_final_vs_attention"] + [f"att_{c}" for c in TEST_COLUMNS]
+    family = _family(rows)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -584,6 +706,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             t, e = r.transfer, r.epochs_to_scratch
             line += [t.n if t else 0, _num(t.mean if t else None), _num(t.std if t else None), _num(r.transfer_delta),
                      _num(e.mean if e else None), " ".join(r.run_ids)]
+            line += [_num(r.att_delta.get("last")), _num(r.att_delta.get("best"))]
+            line += _test_values(r, "last", attention=True)
             w.writerow(line)
 
 
@@ -663,8 +787,14 @@ def _teacher_accuracy(experiment: str, students: Sequence[dict[str, Any]]) -> di
 
 def report_folder(experiment: str) -> str:
     """The folder (under --out) an experiment's report goes to: its name as one safe path
-    component, so a name like ../x or /etc cannot write outside --out."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).lstrip(".") or "experiment"
+    component, so a name like ../x or /etc cannot write outside --out, and one folder per name:
+    every other character is percent-encoded (a/b is a%2Fb, so it no longer shares a_b's folder,
+    as when both became a_b), and so is a leading dot. Letters, digits, - _ and . stay as they are."""
+    from urllib.parse import quote
+
+    folder = quote(experiment, safe="-_.")
+    dots = len(folder) - len(folder.lstrip("."))
+    return "%2E" * dots + folder[dots:]
 
 
 def reports_experiment(experiment: str) -> str:
@@ -756,7 +886,7 @@ def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN)
     tags = {"role": "report", "source_experiment": experiment, "mlflow.note.content": description}
     with tracking.RunTracker(reports_experiment(experiment), run_name=f"report-{experiment}", tags=tags) as tracker:
         tracker.log_params({"student_runs": len(students), "finetune_runs": len(finetunes), "rows": len(rows),
-                            "margin": margin, "holm_family": sum(len(r.tests) for r in rows),
+                            "margin": margin, "holm_family": _family(rows),
                             **({"detection_runs": len(detectors), "detection_rows": len(det_rows)} if det_rows else {})})
         for path in files:
             tracker.log_artifact(path, "report")

@@ -13,13 +13,15 @@ from typing import Callable
 
 import torch
 
+from kdhar.checkpoint import load_checkpoint
 from kdhar.config import RunConfig
+from kdhar.disk import DiskFullError
 from kdhar.objectives import Objective, Teacher
 from kdhar.training.identity import (HASH_NEUTRAL, config_hash, default_run_name, describe_run, open_tracker,
                                      registered_name)
 from kdhar.training.listeners import listeners_for
 from kdhar.training.listeners.records import EpochClock, clock_text
-from kdhar.training.listeners.checkpoints import BEST_METRIC
+from kdhar.training.listeners.checkpoints import BEST_METRIC, checkpoint_dir
 from kdhar.training.listeners.outcome import CHAMPION_METRIC
 from kdhar.training.listeners.scores import STAGES, plateau_loss, stage_epochs
 from kdhar.training.loop import EpochLoop, StopTraining
@@ -32,7 +34,7 @@ from kdhar.training.splits import Splits, check_same_classes, load_splits
 __all__ = [
     "BEST_METRIC", "CHAMPION_METRIC", "EVAL_REPLAY_BYTES", "EpochClock", "HASH_NEUTRAL", "INIT_MIN_SHARE", "RESUME_ALLOWED", "RESUME_FREE", "STAGES",
     "TRAIN_FRAME_CACHE_BYTES", "ResumeError", "RunResult", "Splits", "StopTraining", "Teacher", "TrainingView",
-    "check_resume", "check_same_classes", "clock_text", "config_hash", "load_init_weights", "default_run_name", "describe_run", "load_compatible",
+    "check_resume", "check_same_classes", "checkpoint_dir", "clock_text", "config_hash", "load_init_weights", "default_run_name", "describe_run", "load_compatible",
     "load_splits", "pick_device", "plateau_loss", "registered_name", "run_training", "stage_epochs",
 ]
 
@@ -89,6 +91,19 @@ def run_training(
     prep = prepare(cfg, role=role, objective=objective, init_state=init_state, init=init, resume=resume,
                    allow_config_change=allow_config_change, workdir=workdir, device=device, progress=progress)
     listeners = listeners_for(prep, workdir=workdir, register=register, epoch_callback=epoch_callback)
-    run = EpochLoop(prep, listeners).run(open_tracker(prep, experiment, run_name, parent_run_id, tags))
+    tracker = open_tracker(prep, experiment, run_name, parent_run_id, tags)
+    try:
+        run = EpochLoop(prep, listeners).run(tracker)
+    except DiskFullError as exc:
+        raise with_resume_hint(exc, Path(workdir) / "checkpoints" / tracker.run_id / "last.pt") from exc.__cause__
     return RunResult(run_id=run.run_id, final=run.final, history=run.history, stopped=run.stopped,
                      model_uri=run.model_uri)
+
+
+def with_resume_hint(exc: DiskFullError, checkpoint: Path) -> DiskFullError:
+    """A full disk's line, plus the checkpoint the run continues from once space is freed (the
+    tracker that ended the run does not know it); unchanged when it names one already or none exists."""
+    if "--resume" in str(exc) or not checkpoint.is_file():
+        return exc
+    epoch = load_checkpoint(checkpoint)["epoch"]
+    return type(exc)(f"{str(exc).rstrip('.')}; to continue it from epoch {epoch}, add --resume {checkpoint}")

@@ -52,3 +52,9 @@ def test_bench_gkd_tiny(bench_gkd, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert [r["config"] for r in saved["rows"]] == [r["config"] for r in rows]
     assert saved["settings"]["batch"] == 2
+    # at GKD's CPU preset, every row's trunks keep a time axis, and the ratio the grid is planned with is printed
+    assert saved["settings"]["keep_time"] == 2 and saved["settings"]["t_prime"] == {"student": 4, "teacher": 4}
+    assert saved["settings"]["teacher_modality"] == "rgb"
+    for variant in ("faithful", "light"):
+        ratio = by_key[("gkd (cvae+net)", variant)]["time_x_kd"]
+        assert f"GKD step / logit-KD step ({variant}): {ratio:.2f}" in printed

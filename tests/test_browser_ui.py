@@ -112,10 +112,13 @@ def _tiny_config(root: Path) -> RunConfig:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     """A teacher, a KD student, its scratch twin and a two-trial tuning study, logged to the
-    shared test server under an experiment of their own."""
+    shared test server under an experiment of their own.
+
+    Session-scoped, like the server: under pytest-xdist a module's tests need not run back to back
+    on their worker, and a module-scoped fixture was then trained twice."""
     work = tmp_path_factory.mktemp("browser_ui")
     root = work / "ucf101"
     generate(root, "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12, size=(48, 64), seed=3))

@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -191,3 +192,58 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+def write_two_bests_killed_at(path, kill_at: int) -> None:
+    """Checkpoints two epochs, each a new validation best, as the checkpoint listener does, and
+    SIGKILLs this process from inside torch.save while best.pt of epoch `kill_at` is being written."""
+    from kdhar.training.listeners.checkpoints import save_epoch
+
+    epoch = 0
+
+    class KillWhileWritingBest:
+        def __reduce_ex__(self, protocol):
+            if epoch == kill_at and any(path.parent.glob(".best.pt.*.tmp")):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return torch.zeros(1).__reduce_ex__(protocol)  # pickled as a plain tensor
+
+    history = []
+    for epoch, val in ((1, 0.5), (2, 0.8)):
+        history.append({"epoch": epoch, "val_video_top1": val})
+        state = {"model": {"w": torch.full((4,), float(epoch)), "mark": KillWhileWritingBest()}, "epoch": epoch,
+                 "history": list(history), "run_id": "r", "classes": ["a"], "arch": "tiny3d", "config": {},
+                 "identity": {"role": "teacher", "method": "supervised", "teacher_uri": "", "teacher_run_id": ""}}
+        save_epoch(path, state, history, None)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2], ids=["first-best", "later-best"])
+def test_sigkill_while_writing_best_leaves_a_pair_that_resumes_and_the_next_start_clears_the_partial_file(
+        tmp_path, kill_at):
+    # best.pt used to be written after last.pt: killed in between, last.pt had the new best epoch
+    # and best.pt the one before it (or nothing), and a resume never wrote the missing best again.
+    from kdhar.training.listeners.checkpoints import Checkpointer
+    from kdhar.training.loop import RunState
+
+    run_dir = tmp_path / "checkpoints" / "r"
+    pid = os.fork()  # a real process, killed for real; forked, so it needs no second torch import
+    if pid == 0:
+        try:
+            write_two_bests_killed_at(run_dir / "last.pt", kill_at)
+        finally:
+            os._exit(3)  # never reached when the kill happens
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    partial = [p for p in leftovers(run_dir) if p.startswith(".best.pt.")]
+    assert len(partial) == 1  # killed in the middle of best.pt's write
+    # What a resume continues from: the epoch after last.pt's, with best.pt the best of last.pt's history.
+    if (run_dir / "last.pt").exists():
+        last = load_checkpoint(run_dir / "last.pt")
+        best_epoch = max(last["history"], key=lambda h: h["val_video_top1"])["epoch"]
+        assert load_checkpoint(run_dir / "best.pt")["epoch"] == best_epoch
+        assert last["epoch"] == kill_at - 1  # the killed epoch trains again and finds its best again
+    else:
+        assert kill_at == 1 and not (run_dir / "best.pt").exists()  # nothing kept: the run starts afresh
+
+    # The resumed run's checkpointer clears what the killed write left.
+    Checkpointer(tmp_path).on_run_start(RunState(prep=None, tracker=None, run_id="r", history=[]))
+    assert leftovers(run_dir) == []

@@ -108,6 +108,40 @@ def test_the_ranks_agree_the_job_restarted_when_only_one_nodes_torchrun_counted_
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["1", "1"]
 
 
+def _bank_updates(rank: int, world: int, port: int, out: str) -> None:
+    """Three global batches of 5 samples through PCL's memory banks; with two ranks, rank 0 scores
+    the first 3 samples of each and rank 1 the last 2."""
+    import torch.nn.functional as F
+
+    from kdhar.objectives.contrast import MemoryBankNCE
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # every rank starts from the same banks, as prepare's broadcast leaves them
+    nce = MemoryBankNCE(10, dim=4, negatives=3)
+    g = torch.Generator().manual_seed(1)
+    part = slice(0, 5) if world == 1 else (slice(0, 3) if rank == 0 else slice(3, 5))
+    for _ in range(3):
+        index = torch.randperm(10, generator=g)[:5]
+        z0, z2 = (F.normalize(torch.randn(5, 4, generator=g), dim=1) for _ in range(2))
+        nce(z0[part], z2[part], index[part])
+    torch.save({"bank0": nce.bank0, "bank2": nce.bank2}, Path(out) / f"bank{world}-{rank}.pt")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_update_the_memory_banks_with_the_whole_global_batch_as_one_process_does(tmp_path):
+    _bank_updates(0, 1, 0, str(tmp_path))
+    mp.start_processes(_bank_updates, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    single = torch.load(tmp_path / "bank1-0.pt")
+    for rank in range(2):  # each rank holds every rank's updates, uneven shares included
+        banks = torch.load(tmp_path / f"bank2-{rank}.pt")
+        for name in ("bank0", "bank2"):
+            torch.testing.assert_close(banks[name], single[name], rtol=0, atol=1e-6)
+
+
 def test_each_rank_gets_its_part_of_every_global_batch():
     from kdhar.data.dataset import EpochSampler
 

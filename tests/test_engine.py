@@ -257,6 +257,25 @@ def test_set_determinism_seeds_and_reports():
         torch.use_deterministic_algorithms(previous)
 
 
+def test_plateau_follows_torchs_reduce_lr_on_plateau_threshold_included():
+    from kdhar.engine import Plateau
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.01)
+    # PCL's code: ReduceLROnPlateau(optimizer, 'min', min_lr=1e-5, patience=..., factor=0.1), torch's
+    # default relative threshold 1e-4: a loss creeping down by less than that is a plateau.
+    torch_rule = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.1, patience=2, min_lr=1e-5)
+    plateau = Plateau(0.01, patience=2)
+    losses = [1.0 - 1e-5 * i for i in range(6)] + [0.9, 0.8, 0.79999, 0.79998, 0.79997, 0.79996]
+    ours, theirs = [], []
+    for loss in losses:
+        plateau.step(loss)
+        torch_rule.step(loss)
+        ours.append(0.01 * plateau.scale)
+        theirs.append(opt.param_groups[0]["lr"])
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert theirs[3] == pytest.approx(0.001) and theirs[-1] == pytest.approx(0.0001)  # both creeps are plateaus
+
+
 def test_plateau_cuts_the_lr_tenfold_after_patience_epochs_without_a_new_minimum():
     from kdhar.engine import Plateau
 

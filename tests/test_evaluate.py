@@ -91,3 +91,12 @@ def test_residual_modality_travels_with_the_logged_model(local_tracking, tiny_se
                      experiment="eval", progress=False)
     params = client.get_run(tuned.run_id).data.params
     assert params["model.modality"] == "res" and params["clip.crop"] == "32"
+
+    # Told another modality, it refuses before any run starts, rather than feeding rgb clips to
+    # filters trained on residual frames.
+    runs_before = len(client.search_runs([client.get_experiment_by_name("eval").experiment_id]))
+    rgb = RunConfig(data=cfg.data, clip=ClipConfig(), model=ModelConfig(modality="rgb"), optim=cfg.optim)
+    with pytest.raises(ValueError, match=r"was trained on res input, so it fine-tunes on res input: --modality rgb "
+                                         r"cannot apply to it; leave --modality out"):
+        finetune(f"runs:/{res.run_id}", rgb, experiment="eval", progress=False, explicit=frozenset({"modality"}))
+    assert len(client.search_runs([client.get_experiment_by_name("eval").experiment_id])) == runs_before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -64,28 +65,44 @@ def test_spec_values_are_checked_before_any_cell(changes, match):
         parse_spec(minimal(**changes))
 
 
-def test_tuned_study_settings_reach_the_distilled_cells_only(tmp_path, monkeypatch):
-    import optuna
-
-    from kdhar.experiments import with_tuned
-
-    monkeypatch.chdir(tmp_path)  # the default Optuna storage is ./optuna.db
-    study = optuna.create_study(study_name="best", storage="sqlite:///optuna.db", direction="maximize")
-    for value, params in ((0.4, {"tau": 2.0, "alpha": 0.3, "lr": 0.01}), (0.6, {"tau": 3.0, "alpha": 0.7, "lr": 0.005})):
-        dist = {k: optuna.distributions.FloatDistribution(0.001, 10) for k in params}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=value))
-    spec = with_tuned(parse_spec(minimal(tuned="best", teachers=["c3d"], students=["tiny3d"], seeds=[0], fractions=[1])))
-    cells = {c.wave: c for c in plan(spec)}
-    assert (cells["kd"].cfg.kd.tau, cells["kd"].cfg.kd.alpha, cells["kd"].cfg.optim.lr) == (3.0, 0.7, 0.005)
-    assert cells["scratch"].cfg.optim.lr == 0.02  # the scratch twin keeps the CE-tuned preset lr
-    assert cells["teacher"].cfg.optim.lr == 0.02
-    with pytest.raises(ValueError, match="no study 'missing'"):
-        with_tuned(parse_spec(minimal(tuned="missing")))
-
-
 def test_self_distill_adds_same_architecture_pairs():
     cells = plan(parse_spec(minimal(self_distill=True, teachers=["c3d"], students=["c3d"], seeds=[0], fractions=[1])))
     assert [(c.role, c.teacher) for c in cells] == [("teacher", "none"), ("student", "none"), ("student", "c3d")]
+
+
+def test_teacher_recipes_and_seeds_give_one_kd_cell_per_teacher_run():
+    # One architecture teaching from RGB and from residual frames, each trained with two seeds.
+    spec = parse_spec(minimal(teachers=["c3d", {"arch": "c3d", "name": "c3d-res", "modality": "res", "epochs": 4}],
+                              teacher_overrides={"epochs": 3}, teacher_seeds=[0, 1], students=["tiny3d"],
+                              fractions=[0.5], seeds=[0, 1, 2]))
+    cells = plan(spec)
+    teachers = [(c.teacher_id, c.seed, c.cfg.model.modality, c.cfg.optim.epochs) for c in cells if c.role == "teacher"]
+    assert teachers == [("c3d-s0", 0, "rgb", 3), ("c3d-s1", 1, "rgb", 3), ("c3d-res-s0", 0, "res", 4),
+                        ("c3d-res-s1", 1, "res", 4)]
+    kd = [c for c in cells if c.wave == "kd"]
+    assert len(kd) == 4 * 3 and {c.teacher for c in kd} == {t[0] for t in teachers}
+    assert all(c.cfg.model.modality == "rgb" for c in cells if c.role == "student")  # students see RGB frames
+    assert [c.label() for c in cells[:3:2]] == ["teacher c3d-s0 (c3d)", "teacher c3d-res-s0 (c3d)"]
+    # One run per architecture (the old form) keeps the architecture as the name, and so its cells' hashes.
+    old = plan(parse_spec(minimal(teachers=["c3d"], students=["tiny3d"], seeds=[0], fractions=[1.0])))
+    assert [(c.teacher_id, c.teacher) for c in old] == [("c3d", "none"), ("tiny3d", "none"), ("tiny3d", "c3d")]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teachers": ["c3d", "c3d"]}, "c3d given more than once; name each recipe"),
+    ({"teachers": [{"name": "x"}]}, "needs an arch"),
+    ({"teachers": [{"arch": "c3d", "name": "c3d-res", "crop": 32}]}, "teachers.c3d-res may not set crop"),
+    ({"teachers": [{"arch": "c3d", "name": "scratch"}]}, "name 'scratch' must be"),
+    ({"teachers": [{"arch": "c3dd"}]}, "unknown architecture c3dd"),
+    ({"teacher_seed": 0, "teacher_seeds": [0, 1]}, "teacher_seed or teacher_seeds, not both"),
+    ({"teacher_seeds": [1, 1]}, "teacher_seeds: 1 given more than once"),
+    ({"tuned": {"r2plus1d_18": "s"}}, "tuned: 'r2plus1d_18' is not one of scratch, kd, c3d, r3d_18"),
+    ({"tuned": {"kd": []}}, "tuned.kd: .* must be a study name or a list of them"),
+    ({"tuned": 3}, "tuned: 3 must be a study made by `kdhar tune` or a mapping"),
+])
+def test_teacher_and_tuned_mistakes_name_the_key(changes, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(minimal(**changes))
 
 
 def test_run_config_applies_preset_then_overrides():
@@ -141,6 +158,8 @@ def test_hash_separates_teachers_and_sources():
         ({"teacher_seed": 1.7}, "teacher_seed: 1.7 is not a whole number"),
         ({"dataset": {"name": "ucf101", "root": "r", "split": 1.7}}, "dataset.split: 1.7 is not a whole number"),
         ({"dataset": {"name": "ucf101", "root": "r", "split": "2"}}, "dataset.split: '2' is not a whole number"),
+        ({"dataset": {"name": "ucf101", "root": "r", "split": 7}}, "dataset.split: 7 is not one of the official splits 1, 2, 3"),
+        ({"transfer": {"name": "hmdb51", "root": "h", "split": 0}, "finetune": True}, "transfer.split: 0 is not one of"),
     ],
 )
 def test_spec_mistakes_name_the_key(change, message):
@@ -223,6 +242,36 @@ def test_pcl_at_the_papers_size_takes_table_1():
     assert cfg.model.modality == "res" and cfg.optim.warmup == 0.0
 
 
+@pytest.mark.parametrize("size", ["cpu", "paper"])
+def test_pcl_runs_take_the_pcl_codes_protocol_by_default(size):
+    from kdhar.experiments import DatasetSpec
+
+    def cfg(**overrides):
+        return build_run_config("r3d_10", size=size, overrides=overrides, dataset=DatasetSpec("ucf101", "x"),
+                                fraction=0.25, seed=0)
+
+    pcl = cfg(ssl="pcl")
+    # Every training video trains (the self-supervised validation loss selects), ImageNet
+    # normalisation, no warm-up, upstream's plateau threshold and retrieval pooling, fp32 logits.
+    assert (pcl.data.val_fraction, pcl.clip.normalize, pcl.optim.warmup) == (0.0, "imagenet", 0.0)
+    assert (pcl.optim.plateau_threshold, pcl.pcl.retrieval_pool, pcl.pcl.fp32_logits) == (1e-4, "floor", True)
+    # Each is a switch; the runs without PCL keep theirs.
+    assert cfg(ssl="pcl", val_fraction=0.1, normalize="half").data.val_fraction == 0.1
+    assert cfg(ssl="pcl", normalize="half").clip.normalize == "half"
+    plain = cfg()
+    assert (plain.data.val_fraction, plain.clip.normalize) == (0.1, "half")
+
+
+def test_a_pcl_grid_distils_by_eq_7_and_its_teachers_and_fine_tunes_see_the_students_normalisation():
+    spec = parse_spec(minimal(seeds=[0], fractions=[0.25], ssl="pcl", overrides={"epochs": 3}, finetune=True,
+                              transfer={"name": "hmdb51", "root": "data/hmdb51"}))
+    assert (spec.weighting, spec.lam) == ("sum", 1.0)  # the paper's Eq. 7, lambda 1
+    assert {c.cfg.clip.normalize for c in plan(spec)} == {"imagenet"}  # teachers, students, fine-tunes
+    assert parse_spec(minimal(ssl="pcl", weighting="mix")).weighting == "mix"
+    assert parse_spec(minimal()).weighting == "mix"  # plain KD grids keep theirs
+    assert {c.cfg.clip.normalize for c in plan(parse_spec(minimal()))} == {"half"}
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"ssl": "simclr"}, "ssl: 'simclr' must be one of none, pcl"),
     ({"overrides": {"ssl": "pcl"}}, "ssl goes at the top of the spec"),
@@ -234,11 +283,25 @@ def test_pcl_and_fraction_spec_mistakes_name_the_key(changes, message):
         parse_spec(minimal(**changes))
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml",
+                                  "pcl-replication.yaml"])
 def test_shipped_specs_parse(name):
     spec = load_spec(REPO / "experiments" / name)
     cells = plan(spec)
     assert cells[0].role == "teacher"
+    students = [c for c in cells if c.role == "student"]
+    if name == "cpu.yaml":
+        # Equal optimiser-step budgets across fractions, >= 2 runs of each teacher recipe (RGB and
+        # residual frames), >= 20 paired seeds, an RGB student at width 4.
+        assert {c.fraction: c.fraction * c.cfg.optim.epochs for c in students} == {0.5: 3.0, 0.25: 3.0}
+        teachers = [(c.teacher_id, c.cfg.model.modality) for c in cells if c.role == "teacher"]
+        assert teachers == [("c3d-rgb-s0", "rgb"), ("c3d-rgb-s1", "rgb"), ("c3d-res-s0", "res"), ("c3d-res-s1", "res")]
+        assert len(spec.seeds) >= 20 and {(c.arch, c.cfg.model.width, c.cfg.model.modality) for c in students} == {
+            ("c3d", 4, "rgb")}
+        assert len(students) == len(spec.seeds) * 2 * (1 + len(teachers))
+    if name == "pcl-replication.yaml":
+        assert {(c.arch, c.cfg.model.width, c.fraction, c.cfg.pcl.ssl) for c in students} == {("c3d", 4, 0.25, "pcl")}
+        assert len(spec.seeds) >= 15 and len(students) == 2 * len(spec.seeds)
     if name == "paper.yaml":
         assert spec.students == ["c3d", "r3d_18", "r2plus1d_18"] and spec.fractions == [1.0, 0.5, 0.25, 0.02]
         assert spec.finetune and spec.transfer.name == "hmdb51"
@@ -287,6 +350,15 @@ def write_spec(root: Path, name: str, **changes) -> Path:
     path = root / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_a_cpu_crop_larger_than_the_videos_is_refused_before_any_cell(store):
+    from kdhar.experiments import run_grid
+
+    # At size cpu the resize follows the crop, so only the videos' own 32x48 frames can bound it.
+    path = write_spec(store, "big-crop.yaml", experiment="big-crop", overrides={**TINY, "crop": 40})
+    with pytest.raises(SpecError, match=r"big-crop.yaml: crop=40: larger than the 32x48 frames of the videos"):
+        run_grid(path, log=lambda line: None)
 
 
 def test_grid_runs_resumes_and_reports(store):
@@ -461,6 +533,52 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
     for run_id in reached:  # every epoch trained once: resumed where the checkpoint was, not from 0
         assert sorted({step for step, _ in tracking.metric_history(run_id, "train_loss")}) == list(range(1, 301))
     assert students("KILLED") == students("RUNNING") == students("FAILED") == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_outright_is_one_line_naming_its_cell_and_its_run_is_ended(store):
+    """A pool worker SIGKILLed mid-cell (as the out-of-memory killer does) broke the pool: the grid
+    died with BrokenProcessPool's traceback and the cell's run stayed RUNNING. Now one line names the
+    cell and its run, which is ended KILLED and resumes from its checkpoint on the next grid run."""
+    from kdhar import tracking
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.experiments import interrupted_run
+
+    exp = "worker-killed"
+    spec = write_spec(store, "w.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=False,
+                      overrides={**TINY, "epochs": 300})
+
+    def training_worker():
+        # The teacher's run and the pid of the worker training it, once its first checkpoint is written.
+        for run in tracking.find_runs(exp, "tags.role = 'teacher' and attributes.status = 'RUNNING'"):
+            path = store / "runs" / "checkpoints" / run["run_id"] / "last.pt"
+            try:
+                if path.exists() and load_checkpoint(path)["epoch"] >= 1:
+                    return run["run_id"], int(run["tags"]["pid"])
+            except Exception:  # noqa: BLE001 - being written; look again
+                pass
+        return None
+
+    proc = subprocess.Popen([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--workers", "2"],
+                            cwd=store, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id, worker = _wait_for(training_worker, 180, "the teacher's worker to write a checkpoint")
+        assert worker != proc.pid and _alive(worker)
+        os.kill(worker, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("Error: a grid worker process was killed"), err
+    assert f"while training teacher tiny3d (run {run_id})" in lines[-1] and "ended KILLED" in lines[-1]
+    assert "run the same `kdhar experiment run` again to resume" in lines[-1]
+    assert tracking.run_status(run_id) == "KILLED"
+    assert tracking.find_runs(exp, "attributes.status = 'RUNNING'") == []  # no claim or run left behind
+    (teacher,) = [c for c in plan(load_spec(spec)) if c.role == "teacher"]
+    key = cell_hash(teacher)
+    assert interrupted_run(exp, teacher, key, log=lambda _: None) == f"runs/checkpoints/{run_id}/last.pt"
 
 
 def test_report_on_missing_or_empty_experiment(store):

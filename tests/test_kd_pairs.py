@@ -4,6 +4,7 @@ a cache keyed by the teacher's weights, and collapsed runs flagged."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,24 @@ def tiny_config(root: Path, arch: str = "tiny3d", epochs: int = 2, **optim) -> R
     )
 
 
+@pytest.fixture(scope="module")
+def teacher_store(tiny_set, tmp_path_factory) -> tuple[Path, str]:
+    """A SQLite store holding one trained (and registered) tiny3d teacher, trained once per module."""
+    work = tmp_path_factory.mktemp("pairs-teacher")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        mp.chdir(work)  # artifacts under ./mlruns, checkpoints under ./runs
+        res = run_training(tiny_config(tiny_set, epochs=2), role="teacher", experiment="pairs", progress=False)
+    return work / "mlflow.db", res.run_id
+
+
 @pytest.fixture
-def teacher_run(local_tracking, tiny_set) -> str:
-    res = run_training(tiny_config(tiny_set, epochs=2), role="teacher", experiment="pairs", progress=False)
-    return res.run_id
+def teacher_run(local_tracking, teacher_store) -> str:
+    """The module's teacher in this test's own store: a copy of the teacher's store (its artifacts
+    stay where the teacher logged them), so each test starts from the same runs and registry."""
+    db, run_id = teacher_store
+    shutil.copyfile(db, local_tracking.removeprefix("sqlite:///"))
+    return run_id
 
 
 def _metrics(uri: str, run_id: str) -> dict[str, float]:

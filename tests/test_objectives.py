@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdhar.models import build_model
-from kdhar.objectives import KDStep, SupervisedStep, is_stuck, kd_term, uniform_kd_term
+from kdhar.objectives import KDStep, SupervisedStep, balance_scale, is_stuck, kd_term, uniform_kd_term
 
 
 class FixedLogits(torch.nn.Module):
@@ -162,6 +162,43 @@ def test_mix_halves_the_step_of_sum_at_alpha_one_half():
     torch.testing.assert_close(grads["mix"], grads["sum"] / 2)
 
 
+def logit_grad(loss_of, logits: torch.Tensor) -> torch.Tensor:
+    z = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(z), z)
+    return grad
+
+
+def test_balanced_soft_gradient_at_the_logits_matches_cross_entropys():
+    # By autograd, not by balance_scale's own closed form: s * tau^2 * KL has CE's gradient norm.
+    s = balance_scale(STUDENT, TEACHER, LABELS, 4.0)
+    assert 1 / 16 < s.item() < 1  # inside the clamp, so the balance is exact
+    g_ce = logit_grad(lambda z: F.cross_entropy(z, LABELS), STUDENT)
+    g_soft = logit_grad(lambda z: s * kd_term(z, TEACHER, 4.0), STUDENT)
+    assert g_soft.norm().item() == pytest.approx(g_ce.norm().item(), rel=1e-5)
+    # At alpha 0.5 the whole loss's gradient is then half of CE's plus half of an equal-sized term:
+    # never more than CE's, where mix at alpha 0.5 would add half of the raw soft term's.
+    step = KDStep(FixedLogits(STUDENT), FixedLogits(TEACHER), tau=4.0, weighting="balanced", alpha=0.5)
+    out = step(index_clips(4), LABELS)
+    out["loss"].backward()
+    assert step.student.logits.grad.norm().item() <= g_ce.norm().item() * (1 + 1e-6)
+    assert out["kd_balanced_loss"].item() == pytest.approx(s.item() * out["kd_loss"].item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(0.5 * out["task_loss"].item() + 0.5 * out["kd_balanced_loss"].item(), rel=1e-6)
+
+
+def test_balanced_scale_stays_between_plain_kl_and_hintons_term():
+    teacher_like = TEACHER * 1.0
+    # A student that matches its teacher's soft targets: no soft gradient, the scale stops at 1.
+    assert balance_scale(teacher_like, TEACHER, LABELS, 4.0).item() == 1.0
+    # A student that fits its labels almost exactly (CE's gradient near 0): the scale stops at 1/tau^2.
+    certain = F.one_hot(LABELS, 3).float() * 50
+    assert balance_scale(certain, TEACHER, LABELS, 4.0).item() == pytest.approx(1 / 16)
+    # Below tau 1 the bounds swap places (1/tau^2 > 1).
+    assert balance_scale(certain, TEACHER, LABELS, 0.5).item() == pytest.approx(1.0)
+    # The scale carries no gradient: it reweighs the soft term, it is not trained on.
+    z = STUDENT.clone().requires_grad_(True)
+    assert not balance_scale(z, TEACHER, LABELS, 4.0).requires_grad
+
+
 def test_stuck_is_chance_accuracy_after_half_the_epochs_whatever_the_loss_did():
     # 10 classes: chance 0.10, the limit 1.5x chance = 0.15; judged from the 50th step on.
     assert is_stuck(train_acc=0.15, num_classes=10, share_done=0.5, steps_done=50)  # every edge counts
@@ -203,5 +240,7 @@ def test_factory_builds_supervised_without_a_teacher_and_logs_only_acting_knobs(
     assert kd.params == {"kd.tau": 4.0, "kd.weighting": "mix", "kd.alpha": 0.3}  # no kd.lam: it does not act
     assert kd.tags["teacher_run_id"] == "abc" and kd.soft_term == "kd_loss"
     assert build_objective(RunConfig(kd=KDConfig(weighting="sum")), teacher).params["kd.lam"] == 1.0
+    assert build_objective(RunConfig(kd=KDConfig(weighting="balanced", alpha=0.4)), teacher).params == {
+        "kd.tau": 4.0, "kd.weighting": "balanced", "kd.alpha": 0.4}
     with pytest.raises(ValueError, match="--views 4"):
         build_objective(cfg, teacher, cache_teacher=True)  # a cache without replayed views

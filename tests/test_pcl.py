@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, PCLConfig, RunConfig
+from kdhar.data.index import load_index
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.models import build_model
 from kdhar.objectives import build_objective
@@ -125,10 +126,67 @@ def test_every_registry_backbone_trains_inside_pcl_from_a_teacher_of_another_arc
     assert all(p.grad is not None for p in step.model.backbone.parameters() if p.requires_grad)
 
 
-def test_a_resumable_pcl_checkpoint_holds_the_heads_but_not_the_model_twice():
+def test_a_resumable_pcl_checkpoint_holds_the_heads_and_banks_but_not_the_model_twice():
     heads = _heads(make_step())
-    assert {k.split(".")[0] for k in heads} == {"pretext_head", "projector"}
-    assert not any(k.startswith("nce.") for k in heads)  # memory banks are not checkpointed (upstream)
+    assert {k.split(".")[0] for k in heads} == {"pretext_head", "projector", "nce"}
+    assert {k for k in heads if k.startswith("nce.")} == {"nce.bank0", "nce.bank2"}
+
+
+def test_a_resumed_pcl_run_continues_with_the_memory_banks_it_checkpointed(tmp_path):
+    from types import SimpleNamespace
+
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.training.listeners.checkpoints import Checkpointer
+    from kdhar.training.loop import Epoch, RunState
+    from kdhar.training.prepare import Optimisers, _restore
+
+    def prepared(step):
+        return SimpleNamespace(model=step.model, step=step, optimisers=Optimisers.build(step, OptimConfig(), 1),
+                               cfg=RunConfig(pcl=PCLConfig(ssl="pcl")), objective=SimpleNamespace(teacher=None),
+                               splits=SimpleNamespace(classes=["a", "b", "c"]), ddp=None)
+
+    trained = make_step()
+    b = tuple_batch()
+    for _ in range(2):  # the banks move away from their random start
+        trained(b["clips"], b["label"], b["pretext"], b["index"])
+    checkpointer = Checkpointer(tmp_path)
+    run = RunState(prepared(trained), tracker=None, run_id="r", history=[{"epoch": 1}])
+    checkpointer.on_run_start(run)
+    checkpointer.on_epoch_end(run, Epoch(0, {}, {}))
+
+    torch.manual_seed(7)  # a fresh process: other random banks
+    fresh = PCLStep(build_model("tiny3d", 3, width=4, dropout=0.0), num_rows=6, pcl=PCLConfig(ssl="pcl", negatives=8))
+    assert not torch.equal(fresh.nce.bank0, trained.nce.bank0)
+    _restore(prepared(fresh), load_checkpoint(tmp_path / "checkpoints" / "r" / "last.pt"))
+    for name in ("bank0", "bank2"):
+        assert torch.equal(getattr(fresh.nce, name), getattr(trained.nce, name)), name
+
+
+def test_contrastive_logits_are_float32_under_bf16_autocast():
+    from kdhar.objectives.contrast import MemoryBankNCE
+
+    z0, z2 = (F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(s)), dim=1) for s in (1, 2))
+    index = torch.arange(4)
+    losses = {}
+    for name, enabled in (("bf16", True), ("fp32", False)):
+        torch.manual_seed(0)  # the same banks and negatives each time
+        nce = MemoryBankNCE(6, dim=16, negatives=8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            losses[name] = nce(z0, z2, index)
+    for term in ("nce0_loss", "nce2_loss"):  # bf16 logits near 1/0.07 = 14 come in steps of 1/16
+        torch.testing.assert_close(losses["bf16"][term], losses["fp32"][term], rtol=0, atol=1e-6)
+    draw = torch.randint(6, (4, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (*nce.logits(z0, z2, draw), *nce.logits(z0.bfloat16(), z2.bfloat16(), draw))
+    assert all(t.dtype == torch.float32 for t in logits)
+    # In the step, the projector runs in float32 too: its term under autocast is the float32 one.
+    terms = {}
+    for name, enabled in (("bf16", True), ("fp32", False)):
+        step = make_step()  # same weights, banks and random draws each time
+        pooled = torch.randn(4, 3, step.model.head.fc.in_features)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            terms[name] = step.contrastive(pooled, index, {})
+    torch.testing.assert_close(terms["bf16"], terms["fp32"], rtol=0, atol=1e-5)
 
 
 def test_factory_names_methods_and_refuses_impossible_combinations():
@@ -160,17 +218,114 @@ def test_retrieval_counts_a_hit_when_any_of_the_k_nearest_shares_the_class():
     gallery_labels = np.array([0, 1, 2, 0])
     query = np.array([[2.0, 0.1], [0.1, 3.0], [-1.0, 0.0]])
     query_labels = np.array([1, 1, 2])
-    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 10))
+    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 4, 10))
     # Independently: rank the gallery by cosine similarity for each query.
     expected = {}
-    for k in (1, 2, 3, 10):
+    for k in (1, 2, 3):
         count = 0
         for q, label in zip(query, query_labels):
             sims = gallery @ q / (np.linalg.norm(gallery, axis=1) * np.linalg.norm(q))
             count += label in gallery_labels[np.argsort(-sims)[:k]]
         expected[f"retrieval_top{k}"] = count / len(query)
     assert hits == pytest.approx(expected)
-    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top10"] == 1.0
+    assert hits["retrieval_top1"] == pytest.approx(1 / 3) and hits["retrieval_top3"] == 1.0
+
+
+def test_retrieval_reports_no_k_that_spans_the_whole_gallery():
+    # 12 gallery videos of 3 classes: from k = 12 on every query sees all of them, so top-20 and
+    # top-50 would read 1.0 whatever the features; only the k below the gallery's size are scores.
+    rng = np.random.default_rng(0)
+    gallery, gallery_labels = rng.normal(size=(12, 8)), np.arange(12) % 3
+    query, query_labels = rng.normal(size=(6, 8)), np.arange(6) % 3
+    hits = topk_hits(query, query_labels, gallery, gallery_labels)
+    assert sorted(hits) == ["retrieval_top1", "retrieval_top10", "retrieval_top5"]
+    assert sorted(topk_hits(query, query_labels, gallery[:5], gallery_labels[:5])) == ["retrieval_top1"]
+
+
+def test_retrieval_features_are_upstreams_9216_for_r3d_10_clips_of_10_frames_at_112():
+    from kdhar.retrieval import clip_feature
+
+    torch.manual_seed(0)
+    model = build_model("r3d_10", 101, width=64, modality="res").eval()
+    with torch.no_grad():
+        maps = model.forward_features(torch.randn(1, 3, 10, 112, 112))
+    assert maps.shape[1:] == (512, 2, 7, 7)
+    assert clip_feature(maps).shape == (1, 9216)  # MaxPool3d((1, 2, 2)) drops the 7th row and column
+    assert clip_feature(maps, "ceil").shape == (1, 16384)
+    assert clip_feature(torch.randn(2, 16, 1, 1, 1)).shape == (2, 16)  # a 1-wide map is not emptied
+
+
+def test_pcl_distillation_weighs_kd_by_eq_7_unless_told_otherwise():
+    from kdhar.cli import kd_settings
+
+    assert kd_settings(None, None, None, None, "pcl")["weighting"] == "sum"  # CE + 1 * KD
+    assert kd_settings(None, None, None, None, "none")["weighting"] == "mix"
+    assert kd_settings(None, "mix", 0.5, None, "pcl")["weighting"] == "mix"
+
+
+def test_a_teacher_trained_on_otherwise_normalised_clips_is_refused_naming_the_fix():
+    from kdhar.distill import check_teacher_clips
+
+    teacher = Teacher(model=build_model("tiny3d", 3, width=4), uri="runs:/t", classes=["a", "b", "c"], normalize="half")
+    student = RunConfig(clip=ClipConfig(normalize="imagenet"))
+    with pytest.raises(ValueError, match="normalised 'half' but the student's are 'imagenet'.*--normalize half"):
+        check_teacher_clips(teacher, student)
+    check_teacher_clips(dataclasses.replace(teacher, normalize="imagenet"), student)
+
+
+def test_imagenet_normalisation_uses_imagenets_mean_and_std():
+    from kdhar.data.transforms import apply_params, draw_params
+
+    frames = np.full((2, 8, 8, 3), 128, dtype=np.uint8)
+    params = draw_params(None, (8, 8), None, 8, augment=False)
+    x = apply_params(frames, params, "imagenet")
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(x[:, 0, 0, 0], (128 / 255 - mean) / std)
+    assert torch.allclose(apply_params(frames, params), torch.tensor((128 / 255 - 0.5) / 0.5), atol=1e-6)  # "half"
+
+
+def test_a_bank_smaller_than_its_negatives_is_tagged_and_said_in_one_line(capsys):
+    cfg = RunConfig(pcl=PCLConfig(ssl="pcl", negatives=1024))
+    small = build_objective(cfg)
+    small.make_step(build_model("tiny3d", 3, width=4), 190)  # a 2 % share of UCF101
+    assert (small.tags["bank_rows"], small.tags["bank_below_negatives"]) == ("190", "true")
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "190 rows" in line and "fewer than its 1024 negatives" in line
+    large = build_objective(cfg)
+    large.make_step(build_model("tiny3d", 3, width=4), 2000)
+    assert large.tags["bank_below_negatives"] == "false" and capsys.readouterr().err == ""
+
+
+def test_stages_read_the_test_accuracy_at_the_lowest_ssl_validation_loss_beside_last_and_best():
+    from types import SimpleNamespace
+
+    from kdhar.training.listeners.scores import StageAccuracy
+    from kdhar.training.loop import Epoch, RunState
+
+    listener = StageAccuracy(4, "ssl_val_pretext_loss")  # stages after epochs 1, 3 and 4
+    run = RunState(SimpleNamespace(), tracker=None, run_id="r", history=[])
+    for index, (acc, loss) in enumerate([(0.2, 1.0), (0.5, 0.7), (0.4, 0.8), (0.6, 0.75)]):
+        epoch = Epoch(index, {}, {"test_video_top1": acc, "ssl_val_pretext_loss": loss})
+        listener.on_epoch_metrics(run, epoch)
+        run.history.append({"epoch": epoch.done, **epoch.metrics})
+    early, mid, late = run.history[0], run.history[2], run.history[3]
+    assert (early["acc_early"], early["best_acc_early"], early["sel_acc_early"]) == (0.2, 0.2, 0.2)
+    assert (mid["acc_mid"], mid["best_acc_mid"], mid["sel_acc_mid"], mid["sel_epoch_mid"]) == (0.4, 0.5, 0.5, 2.0)
+    assert (late["acc_late"], late["best_acc_late"], late["sel_acc_late"], late["sel_epoch_late"]) == (0.6, 0.6, 0.5, 2.0)
+
+
+def test_best_pt_of_a_pcl_run_is_the_epoch_of_lowest_ssl_validation_loss(tmp_path):
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.training.listeners.checkpoints import save_epoch
+
+    path, history = tmp_path / "last.pt", []
+    for epoch, loss in enumerate([1.0, 0.7, 0.8, 0.7], start=1):
+        history.append({"epoch": epoch, "ssl_val_pretext_loss": loss, "test_video_top1": 0.1 * epoch})
+        state = {"model": {"w": torch.full((1,), float(epoch))}, "epoch": epoch, "run_id": "r", "classes": ["a"],
+                 "arch": "tiny3d", "config": {}}
+        save_epoch(path, state, history, None, "ssl_val_pretext_loss")
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2 and best["ssl_val_pretext_loss"] == 0.7  # a tie later does not replace it
 
 
 # ---------------------------------------------------------------- runs on real (synthetic) videos
@@ -190,12 +345,29 @@ def pcl_set(tmp_path_factory) -> Path:
 def pcl_config(root: Path, ssl: str = "pcl", epochs: int = 2) -> RunConfig:
     return RunConfig(
         data=DataConfig(root=str(root), num_workers=0, val_fraction=0.2),
-        clip=ClipConfig(clip_len=4, frame_interval=1, test_clips=2, resize=(40, 53), crop=32, augment=False, hflip=False),
+        clip=ClipConfig(clip_len=4, frame_interval=1, test_clips=2, resize=(40, 53), crop=32, augment=False, hflip=False,
+                        normalize="imagenet"),  # what distill --ssl pcl normalises with, teacher included
         model=ModelConfig(arch="tiny3d", width=4, dropout=0.0, modality="res"),
         optim=OptimConfig(epochs=epochs, batch_size=8, threads=1, lr=0.02),
         kd=KDConfig(),
         pcl=PCLConfig(ssl=ssl, interval=1, negatives=16),
     )
+
+
+def test_retrieval_gallery_is_the_whole_training_list_whatever_the_fraction_and_hold_out(pcl_set):
+    from kdhar.retrieval import retrieval_on_splits
+    from kdhar.training.splits import load_splits
+
+    part_cfg = pcl_config(pcl_set)
+    part_cfg = dataclasses.replace(part_cfg, data=dataclasses.replace(part_cfg.data, fraction=0.25, val_fraction=0.2))
+    whole_cfg = dataclasses.replace(part_cfg, data=dataclasses.replace(part_cfg.data, fraction=1.0, val_fraction=0.0))
+    part, whole = load_splits(part_cfg), load_splits(whole_cfg)
+    assert len(part.train.samples) + len(part.val.samples) < len(whole.train.samples)
+    torch.manual_seed(0)
+    model = build_model("tiny3d", 3, width=4, modality="res")
+    scores = retrieval_on_splits(model, part_cfg, part, "cpu")
+    assert scores["retrieval_gallery_videos"] == len(whole.train.samples)
+    assert scores == retrieval_on_splits(model, whole_cfg, whole, "cpu")
 
 
 @pytest.mark.slow
@@ -234,8 +406,13 @@ def test_pretrain_then_distill_inside_pcl_log_every_term_and_the_encoder_carries
     assert set(students) == {"pcl", "pcl+kd-logit"}
     kd = students["pcl+kd-logit"]
     for key in ("train_pretext_loss", "train_nce0_loss", "train_task_loss", "train_kd_loss", "test_video_top1",
-                "ssl_val_pretext_loss", "retrieval_top1", "acc_late", "best_acc_late", "epoch_lr"):
+                "ssl_val_pretext_loss", "retrieval_top1", "acc_late", "best_acc_late", "sel_acc_late", "epoch_lr"):
         assert key in kd.data.metrics, key
+    # PCL's protocol by default: no hold-out, every training-list video in the retrieval gallery, Eq. 7.
+    assert kd.data.params["val_videos"] == "0" and kd.data.params["kd.weighting"] == "sum"
+    listed = len(load_index("ucf101", str(pcl_set), 1, "train").samples)
+    assert kd.data.params["train_videos"] == str(listed) and kd.data.metrics["retrieval_gallery_videos"] == listed
+    assert kd.data.tags["bank_rows"] == str(listed - 1)  # one row per video long enough for a tuple
     assert kd.data.tags["teacher_run_id"] == teacher.run_id
     assert kd.data.tags["pair_key"] == students["pcl"].data.tags["pair_key"]  # the pair is like for like
     # Both start from the encoder: named for it, and paired with each other
@@ -260,3 +437,27 @@ def test_videos_too_short_for_any_tuple_are_one_clear_error(local_tracking, pcl_
     client = MlflowClient(local_tracking)
     exp = client.get_experiment_by_name("short")
     assert exp is None or not client.search_runs([exp.experiment_id])  # refused before any run began
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval(local_tracking, pcl_set, tmp_path):
+    # One epoch of label-free pretraining makes a real encoder whose classifier never saw a label.
+    from kdhar.evaluation import evaluate_model
+
+    cfg = pcl_config(pcl_set, epochs=1)
+    pre = run_training(cfg, role="pretrain", experiment="pcl-eval", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False, register=False)
+    uri = f"runs:/{pre.run_id}"
+    scoring = RunConfig(data=cfg.data, clip=cfg.clip, optim=cfg.optim)
+    with pytest.raises(ValueError, match=rf"model {uri} is a label-free \(self-supervised\) encoder: its classifier "
+                                         r"was never trained.*--retrieval.*kdhar finetune --model"):
+        evaluate_model(uri, scoring, experiment="pcl-eval")
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("pcl-eval").experiment_id
+    assert not client.search_runs([exp], "tags.role = 'evaluation'")  # refused before an evaluation run began
+
+    # Its features are what it learned: --retrieval scores them, and nothing of the untrained head.
+    metrics = evaluate_model(uri, scoring, experiment="pcl-eval", retrieval=True)
+    assert "retrieval_top1" in metrics and not any(k.startswith("test_") for k in metrics)
+    [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
+    assert set(evaluation.data.metrics) == set(metrics)

@@ -152,6 +152,34 @@ def test_executor_options_are_refused_where_they_do_not_apply(tmp_path, monkeypa
     assert refused("--executor", "ray") == "Error: --executor ray needs Ray: pip install kdhar[ray]"
 
 
+@pytest.mark.slow  # a kdhar process of its own: on 2 busy cores its start-up takes most of the time
+def test_an_address_where_something_else_listens_is_one_line_within_seconds(ray_local, tmp_path):
+    import socket
+    import subprocess
+
+    from kdhar.experiments.executors.ray import _check_reachable
+
+    # A real head's GCS answers the greeting: the check lets it through.
+    _check_reachable(ray_local.get_runtime_context().gcs_address)
+    # A plain TCP listener that is not Ray: ray.init would wait on it for minutes.
+    (tmp_path / "videos").mkdir()
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(f"experiment: e\ndataset: {{name: ucf101, root: {tmp_path / 'videos'}}}\nteachers: [tiny3d]\n"
+                    "students: [tiny3d]\nfractions: [1.0]\nseeds: [0]\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        done = subprocess.run([sys.executable, "-m", "kdhar.cli", "experiment", "run", str(spec), "--executor", "ray",
+                               "--address", address], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: no Ray cluster at --address {address}: something listens at {address} but does not answer as a "
+        "Ray head (a gRPC server) within 5 s; start one with `ray start --head` (docs/scaling.md) or leave out "
+        "--address for a local one")
+
+
 def test_an_address_where_no_ray_answers_is_one_line_at_once(monkeypatch):
     ray_executor = pytest.importorskip("kdhar.experiments.executors.ray")
     monkeypatch.setattr(ray_executor.ray, "is_initialized", lambda: False)  # whatever this process started

@@ -388,12 +388,21 @@ def test_row_without_stage_metrics_prints_dashes():
     assert line.split()[:6] == ["scratch", "1", "1", "0/1", "last", "50.0"] and line.split().count("-") >= 6
 
 
-@pytest.mark.parametrize("name, folder", [("kdhar-cpu", "kdhar-cpu"), ("../evil", "_evil"), ("/etc/x", "_etc_x"),
-                                          ("..", "experiment"), ("a b", "a_b")])
+@pytest.mark.parametrize("name, folder", [("kdhar-cpu", "kdhar-cpu"), ("../evil", "%2E%2E%2Fevil"),
+                                          ("/etc/x", "%2Fetc%2Fx"), ("..", "%2E%2E"), ("a b", "a%20b")])
 def test_report_folder_stays_inside_out(name, folder):
     from kdhar.report import report_folder
 
     assert report_folder(name) == folder
+
+
+def test_experiments_whose_names_differ_get_report_folders_that_differ():
+    from kdhar.report import report_folder
+
+    names = ["a/b", "a_b", "a b", "a%2Fb", "a.b", ".a", "%2Ea", "ab", "a\\b", "é", "e"]
+    folders = [report_folder(n) for n in names]
+    assert len(set(folders)) == len(names)  # a/b and a_b once shared one folder, one report over the other
+    assert all("/" not in f and not f.startswith(".") for f in folders)
 
 
 def _log_student(client, exp, teacher, seed, final, best, teacher_run=""):

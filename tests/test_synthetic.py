@@ -311,3 +311,36 @@ def test_generate_refuses_unsuitable_folders_and_group_counts(tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     with pytest.raises(SynthError, match="groups=2"):
         generate(tmp_path / "few", "ucf101", SynthSpec(num_classes=2, groups=2, frames=2, size=(16, 16)))
+
+
+
+def test_two_writers_of_one_folder_both_finish_a_valid_set(tmp_path):
+    """Two `generate` calls at once on one folder (two `kdhar data synth` commands) render the same
+    videos at the same time; each writes under a temporary name of its own, so both finish and every
+    video decodes. With one shared temporary name per video, a writer's rename found the file already
+    moved by the other ("No such file or directory: .v_..._c02.tmp.avi")."""
+    import threading
+
+    from kdhar.data.check import check_dataset
+
+    spec = SynthSpec(num_classes=3, groups=4, clips_per_group=3, frames=6, size=(32, 32))
+    start, errors, done = threading.Barrier(2), [], []
+
+    def writer() -> None:
+        start.wait()
+        try:
+            done.append(generate(tmp_path / "set", "ucf101", spec).num_videos)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and done == [36, 36]
+    root = tmp_path / "set"
+    report = check_dataset(root, "ucf101", 1, workers=1)
+    assert report.ok and sum(sum(c.values()) for c in report.counts.values()) == 36
+    assert not [p for p in root.rglob(".*") if p.is_file()]  # no temporary file left behind
+    assert json.loads((root / MARKER).read_text())["complete"] is True

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,24 +38,42 @@ def test_compose_runs_these_scripts_with_secrets_from_the_environment():
         assert ":" in service.get("image", "x:pinned") and not service.get("image", "").endswith(":latest")
 
 
-@pytest.mark.parametrize("weak", ["", "change-me", "short-pw"])
-def test_the_mlflow_entrypoint_refuses_the_example_or_a_short_password(weak, tmp_path):
+RULE = ("12 or more characters, 8 or more of them different, of at least two kinds (lowercase, uppercase, digits, "
+        "others)")
+
+
+# Empty, the example's, short, then 12 characters of too few different ones or of one kind only.
+@pytest.mark.parametrize("weak", ["", "change-me", "short-pw", "aaaaaaaaaaaa", "abcabcabcabc", "abcdefghijkl",
+                                  "123456789012"])
+def test_the_compose_scripts_refuse_the_example_or_a_weak_password(weak, tmp_path):
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "POSTGRES_PASSWORD": PG_PW,
            "MLFLOW_AUTH_ADMIN_PASSWORD": weak, "MLFLOW_FLASK_SERVER_SECRET_KEY": KEY, "MLFLOW_AUTH_DIR": str(tmp_path)}
     done = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 64
-    assert done.stderr.strip() == ("mlflow: MLFLOW_AUTH_ADMIN_PASSWORD is empty, the example's 'change-me' or shorter "
-                                   "than 12 characters: set a real one in .env")
+    assert done.stderr.strip() == ("mlflow: MLFLOW_AUTH_ADMIN_PASSWORD is empty, the example's 'change-me' or weak: "
+                                   f"set one in .env with {RULE}")
+    # The PostgreSQL init script holds the Optuna workers' role to the same rule, before any psql.
+    done = subprocess.run(["sh", str(WORKER_INIT)], env={**os.environ, "OPTUNA_WORKER_PASSWORD": weak},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 64
+    assert done.stderr.strip() == ("postgres init: OPTUNA_WORKER_PASSWORD is empty, the example's 'change-me' or "
+                                   f"weak: set one in .env with {RULE}")
 
 
-@pytest.mark.slow
-def test_the_server_requires_sign_in_and_kdhar_works_with_credentials(tmp_path):
-    from mlflow import MlflowClient
+def test_the_files_the_stack_and_its_docs_cite_as_its_tests_exist():
+    import re
 
-    from kdhar.data.synthetic import SynthSpec, generate
+    citing = [REPO / "docker-compose.yml", REPO / "README.md", *(REPO / "docker").rglob("*"), *(REPO / "docs").glob("*.md")]
+    cited = {(path.relative_to(REPO), name) for path in citing if path.is_file()
+             for name in re.findall(r"tests/test_\w+\.py", path.read_text())}
+    assert cited and [c for c in cited if not (REPO / c[1]).is_file()] == []
 
-    root = generate(tmp_path / "ucf101", "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
-                                                            size=(48, 64), seed=9)).root
+
+@pytest.fixture(scope="module")
+def signed_in_server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The compose `mlflow` entrypoint run natively on a fresh PostgreSQL database (basic-auth, admin
+    ADMIN_PW); yields its URI and process. One per module: it takes 7-25 s to start."""
+    tmp_path = tmp_path_factory.mktemp("team-server")
     port = _free_port()
     with fresh_database() as backend:
         store = backend.replace(f"{PG_USER}@", f"{PG_USER}:{PG_PW}@")  # trust auth: accepted and ignored
@@ -72,40 +91,74 @@ def test_the_server_requires_sign_in_and_kdhar_works_with_credentials(tmp_path):
                 try:
                     if requests.get(f"{uri}/health", timeout=2).ok:
                         break
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):  # not listening, or still starting
                     time.sleep(0.5)
             assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            # Nothing without signing in, and no password on any command line of the server's processes.
-            search = f"{uri}/api/2.0/mlflow/experiments/search"
-            assert requests.get(search, params={"max_results": 1}, timeout=10).status_code == 401
-            assert requests.get(search, params={"max_results": 1}, auth=("admin", ADMIN_PW), timeout=10).status_code == 200
-            pids = [server.pid, *map(int, subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True,
-                                                         text=True).stdout.split())]
-            for pid in pids:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                assert ADMIN_PW not in cmdline and PG_PW not in cmdline and KEY not in cmdline
-
-            kdhar_env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-            train = ["kdhar", "train-teacher", "--arch", "tiny3d", "--root", str(root), "--epochs", "1", "--width", "4",
-                     "--clip-len", "4", "--crop", "32", "--num-workers", "0", "--experiment", "team"]
-            train[0] = str(Path(BIN) / "kdhar")
-            refused = subprocess.run(train, env=kdhar_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-            assert refused.returncode == 2 and "needs credentials: set MLFLOW_TRACKING_USERNAME" in refused.stderr
-            signed_in = {**kdhar_env, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PW}
-            done = subprocess.run(train, env=signed_in, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, done.stderr[-3000:]
-            os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PW)
-            try:
-                client = MlflowClient(uri)
-                [run] = client.search_runs([client.get_experiment_by_name("team").experiment_id])
-                assert run.info.status == "FINISHED" and run.data.tags["role"] == "teacher"
-            finally:
-                for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-                    os.environ.pop(key, None)
+            yield uri, server
         finally:
             if server.poll() is None:
                 os.killpg(server.pid, 15)
                 server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_the_server_requires_sign_in_and_kdhar_works_with_credentials(signed_in_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from kdhar.data.synthetic import SynthSpec, generate
+
+    uri, server = signed_in_server
+    root = generate(tmp_path / "ucf101", "ucf101", SynthSpec(num_classes=3, groups=10, clips_per_group=2, frames=12,
+                                                            size=(48, 64), seed=9)).root
+    # Nothing without signing in, and no password on any command line of the server's processes.
+    search = f"{uri}/api/2.0/mlflow/experiments/search"
+    assert requests.get(search, params={"max_results": 1}, timeout=10).status_code == 401
+    assert requests.get(search, params={"max_results": 1}, auth=("admin", ADMIN_PW), timeout=10).status_code == 200
+    pids = [server.pid, *map(int, subprocess.run(["pgrep", "-s", str(server.pid)], capture_output=True,
+                                                 text=True).stdout.split())]
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert ADMIN_PW not in cmdline and PG_PW not in cmdline and KEY not in cmdline
+
+    kdhar_env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    train = ["kdhar", "train-teacher", "--arch", "tiny3d", "--root", str(root), "--epochs", "1", "--width", "4",
+             "--clip-len", "4", "--crop", "32", "--num-workers", "0", "--experiment", "team"]
+    train[0] = str(Path(BIN) / "kdhar")
+    refused = subprocess.run(train, env=kdhar_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "needs credentials: set MLFLOW_TRACKING_USERNAME" in refused.stderr
+    signed_in = {**kdhar_env, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PW}
+    done = subprocess.run(train, env=signed_in, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PW)
+    try:
+        client = MlflowClient(uri)
+        [run] = client.search_runs([client.get_experiment_by_name("team").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.tags["role"] == "teacher"
+    finally:
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(key, None)
+
+
+@pytest.mark.slow  # the server's start; the checks themselves take milliseconds
+def test_wrong_credentials_are_told_apart_from_missing_ones(signed_in_server, monkeypatch):
+    from kdhar.tracking import TrackingError, check_server
+
+    uri, _ = signed_in_server
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(TrackingError, match="needs credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+        check_server(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    with pytest.raises(TrackingError, match="needs MLFLOW_TRACKING_PASSWORD too: only MLFLOW_TRACKING_USERNAME is set"):
+        check_server(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PW + "-typo")
+    with pytest.raises(TrackingError) as wrong:
+        check_server(uri)
+    assert str(wrong.value) == (f"MLflow tracking server at {uri} rejected the credentials of user 'admin': check "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    assert ADMIN_PW not in str(wrong.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PW)
+    check_server(uri)  # signed in
 
 
 def test_optuna_workers_connect_as_a_role_that_reaches_the_optuna_database_only(tmp_path):

@@ -3,6 +3,8 @@ kill, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -141,18 +143,141 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
     line = changed.stderr.strip().splitlines()[-1]
     assert line.startswith(f"Error: --resume {ckpt}: the run was trained with other settings")
     assert "data.fraction 1.0 -> 0.5" in line and "optim.lr 0.02 -> 0.5" in line
+    assert line.endswith("; only optim.epochs, optim.threads may change (with --allow-config-change true)")
     done = resume()
     assert done.returncode == 2 and f"run {run_id} already trained all 2 epochs" in done.stderr
+    assert "to train it longer: --epochs 3 or more with --allow-config-change true" in done.stderr
     longer = resume("--epochs", "3")
-    assert longer.returncode == 2 and "--allow-config-change" in longer.stderr
+    assert longer.returncode == 2 and longer.stderr.strip().endswith("; add --allow-config-change true to accept this")
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).info.status == "FINISHED" and len(client.get_metric_history(run_id, "val_loss")) == 2
 
-    allowed = resume("--epochs", "3", "--allow-config-change", "true")
+    # Trained longer, the run says so where MLflow allows: the params keep the first values (MLflow
+    # never changes one), the tags, config.json, description and stage metrics have the new ones.
+    allowed = resume("--epochs", "5", "--allow-config-change", "true")
     assert allowed.returncode == 0, allowed.stderr
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_with_changes"] == "optim.epochs 2 -> 3"
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_with_changes"] == "optim.epochs 2 -> 5"
+    assert run.data.tags["epochs"] == "5" and run.data.params["optim.epochs"] == "2"
+    assert "5 epochs" in run.data.tags["mlflow.note.content"]
+    config = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())
+    assert config["optim.epochs"] == 5
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4, 5]
+    test_acc = {m.step: m.value for m in client.get_metric_history(run_id, "test_video_top1")}
+    # The early stage of 5 epochs is epoch 2, which the first attempt trained: logged again from its history.
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc_early")] == [(1, test_acc[1]), (2, test_acc[2])]
+    assert run.data.metrics["acc_early"] == test_acc[2] and run.data.metrics["acc_late"] == test_acc[5]
+
+
+def checkpointed_epoch(cfg: RunConfig, workdir: Path, role: str, teacher=None) -> Path:
+    """One real epoch of a `role` run (a teacher or a student of `teacher`), checkpointed by the run's
+    own listener; the tracker records nothing, so no store is needed. Returns its last.pt."""
+    from kdhar.distributed import NullTracker
+    from kdhar.objectives import build_objective
+    from kdhar.training.listeners.checkpoints import Checkpointer
+    from kdhar.training.loop import EpochLoop
+    from kdhar.training.prepare import prepare
+
+    prep = prepare(cfg, role=role, objective=build_objective(cfg, teacher), progress=False)
+    run_id = f"{role}-{len(list(workdir.glob('checkpoints/*')))}"
+    EpochLoop(prep, [Checkpointer(workdir)]).run(NullTracker(run_id))
+    return workdir / "checkpoints" / run_id / "last.pt"
+
+
+def random_teacher(classes: list[str], uri: str, run_id: str):
+    """A frozen tiny3d teacher of random weights that says it came from `uri` (run `run_id`)."""
+    from kdhar.train import Teacher
+
+    return Teacher(model=build_model("tiny3d", len(classes), width=4).eval(), uri=uri, classes=classes,
+                   arch="tiny3d", run_id=run_id)
+
+
+@pytest.fixture(scope="session")
+def resumable(tiny_ucf, tmp_path_factory) -> dict:
+    """A one-epoch KD student of teacher run A and a one-epoch teacher, each checkpointed."""
+    from kdhar.train import load_splits
+
+    cfg = tiny_config(tiny_ucf, epochs=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fraction=0.25))  # 12 videos: an epoch in ~1 s
+    classes = load_splits(cfg).classes
+    teacher_a = random_teacher(classes, "runs:/aaaa", "aaaa")
+    work = tmp_path_factory.mktemp("resumable")
+    return {"cfg": cfg, "classes": classes, "teacher_a": teacher_a,
+            "kd": checkpointed_epoch(cfg, work, "student", teacher_a), "teacher": checkpointed_epoch(cfg, work, "teacher")}
+
+
+def test_resume_refuses_another_teacher_role_or_method_in_one_line(resumable):
+    # A KD checkpoint resumed silently with another teacher; with --teacher none it trained an epoch
+    # without KD and then crashed; a teacher's checkpoint resumed as a student.
+    from kdhar.objectives import build_objective
+    from kdhar.train import ResumeError
+    from kdhar.training.prepare import prepare
+
+    cfg, kd, teacher_ckpt = resumable["cfg"], resumable["kd"], resumable["teacher"]
+    teacher_b = random_teacher(resumable["classes"], "models:/kdhar-teacher-tiny3d@champion-x", "bbbb")
+
+    def refusal(checkpoint: Path, role: str, teacher) -> str:
+        with pytest.raises(ResumeError) as info:
+            prepare(cfg, role=role, objective=build_objective(cfg, teacher), resume=str(checkpoint), progress=False)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"--resume {checkpoint}: the checkpoint is of another kind of run (")
+        return message
+
+    none = refusal(kd, "student", None)
+    assert "(method kd-logit -> supervised, teacher runs:/aaaa -> none)" in none
+    assert "continue it with kdhar distill --teacher runs:/aaaa and the options that trained it (method kd-logit)" in none
+    other = refusal(kd, "student", teacher_b)
+    assert "(teacher runs:/aaaa -> models:/kdhar-teacher-tiny3d@champion-x (run bbbb))" in other
+    as_teacher = refusal(kd, "teacher", None)
+    assert "(role student -> teacher, method kd-logit -> supervised, teacher runs:/aaaa -> none)" in as_teacher
+    as_student = refusal(teacher_ckpt, "student", resumable["teacher_a"])
+    assert "(role teacher -> student, method supervised -> kd-logit, teacher none -> runs:/aaaa)" in as_student
+    assert "continue it with kdhar train-teacher and the options" in as_student
+    assert load_checkpoint(kd)["identity"] == {"role": "student", "method": "kd-logit", "teacher_uri": "runs:/aaaa",
+                                               "teacher_run_id": "aaaa"}
+
+
+def test_more_epochs_on_resume_rebuild_the_schedule_and_each_refusal_hints_what_is_accepted(resumable):
+    # The refusal's hint was inverted (--allow-config-change offered for a change it cannot accept,
+    # "only ... may change" for one it can), and a run given more epochs took its first step at the
+    # restored lr of the old schedule's end (0 for cosine).
+    from kdhar.engine import get_lr
+    from kdhar.objectives import build_objective
+    from kdhar.train import ResumeError, check_resume
+    from kdhar.training.prepare import prepare
+    from kdhar.training.resume import run_identity
+
+    cfg, kd = resumable["cfg"], str(resumable["kd"])
+    # The same teacher run, named through the registry: the same teacher.
+    teacher = random_teacher(resumable["classes"], "models:/kdhar-teacher-tiny3d@champion-x", "aaaa")
+    teacher.model.load_state_dict(resumable["teacher_a"].model.state_dict())
+
+    def with_optim(**changes) -> RunConfig:
+        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **changes))
+
+    def resume(run_cfg: RunConfig, allow: bool):
+        return prepare(run_cfg, role="student", objective=build_objective(run_cfg, teacher), resume=kd,
+                       allow_config_change=allow, progress=False)
+
+    with pytest.raises(ResumeError, match=r"\(optim.epochs 1 -> 2\); .*; add --allow-config-change true to accept this$"):
+        resume(with_optim(epochs=2), allow=False)
+    with pytest.raises(ResumeError, match=r"\(optim.epochs 1 -> 2, optim.lr 0.01 -> 0.5\); .*; only optim.epochs, "
+                                          r"optim.threads may change \(with --allow-config-change true\)$"):
+        resume(with_optim(epochs=2, lr=0.5), allow=False)
+
+    prep = resume(with_optim(epochs=2), allow=True)
+    assert prep.changed == {"optim.epochs": (1, 2)} and prep.start_epoch == 1
+    steps = len(prep.train_loader)
+    done = prep.optimisers.scheduler.last_epoch
+    assert done == steps  # one epoch of steps behind it
+    expected = get_lr(done, 2 * steps, cfg.optim.lr, cfg.optim.schedule, round(cfg.optim.warmup * steps))
+    assert expected > 0 and prep.optimisers.net.param_groups[0]["lr"] == pytest.approx(expected)
+    # Fewer epochs than the checkpoint has trained: refused whatever else is allowed.
+    state = {**load_checkpoint(kd), "epoch": 3}
+    with pytest.raises(ResumeError, match="has trained 3 epochs, more than --epochs 2: give --epochs 3 or more$"):
+        check_resume(kd, state, with_optim(epochs=2), run_identity("student", build_objective(cfg, teacher)), True,
+                     lambda: False)
 
 
 @pytest.mark.parametrize(
@@ -165,16 +290,25 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
         (["--lr", "inf"], "lr=inf: must be a finite number > 0"),
         (["--epochs", "0"], "epochs=0: must be at least 1"),
         (["--size", "paper", "--crop", "500"], "crop=500: must fit in the 128x171 frames"),
+        # At --size cpu the resize follows the crop, so the crop is held to the videos' own frames.
+        (["--crop", "100"], "crop=100: larger than the 48x64 frames of the videos"),
         (["--device", "bogus"], "--device bogus: not a device"),
     ],
 )
-def test_bad_input_is_one_clear_line(extra, expected, tiny_ucf, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    args = [*KDHAR, "train-teacher", "--root", str(tiny_ucf), *TINY_OPTS, *extra]
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    assert expected in out.stderr
+def test_bad_input_is_one_clear_line(extra, expected, tiny_ucf, tmp_path, monkeypatch, capsys):
+    # The console entry point in this process (a new interpreter per case cost 5-8 s of imports):
+    # an exception it does not turn into a one-line error propagates here and fails the test.
+    from kdhar.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["kdhar", "train-teacher", "--root", str(tiny_ucf), *TINY_OPTS, *extra])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err and expected in err
+    assert len([line for line in err.splitlines() if line.startswith("Error:")]) == 1, err
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
@@ -208,3 +342,21 @@ def test_piped_run_prints_one_line_per_epoch_with_elapsed_and_remaining(tiny_ucf
 
 def test_clock_text_reads_minutes_then_hours():
     assert [clock_text(s) for s in (0, 36.4, 125, 3723)] == ["0:00", "0:36", "2:05", "1:02:03"]
+
+
+def test_init_from_a_checkpoint_of_another_modality_is_refused(tmp_path):
+    from kdhar.checkpoint import save_checkpoint
+    from kdhar.distill import check_init_modality
+    from kdhar.training.resume import stored_config
+
+    # A checkpoint as kdhar writes it for a residual-frame run (a PCL encoder's input).
+    cfg = RunConfig(model=ModelConfig(arch="tiny3d", width=4, modality="res"))
+    model = build_model("tiny3d", 3, width=4, modality="res")
+    path = tmp_path / "res.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": stored_config(cfg, kd=False), "epoch": 1})
+    with pytest.raises(ValueError, match=r"--init .*res.pt was trained on res input but this run's modality is rgb: "
+                                         r"pass --modality res"):
+        check_init_modality(str(path), "rgb")
+    check_init_modality(str(path), "res")  # the same modality starts from it
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        check_init_modality(str(tmp_path / "absent.pt"), "rgb")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kdhar import tracking
-from kdhar.config import ClipConfig, DataConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
+from kdhar.config import ClipConfig, DataConfig, GKDConfig, KDConfig, ModelConfig, OptimConfig, RunConfig
 from kdhar.tuning import (
     ParamRange,
     SearchSpace,
@@ -85,6 +85,19 @@ def pg_url():
         # FORCE: pooled connections of the test process may still be open.
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     admin.close()
+
+
+def kept_checkpoints(workdir: Path) -> list[str]:
+    """The checkpoint files the study left under ./runs/checkpoints, as "<run id>/<file>"."""
+    root = workdir / "runs" / "checkpoints"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def best_runs(study: str) -> set[str]:
+    """The runs of the study's complete trials that reached its best value (several when tied)."""
+    complete = [t for t in study_trials(None, study) if t["state"] == "COMPLETE"]
+    best = max(t["value"] for t in complete)
+    return {t["user_attrs"]["mlflow_run_id"] for t in complete if t["value"] == best}
 
 
 def children_of(parent_id: str) -> list[dict]:
@@ -204,11 +217,16 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
         assert float(run["params"]["optim.lr"]) == pytest.approx(trial["params"]["lr"])
         assert run["metrics"]["best_val_video_top1"] == pytest.approx(trial["value"])
     assert len({t["params"]["tau"] for t in trials.values()}) == 3  # no point sampled twice
+    # Of the trials' checkpoints only the best trial's best.pt is kept (every trial used to keep two).
+    [kept] = kept_checkpoints(workdir)
+    assert kept.endswith("/best.pt") and kept.split("/")[0] in best_runs("s1")
 
     # The same command with a larger budget continues the study under the same parent.
     second = tune(cfg, n_trials=4, **kw)
     assert second["trials"] == 4 and second["parent_run_id"] == first["parent_run_id"]
     assert len(children_of(parent["run_id"])) == 4 and len(parents("s1")) == 1
+    [kept] = kept_checkpoints(workdir)
+    assert kept.endswith("/best.pt") and kept.split("/")[0] in best_runs("s1")
     assert [t["params"] for t in study_trials(None, "s1")][:3] == [trials[i]["params"] for i in range(3)]
     # A full study runs nothing more.
     assert tune(cfg, n_trials=4, **kw)["trials"] == 4
@@ -228,11 +246,18 @@ def test_study_nests_trials_under_one_parent_and_resumes(tiny_data, workdir):
 
 
 def test_collapsed_trials_fail_with_a_reason_and_best_settings_skip_them(tiny_data, workdir):
+    from click.testing import CliRunner
+
+    from kdhar.cli import cli
+    from kdhar.experiments import DatasetSpec, build_run_config
+
     # lr 4-6 under the paper's unweighted sum throws every student into a constant output. Batch 2
     # for 9 epochs: 54 steps on the 12 training videos, past the 50 before which no run is judged.
-    cfg = tiny_config(tiny_data["root"], epochs=9)
-    cfg = dataclasses.replace(cfg, kd=KDConfig(weighting="sum"),
-                              optim=dataclasses.replace(cfg.optim, warmup=0.0, batch_size=2))
+    # Built as `kdhar tune` builds it from the options below, so the command can rejoin the study.
+    options = {"width": 4, "clip_len": 4, "frame_interval": 1, "crop": 32, "test_clips": 1, "epochs": 9, "batch_size": 2,
+               "warmup": 0.0, "num_workers": 0}
+    cfg = build_run_config("tiny3d", size="cpu", overrides=options, dataset=DatasetSpec("ucf101", str(tiny_data["root"])),
+                           fraction=1.0, seed=0, kd=KDConfig(weighting="sum"))
     summary = tune(cfg, teacher=str(tiny_data["teacher"]), n_trials=2, study_name="collapse", storage=None,
                    space=SearchSpace.parse("lr=4:6", weighting="sum"), pruner="none", experiment=EXPERIMENT,
                    seed=0, cache_teacher=True, device="cpu")
@@ -244,6 +269,19 @@ def test_collapsed_trials_fail_with_a_reason_and_best_settings_skip_them(tiny_da
         assert run["tags"]["optuna_state"] == "FAIL" and run["tags"]["collapsed"] == "true"
     with pytest.raises(ValueError, match="no complete trial"):
         best_settings("collapse")
+    assert kept_checkpoints(workdir) == []  # no complete trial, nothing worth keeping
+
+    # The command on this spent study (no trial left to run) ends in one line and exit status 1: it
+    # printed "best val acc None" and exited 0, so a script went on without settings.
+    args = ["tune", "--teacher", str(tiny_data["teacher"]), "--student", "tiny3d", "--n-trials", "2", "--study-name",
+            "collapse", "--kd-weighting", "sum", "--space", "lr=4:6", "--pruner", "none", "--cache-teacher", "true",
+            "--experiment", EXPERIMENT, "--root", str(tiny_data["root"]), "--device", "cpu", "--seed", "0",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 1, done.output
+    assert done.output.strip().splitlines()[-1] == (
+        "Error: study collapse: no trial completed (0 complete, 0 pruned, 2 failed), so it has no best settings; each "
+        "trial's fail_reason (its MLflow tag and Optuna user attribute) says why: change the search space or the teacher")
 
 
 def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):
@@ -266,6 +304,7 @@ def test_pruned_trials_stop_early_and_show_as_pruned(tiny_data, workdir):
         assert run["tags"]["optuna_state"] == "PRUNED" and run["tags"]["stopped_early"] == "pruned"
         assert trials[int(run["tags"]["optuna_trial_number"])]["user_attrs"]["mlflow_run_id"] == run["run_id"]
         assert [step for step, _ in tracking.metric_history(run["run_id"], "val_video_top1")] == [1]
+    assert kept_checkpoints(workdir) == []  # pruned trials keep no checkpoint
 
 
 def test_named_pruners():
@@ -282,13 +321,152 @@ def test_tune_refuses_bad_inputs_before_any_trial(tiny_data, workdir):
     cfg = tiny_config(tiny_data["root"])
     kw = dict(n_trials=2, study_name="bad", experiment=EXPERIMENT, seed=0, cache_teacher=False, device="cpu",
               space=SearchSpace(), storage=None, pruner="none")
-    with pytest.raises(ValueError, match="needs a teacher"):
-        tune(cfg, teacher="none", **kw)
+    with pytest.raises(ValueError, match="tau, alpha do not act without a teacher"):
+        tune(cfg, teacher="none", **kw)  # the default KD space, for a scratch study
+    with pytest.raises(ValueError, match="val_seeds 0"):
+        tune(cfg, teacher="none", **{**kw, "space": SearchSpace.default(scratch=True), "val_seeds": 0})
     with pytest.raises(ValueError, match="pruner 'sometimes'"):
         tune(cfg, teacher=str(tiny_data["teacher"]), **{**kw, "pruner": "sometimes"})
     with pytest.raises(StorageUnavailableError):
         tune(cfg, teacher=str(tiny_data["teacher"]), **{**kw, "storage": "postgresql://postgres@127.0.0.1:1/x"})
     assert tracking.find_runs(EXPERIMENT, "tags.optuna_study = 'bad'") == []
+
+
+# ---------------------------------------------------------------------------- scratch studies and tuned grids
+def test_scratch_study_tunes_the_lr_over_several_validation_seeds(tiny_data, workdir):
+    """End to end: 2 trials x 2 seeds of a one-epoch scratch run (a few seconds on one core), the one
+    path that gives a scratch twin the tuning budget of its distilled twin."""
+    from kdhar.data.index import fingerprint, load_index
+    from kdhar.tuning import load_record
+
+    cfg = tiny_config(tiny_data["root"], epochs=1)
+    assert SearchSpace.parse(None, scratch=True).names() == ["lr"]
+    with pytest.raises(ValueError, match="tau does not act without a teacher"):
+        SearchSpace.parse("tau=1:4", scratch=True)
+    summary = tune(cfg, teacher="none", n_trials=2, storage=None, pruner="none", experiment=EXPERIMENT, seed=0,
+                   device="cpu", val_seeds=2, space=SearchSpace.parse("lr=0.005:0.05:log", scratch=True))
+    name = summary["study_name"]
+    assert name.startswith("scratch-tiny3d-ucf101-") and (summary["complete"], summary["epochs"]) == (2, 4)
+    [parent] = parents(name)
+    assert parent["params"]["val_seeds"] == "2" and "trained from scratch" in parent["tags"]["mlflow.note.content"]
+    runs = {r["run_id"]: r for r in children_of(parent["run_id"])}
+    for trial in study_trials(None, name):
+        mine = [runs[i] for i in trial["user_attrs"]["mlflow_run_ids"]]
+        assert sorted(r["params"]["optim.seed"] for r in mine) == ["0", "1"]  # each seed its own validation groups
+        assert all(float(r["params"]["optim.lr"]) == pytest.approx(trial["params"]["lr"]) for r in mine)
+        assert not any(k.startswith("kd.") for r in mine for k in r["params"])  # no teacher, no KD knob
+        assert trial["value"] == pytest.approx(sum(r["metrics"]["best_val_video_top1"] for r in mine) / 2)
+    # The study records what it measured, and a grid cell is compared with it.
+    record = load_record(name)
+    fp = fingerprint(load_index("ucf101", str(tiny_data["root"]), 1, "train"))
+    assert record.scratch and record.searched == ["lr"] and record.best == {"lr": summary["best_params"]["lr"]}
+    assert record.differences(cfg, True, fp) == []
+    longer = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=3))
+    assert record.differences(longer, True, fp) == ["optim.epochs 1 (cell: 3)"]
+    assert record.differences(cfg, False, fp) == ["teacher 'none' (cell: a teacher)"]
+
+
+def grid(root: Path, **changes) -> dict:
+    """A grid spec of tiny cells on the tiny set: two teacher recipes (RGB and residual frames)."""
+    raw = {"experiment": "tuned-grid", "dataset": {"name": "ucf101", "root": str(root)}, "size": "cpu",
+           "overrides": {"epochs": 2, "batch_size": 8, "num_workers": 0},
+           "teachers": ["c3d", {"arch": "c3d", "name": "c3d-res", "modality": "res"}], "students": ["tiny3d"],
+           "fractions": [1.0, 0.5], "seeds": [0, 1]}
+    return {**raw, **changes}
+
+
+def recorded_study(name: str, cell, teacher: str, best: dict[str, float], root: Path) -> None:
+    """A study in ./optuna.db whose record says it measured `cell`'s run, with one complete trial."""
+    import optuna
+
+    from kdhar.data.index import fingerprint, load_index
+    from kdhar.tuning import ATTR_CONFIG, ATTR_SPACE, study_config
+
+    space = SearchSpace(**{k: (ParamRange(0.001, 10) if k in best else None) for k in ("tau", "alpha", "lr")})
+    fp = fingerprint(load_index("ucf101", str(root), 1, "train"))
+    study = optuna.create_study(study_name=name, storage="sqlite:///optuna.db", direction="maximize")
+    study.set_user_attr(ATTR_SPACE, str(space))
+    study.set_user_attr(ATTR_CONFIG, json.dumps(study_config(cell.cfg, space, teacher, fp), sort_keys=True, default=str))
+    dist = {k: optuna.distributions.FloatDistribution(0.001, 10) for k in best}
+    study.add_trial(optuna.trial.create_trial(params=best, distributions=dist, value=0.5))
+
+
+def test_tuned_cells_take_the_study_that_measured_them(tiny_data, workdir):
+    from kdhar.experiments import parse_spec, plan, tuned_plan
+
+    root = tiny_data["root"]
+    cells = plan(parse_spec(grid(root)))
+    first = {(c.wave, c.teacher, c.fraction): c for c in cells if c.role == "student" and c.seed == 0}
+    for frac, tag in ((1.0, "f1"), (0.5, "f05")):
+        recorded_study(f"s-{tag}", first[("scratch", "none", frac)], "none", {"lr": 0.01 * frac}, root)
+        recorded_study(f"k-{tag}", first[("kd", "c3d", frac)], "c3d", {"tau": 3.0, "alpha": 0.7, "lr": 0.005 * frac}, root)
+    recorded_study("res-f1", first[("kd", "c3d-res", 1.0)], "c3d", {"tau": 2.0, "alpha": 0.2, "lr": 0.03}, root)
+    tuned = {"scratch": ["s-f1", "s-f05"], "kd": ["k-f1", "k-f05"]}
+    spec = parse_spec(grid(root, tuned=tuned))
+    for cell in tuned_plan(spec):
+        if cell.role == "teacher":
+            assert cell.cfg.optim.lr == 0.02  # teachers are never tuned
+        elif cell.teacher == "none":
+            assert cell.cfg.optim.lr == pytest.approx(0.01 * cell.fraction)
+        else:  # both teachers' cells take the kd studies, each the one at its own fraction
+            assert (cell.cfg.kd.tau, cell.cfg.kd.alpha, cell.cfg.optim.lr) == (3.0, 0.7, pytest.approx(0.005 * cell.fraction))
+    # A teacher's own studies go before kd's; a teacher-run arm with no study for a cell is refused.
+    own = tuned_plan(parse_spec(grid(root, fractions=[1.0], tuned={**tuned, "c3d-res": "res-f1"})))
+    assert {(c.teacher, c.cfg.kd.tau) for c in own if c.wave == "kd"} == {("c3d", 3.0), ("c3d-res", 2.0)}
+
+
+@pytest.mark.parametrize("changes, message", [
+    # a longer budget than the study measured
+    ({"overrides": {"epochs": 3, "batch_size": 8, "num_workers": 0}},
+     r"tuned\.scratch: no study measured student tiny3d scratch fraction=1 seed=0: study 's-f1' differs in "
+     r"optim\.epochs 2 \(cell: 3\)"),
+    # another student
+    ({"students": ["c3d"], "self_distill": True}, r"study 's-f1' differs in model\.arch 'tiny3d' \(cell: 'c3d'\)"),
+    # another share of the data: no study of the arm measured fraction 0.5
+    ({"fractions": [1.0, 0.5]}, r"fraction=0\.5 seed=0: study 's-f1' differs in data\.fraction 1\.0 \(cell: 0\.5\)"),
+    # a scratch study given for distilled cells
+    ({"tuned": {"kd": "s-f1"}}, r"tuned\.kd: no study measured student tiny3d <- c3d fraction=1 seed=0: study 's-f1' "
+                                r"differs in teacher 'none' \(cell: a teacher\)"),
+    ({"tuned": {"scratch": "unrecorded"}}, r"tuned\.scratch: study 'unrecorded' does not record what its trials measured"),
+])
+def test_tuned_refuses_a_study_that_measured_another_cell(tiny_data, workdir, changes, message):
+    import optuna
+
+    from kdhar.experiments import SpecError, parse_spec, plan, tuned_plan
+
+    root = tiny_data["root"]
+    cells = plan(parse_spec(grid(root, fractions=[1.0])))
+    recorded_study("s-f1", next(c for c in cells if c.wave == "scratch" and c.seed == 0), "none", {"lr": 0.01}, root)
+    optuna.create_study(study_name="unrecorded", storage="sqlite:///optuna.db", direction="maximize")
+    spec = parse_spec(grid(root, **{"fractions": [1.0], "tuned": {"scratch": "s-f1"}, **changes}))
+    with pytest.raises(SpecError, match=message) as err:
+        tuned_plan(spec, "grid.yaml")
+    assert "\n" not in str(err.value) and str(err.value).startswith("grid.yaml: tuned.")
+
+
+def test_a_gkd_study_refuses_a_teacher_without_its_attention_module_before_any_trial(tiny_data, workdir, monkeypatch):
+    # The teacher was checked only inside the first trial: Optuna printed the trial's traceback, and
+    # the study, its parent run and a failed trial run were left behind.
+    cfg = dataclasses.replace(tiny_config(tiny_data["root"]), gkd=GKDConfig(method="gkd", attention=True))
+    kw = dict(n_trials=1, study_name="gkd", experiment=EXPERIMENT, seed=0, cache_teacher=False, device="cpu",
+              storage=None, pruner="none")
+    checkpoint = tiny_data["teacher"]
+    run_id = checkpoint.parent.name
+    # A checkpoint file whose run lives in another tracking store: GKD's parts are not here.
+    with pytest.raises(ValueError) as refused:
+        tune(cfg, teacher=str(checkpoint), **kw)
+    line = str(refused.value)
+    assert f"teacher {checkpoint}: its run {run_id} is not in the tracking store sqlite:///{workdir}" in line
+    assert "set MLFLOW_TRACKING_URI to the store it was trained in" in line
+    assert "`kdhar train-teacher --arch tiny3d --attention`" in line and "\n" not in line
+    assert tracking.find_runs(EXPERIMENT) == [] and not (workdir / "optuna.db").exists()
+
+    # In its own store the run is found, but it was trained without the attention module.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{checkpoint.parents[3] / 'teacher-mlflow.db'}")
+    with pytest.raises(ValueError, match=rf"teacher runs:/{run_id} has no GKD attention module and CVAE: train one "
+                                         r"with `kdhar train-teacher --arch tiny3d --attention`"):
+        tune(cfg, teacher=f"runs:/{run_id}", **kw)
+    assert tracking.find_runs(EXPERIMENT) == [] and not (workdir / "optuna.db").exists()
 
 
 # ---------------------------------------------------------------------------- several workers

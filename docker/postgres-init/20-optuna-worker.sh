@@ -3,9 +3,26 @@
 # workers connect as. It may use the `optuna` database only - no superuser, no `mlflow` database.
 # Names are variables so that tests/test_team_stack.py can run this very script natively.
 set -eu
+
+# A weak secret: empty, the example's, shorter than 12 characters, fewer than 8 different characters
+# (aaaaaaaaaaaa, abcabcabcabc) or characters of one kind only (lowercase, uppercase, digits, others).
+# The same rule is in docker/mlflow-entrypoint.sh; tests/test_team_stack.py holds both to it.
+weak_secret() {
+    [ "$1" = "change-me" ] && return 0
+    [ "${#1}" -lt 12 ] && return 0
+    [ $(($(printf '%s' "$1" | fold -w1 | sort -u | wc -l))) -lt 8 ] && return 0
+    kinds=0
+    case "$1" in *[[:lower:]]*) kinds=$((kinds + 1)) ;; esac
+    case "$1" in *[[:upper:]]*) kinds=$((kinds + 1)) ;; esac
+    case "$1" in *[[:digit:]]*) kinds=$((kinds + 1)) ;; esac
+    case "$1" in *[![:alnum:]]*) kinds=$((kinds + 1)) ;; esac
+    [ "$kinds" -lt 2 ]
+}
+RULE="12 or more characters, 8 or more of them different, of at least two kinds (lowercase, uppercase, digits, others)"
+
 password="${OPTUNA_WORKER_PASSWORD:-}"
-if [ "$password" = "change-me" ] || [ "${#password}" -lt 12 ]; then
-    echo "postgres init: OPTUNA_WORKER_PASSWORD is empty, the example's 'change-me' or shorter than 12 characters: set a real one in .env" >&2
+if weak_secret "$password"; then
+    echo "postgres init: OPTUNA_WORKER_PASSWORD is empty, the example's 'change-me' or weak: set one in .env with $RULE" >&2
     exit 64
 fi
 worker="${OPTUNA_WORKER_USER:-optuna_worker}"

@@ -15,7 +15,7 @@ import click
 
 from kdhar.cli import bench, data, detect, evaluate, grid, runs, train, tune
 from kdhar.cli.data import ensure_data
-from kdhar.cli.errors import UserError, is_user_error
+from kdhar.cli.errors import UserError, is_user_error, operational_error
 from kdhar.cli.options import (
     BOOL,
     DEFAULT_HMDB_ROOT,
@@ -44,6 +44,9 @@ __all__ = [
 # Third-party chatter that buries kdhar's own lines: MLflow's artifact-download bars and INFO logs,
 # Optuna's line per trial. --verbose keeps them.
 QUIET_LOGGERS = ("mlflow", "optuna", "alembic", "urllib3")
+# Loggers that print a traceback for an error they raise anyway, which kdhar then reports in one line
+# (MLflow's SQLite store logs "database or disk is full" with its whole chain). --verbose keeps them.
+RAISED_ANYWAY_LOGGERS = ("mlflow.store.db.utils",)
 
 
 def _quiet_third_parties() -> None:
@@ -54,6 +57,8 @@ def _quiet_third_parties() -> None:
     os.environ.setdefault("KDHAR_QUIET_OPTUNA", "1")  # so does Optuna: kdhar.tuning applies this
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in RAISED_ANYWAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,8 +95,12 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
-        if os.environ.get("KDHAR_DEBUG") or not is_user_error(exc):
+        if os.environ.get("KDHAR_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message, code = operational_error(exc), 1  # a full disk, a killed worker
+        if message is None and is_user_error(exc):
+            message, code = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, 2
+        if message is None:
+            raise
         click.echo(f"Error: {message}", err=True)  # the same form as click's own usage errors
-        sys.exit(2)
+        sys.exit(code)

@@ -103,6 +103,9 @@ RUN_OPTIONS = {
     "split": click.option("--split", default=1, show_default=True, type=INT),
     "split_dir": click.option("--split-dir", default=None, help="folder of the split files when they are not in --root (UCF101: also found beside it)"),
     "fraction": click.option("--fraction", default=1.0, show_default=True, type=FLOAT, help="class-balanced share of training videos, in (0, 1]"),
+    "val_fraction": click.option("--val-fraction", type=FLOAT, default=None,
+                                 help="share of the training groups held out for validation (default 0.1; 0 with --ssl pcl, "
+                                      "as PCL's code, where the self-supervised validation loss selects)"),
     "size": click.option("--size", default="cpu", show_default=True, type=click.Choice(["cpu", "paper"]), help="cpu: small clips/widths/epochs; paper: Table 1"),
     "epochs": click.option("--epochs", type=INT, default=None, help="overrides the size preset"),
     "lr": click.option("--lr", type=FLOAT, default=None),
@@ -111,10 +114,16 @@ RUN_OPTIONS = {
     "modality": click.option("--modality", type=_OptionalChoice(["rgb", "res"]), default=None,
                              help="rgb, or res: residual frames x[t-1]-x[t] (PCL's input), computed inside the model "
                                   "(default rgb; a logged model's own when scoring or fine-tuning it)"),
+    "keep_time": click.option("--keep-time", type=INT, default=None,
+                              help="leave out the trunk's last N temporal downsamplings, so its last feature keeps a "
+                                   "time axis (default 0; 2 at size cpu with --kd gkd: T' = 4 from 8 frames)"),
     "clip_len": click.option("--clip-len", type=INT, default=None),
     "frame_interval": click.option("--frame-interval", type=INT, default=None),
     "crop": click.option("--crop", type=INT, default=None),
     "test_clips": click.option("--test-clips", type=INT, default=None, help="K clips per test video"),
+    "normalize": click.option("--normalize", type=_OptionalChoice(C.NORMALIZE), default=None,
+                              help="half: (x-0.5)/0.5; imagenet: ImageNet's mean/std, as PCL's code (default half; "
+                                   "imagenet with --ssl pcl; a teacher must see the clips its student does)"),
     "augment": bool_option("--augment", help="the paper's training augmentations (default: on, off at size cpu)"),
     "schedule": click.option("--schedule", type=_OptionalChoice(["cosine", "step", "constant", "plateau"]), default=None,
                              help="lr schedule (default cosine; plateau for --ssl pcl at size paper): plateau is x0.1 "
@@ -173,8 +182,10 @@ def run_options(fn=None, *, only: tuple[str, ...] | None = None, exclude: tuple[
 KD_PRESETS = {"sskd": {"weighting": "mix", "alpha": 0.9}}
 
 
-def kd_settings(tau, weighting, alpha, lam) -> dict[str, Any]:
-    """The KD knobs as given, with a named preset (--kd-weighting sskd) spelled out."""
+def kd_settings(tau, weighting, alpha, lam, ssl: str = "none") -> dict[str, Any]:
+    """The KD knobs as given, with a named preset (--kd-weighting sskd) spelled out; without a
+    weighting, PCL runs (`ssl` "pcl") take the paper's Eq. 7 (sum) and the others mix."""
+    weighting = weighting or (C.PCL_KD_WEIGHTING if ssl == "pcl" else C.KDConfig.weighting)
     preset = KD_PRESETS.get(weighting)
     if preset is None:
         return dict(tau=tau, weighting=weighting, alpha=alpha, lam=lam)
@@ -188,10 +199,12 @@ def kd_options(fn):
     """The logit-KD knobs (distill, tune)."""
     opts = [
         click.option("--tau", type=FLOAT, default=None, help="temperature (default 4, the paper's)"),
-        click.option("--kd-weighting", type=click.Choice([*C.KD_WEIGHTINGS, *KD_PRESETS]), default=C.KDConfig.weighting,
-                     show_default=True, help="mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's "
-                                             "Eq. 7); sskd: SSKD's weights, mix with alpha 0.9 (CE 0.1, KD 0.9)"),
-        click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix (default 0.5)"),
+        click.option("--kd-weighting", type=_OptionalChoice([*C.KD_WEIGHTINGS, *KD_PRESETS]), default=None,
+                     help=f"mix: (1-alpha)*CE + alpha*tau^2*KL; sum: CE + lam*tau^2*KL (the paper's Eq. 7); "
+                          f"balanced: mix with the soft term's gradient scaled to CE's; sskd: SSKD's weights, mix "
+                          f"with alpha 0.9 (CE 0.1, KD 0.9) (default {C.KDConfig.weighting}; "
+                          f"{C.PCL_KD_WEIGHTING} with --ssl pcl)"),
+        click.option("--alpha", type=FLOAT, default=None, help="soft-term share under mix and balanced (default 0.5)"),
         click.option("--lam", type=FLOAT, default=None, help="soft-term weight under sum (default 1)"),
     ]
     for opt in reversed(opts):
@@ -253,12 +266,15 @@ def gkd_options(fn=None, *, kd: bool = True):
     if kd:
         opts = [
             click.option("--kd", type=click.Choice(C.KD_METHODS), default="logit", show_default=True,
-                         help="logit: Hinton KD on the logits; gkd: generative feature KD (attention + CVAE, needs a "
-                              "teacher from train-teacher --attention; with --teacher none the scratch + attention "
-                              "baseline); gkd+logit: both"),
+                         help="logit: Hinton KD on the logits; feature: FitNets-style hint loss on the last feature; "
+                              "gkd: generative feature KD (attention + CVAE, needs a teacher from train-teacher "
+                              "--attention; with --teacher none the scratch + attention baseline); gkd+logit: both"),
             click.option("--gkd-beta", type=FLOAT, default=None, help=f"attention-distillation weight (default {g.beta:g})"),
             click.option("--gkd-gd-weight", type=FLOAT, default=None,
                          help=f"generative-distillation weight in the CVAE pass (default {g.gd_weight:g})"),
+            click.option("--gkd-ablation", type=_OptionalChoice(C.GKD_ABLATIONS), default=None,
+                         help="turn one GKD term off: ad-only (no generative distillation), gd-only (no attention "
+                              "distillation), no-rec (no regeneration loss); default none"),
             *opts,
         ]
 
@@ -307,3 +323,17 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
 def explicit_clip(opts: dict[str, Any]) -> frozenset[str]:
     """The clip settings and modality given on the command line; the others come from a logged model's own run."""
     return frozenset(k for k in ("clip_len", "frame_interval", "crop", "modality") if opts.get(k) is not None)
+
+
+def check_crop_fits(cfg: C.RunConfig, opts: dict[str, Any]) -> None:
+    """At --size cpu an explicit --crop also sets the resize (the preset keeps the crop's 8/7), so the
+    crop is checked against the videos' own frames instead; call it once the data is there."""
+    if opts.get("size") != "cpu" or opts.get("crop") is None:
+        return
+    from kdhar.data import check_crop_in_frames
+
+    d = cfg.data
+    try:
+        check_crop_in_frames(cfg.clip.crop, d.dataset, d.root, d.split, d.split_dir or None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

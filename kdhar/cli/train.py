@@ -14,6 +14,7 @@ from kdhar.cli.errors import UserError
 from kdhar.cli.options import (
     bool_option,
     build_config,
+    check_crop_fits,
     explicit_clip,
     gkd_options,
     kd_options,
@@ -81,6 +82,7 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
         raise UserError("the --gkd-*/--cvae-lr options shape GKD's attention module: add --attention true")
     cfg = build_config(arch, opts)
     ensure_data(cfg.data.root)
+    check_crop_fits(cfg, opts)
     if text_or_none(init):
         check_init_modality(text_or_none(init), cfg.model.modality)
     _launch(opts, cfg.optim.batch_size)
@@ -109,8 +111,9 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     """
     from kdhar import distill as D
 
-    cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam))
+    cfg = build_config(student, opts, kd=kd_settings(tau, kd_weighting, alpha, lam, opts["ssl"]))
     ensure_data(cfg.data.root)
+    check_crop_fits(cfg, opts)
     _launch(opts, cfg.optim.batch_size)
     res = D.distill(
         cfg, teacher=teacher, init=text_or_none(init), experiment=opts["experiment"], resume=text_or_none(opts["resume"]),
@@ -132,6 +135,7 @@ def pretrain_cmd(arch: str, **opts) -> None:
 
     cfg = build_config(arch, {**opts, "ssl": "pcl"})
     ensure_data(cfg.data.root)
+    check_crop_fits(cfg, opts)
     _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="pretrain", experiment=opts["experiment"], objective=build_objective(cfg, labels=False),
                        resume=text_or_none(opts["resume"]), allow_config_change=bool(opts["allow_config_change"]),
@@ -149,6 +153,7 @@ def finetune_cmd(model_uri: str, **opts) -> None:
 
     cfg = build_config("c3d", opts)  # the architecture and width come from the source model
     ensure_data(cfg.data.root)
+    check_crop_fits(cfg, opts)
     _launch(opts, cfg.optim.batch_size)
     res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=text_or_none(opts["resume"]),
                        allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],

@@ -1,6 +1,6 @@
 """Video data: indexes, clip sampling, decoding, augmentation, subsets and loaders."""
 
-from kdhar.data.check import CheckReport, check_dataset, format_report
+from kdhar.data.check import CheckReport, check_crop_in_frames, check_dataset, format_report
 from kdhar.data.dataset import VideoClipDataset, collate_clips, make_loader
 from kdhar.data.index import (
     DatasetError,
@@ -26,6 +26,7 @@ __all__ = [
     "VideoError",
     "VideoSample",
     "apply_params",
+    "check_crop_in_frames",
     "check_dataset",
     "class_balanced_subset",
     "collate_clips",

@@ -1,5 +1,5 @@
 """`kdhar data check`: decode every video a split (or, for THUMOS14, an annotation file) lists and report
-what is missing or broken."""
+what is missing or broken; and the check of a crop against the videos' own frames, which reads one of them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kdhar.data.index import SUBSETS, read_split
-from kdhar.data.video import VideoError, VideoFile
+from kdhar.data.video import VideoError, VideoFile, frame_size
 
 # Frames decoded per video: first, middle and last. Truncated and corrupt files fail on one of
 # them, at a fraction of the cost of decoding everything.
@@ -86,6 +86,29 @@ def check_dataset(
                 report.bad.append((sample.path, reason))
     report.counts = {s: {name: good[s][name] for name in classes} for s in SUBSETS}
     return report
+
+
+def check_crop_in_frames(crop: int, dataset: str, root: str | Path, split: int = 1,
+                         split_dir: str | Path | None = None) -> None:
+    """Refuses a crop larger than the frames of the dataset's videos (the first listed training video's).
+
+    At the CPU size the resize follows the crop, so no check of the crop against the resize can fail:
+    a 1000-pixel crop would scale 96x128 videos up twelvefold, every clip of every epoch. Only the
+    first video's header is read here.
+
+    Raises:
+        ValueError: the crop does not fit, naming the crop, the frame size and the file.
+    """
+    listed, _ = read_split(dataset, root, split, "train", split_dir)
+    first = next((sample.path for sample in listed if sample.path.is_file()), None)
+    if first is None:
+        return  # the run's own index names the missing videos
+    height, width = frame_size(first)
+    if crop > min(height, width):
+        raise ValueError(
+            f"crop={crop}: larger than the {height}x{width} frames of the videos ({first}), which the CPU "
+            f"size would scale up to fit it; use a crop of {min(height, width)} or less"
+        )
 
 
 # What `data check` shows when it finds no split files where it looked.

@@ -111,7 +111,7 @@ class VideoClipDataset(Dataset):
         params = draw_params(
             rng, frames.shape[1:3], clip.resize, clip.crop, augment=self.train and clip.augment, hflip=clip.hflip
         )
-        out = {"clip": apply_params(frames, params), "label": sample.label, "index": video, "view": view}
+        out = {"clip": apply_params(frames, params, clip.normalize), "label": sample.label, "index": video, "view": view}
         if k is not None:
             out["clip_index"] = k
         return out

@@ -16,7 +16,8 @@ from kdhar.data.thumos14 import DetectionIndex, detection_fingerprint, load_dete
 
 @dataclass
 class Splits:
-    """The indexes a run trains, validates and tests on, and the training list's fingerprint."""
+    """The indexes a run trains, validates and tests on, the whole training list they come from
+    (`train_list`, retrieval's gallery whatever the fraction and hold-out) and its fingerprint."""
 
     classes: list[str]
     train: DatasetIndex | DetectionIndex
@@ -24,6 +25,7 @@ class Splits:
     test: DatasetIndex | DetectionIndex
     fingerprint: str
     missing: int
+    train_list: DatasetIndex | DetectionIndex
 
 
 def part_fingerprint(part: DatasetIndex | DetectionIndex) -> str:
@@ -51,6 +53,7 @@ def load_splits(cfg: RunConfig) -> Splits:
         test=test,
         fingerprint=fingerprint(train_full),
         missing=train_full.missing + test.missing,
+        train_list=train_full,
     )
 
 
@@ -79,4 +82,5 @@ def load_detection_splits(cfg: RunConfig) -> Splits:
         test=test,
         fingerprint=detection_fingerprint(full),
         missing=full.missing + test.missing,
+        train_list=full,
     )

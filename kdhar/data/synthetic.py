@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdhar.data.video import write_video
+from kdhar.data.video import is_temp_name, temp_name, write_video
 
 LAYOUTS = ("ucf101", "hmdb51")
 HMDB_SPLIT_DIR = "testTrainMulti_7030_splits"
@@ -691,9 +692,22 @@ def _video_relpath(layout: str, class_name: str, group: int, clip: int) -> str:
 
 
 def _write_lines(path: Path, lines: list[str], newline: str) -> None:
-    # newline="" stops Python from translating the explicit line endings.
-    with open(path, "w", encoding="ascii", newline="") as f:
-        f.writelines(line + newline for line in lines)
+    _write_text(path, "".join(line + newline for line in lines))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Writes `text` to a temporary name of its own, then renames it over `path`: a reader (or a
+    second `data synth` on the same folder) sees the old file or the new one, never a half-written
+    one, and two writers never write into one file."""
+    tmp = temp_name(path)
+    try:
+        # newline="" stops Python from translating the explicit line endings.
+        with open(tmp, "x", encoding="ascii", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_split_files(root: Path, layout: str, classes: list[str], spec: SynthSpec) -> None:
@@ -756,8 +770,13 @@ def marker_record(layout: str, spec, complete: bool) -> dict:
 def prepare_root(root: Path, layout: str, spec, overwrite: bool) -> bool:
     """Readies `root` for a set of `layout` and `spec` (a dataclass): True when it already holds this
     exact finished set; otherwise an empty folder with an unfinished marker (or an interrupted set of
-    the same settings, to resume)."""
+    the same settings, to resume).
+
+    The folder is listed before the marker is looked for: a writer that started on the same folder
+    a moment earlier writes its marker before anything else, so whatever the listing holds besides
+    temporary files comes with a marker, and the folder is not mistaken for someone else's."""
     marker = root / MARKER
+    others = [p for p in root.iterdir() if not is_temp_name(p)] if root.is_dir() else []
     if marker.is_file():
         found = json.loads(marker.read_text())
         wanted = json.loads(json.dumps(marker_record(layout, spec, True)))  # tuples become lists, as on disk
@@ -769,10 +788,10 @@ def prepare_root(root: Path, layout: str, spec, overwrite: bool) -> bool:
                 "pass overwrite (CLI: --overwrite) or choose another folder"
             )
         shutil.rmtree(root)
-    elif root.exists() and any(root.iterdir()):
+    elif others:
         raise SynthError(f"{root} is not empty and holds no synthetic set ({MARKER} missing); choose an empty folder")
     root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(marker_record(layout, spec, False), indent=2))
+    _write_text(marker, json.dumps(marker_record(layout, spec, False), indent=2))
     return False
 
 
@@ -837,5 +856,5 @@ def generate(
                 done += 1
                 if on_progress:
                     on_progress(done, total)
-    (root / MARKER).write_text(json.dumps(marker_record(layout, spec, True), indent=2))
+    _write_text(root / MARKER, json.dumps(marker_record(layout, spec, True), indent=2))
     return GeneratedDataset(root, classes, total)

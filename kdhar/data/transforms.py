@@ -16,9 +16,11 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 # Networks here are trained from scratch on videos whose colour statistics are not ImageNet's, so a
-# neutral 0.5/0.5 normalisation (pixels to [-1, 1]) is used instead of dataset-specific means.
+# neutral 0.5/0.5 normalisation (pixels to [-1, 1]) is the default ("half"); PCL's code normalises
+# with ImageNet's statistics ("imagenet"), the default of PCL runs (ClipConfig.normalize).
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+NORMALIZATIONS = {"half": (MEAN, STD), "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 JITTER_P = 0.8
 BRIGHTNESS = 0.4  # factor drawn from [1 - 0.4, 1 + 0.4]; same for contrast and saturation
@@ -107,15 +109,16 @@ def draw_params(
     )
 
 
-def apply_params(frames: np.ndarray | torch.Tensor, params: ClipAugParams) -> torch.Tensor:
+def apply_params(frames: np.ndarray | torch.Tensor, params: ClipAugParams, normalize: str = "half") -> torch.Tensor:
     """Applies one drawn augmentation to every frame of a clip.
 
     Args:
         frames: uint8 RGB frames (T, H, W, 3).
         params: from `draw_params`.
+        normalize: the mean and std of `NORMALIZATIONS` to normalise with.
 
     Returns:
-        float32 tensor (C, T, H, W), normalised with `MEAN`/`STD`.
+        float32 tensor (C, T, H, W), normalised.
     """
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
@@ -138,7 +141,7 @@ def apply_params(frames: np.ndarray | torch.Tensor, params: ClipAugParams) -> to
         # A kernel of +-3 sigma holds >99 % of the Gaussian's weight.
         kernel = 2 * math.ceil(3 * params.blur_sigma) + 1
         x = F.gaussian_blur(x, [kernel, kernel], [params.blur_sigma, params.blur_sigma])
-    x = F.normalize(x, MEAN, STD)
+    x = F.normalize(x, *NORMALIZATIONS[normalize])
     return x.permute(1, 0, 2, 3).contiguous()
 
 

@@ -67,6 +67,17 @@ class TupleLayout:
         return num_frames >= self.span
 
 
+def diagram(layout: TupleLayout) -> str:
+    """Where a tuple's clips sit among the first `span` frames of a video (the tuple drawn at frame
+    0), one text row per clip: `#` a frame of the clip, `.` one of none; the README shows it."""
+    width = layout.span
+    rows = ["frame  " + "".join(str(f % 10) for f in range(width))]
+    for k, s in enumerate(layout.starts(0)):
+        rows.append(f"clip {k} " + "." * s + "#" * layout.clip_len + "." * (width - s - layout.clip_len)
+                    + f"  frames {s}-{s + layout.clip_len - 1}")
+    return "\n".join(rows)
+
+
 @dataclass(frozen=True)
 class TupleDraw:
     """One sample's random choices: where its tuple starts, its pretext label and, for label 4,
@@ -185,11 +196,11 @@ class TupleClipDataset:
         clips = {}
         for k in used:
             params = draw_params(rng, frames.shape[2:4], clip.resize, clip.crop, augment=clip.augment, hflip=clip.hflip)
-            clips[k] = apply_params(frames[k], params)
+            clips[k] = apply_params(frames[k], params, clip.normalize)
         middle = clips[extra] if d.label == REMOTE else transform(clips[1], d.label, rng, self.spatial_perm, self.swap_pairs)
         tuple_clips = [clips[0], middle, *[clips[k] for k in range(2, layout.tuple_len)]]
         return {"clips": torch.stack(tuple_clips), "pretext": d.label, "label": sample.label, "index": item}
 
 
 __all__ = ["TupleClipDataset", "STRIDES", "PRETEXT_LABELS", "REMOTE", "REMOTE_GAP", "TupleLayout", "TupleDraw", "remote_start",
-           "draw_tuple", "clip_indices"]
+           "draw_tuple", "clip_indices", "diagram"]

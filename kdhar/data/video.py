@@ -1,4 +1,4 @@
-"""Video file I/O: the only module that imports decord (reading) and PyAV (writing).
+"""Video file I/O: the only module that imports decord (reading) and PyAV (writing, and a stream's frame size).
 
 Readers are opened inside each call and dropped before it returns. A decord `VideoReader` created in
 a parent process and inherited by a forked DataLoader worker hangs, so nothing here is cached.
@@ -6,6 +6,8 @@ a parent process and inherited by a forked DataLoader worker hangs, so nothing h
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,6 +121,28 @@ def video_info(path: str | Path) -> tuple[int, float]:
         return video.num_frames, video.fps
 
 
+def frame_size(path: str | Path) -> tuple[int, int]:
+    """Returns (height, width) of the frames stored in `path`, from the stream's header.
+
+    PyAV reads the header without decoding: decord decodes some widths (48, say) only when it
+    scales the frames, and its reader has no size of its own.
+
+    Raises:
+        VideoError: the file is missing or has no video stream.
+    """
+    import av  # deferred, as for writing
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "file not found")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return int(stream.height), int(stream.width)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise VideoError(path, f"cannot open as a video ({_first_line(exc)})") from exc
+
+
 def read_frames(
     path: str | Path, indices: Sequence[int] | np.ndarray, size: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -159,8 +183,9 @@ def write_video(
     """Encodes `frames` (T, H, W, 3) uint8 RGB into a real video file (AVI/MPEG-4 Part 2 by default,
     the codec family of UCF101's XviD files).
 
-    The file is written to a temporary name and renamed, so an interrupted write never leaves a
-    half-encoded video under the final name.
+    The file is written to a temporary name of its own and renamed, so an interrupted write never
+    leaves a half-encoded video under the final name, and two processes writing the same video
+    (two `kdhar data synth` on one folder) each finish their own file instead of sharing one.
 
     Args:
         bit_rate: bits per second; by default high enough to keep small motions sharp.
@@ -173,19 +198,35 @@ def write_video(
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"{path}: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = temp_name(path)
     height, width = frames.shape[1:3]
-    with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        # High bitrate: the synthetic classes differ in small motions that heavy compression would blur.
-        stream.bit_rate = bit_rate if bit_rate is not None else max(200_000, width * height * fps * 2)
-        if gop_size is not None:
-            stream.gop_size = gop_size
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p"
+            # High bitrate: the synthetic classes differ in small motions that heavy compression would blur.
+            stream.bit_rate = bit_rate if bit_rate is not None else max(200_000, width * height * fps * 2)
+            if gop_size is not None:
+                stream.gop_size = gop_size
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden name beside `path` that no other writer uses (`.name.<random>.tmp.ext`): the file is
+    written there and renamed over `path` once complete. The extension stays last, so an encoder
+    still knows the format from it."""
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+
+
+def is_temp_name(path: Path) -> bool:
+    """Whether `path` is a file `temp_name` made (a write in progress, or one a killed writer left)."""
+    return path.name.startswith(".") and ".tmp" in path.name

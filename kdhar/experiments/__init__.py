@@ -5,7 +5,8 @@ A spec is plain data (see experiments/*.yaml). The package reads it in one direc
 - `grid`: what a grid is made of (`GridSpec`, `DatasetSpec`, the keys a spec may use, `SpecError`).
 - `plan`: the spec's cells in run order (teachers, scratch students, distilled students, fine-tunes),
   each with the `RunConfig` of `build_run_config`, and `cell_hash`, the `config_hash` of its run.
-- `spec`: `load_spec` / `parse_spec`, every value checked and every cell planned before any trains.
+- `spec`: `load_spec` / `parse_spec`, every value checked and every cell planned before any trains;
+  `tuned_plan`, the plan with the `tuned:` studies' best settings on the cells each measured.
 - `claims`: FINISHED and interrupted runs of a cell, and the claims that let two runners share a grid.
 - `executors`: where a wave's claimed cells train (`LocalExecutor`; `executors.ray.RayExecutor`).
 - `run`: `run_grid`, wave by wave, skipping every cell whose configuration already has a FINISHED
@@ -22,17 +23,20 @@ from kdhar.experiments.grid import (
     OVERRIDES,
     SIZES,
     SPEC_KEYS,
+    TUNED_ARMS,
     DatasetSpec,
     GridSpec,
     SpecError,
+    TeacherSpec,
 )
 from kdhar.experiments.plan import GKD_TEACHER, WAVES, Cell, build_run_config, cell_hash, check_override, plan
 from kdhar.experiments.run import CellOutcome, grid_status, run_grid
-from kdhar.experiments.spec import load_spec, parse_spec, with_tuned
+from kdhar.experiments.spec import load_spec, parse_spec, tuned_plan
 
 __all__ = [
-    "CHECKPOINTS", "DATASET_KEYS", "GKD_TEACHER", "MODEL_OVERRIDES", "OVERRIDES", "SIZES", "SPEC_KEYS", "WAVES",
-    "Cell", "CellJob", "CellOutcome", "Claims", "DatasetSpec", "Executor", "GridSpec", "LocalExecutor", "SpecError",
+    "CHECKPOINTS", "DATASET_KEYS", "GKD_TEACHER", "MODEL_OVERRIDES", "OVERRIDES", "SIZES", "SPEC_KEYS", "TUNED_ARMS",
+    "WAVES", "Cell", "CellJob", "CellOutcome", "Claims", "DatasetSpec", "Executor", "GridSpec", "LocalExecutor",
+    "SpecError", "TeacherSpec",
     "build_run_config", "cell_hash", "check_override", "finished_run", "grid_status", "interrupted_run",
-    "load_spec", "parse_spec", "plan", "reconcile_runs", "run_cell", "run_grid", "with_tuned",
+    "load_spec", "parse_spec", "plan", "reconcile_runs", "run_cell", "run_grid", "tuned_plan",
 ]

@@ -57,6 +57,21 @@ def interrupted_run(experiment: str, cell: Cell, key: str, log: Callable[[str], 
     return chosen
 
 
+def end_orphaned_runs(experiment: str, role: str, key: str) -> list[str]:
+    """Ends as KILLED the cell's runs left RUNNING by a process that is gone (a pool worker killed
+    outright, which could not end its run itself); returns their ids, newest first. A later grid run
+    resumes the newest from its checkpoint (`interrupted_run`)."""
+    from kdhar import tracking
+
+    ended = []
+    for run in tracking.find_runs(experiment, f"tags.config_hash = '{key}' and tags.role = '{role}' and "
+                                              "attributes.status = 'RUNNING'"):
+        if tracking.seems_dead(run["tags"]):
+            tracking.end_run_as(run["run_id"], "KILLED")
+            ended.append(run["run_id"])
+    return ended
+
+
 def reconcile_runs(experiment: str) -> list[str]:
     """Ends as KILLED every run of `experiment` left RUNNING by a process that is gone: one of this
     machine whose `pid` is not alive, or one of another machine whose `heartbeat` is older than

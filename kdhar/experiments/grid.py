@@ -25,6 +25,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "width": ("model", "width"),
     "dropout": ("model", "dropout"),
     "modality": ("model", "modality"),
+    "keep_time": ("model", "keep_time"),
     "clip_len": ("clip", "clip_len"),
     "frame_interval": ("clip", "frame_interval"),
     "crop": ("clip", "crop"),
@@ -32,6 +33,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "test_clips": ("clip", "test_clips"),
     "augment": ("clip", "augment"),
     "hflip": ("clip", "hflip"),
+    "normalize": ("clip", "normalize"),
     "num_workers": ("data", "num_workers"),
     "val_fraction": ("data", "val_fraction"),
     "views": ("data", "views"),
@@ -39,6 +41,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "grad_clip": ("optim", "grad_clip"),
     "threads": ("optim", "threads"),
     "sync_bn": ("optim", "sync_bn"),
+    "plateau_threshold": ("optim", "plateau_threshold"),
     # PCL (`ssl: pcl`): the tuple view and the self-supervised terms
     "ssl": ("pcl", "ssl"),
     "pcl_interval": ("pcl", "interval"),
@@ -50,6 +53,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "negatives": ("pcl", "negatives"),
     "nce_temperature": ("pcl", "temperature"),
     "bank_momentum": ("pcl", "momentum"),
+    "fp32_logits": ("pcl", "fp32_logits"),
+    "retrieval_pool": ("pcl", "retrieval_pool"),
     # GKD (`kd: gkd`): the attention module, its CVAE and the distillation terms
     "kd": ("gkd", "method"),
     "attention": ("gkd", "attention"),
@@ -62,6 +67,9 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "gkd_ce": ("gkd", "ce"),
     "gkd_rescale": ("gkd", "rescale"),
     "gkd_norm": ("gkd", "norm"),
+    "gkd_ablation": ("gkd", "ablation"),
+    # Feature KD (`kd: feature`): the hint loss's weight
+    "feature_weight": ("feature", "weight"),
     # Temporal detection (`task: detection`): windows, the head and decoding. There, frame_interval
     # is the window's frames per step (`DETECTION_KEYS`).
     "window_length": ("window", "length"),
@@ -83,20 +91,40 @@ OVERRIDES: dict[str, tuple[str, str]] = {
 DETECTION_KEYS: dict[str, tuple[str, str]] = {"frame_interval": ("window", "frame_interval")}
 TASKS = C.TASKS
 
+# A grid's `kd` methods: the `--kd` choices, and GKD with one of its ablations ("gkd-ad-only": `--kd gkd
+# --gkd-ablation ad-only`), each a row of its own.
+GRID_METHODS = (*C.KD_METHODS, *(f"gkd-{a}" for a in C.GKD_ABLATIONS if a != "none"))
+
+
+def method_overrides(method: str) -> dict[str, Any]:
+    """The overrides a grid method gives its distilled cells (none for logit KD, the default)."""
+    if method == "logit":
+        return {}
+    kd, _, ablation = method.partition("-") if method.startswith("gkd-") else (method, "", "")
+    return {"kd": kd, **({"gkd_ablation": ablation} if ablation else {})}
+
+
+def uses_attention(method: str) -> bool:
+    """Whether a grid method distils through GKD's attention module (its teachers need one)."""
+    return method_overrides(method).get("kd") in C.GKD_METHODS
+
 # What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the
 # teacher, so teachers and students may differ in size and schedule but not in how clips are cut.
 MODEL_OVERRIDES = {
     "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
-    "modality", "head_channels", "reg_weight", "det_optimizer",
+    "modality", "keep_time", "head_channels", "reg_weight", "det_optimizer",
 }
 
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
-    "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "tau", "lam",
+    "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "teacher_seeds", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
-    "fraction_overrides", "keep_checkpoints", "kd", "task",
+    "fraction_overrides", "keep_checkpoints", "kd", "recipe", "task",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
+# What `tuned:` may name besides a teacher's name: the studies of the scratch twins, and of every
+# distilled cell whose teacher has no studies of its own.
+TUNED_ARMS = ("scratch", "kd")
 
 
 class SpecError(ValueError):
@@ -115,12 +143,31 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher recipe of a grid: `name` is how its distilled cells and their labels call it (the
+    architecture unless the spec names it), `overrides` its own model overrides on top of
+    `teacher_overrides` (e.g. `modality: res`, so one architecture can teach from RGB and from
+    residual frames in the same grid)."""
+
+    name: str
+    arch: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def teacher_runs(teachers: list[TeacherSpec], seeds: list[int]) -> list[tuple[TeacherSpec, int, str]]:
+    """One run per teacher recipe and seed: (recipe, seed, the name its distilled cells call it by).
+    The name is the recipe's with one seed, and `<name>-s<seed>` with several."""
+    several = len(seeds) > 1
+    return [(t, seed, f"{t.name}-s{seed}" if several else t.name) for t in teachers for seed in seeds]
+
+
+@dataclass(frozen=True)
 class GridSpec:
     """A whole study: every field is plain data read from YAML."""
 
     experiment: str
     dataset: DatasetSpec
-    teachers: list[str]
+    teachers: list[TeacherSpec]
     students: list[str]
     fractions: list[float]
     seeds: list[int]
@@ -136,20 +183,23 @@ class GridSpec:
     fraction_overrides: dict[float, dict[str, Any]] = field(default_factory=dict)
     transfer: DatasetSpec | None = None
     self_distill: bool = False  # also distil an architecture into itself
-    teacher_seed: int = 0  # teachers are trained once, on all training videos
+    # Each teacher recipe is trained once per seed, on all training videos; with several seeds every
+    # distilled cell is repeated per teacher run, so a row of the report is one teacher run.
+    teacher_seeds: list[int] = field(default_factory=lambda: [0])
     tau: float = C.KDConfig.tau
     lam: float = C.KDConfig.lam
     weighting: str = C.KDConfig.weighting
     alpha: float = C.KDConfig.alpha
     finetune: bool = False
     cache_teacher: bool = False
-    tuned: str | None = None  # an Optuna study whose best KD settings (and lr) the KD cells use
+    # Optuna studies whose best settings cells take: "scratch", "kd" or a teacher's name -> studies;
+    # each cell takes the study that measured its own configuration (`spec.tuned_plan`).
+    tuned: dict[str, list[str]] = field(default_factory=dict)
     # "pcl": students (scratch and distilled) train inside PCL; teachers and fine-tunes stay supervised.
     ssl: str = "none"
     # A finished cell's model is in the tracking store; its checkpoint (optimizer state and all) is
     # deleted unless this is set (the paper's grid would otherwise leave ~18 GB behind).
     keep_checkpoints: bool = False
-    kd_overrides: dict[str, Any] = field(default_factory=dict)  # filled from `tuned` (lr; GKD's beta and ramp)
     # The distillation methods of the KD cells (`--kd`): with gkd or gkd+logit the teachers train with
     # GKD's attention module (all methods distil from them) and each scratch cell gets a twin with the
     # attention module and no teacher ("scratch + attention").
@@ -158,6 +208,29 @@ class GridSpec:
     # detection every cell trains a temporal detector, the teachers with GKD's attention module when
     # a KD method is gkd, and "logit" is the per-step score distillation.
     task: str = "recognition"
+    # What every cell trains with (kdhar.config.RECIPES): "gkd" is GKD's recipe for the size
+    # (kdhar.config.GKD_RECIPE) for every cell, so that the rows are matched twins; None: "gkd" when
+    # a method uses the attention module, else "preset".
+    recipe: str | None = None
+
+    @property
+    def attention(self) -> bool:
+        """Whether a method distils through GKD's attention module (teachers train with one, and every
+        scratch cell gets a "scratch + attention" twin)."""
+        return any(uses_attention(m) for m in self.kd_methods)
+
+    @property
+    def cell_recipe(self) -> str:
+        return self.recipe or ("gkd" if self.attention else "preset")
+
+    @property
+    def teacher_seed(self) -> int:
+        """The first teacher seed (a grid of one teacher run per recipe has only this one)."""
+        return self.teacher_seeds[0]
+
+    def teacher_runs(self) -> list[tuple[TeacherSpec, int, str]]:
+        """Every teacher run of the grid (`teacher_runs`)."""
+        return teacher_runs(self.teachers, self.teacher_seeds)
 
     @property
     def kd(self) -> C.KDConfig:

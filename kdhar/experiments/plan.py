@@ -13,22 +13,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdhar import config as C
-from kdhar.experiments.grid import DETECTION_KEYS, OVERRIDES, SIZES, TASKS, DatasetSpec, GridSpec, SpecError
+from kdhar.experiments.grid import DETECTION_KEYS, OVERRIDES, SIZES, TASKS, DatasetSpec, GridSpec, SpecError, method_overrides
 
 WAVES = ("teacher", "scratch", "kd", "finetune")
 
 # What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
 # the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
 GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
-SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "window", "det")
+SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature", "window", "det")
 
 
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid.
 
-    `teacher` is the teacher architecture of a distilled student, "none" for a scratch student and
-    for a teacher cell itself. A fine-tune cell carries the student cell whose model it starts from.
+    `teacher` is the teacher run's name of a distilled student (its architecture in a grid of one
+    run per architecture), "none" for a scratch student and for a teacher cell itself; a teacher
+    cell's own name is `name`. A fine-tune cell carries the student cell whose model it starts from.
     """
 
     role: str  # teacher | student | finetune
@@ -38,6 +39,12 @@ class Cell:
     seed: int
     cfg: C.RunConfig
     source: Cell | None = None
+    name: str = ""  # a teacher cell's name, which its distilled cells give as `teacher`
+
+    @property
+    def teacher_id(self) -> str:
+        """What distilled cells call this teacher cell by (its architecture unless it is named)."""
+        return self.name or self.arch
 
     @property
     def wave(self) -> str:
@@ -54,12 +61,16 @@ class Cell:
 
     def _label(self) -> str:
         if self.role == "teacher":
-            return f"teacher {self.arch}"
+            return f"teacher {self.arch}" if self.teacher_id == self.arch else f"teacher {self.teacher_id} ({self.arch})"
         if self.role == "student":
             via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
             pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
             g = self.cfg.gkd
             method = "" if not g.attention else (" [attention]" if self.teacher == "none" else f" [{g.method}]")
+            if g.method == "feature":
+                method = " [feature]"
+            if g.attention and g.ablation != "none":
+                method = method[:-1] + f", {g.ablation}]"
             return f"student {self.arch}{pcl} {via}{method} fraction={self.fraction:g} seed={self.seed}"
         src = self.source
         via = "scratch" if src.teacher == "none" else f"<- {src.teacher}"
@@ -78,9 +89,14 @@ def build_run_config(
     seed: int,
     kd: C.KDConfig | None = None,
     task: str = "recognition",
+    recipe: str | None = None,
 ) -> C.RunConfig:
     """Defaults -> size preset -> overrides, the same order as the command line. A detection run
     (`task`) takes the detection preset of its size on top of the size's own.
+
+    `recipe` is a grid's (`C.RECIPES`): "gkd" gives the cell GKD's recipe for its size (`C.GKD_RECIPE`)
+    whether it has the attention module or not, "preset" gives it none; None (a single run) gives
+    it to runs with the attention module only.
 
     Raises:
         SpecError: an unknown override key, size or task, or a value of the wrong type or range.
@@ -89,7 +105,7 @@ def build_run_config(
     if task not in TASKS:
         raise SpecError(f"task {task!r} is not one of {', '.join(TASKS)}")
     _check_overrides(size, overrides, base)
-    sections = _preset_sections(size, overrides, task)
+    sections = _preset_sections(size, overrides, recipe, task)
     keys = {**OVERRIDES, **(DETECTION_KEYS if task == "detection" else {})}
     for key, value in overrides.items():
         section, name = keys[key]
@@ -111,6 +127,7 @@ def build_run_config(
         kd=kd or base.kd,
         pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
         gkd=dataclasses.replace(base.gkd, **sections["gkd"]),
+        feature=dataclasses.replace(base.feature, **sections["feature"]),
         task=task,
         window=dataclasses.replace(base.window, **sections["window"]),
         det=dataclasses.replace(base.det, **sections["det"]),
@@ -134,9 +151,12 @@ def _check_overrides(size: str, overrides: dict[str, Any], base: C.RunConfig) ->
         check_override(key, value, getattr(getattr(base, section), name))
 
 
-def _preset_sections(size: str, overrides: dict[str, Any], task: str = "recognition") -> dict[str, dict[str, Any]]:
+def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = None,
+                     task: str = "recognition") -> dict[str, dict[str, Any]]:
     """The size's preset, section by section, with the presets of detection, PCL and GKD where the
-    task and the overrides turn them on; the overrides themselves go on top."""
+    task and the overrides (or the grid's `recipe`) turn them on; the overrides themselves go on top."""
+    if recipe is not None and recipe not in C.RECIPES:
+        raise SpecError(f"recipe {recipe!r} is not one of {', '.join(C.RECIPES)}")
     preset = C.CPU_PRESET if size == "cpu" else {}
     sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in SECTIONS}
     if task == "detection":
@@ -146,11 +166,18 @@ def _preset_sections(size: str, overrides: dict[str, Any], task: str = "recognit
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
         for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
             sections[name].update(values)
-    if overrides.get("kd", "logit") != "logit":
+    if overrides.get("kd", "logit") in C.GKD_METHODS:
         sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
-    if (overrides.get("attention") or sections["gkd"].get("attention")) and task != "detection":
-        # A detection run keeps its own optimiser settings: every detection method uses the same one.
-        for name, values in (C.GKD_CPU_PRESET if size == "cpu" else C.GKD_PAPER_PRESET).items():
+    attention = bool(overrides.get("attention") or sections["gkd"].get("attention"))
+    if task == "detection":
+        # A detection run keeps its own optimiser settings and the detection preset's GKD knobs:
+        # every detection method uses the same ones.
+        return sections
+    if recipe == "gkd" or (recipe is None and attention):
+        for name, values in C.GKD_RECIPE[size].items():
+            sections[name].update(values)
+    if attention:
+        for name, values in C.GKD_MODULE_PRESET[size].items():
             sections[name].update(values)
     return sections
 
@@ -188,13 +215,14 @@ def plan(spec: GridSpec) -> list[Cell]:
     Raises:
         SpecError: an override that makes some cell's configuration invalid.
     """
-    gkd = any(m != "logit" for m in spec.kd_methods)
     teachers = [
-        Cell("teacher", t, "none", 1.0, spec.teacher_seed,
-             build_run_config(t, size=spec.size, overrides={**spec.overrides, **(GKD_TEACHER if gkd else {}),
-                                                             **spec.teacher_overrides},
-                              dataset=spec.dataset, fraction=1.0, seed=spec.teacher_seed, task=spec.task))
-        for t in spec.teachers
+        Cell("teacher", t.arch, "none", 1.0, seed,
+             build_run_config(t.arch, size=spec.size, dataset=spec.dataset, fraction=1.0, seed=seed,
+                              overrides={**_shared(spec), **(GKD_TEACHER if spec.attention else {}), **spec.teacher_overrides,
+                                         **t.overrides},
+                              recipe=spec.cell_recipe, task=spec.task),
+             name=name)
+        for t, seed, name in spec.teacher_runs()
     ]
     scratch: list[Cell] = []
     kd: list[Cell] = []
@@ -205,28 +233,35 @@ def plan(spec: GridSpec) -> list[Cell]:
     return teachers + scratch + kd + _finetune_cells(spec, scratch + kd)
 
 
+def _shared(spec: GridSpec) -> dict[str, Any]:
+    """The overrides of the cells around the students (teachers, fine-tunes): the spec's, and in a
+    PCL grid the students' normalisation, since a teacher sees the students' clips and a fine-tune
+    starts from their weights."""
+    if spec.ssl != "pcl":
+        return dict(spec.overrides)
+    return {"normalize": C.PCL_PROTOCOL["clip"]["normalize"], **spec.overrides}
+
+
 def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: list[Cell], kd: list[Cell]) -> None:
     """Adds one student's cells at one fraction and seed: its scratch run (and, with GKD, its
-    attention twin) to `scratch`, one distilled run per KD method and teacher to `kd`."""
+    attention twin) to `scratch`, one distilled run per KD method and teacher run to `kd`. Every
+    cell takes the grid's recipe, so the rows differ in their method alone."""
     overrides = {**spec.overrides, **spec.student_overrides.get(arch, {})}
     if spec.ssl != "none":
         overrides["ssl"] = spec.ssl
 
     def config(**method: Any) -> C.RunConfig:
         return build_run_config(arch, size=spec.size, dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd,
-                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method}, task=spec.task)
+                                overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method},
+                                recipe=spec.cell_recipe, task=spec.task)
 
     scratch.append(Cell("student", arch, "none", frac, seed, config()))
-    if any(m != "logit" for m in spec.kd_methods):  # the attention module without a teacher, GKD's own baseline
+    if spec.attention:  # the attention module without a teacher, GKD's own baseline
         scratch.append(Cell("student", arch, "none", frac, seed, config(attention=True)))
-    tuned = {f"gkd_{k}": spec.kd_overrides[k] for k in ("beta", "ramp") if k in spec.kd_overrides}
     for method in spec.kd_methods:
-        cfg = config(**({"kd": method, **tuned} if method != "logit" else {}))
-        # A tuned study's lr is the distilled students' only: the scratch twin keeps the preset lr,
-        # which was chosen for plain cross-entropy.
-        if "lr" in spec.kd_overrides:
-            cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=spec.kd_overrides["lr"]))
-        kd += [Cell("student", arch, t, frac, seed, cfg) for t in spec.teachers if t != arch or spec.self_distill]
+        cfg = config(**method_overrides(method))
+        kd += [Cell("student", arch, name, frac, seed, cfg) for t, _, name in spec.teacher_runs()
+               if t.arch != arch or spec.self_distill]
 
 
 def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
@@ -235,9 +270,9 @@ def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
         return []
     cells = []
     for src in students:
-        overrides = {**spec.overrides, **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
+        overrides = {**_shared(spec), **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
         overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
-        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides,
+        cfg = build_run_config(src.arch, size=spec.size, overrides=overrides, recipe=spec.cell_recipe,
                                dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
         cells.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))
     return cells

@@ -15,8 +15,8 @@ from pathlib import Path
 from kdhar.experiments.claims import CHECKPOINTS, Claims, finished_run, interrupted_run
 from kdhar.experiments.executors import CellJob, Executor, LocalExecutor
 from kdhar.experiments.grid import GridSpec, SpecError
-from kdhar.experiments.plan import WAVES, Cell, cell_hash, plan
-from kdhar.experiments.spec import load_spec, with_tuned
+from kdhar.experiments.plan import WAVES, Cell, cell_hash
+from kdhar.experiments.spec import load_spec, tuned_plan
 
 
 @dataclass
@@ -57,7 +57,7 @@ def run_grid(
     Raises:
         SpecError: a bad spec or a dataset root that does not exist.
     """
-    spec = with_tuned(load_spec(spec_path))
+    spec = load_spec(spec_path)
     if workers < 1:
         raise SpecError(f"workers {workers} must be >= 1")
     exp = experiment or spec.experiment
@@ -65,11 +65,13 @@ def run_grid(
         if not Path(ds.root).exists():
             raise SpecError(f"{spec_path}: dataset root {ds.root} ({ds.name}) does not exist; "
                             "generate it with `kdhar data synth` or fix 'root'")
+    _check_cpu_crop(spec, spec_path)
+    cells = tuned_plan(spec, str(spec_path))
     executor = executor or LocalExecutor(workers)
     executor.start()
     try:
-        log(f"grid {spec_path}: {len(plan(spec))} cells in experiment '{exp}' ({executor.describe()})")
-        grid = _GridRun(spec, str(spec_path), exp, executor, device, log)
+        log(f"grid {spec_path}: {len(cells)} cells in experiment '{exp}' ({executor.describe()})")
+        grid = _GridRun(spec, cells, str(spec_path), exp, executor, device, log)
         grid.claims.start()
         try:
             for wave in WAVES:
@@ -88,21 +90,21 @@ def grid_status(spec_path: str | Path, experiment: str | None = None) -> list[tu
     What `run_grid` would skip; a distilled cell whose teacher has not finished yet, or a fine-tune
     whose source has not, counts as not done.
     """
-    spec = with_tuned(load_spec(spec_path))
+    spec = load_spec(spec_path)
     exp = experiment or spec.experiment
-    cells = plan(spec)
+    cells = tuned_plan(spec, str(spec_path))
     position = {id(c): i for i, c in enumerate(cells)}
     done: dict[int, str | None] = {}
-    teacher_runs: dict[str, str] = {}
+    teacher_runs: dict[tuple[str, int], str] = {}
     for i, cell in enumerate(cells):
         source_run = done.get(position[id(cell.source)]) if cell.source is not None else None
-        teacher_run = teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
+        teacher_run = teacher_runs.get((cell.teacher, cell.teacher_seed)) if cell.wave == "kd" else None
         if (cell.wave == "kd" and teacher_run is None) or (cell.role == "finetune" and source_run is None):
             done[i] = None
             continue
         done[i] = finished_run(exp, cell.role, cell_hash(cell, source_run=source_run, teacher_run=teacher_run))
         if cell.role == "teacher" and done[i]:
-            teacher_runs[cell.arch] = done[i]
+            teacher_runs[cell.teacher_id] = done[i]
     return [(cell, done[i]) for i, cell in enumerate(cells)]
 
 
@@ -117,20 +119,38 @@ class _OpenCell:
     teacher_run: str | None
 
 
+def _check_cpu_crop(spec: GridSpec, spec_path: str | Path) -> None:
+    """At size cpu a crop without a resize sets the resize too, so it is checked against the videos'
+    own frames (as `--crop` is on the command line) before any cell trains."""
+    if spec.size != "cpu":
+        return
+    from kdhar.data import check_crop_in_frames
+
+    sets = [(spec.dataset, spec.overrides)]
+    if spec.finetune and spec.transfer:
+        sets.append((spec.transfer, {**spec.overrides, **spec.transfer_overrides}))
+    for ds, overrides in sets:
+        if "crop" in overrides and "resize" not in overrides:
+            try:
+                check_crop_in_frames(overrides["crop"], ds.name, ds.root, ds.split, ds.split_dir or None)
+            except ValueError as exc:
+                raise SpecError(f"{spec_path}: {exc}") from None
+
+
 class _GridRun:
     """One `run_grid` call: its cells, what they produced so far and the claims it holds."""
 
-    def __init__(self, spec: GridSpec, spec_path: str, experiment: str, executor: Executor, device: str | None,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, spec: GridSpec, cells: list[Cell], spec_path: str, experiment: str, executor: Executor,
+                 device: str | None, log: Callable[[str], None]) -> None:
         self.spec, self.spec_path, self.experiment, self.executor, self.device, self.log = (
             spec, spec_path, experiment, executor, device, log)
-        self.cells = plan(spec)
+        self.cells = cells
         self.position = {id(c): i for i, c in enumerate(self.cells)}
         self.outcomes: dict[int, CellOutcome] = {}
         self.finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
         # Distilled students learn from the exact teacher run this grid trained (or found finished),
         # never from whichever teacher is the registry's champion at the time.
-        self.teacher_runs: dict[str, str] = {}
+        self.teacher_runs: dict[tuple[str, int], str] = {}  # (arch, seed) -> run id
         self.claims = Claims(experiment)
 
     def report(self, i: int, outcome: CellOutcome) -> None:
@@ -142,7 +162,7 @@ class _GridRun:
         self.outcomes[i] = outcome
         self.finished_runs[i] = outcome.run_id
         if outcome.cell.role == "teacher":
-            self.teacher_runs[outcome.cell.arch] = outcome.run_id
+            self.teacher_runs[outcome.cell.teacher_id] = outcome.run_id
         width = len(str(len(self.cells)))
         what = "skipped (already finished)" if outcome.status == "skipped" else f"done in {outcome.seconds:.1f} s"
         self.log(f"[{len(self.outcomes):>{width}}/{len(self.cells)}] {outcome.cell.label()}: {what}, run {outcome.run_id}")
@@ -174,7 +194,7 @@ class _GridRun:
             if i in self.finished_runs:
                 continue
             source_run = self.finished_runs.get(self.position[id(cell.source)]) if cell.source is not None else None
-            teacher_run = self.teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
+            teacher_run = self.teacher_runs.get((cell.teacher, cell.teacher_seed)) if cell.wave == "kd" else None
             if cell.wave == "kd" and teacher_run is None:
                 raise SpecError(f"{self.spec_path}: teacher {cell.teacher} is not among the spec's teachers")
             key = cell_hash(cell, source_run=source_run, teacher_run=teacher_run)
@@ -204,7 +224,10 @@ class _GridRun:
 
 
 def _cell_tags(cell: Cell, source_run: str | None) -> dict[str, str]:
-    """A fine-tune's tags naming the student run it starts from; none for other cells."""
+    """A fine-tune's tags naming the student run it starts from; a distilled cell's teacher name in the
+    spec (`grid_teacher`, e.g. c3d-res-s1), which says which recipe and seed taught it; none for others."""
+    if cell.wave == "kd":
+        return {"grid_teacher": cell.teacher}
     if cell.role != "finetune":
         return {}
     src = cell.source

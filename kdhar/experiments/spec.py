@@ -3,13 +3,14 @@
 
 A spec is checked to the end before any cell trains: its keys and the type and range of each value
 here, then every cell's configuration, built by `plan`, so a bad override fails now, not hours in.
-`with_tuned` applies a tuning study's best KD settings to a checked spec.
+`tuned_plan` is `plan` with the `tuned:` studies' best settings applied to the cells each measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,19 @@ from typing import Any
 import yaml
 
 from kdhar import config as C
-from kdhar.experiments.grid import DATASET_KEYS, MODEL_OVERRIDES, SPEC_KEYS, DatasetSpec, GridSpec, SpecError
-from kdhar.experiments.plan import plan
+from kdhar.experiments.grid import (
+    DATASET_KEYS,
+    GRID_METHODS,
+    MODEL_OVERRIDES,
+    SPEC_KEYS,
+    TUNED_ARMS,
+    DatasetSpec,
+    GridSpec,
+    SpecError,
+    TeacherSpec,
+    teacher_runs,
+)
+from kdhar.experiments.plan import Cell, plan
 
 REQUIRED_KEYS = ("experiment", "dataset", "teachers", "students", "fractions", "seeds")
 
@@ -80,16 +92,83 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> GridSpec:
     return spec
 
 
-def with_tuned(spec: GridSpec) -> GridSpec:
-    """The spec with its `tuned` study's best KD settings (and lr) applied to the distilled cells."""
-    if spec.tuned is None:
-        return spec
+def tuned_plan(spec: GridSpec, source: str = "spec") -> list[Cell]:
+    """`plan(spec)`, each student cell with the best settings (KD knobs, lr) of the `tuned:` study of
+    its arm that measured it: the same student, data and budget (`tuning.StudyRecord.differences`).
+
+    A distilled cell's arm is its teacher run's name, else its teacher recipe's, else "kd"; a scratch
+    cell's is "scratch". A cell whose arm has no studies keeps the spec's settings.
+
+    Raises:
+        SpecError: in one line, a study that cannot be read, or a cell that none of its arm's studies
+            measured (naming how the closest one differs).
+    """
+    cells = plan(spec)
+    if not spec.tuned:
+        return cells
     from kdhar import tuning
 
-    best = tuning.best_settings(spec.tuned)
-    kd = {k: best[k] for k in ("tau", "alpha", "lam") if k in best}
-    kd_overrides = {k: best[k] for k in ("lr", "beta", "ramp") if k in best}  # beta, ramp: GKD's, for its cells
-    return dataclasses.replace(spec, **kd, kd_overrides=kd_overrides)
+    recipes = {name: t.name for t, _, name in spec.teacher_runs()}
+    studies = _TunedStudies()
+    tuned: dict[int, Cell] = {}
+    for cell in (c for c in cells if c.role == "student"):
+        arms = ("scratch",) if cell.teacher == "none" else (cell.teacher, recipes.get(cell.teacher), "kd")
+        arm = next((a for a in arms if a in spec.tuned), None)
+        if arm is None:
+            continue
+        try:
+            values = studies.best_for(spec.tuned[arm], cell)
+        except ValueError as exc:
+            raise SpecError(f"{source}: tuned.{arm}: {exc}") from None
+        tuned[id(cell)] = dataclasses.replace(cell, cfg=tuning.trial_config(cell.cfg, values))
+    # Fine-tunes start from the tuned student cells (run_grid finds a source by identity).
+    return [tuned.get(id(c)) or (dataclasses.replace(c, source=tuned[id(c.source)]) if id(c.source) in tuned else c)
+            for c in cells]
+
+
+class _TunedStudies:
+    """The studies a grid's `tuned:` names and the fingerprints of the data they are compared on,
+    each read once per `tuned_plan`."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Any] = {}
+        self.fingerprints: dict[tuple, str] = {}
+
+    def best_for(self, studies: list[str], cell: Cell) -> dict[str, float]:
+        """The best settings of the first of `studies` that measured `cell`'s run.
+
+        Raises:
+            ValueError: a study that cannot be read, or none that measured the cell.
+        """
+        from kdhar import tuning
+
+        for name in studies:
+            if name not in self.records:
+                self.records[name] = tuning.load_record(name)
+        fingerprint = self.fingerprint(cell.cfg)
+        found = {name: self.records[name].differences(cell.cfg, cell.teacher == "none", fingerprint) for name in studies}
+        for name, diff in found.items():
+            if not diff:
+                return self.records[name].best
+        name, diff = min(found.items(), key=lambda item: len(item[1]))
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ValueError(f"no study measured {cell.label()}: study '{name}' differs in {', '.join(diff[:3])}{more}; "
+                         "tune one with the cell's settings, or leave this arm out of tuned")
+
+    def fingerprint(self, cfg: C.RunConfig) -> str:
+        """The fingerprint of a cell's full training list, as a study records it."""
+        from kdhar.data.index import fingerprint, load_index
+
+        d = cfg.data
+        key = (d.dataset, d.root, d.split, d.split_dir, d.on_missing)
+        if key not in self.fingerprints:
+            try:
+                index = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing,
+                                   split_dir=d.split_dir or None)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"the dataset at {d.root} cannot be read to compare with the study's: {exc}") from None
+            self.fingerprints[key] = fingerprint(index)
+        return self.fingerprints[key]
 
 
 class _SpecReader:
@@ -113,7 +192,8 @@ class _SpecReader:
         """Every key read and checked, in the order a mistake is most useful to hear of first."""
         raw = self.raw
         fractions = self.fractions()
-        tuned, ssl = self.tuned(), self.ssl()
+        teachers, teacher_seeds = self.teachers(), self.teacher_seeds()
+        tuned, ssl = self.tuned(teachers, teacher_seeds), self.ssl()
         kd_methods, finetune = self.kd_methods(ssl), self.finetune()
         return GridSpec(
             experiment=str(raw["experiment"]),
@@ -125,15 +205,15 @@ class _SpecReader:
             transfer_overrides=dict(raw.get("transfer_overrides") or {}),
             student_overrides=self.per_student(),
             fraction_overrides=self.per_fraction(fractions),
-            teachers=self.archs("teachers"),
+            teachers=teachers,
             students=self.archs("students"),
             self_distill=self.flag("self_distill"),
             fractions=fractions,
             seeds=self.distinct("seeds", self.numbers("seeds", int, "[0, 1, 2]")),
-            teacher_seed=self.whole("teacher_seed", raw.get("teacher_seed", 0)),
+            teacher_seeds=teacher_seeds,
             tau=self.number("tau", C.KDConfig.tau),
             lam=self.number("lam", C.KDConfig.lam),
-            weighting=str(raw.get("weighting", C.KDConfig.weighting)),
+            weighting=str(raw.get("weighting", C.PCL_KD_WEIGHTING if ssl == "pcl" else C.KDConfig.weighting)),
             alpha=self.number("alpha", C.KDConfig.alpha),
             finetune=finetune,
             cache_teacher=self.flag("cache_teacher"),
@@ -142,6 +222,7 @@ class _SpecReader:
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
             task=self.task(ssl, kd_methods, finetune),
+            recipe=self.recipe(),
         )
 
     def check_combination(self, spec: GridSpec) -> None:
@@ -186,14 +267,32 @@ class _SpecReader:
         frac = float(d.get("fraction", 1.0))
         if not 0 < frac <= 1:
             raise self.fail(f"{key}.fraction {frac} is outside (0, 1]")
-        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=self.whole(f"{key}.split", d.get("split", 1)),
+        split = self.whole(f"{key}.split", d.get("split", 1))
+        if split not in C.SPLITS:  # else the grid would fail at its first cell, after planning every one
+            raise self.fail(f"{key}.split: {split} is not one of the official splits {', '.join(map(str, C.SPLITS))}")
+        return DatasetSpec(name=str(d["name"]), root=str(d["root"]), split=split,
                            fraction=frac, split_dir=str(d.get("split_dir") or ""))
 
-    def tuned(self) -> str | None:
+    def tuned(self, teachers: list[TeacherSpec], seeds: list[int]) -> dict[str, list[str]]:
+        """`tuned: STUDY` (the distilled cells) or a mapping of arm -> study or list of studies, the
+        arms being scratch, kd, or a teacher recipe's or teacher run's name."""
         tuned = self.raw.get("tuned")
-        if tuned is not None and not (isinstance(tuned, str) and tuned.strip()):
-            raise self.fail(f"tuned: {tuned!r} must be the name of an Optuna study made by `kdhar tune`")
-        return tuned
+        if tuned is None:
+            return {}
+        example = "tuned: {scratch: STUDY, kd: [STUDY, ...]}"
+        tuned = {"kd": tuned} if isinstance(tuned, str) else tuned
+        if not isinstance(tuned, dict) or not tuned:
+            raise self.fail(f"tuned: {self.raw.get('tuned')!r} must be a study made by `kdhar tune` or a mapping, e.g. {example}")
+        arms = [*TUNED_ARMS, *dict.fromkeys(t.name for t in teachers), *(name for _, _, name in teacher_runs(teachers, seeds))]
+        out = {}
+        for arm, studies in tuned.items():
+            if arm not in arms:
+                raise self.fail(f"tuned: {arm!r} is not one of {', '.join(map(str, dict.fromkeys(arms)))}")
+            studies = [studies] if isinstance(studies, str) else studies
+            if not isinstance(studies, list) or not studies or not all(isinstance(n, str) and n.strip() for n in studies):
+                raise self.fail(f"tuned.{arm}: {tuned[arm]!r} must be a study name or a list of them, e.g. {example}")
+            out[str(arm)] = [str(n) for n in studies]
+        return out
 
     def ssl(self) -> str:
         ssl = self.raw.get("ssl", "none")
@@ -207,15 +306,15 @@ class _SpecReader:
     def kd_methods(self, ssl: str) -> list[str]:
         methods = self.raw.get("kd", ["logit"])
         methods = [methods] if isinstance(methods, str) else methods
-        if not isinstance(methods, list) or not methods or any(m not in C.KD_METHODS for m in methods):
-            raise self.fail(f"kd: {self.raw.get('kd')!r} must be a list of {', '.join(C.KD_METHODS)}, "
+        if not isinstance(methods, list) or not methods or any(m not in GRID_METHODS for m in methods):
+            raise self.fail(f"kd: {self.raw.get('kd')!r} must be a list of {', '.join(GRID_METHODS)}, "
                             "e.g. kd: [logit, gkd]")
         overrides = self.raw.get("overrides") or {}
-        if "kd" in overrides or "attention" in overrides:
+        if "kd" in overrides or "attention" in overrides or "gkd_ablation" in overrides:
             raise self.fail("kd goes at the top of the spec (kd: [logit, gkd]), where it picks the KD cells' "
                             "methods; the teachers and scratch twins follow from it")
         if ssl != "none" and any(m != "logit" for m in methods):
-            raise self.fail("kd: GKD trains on single clips; it does not combine with ssl: pcl")
+            raise self.fail("kd: feature KD and GKD train on single clips; they do not combine with ssl: pcl")
         return methods
 
     def task(self, ssl: str, kd_methods: list[str], finetune: bool) -> str:
@@ -230,11 +329,20 @@ class _SpecReader:
                             f"not {dataset!r}")
         if ssl != "none" or finetune or self.raw.get("cache_teacher"):
             raise self.fail("task: detection takes none of ssl, finetune and cache_teacher")
-        if "gkd+logit" in kd_methods:
-            raise self.fail("task: detection distils with kd: [logit, gkd] (logit: per-step scores); "
-                            "gkd+logit is recognition's")
+        if self.raw.get("recipe") is not None:
+            raise self.fail("task: detection trains every cell with the detection preset of its size: leave recipe out")
+        other = [m for m in kd_methods if m not in ("logit", "gkd")]
+        if other:
+            raise self.fail(f"task: detection distils with kd: [logit, gkd] (logit: per-step scores); "
+                            f"{', '.join(other)} {'is' if len(other) == 1 else 'are'} recognition's")
         return task
 
+    def recipe(self) -> str | None:
+        recipe = self.raw.get("recipe")
+        if recipe is not None and recipe not in C.RECIPES:
+            raise self.fail(f"recipe: {recipe!r} must be one of {', '.join(C.RECIPES)} (gkd: GKD's recipe for every "
+                            "cell, the default with a GKD method; preset: the size preset alone)")
+        return recipe
     def finetune(self) -> bool:
         finetune = self.flag("finetune")
         if finetune and "transfer" not in self.raw:
@@ -271,17 +379,58 @@ class _SpecReader:
             raise self.fail(f"fractions {bad} are outside (0, 1]; the paper uses 1.0, 0.5, 0.25, 0.02")
         return fractions
 
-    def archs(self, key: str) -> list[str]:
+    def teachers(self) -> list[TeacherSpec]:
+        """Each entry an architecture, or a mapping {arch, name, <model overrides>} naming a recipe of
+        its own (e.g. {arch: c3d, name: c3d-res, modality: res}); names must be distinct."""
+        entries = self.raw["teachers"]
+        entries = [entries] if isinstance(entries, (str, dict)) else entries
+        if not isinstance(entries, list) or not entries:
+            self.listed("teachers", "[c3d, {arch: c3d, name: c3d-res, modality: res}]")  # raises, with an example
+        teachers = []
+        for entry in entries:
+            if isinstance(entry, dict):
+                if "arch" not in entry:
+                    raise self.fail(f"teachers: {entry!r} needs an arch, e.g. {{arch: c3d, name: c3d-res, modality: res}}")
+                overrides = {k: v for k, v in entry.items() if k not in ("arch", "name")}
+                self.model_keys_only(f"teachers.{entry.get('name', entry['arch'])}", overrides,
+                                     "students feed their own clips to the teacher")
+                teachers.append(TeacherSpec(str(entry.get("name", entry["arch"])), str(entry["arch"]), overrides))
+            else:
+                teachers.append(TeacherSpec(str(entry), str(entry)))
+        self.known_archs("teachers", [t.arch for t in teachers])
+        names = [t.name for t in teachers]
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) or n in ("none", *TUNED_ARMS)]
+        if bad:
+            raise self.fail(f"teachers: name {bad[0]!r} must be letters, digits, '.', '_' or '-', and not none, scratch or kd")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise self.fail(f"teachers: {', '.join(twice)} given more than once; name each recipe, e.g. "
+                            "{arch: c3d, name: c3d-res, modality: res}")
+        return teachers
+
+    def teacher_seeds(self) -> list[int]:
+        """`teacher_seeds: [0, 1]` (one teacher run per recipe and seed) or `teacher_seed: 0`."""
+        if "teacher_seeds" in self.raw and "teacher_seed" in self.raw:
+            raise self.fail("give teacher_seed or teacher_seeds, not both")
+        for key in ("teacher_seeds", "teacher_seed"):  # teacher_seed may list them too
+            if isinstance(self.raw.get(key), list) or key == "teacher_seeds" and key in self.raw:
+                return self.distinct(key, self.numbers(key, int, "[0, 1]"))
+        return [self.whole("teacher_seed", self.raw.get("teacher_seed", 0))]
+
+    def known_archs(self, key: str, names: list[Any]) -> None:
         from kdhar.models import MODELS  # torch: loaded only once a spec is read
 
-        names = self.raw[key]
-        if isinstance(names, str):
-            names = [names]
-        names = self.listed(key, "[c3d, r3d_18]") if not isinstance(names, list) else names
         bad = [n for n in names if n not in MODELS]
         if bad:
             raise self.fail(f"{key}: unknown architecture {', '.join(map(str, bad))}; "
                             f"choose from {', '.join(sorted(MODELS))}")
+
+    def archs(self, key: str) -> list[str]:
+        names = self.raw[key]
+        if isinstance(names, str):
+            names = [names]
+        names = self.listed(key, "[c3d, r3d_18]") if not isinstance(names, list) else names
+        self.known_archs(key, names)
         return [str(n) for n in names]
 
     # ------------------------------------------------------------ per-student and per-fraction overrides

@@ -12,6 +12,7 @@ from kdhar.config import MODALITIES
 from kdhar.models.c3d import c3d_features
 from kdhar.models.resnet3d import mc3_18_features, r2plus1d_18_features, r3d_18_features
 from kdhar.models.small import tiny3d_features
+from kdhar.models.temporal import keep_time as keep_time_in
 from kdhar.models.vcop import r2plus1d_10_features, r3d_10_features
 
 
@@ -100,7 +101,7 @@ MODELS: dict[str, Builder] = {
 
 
 def build_model(
-    name: str, num_classes: int, width: int = 64, dropout: float = 0.5, modality: str = "rgb"
+    name: str, num_classes: int, width: int = 64, dropout: float = 0.5, modality: str = "rgb", keep_time: int = 0,
 ) -> VideoClassifier:
     """Builds a registered architecture.
 
@@ -110,10 +111,12 @@ def build_model(
         width: base channel count (64 is the published size; every layer scales with it).
         dropout: dropout probability before the final linear layer.
         modality: "rgb" (frames as they are) or "res" (residual frames, PCL's input).
+        keep_time: the trunk's last temporal downsamplings left out, so its last feature keeps a time
+            axis (`kdhar.models.temporal.keep_time`); 0 is the architecture as published.
 
     Raises:
         ValueError: unknown name or modality, or a non-positive width / class count, or dropout
-            outside [0, 1).
+            outside [0, 1), or keep_time < 0.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -125,7 +128,9 @@ def build_model(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    return MODELS[name](num_classes, width, dropout, modality)
+    model = MODELS[name](num_classes, width, dropout, modality)
+    keep_time_in(model.backbone, keep_time)
+    return model
 
 
 def count_params(model: nn.Module) -> int:
@@ -133,13 +138,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(name: str, num_classes: int, width: int, clip_len: int, crop: int) -> dict[str, int]:
+def describe(name: str, num_classes: int, width: int, clip_len: int, crop: int, keep_time: int = 0) -> dict[str, int]:
     """Parameter count and forward FLOPs for one (3, clip_len, crop, crop) clip.
 
     The model is built on the meta device, so this costs no memory or compute even at full size.
     """
     with torch.device("meta"):
-        model = build_model(name, num_classes, width=width).eval()
+        model = build_model(name, num_classes, width=width, keep_time=keep_time).eval()
         x = torch.empty(1, 3, clip_len, crop, crop)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

@@ -17,3 +17,4 @@ class Teacher:
     arch: str | None = None
     run_id: str | None = None
     clip: tuple[int, int] | None = None  # (frames, crop) a logged teacher's graph takes; None: any
+    normalize: str | None = None  # how the clips it was trained on were normalised; None: unknown

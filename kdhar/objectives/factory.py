@@ -9,6 +9,7 @@ here and in the step modules, not in `kdhar.train`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -43,6 +44,9 @@ def build_objective(
         device: where the cache is computed on first use.
         labels: False for label-free pretraining (PCL only, no teacher).
 
+    Methods: `supervised`, `kd-logit`, `kd-feature` (`--kd feature`), `pcl`, `pcl+kd-logit`, `pcl-ssl`,
+    and with GKD's attention module `attention`, `gkd`, `gkd+kd-logit`.
+
     Raises:
         ValueError: unusable KD settings, a cache without replayed views or with PCL, or a
             label-free run that is not PCL or has a teacher.
@@ -62,6 +66,8 @@ def build_objective(
         raise ValueError("label-free training is PCL's: use --ssl pcl")
     if teacher is None:
         return Objective(name="supervised", make_step=lambda model, _n: SupervisedStep(model), tags={"method": "supervised"})
+    if cfg.gkd.method == "feature":
+        return _feature_objective(cfg, teacher, cache_teacher)
     kd = cfg.kd
     check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
     tags = teacher_tags("kd-logit", teacher)
@@ -108,10 +114,15 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
     if teacher is not None:
         check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
 
+    tags = teacher_tags(name, teacher) if teacher is not None else {"method": name}
+    tags["ssl"] = "pcl"
+
     def make_step(model: nn.Module, num_train: int) -> nn.Module:
         term = None
         if teacher is not None:
             term = LogitKD(teacher.model, tau=kd.tau, lam=kd.lam, weighting=kd.weighting, alpha=kd.alpha)
+        if pcl.contrast == "nce":
+            tags.update(bank_note(num_train, pcl.negatives))
         return PCLStep(model, num_train, pcl, tuple_len=layout.tuple_len, labels=labels, kd=term)
 
     def tuples(index, train: bool, seed: int, cache_bytes: int = 0) -> TupleClipDataset:
@@ -140,15 +151,26 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
 
         return retrieval_on_splits(model, run_cfg, splits, device)  # a label-free measure of the encoder
 
-    tags = teacher_tags(name, teacher) if teacher is not None else {"method": name}
-    tags["ssl"] = "pcl"
     description = (f" Trained inside PCL on tuples of {clip.tuple_len} clips {pcl.interval} apart ({pcl.clip_stride} "
                    f"stride): the 5-way pretext task plus {pcl.contrast_weight:g} x the {pcl.contrast} contrastive loss"
                    + (", and the action head on the first and last clips." if labels else ", no labels."))
     return Objective(name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
                      soft_term="kd_loss" if teacher is not None else None, view="tuple", make_data=make_data,
-                     make_validation=make_validation, plateau_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
+                     make_validation=make_validation, plateau_metric="ssl_val_pretext_loss",
+                     selection_metric="ssl_val_pretext_loss", final_metrics=final_metrics,
                      name_prefix="pcl-", description=description, labels=labels)
+
+
+def bank_note(rows: int, negatives: int) -> dict[str, str]:
+    """The memory bank's size as run tags (`bank_rows`, `bank_below_negatives`); a bank with fewer
+    rows than K negatives (a 2 % share of UCF101 has about 190) is also said once on stderr, by
+    rank 0 alone under torchrun: each sample's K draws then repeat rows and may hold its own row."""
+    below = rows < negatives
+    if below and os.environ.get("RANK", "0") == "0":
+        print(f"[pcl] warning: the memory bank has {rows} rows (training videos), fewer than its {negatives} "
+              "negatives: each draw repeats rows and may hold the positive's own (tagged bank_below_negatives=true)",
+              file=sys.stderr, flush=True)
+    return {"bank_rows": str(rows), "bank_below_negatives": str(below).lower()}
 
 
 def load_gkd_teacher(teacher: Teacher) -> tuple[nn.Module, nn.Module]:
@@ -160,14 +182,75 @@ def load_gkd_teacher(teacher: Teacher) -> tuple[nn.Module, nn.Module]:
     from kdhar import tracking
     from kdhar.objectives.gkd import load_gkd_state
 
-    hint = (f"teacher {teacher.uri} has no GKD attention module and CVAE: train one with `kdhar train-teacher "
-            f"--arch {teacher.arch or 'ARCH'} --attention` (add --init {teacher.uri} to continue from this teacher)")
+    train = f"`kdhar train-teacher --arch {teacher.arch or 'ARCH'} --attention`"
+    hint = (f"teacher {teacher.uri} has no GKD attention module and CVAE: train one with {train} (add --init "
+            f"{teacher.uri} to continue from this teacher)")
     if not teacher.run_id:
         raise ValueError(hint)
-    state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    try:
+        state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    except Exception as exc:
+        if not tracking.is_bad_reference(exc):
+            raise
+        # A checkpoint file travels without its run: the attention module and CVAE stay in the store it was trained in.
+        raise ValueError(
+            f"teacher {teacher.uri}: its run {teacher.run_id} is not in the tracking store "
+            f"{tracking.mask_uri(tracking.tracking_uri())}, which is where GKD finds the teacher's attention module and "
+            f"CVAE; set MLFLOW_TRACKING_URI to the store it was trained in, or train one here with {train}") from None
     if state is None:
         raise ValueError(hint)
     return load_gkd_state(state)
+
+
+def load_feature_teacher(teacher: Teacher) -> nn.Module:
+    """The teacher as a network whose trunk can be read (`forward_features`), for feature KD.
+
+    A kdhar checkpoint is one already. A logged model is an exported graph that gives logits only:
+    a GKD teacher's network comes back from the state it logged (`GKD_STATE`), any other teacher's
+    architecture is rebuilt from its run's configuration and given the graph's weights.
+
+    Raises:
+        ValueError: a teacher that is neither a checkpoint nor a logged kdhar run.
+    """
+    if hasattr(teacher.model, "forward_features"):
+        return teacher.model
+    from kdhar import tracking
+    from kdhar.models import build_model
+    from kdhar.objectives.gkd import load_gkd_state
+
+    if not teacher.run_id or not teacher.arch:
+        raise ValueError(f"teacher {teacher.uri}: feature KD reads the teacher's last feature map, which this model does "
+                         "not expose; pass the teacher's run (runs:/<run id>) or a kdhar checkpoint")
+    state = tracking.load_run_torch(teacher.run_id, GKD_STATE)
+    if state is not None:
+        return load_gkd_state(state)[0]
+    config = tracking.load_run_dict(teacher.run_id, "config.json")
+    model = build_model(teacher.arch, len(teacher.classes), width=int(float(config.get("model.width", 64))),
+                        modality=config.get("model.modality", "rgb"), keep_time=int(float(config.get("model.keep_time", 0))))
+    # An exported graph's parameters sit under "graph." (as kdhar.distill.load_init reads them)
+    model.load_state_dict({k.removeprefix("graph."): v.cpu() for k, v in teacher.model.state_dict().items()})
+    return model.eval()
+
+
+def _feature_objective(cfg: RunConfig, teacher: Teacher, cache_teacher: bool) -> Objective:
+    """Feature KD (`--kd feature`): CE plus the FitNets-style hint loss on the last feature map."""
+    from kdhar.objectives.feature import FeatureKDStep
+
+    if cache_teacher:
+        raise ValueError("--cache-teacher stores logits only; feature KD needs the teacher's feature each step: leave it out")
+    network = load_feature_teacher(teacher)
+    weight, clip = cfg.feature.weight, cfg.clip
+    params: dict[str, Any] = {"feature.weight": weight}
+
+    def make_step(model: nn.Module, _num_train: int) -> nn.Module:
+        step = FeatureKDStep(model, network, weight, (clip.clip_len, clip.crop))
+        params["feature.adapter"] = step.regressor.describe()  # the regressor onto the teacher's feature
+        return step
+
+    description = (f" Distilled with feature KD: CE + {weight:g} x the MSE between its last feature, mapped by a learned "
+                   "1x1x1 regressor to the teacher's shape, and the teacher's last feature (FitNets-style hint).")
+    return Objective(name="kd-feature", make_step=make_step, params=params, tags=teacher_tags("kd-feature", teacher),
+                     teacher=teacher, name_prefix="feature-", description=description)
 
 
 def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool) -> Objective:
@@ -204,7 +287,8 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
         if step.adapter is not None:  # what aligns the student's feature with the teacher's, for the params
             params["gkd.adapter"] = step.adapter.describe()
         built["meta"] = {"arch": cfg.model.arch, "num_classes": model.num_classes, "width": cfg.model.width,
-                         "modality": cfg.model.modality, "clip_len": clip.clip_len, "crop": clip.crop,
+                         "modality": cfg.model.modality, "keep_time": cfg.model.keep_time, "clip_len": clip.clip_len,
+                         "crop": clip.crop,
                          "variant": g.variant, "rescale": g.rescale, "norm": g.norm}
         return step
 
@@ -213,13 +297,18 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
 
     tags = teacher_tags(name, teacher) if teacher is not None else {"method": name}
     tags["gkd_variant"] = g.variant
+    ablation = "" if g.ablation == "none" else f"{g.ablation}-"
+    if ablation:
+        tags["gkd_ablation"] = g.ablation  # a row of its own in reports, beside the full method
     description = (f" With GKD's channel x time attention module ({g.variant}) and a CVAE, trained in two passes per "
                    f"epoch (CVAE, then network; regeneration weight ramped over {g.ramp:g} of the epochs)"
-                   + (f"; distilled with {name} (beta {g.beta:g})." if teacher is not None else ", no teacher."))
+                   + (f"; distilled with {name} (beta {g.beta:g})" if teacher is not None else ", no teacher")
+                   + (f"; ablation {g.ablation} (that term's weight is 0)." if ablation else "."))
     return Objective(
         name=name, make_step=make_step, params=params, tags=tags, teacher=teacher,
         # ad_loss is no soft term: it falls even when the student learns nothing (the accuracy rule judges gkd)
         soft_term="kd_loss" if name == "gkd+kd-logit" else None,
         # gkd and gkd+logit runs of one pair are told apart by name, as by pair_key
-        name_prefix={"gkd": "gkd-", "gkd+kd-logit": "gkd+logit-"}.get(name, "att-"), description=description, logged_state=logged_state,
+        name_prefix={"gkd": "gkd-", "gkd+kd-logit": "gkd+logit-"}.get(name, "att-") + ablation, description=description,
+        logged_state=logged_state,
     )

@@ -311,7 +311,8 @@ class GKDStep(nn.Module):
     """The GKD step in two passes per epoch (`passes`; `set_pass` picks one): "cvae" trains the CVAE
     (its VAE loss, plus `gd_weight` x generative distillation with a teacher), "net" the network
     (CE on the attended feature, the ramped regeneration loss, plus `beta` x attention distillation
-    with a teacher, and optionally logit KD through `kd`). Without a teacher this is GKD's phase 1
+    with a teacher, and optionally logit KD through `kd`). `cfg.ablation` turns one term off
+    (`GKDConfig.weights`). Without a teacher this is GKD's phase 1
     (a teacher with its attention module) or the "scratch + attention module" baseline.
 
     Teacher, teacher CVAE and the logit-KD term's teacher are frozen and unregistered (not in
@@ -337,6 +338,7 @@ class GKDStep(nn.Module):
                  steps_per_epoch: int = 1) -> None:
         super().__init__()
         self.model, self.cvae, self.kd, self.cfg = net, cvae, kd, cfg
+        self.weights = cfg.weights()  # beta, gd_weight, rec_weight, with an ablation's term at 0
         # The ramp runs in steps over `ramp` of the run, so a short run ramps too (rounding it to whole
         # epochs made it one epoch for any run <= 14 epochs, full weight from the first step).
         self.ramp_epochs = cfg.ramp * epochs
@@ -426,7 +428,7 @@ class GKDStep(nn.Module):
                 target = self.teacher_cvae(*self._teacher_view(feature, attention))[3]
             gd = F.mse_loss(self.adapter(regenerated).float(), target.float())
             out["gd_loss"] = gd
-            out["loss"] = out["loss"] + self.cfg.gd_weight * gd
+            out["loss"] = out["loss"] + self.weights["gd_weight"] * gd
         return out
 
     def _net_pass(self, x: Tensor, y: Tensor, teacher_logits: Tensor | None) -> dict[str, Tensor]:
@@ -450,7 +452,7 @@ class GKDStep(nn.Module):
                 t_logits = self.teacher.head(t_attended).float() if self.kd is not None and teacher_logits is None else None
             ad = F.mse_loss(self.attention_adapter(attention).float(), t_attention.float())
             out["ad_loss"] = ad
-            loss = loss + self.cfg.beta * ad
+            loss = loss + self.weights["beta"] * ad
             if self.adapter.needed:
                 align = F.mse_loss(self.adapter(feature.detach()).float(), t_feature.float())
                 out["align_loss"] = align
@@ -460,7 +462,7 @@ class GKDStep(nn.Module):
                 out["kd_loss"], out["kd_uniform_loss"] = kd["kd_loss"], kd["kd_uniform_loss"]
                 w_task, w_kd = self.kd.weights  # the KD term's weights, on the --gkd-ce task loss
                 loss = loss - task + w_task * task + w_kd * kd["kd_loss"]
-        out["loss"] = loss + self.ramp * self.cfg.rec_weight * rec
+        out["loss"] = loss + self.ramp * self.weights["rec_weight"] * rec
         return out
 
 
@@ -475,7 +477,8 @@ def load_gkd_state(state: dict[str, Any]) -> tuple[GKDNet, CVAE]:
     """Rebuilds a GKD network and its CVAE from `gkd_state`."""
     from kdhar.models import build_model
 
-    model = build_model(state["arch"], state["num_classes"], width=state["width"], modality=state["modality"])
+    model = build_model(state["arch"], state["num_classes"], width=state["width"], modality=state["modality"],
+                        keep_time=state.get("keep_time", 0))
     # Models logged before the norm rule was recorded used the "channels" rule.
     net, cvae = build_gkd_net(model, state["clip_len"], state["crop"], state["variant"], state["rescale"],
                               state.get("norm", "channels"))

@@ -23,6 +23,25 @@ def kd_term(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tenso
     return tau * tau * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
+def balance_scale(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float) -> Tensor:
+    """The factor that makes `kd_term`'s gradient at the student's logits as large as CE's (the
+    "balanced" weighting), detached, so it rescales the soft term without being trained on.
+
+    Both gradients have a closed form at the logits z: CE's is (softmax(z) - onehot(y)) / N and the
+    soft term's tau * (softmax(z / tau) - softmax(t / tau)) / N. The factor is the ratio of their
+    norms over the batch, kept between 1/tau^2 (the soft term as plain KL) and 1 (Hinton's tau^2 * KL),
+    so that a student that already matches its teacher, or one that fits its labels exactly (CE's
+    gradient near 0), does not blow the soft term up or switch it off.
+    """
+    z, t = student_logits.detach().float(), teacher_logits.detach().float()
+    n = z.shape[0]
+    g_ce = (F.softmax(z, dim=1) - F.one_hot(labels, z.shape[1]).float()) / n
+    g_soft = tau * (F.softmax(z / tau, dim=1) - F.softmax(t / tau, dim=1)) / n
+    low, high = sorted((1.0, 1.0 / (tau * tau)))
+    ratio = g_ce.norm() / g_soft.norm().clamp_min(torch.finfo(torch.float32).tiny)
+    return ratio.clamp(low, high)
+
+
 def uniform_kd_term(teacher_logits: Tensor, tau: float) -> Tensor:
     """`kd_term` of a student that learned nothing (equal logits, a uniform softmax) on the same batch:
     tau^2 * KL(softmax(teacher / tau) || uniform) = tau^2 * (log K - H(softmax(teacher / tau))).
@@ -38,8 +57,10 @@ def uniform_kd_term(teacher_logits: Tensor, tau: float) -> Tensor:
 class LogitKD(nn.Module):
     """The labels-and-teacher term on a student's logits: weighted CE plus `kd_term` to a frozen teacher.
 
-    weighting "mix": (1 - alpha) * CE + alpha * kd_term; "sum": CE + lam * kd_term (the paper's Eq. 7).
-    A building block: `KDStep` puts it on a student's clip logits, `PCLStep` on its action head inside
+    weighting "mix": (1 - alpha) * CE + alpha * kd_term; "sum": CE + lam * kd_term (the paper's Eq. 7);
+    "balanced": (1 - alpha) * CE + alpha * s * kd_term, where s (`balance_scale`, per batch) makes the
+    soft term's gradient at the logits as large as CE's, so at alpha 0.5 a distilled student steps
+    about as far as its scratch twin at the same lr. A building block: `KDStep` puts it on a student's clip logits, `PCLStep` on its action head inside
     PCL, so both distil the same way.
 
     The teacher is frozen: always in eval mode, without gradients, and deliberately not registered
@@ -54,7 +75,7 @@ class LogitKD(nn.Module):
         self.tau = float(tau)
         self.weighting = weighting
         # (weight of CE, weight of the soft term)
-        self.weights = (1.0 - alpha, float(alpha)) if weighting == "mix" else (1.0, float(lam))
+        self.weights = (1.0, float(lam)) if weighting == "sum" else (1.0 - alpha, float(alpha))
         teacher.eval().requires_grad_(False)
         # Stored in __dict__ so nn.Module does not register it as a child.
         self.__dict__["teacher"] = teacher
@@ -99,8 +120,12 @@ class LogitKD(nn.Module):
         task_loss = F.cross_entropy(output.float(), y)
         kd_loss = kd_term(output, teacher_logits, self.tau)
         w_task, w_kd = self.weights
-        return {"loss": w_task * task_loss + w_kd * kd_loss, "task_loss": task_loss, "kd_loss": kd_loss,
-                "kd_uniform_loss": uniform_kd_term(teacher_logits, self.tau)}
+        out = {"task_loss": task_loss, "kd_loss": kd_loss, "kd_uniform_loss": uniform_kd_term(teacher_logits, self.tau)}
+        soft = kd_loss
+        if self.weighting == "balanced":
+            # Logged as train_kd_balanced_loss: over train_kd_loss it is the epoch's mean scale.
+            soft = out["kd_balanced_loss"] = balance_scale(output, teacher_logits, y, self.tau) * kd_loss
+        return {"loss": w_task * task_loss + w_kd * soft, **out}
 
 
 class KDStep(nn.Module):
@@ -145,8 +170,9 @@ class KDStep(nn.Module):
 
 def check_kd(tau: float, weighting: str, alpha: float, lam: float) -> None:
     """Raises ValueError, naming the value and the valid range, for unusable KD settings."""
-    if weighting not in ("mix", "sum"):
-        raise ValueError(f"KD weighting '{weighting}' is unknown; use mix ((1-alpha)*CE + alpha*KD) or sum (CE + lam*KD)")
+    if weighting not in ("mix", "sum", "balanced"):
+        raise ValueError(f"KD weighting '{weighting}' is unknown; use mix ((1-alpha)*CE + alpha*KD), sum (CE + lam*KD) "
+                         "or balanced (mix with the soft term's gradient scaled to CE's)")
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"KD temperature tau must be a number > 0, got {tau} (the paper uses 4)")
     if not (math.isfinite(alpha) and 0 <= alpha <= 1):

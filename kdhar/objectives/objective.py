@@ -32,6 +32,8 @@ class Objective:
             each epoch (logged as `<validation_prefix>_*`), or None.
         plateau_metric: the epoch metric the plateau schedule watches first (else the validation
             split's loss, else the training loss).
+        selection_metric: the epoch metric, lowest best, that picks the run's best epoch (`best.pt`,
+            the `sel_acc_*` stages) in place of the validation split's accuracy, or None.
         final_metrics: `final_metrics(model, cfg, splits, device)`, metrics of the trained model
             logged at the end (PCL: clip retrieval), or None.
         name_prefix, description: what run names and the run's description add for the method.
@@ -66,6 +68,7 @@ class Objective:
     make_validation: Callable[..., Any] | None = None
     validation_prefix: str = "ssl_val"
     plateau_metric: str | None = None
+    selection_metric: str | None = None
     final_metrics: Callable[..., dict[str, float]] | None = None
     name_prefix: str = ""
     description: str = ""
@@ -97,6 +100,7 @@ METHOD_TERMS = {
     "gkd": ("task_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss", "cvae_gd_loss"),
     "gkd+kd-logit": ("task_loss", "kd_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss",
                      "cvae_gd_loss"),
+    "kd-feature": ("task_loss", "hint_loss"),
     # temporal detection: focal and GIoU; GKD's background branch, regeneration and distillation
     "det-supervised": ("cls_loss", "reg_loss"),
     "det-kd-logit": ("cls_loss", "reg_loss", "kd_loss"),

@@ -18,6 +18,8 @@ features of the clips in tuple order; the projector sees the first and last clip
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,8 +55,9 @@ class PCLStep(nn.Module):
         self.pretext_head = nn.Linear(tuple_len * dim, PRETEXT_LABELS)
         self.projector = Projector(dim, 512, PROJECTION_DIM)
         self.contrast, self.weight, self.temperature = pcl.contrast, float(pcl.contrast_weight), float(pcl.temperature)
-        self.nce = (MemoryBankNCE(num_rows, PROJECTION_DIM, pcl.negatives, pcl.temperature, pcl.momentum)
-                    if pcl.contrast == "nce" else None)
+        self.nce = (MemoryBankNCE(num_rows, PROJECTION_DIM, pcl.negatives, pcl.temperature, pcl.momentum,
+                                  fp32_logits=pcl.fp32_logits) if pcl.contrast == "nce" else None)
+        self.fp32_contrast = pcl.fp32_logits
         self.labels = labels
         self.kd = kd
 
@@ -84,13 +87,7 @@ class PCLStep(nn.Module):
         maps, pooled = self.features(x)
         pretext_logits, pretext_loss = self.pretext(pooled, pretext)
         out: dict[str, Tensor] = {"pretext_loss": pretext_loss}
-        z0, z2 = self.projector(pooled[:, 0].float()), self.projector(pooled[:, -1].float())
-        if self.nce is not None:
-            terms = self.nce(z0, z2, index)
-            out.update(terms)
-            contrast = terms["nce0_loss"] + terms["nce2_loss"]
-        else:
-            contrast = out["ntxent_loss"] = nt_xent(z0, z2, self.temperature)
+        contrast = self.contrastive(pooled, index, out)
         loss = pretext_loss + self.weight * contrast
         out["pretext_correct"] = (pretext_logits.detach().argmax(dim=1) == pretext).sum()
         if not self.labels:
@@ -108,6 +105,19 @@ class PCLStep(nn.Module):
             loss = loss + out["task_loss"]
         output = logits.unflatten(0, (-1, 2)).mean(dim=1)  # a sample's score: the mean over its two clips
         return {**out, "loss": loss, "output": output, "target": y}
+
+    def contrastive(self, pooled: Tensor, index: Tensor, out: dict[str, Tensor]) -> Tensor:
+        """The contrastive term of the first and last clips' pooled features (its parts go into
+        `out`). With `fp32_logits` the projector and the scores run in float32 outside autocast,
+        as upstream trains in float32 throughout; the trunk stays under autocast."""
+        full = torch.autocast(pooled.device.type, enabled=False) if self.fp32_contrast else contextlib.nullcontext()
+        with full:
+            z0, z2 = self.projector(pooled[:, 0].float()), self.projector(pooled[:, -1].float())
+            if self.nce is None:
+                out["ntxent_loss"] = nt_xent(z0, z2, self.temperature)
+                return out["ntxent_loss"]
+            out.update(self.nce(z0, z2, index))
+            return out["nce0_loss"] + out["nce2_loss"]
 
     @torch.no_grad()
     def validate(self, x: Tensor, y: Tensor, pretext: Tensor, index: Tensor) -> dict[str, Tensor]:

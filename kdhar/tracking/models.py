@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from kdhar.disk import DiskFullError, disk_full
 from kdhar.tracking.registry import tag_version
-from kdhar.tracking.store import TrackingError, _client, check_server, tracking_uri
+from kdhar.tracking.store import TrackingError, _client, check_server, full_disk_at, tracking_uri
 from kdhar.tracking.tags import STANDARD_TAGS
 
 MODEL_URI_TAG = "model_uri"  # set on a run by `log_model`: the models:/ URI of the run's model
@@ -71,18 +72,26 @@ def log_run_model(
     with torch.no_grad():
         output = export(torch.from_numpy(example)).numpy()
     run_tags = client.get_run(run_id).data.tags
-    info = mlflow.pytorch.log_model(
-        export,
-        name=name,
-        input_example=example,
-        signature=infer_signature(example, output),
-        registered_model_name=registered_name,
-        serialization_format="pt2",
-        # An exported graph needs only torch to load; letting MLflow infer requirements
-        # re-imports the model in a subprocess, which costs ~10 s per model on 2 cores.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        tags={k: run_tags[k] for k in STANDARD_TAGS if k in run_tags},
-    )
+    try:
+        info = mlflow.pytorch.log_model(
+            export,
+            name=name,
+            input_example=example,
+            signature=infer_signature(example, output),
+            registered_model_name=registered_name,
+            serialization_format="pt2",
+            # An exported graph needs only torch to load; letting MLflow infer requirements
+            # re-imports the model in a subprocess, which costs ~10 s per model on 2 cores.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            tags={k: run_tags[k] for k in STANDARD_TAGS if k in run_tags},
+        )
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        removed = _remove_unfinished_models(client, run_id)
+        raise DiskFullError(f"disk full at {full_disk_at(exc)}: the model of run {run_id} was not logged"
+                            f"{' (its partial files were removed)' if removed else ''}; free space there and run "
+                            "the command again") from exc
     version = None
     if registered_name is not None:
         version = str(info.registered_model_version)
@@ -97,6 +106,29 @@ def log_run_model(
         registered_name=registered_name,
         version=version,
     )
+
+
+def _remove_unfinished_models(client: MlflowClient, run_id: str) -> bool:
+    """Deletes the files of the run's logged models that never became READY, where they lie on this
+    machine: a copy cut short by a full disk is of no use, and the space it holds may be what the
+    store needs to end the run. Returns whether any were removed."""
+    import shutil
+
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    removed = False
+    for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        location = model.artifact_location or ""
+        remote = "://" in location and not location.startswith("file://")
+        if model.status == LoggedModelStatus.READY or remote:
+            continue
+        folder = Path(local_file_uri_to_path(location))
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed = True
+    return removed
 
 
 def model_name(run_name: str) -> str:

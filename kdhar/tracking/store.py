@@ -125,9 +125,23 @@ def _open_sqlite_store(uri: str, path: Path) -> None:
     _OPENED.add(uri)
 
 
+def full_disk_at(error: BaseException) -> str:
+    """Where a full disk refused a write: the file an OSError names, else the SQLite store's file
+    (SQLite's "database or disk is full" names none), else the store's URI."""
+    from kdhar.disk import full_path
+
+    uri = tracking_uri()
+    return full_path(error) or (uri.split(":///", 1)[1] if uri.startswith("sqlite:///") else mask_uri(uri))
+
+
 def mask_uri(uri: str) -> str:
     """The URI with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", uri)
+
+
+# The API call of `check_server` waits longer than /health: a signed-in request makes the server
+# check the password, a deliberately slow hash, which took over 3 s on 2 busy cores.
+SIGN_IN_TIMEOUT_S = 15.0
 
 
 def check_server(uri: str, timeout: float = 3.0) -> None:
@@ -137,7 +151,8 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
     Other URIs go through `check_store`.
 
     Raises:
-        TrackingUnavailableError: the server is down, rejects our Host header or needs credentials.
+        TrackingUnavailableError: the server is down, rejects our Host header, needs credentials or
+            rejects the ones given.
     """
     if not uri.startswith(("http://", "https://")):
         check_store(uri, timeout)
@@ -156,7 +171,7 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
             f"{base}/api/2.0/mlflow/experiments/search",
             params={"max_results": 1},
             auth=(user, password) if user and password else None,
-            timeout=timeout,
+            timeout=max(timeout, SIGN_IN_TIMEOUT_S),
         )
     except requests.RequestException as exc:
         reason = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
@@ -164,10 +179,7 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
             f"MLflow tracking server at {uri} is not reachable: {reason}. {hint}"
         ) from exc
     if api.status_code == 401:
-        raise TrackingUnavailableError(
-            f"MLflow tracking server at {uri} needs credentials: set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD"
-        )
+        raise TrackingUnavailableError(_sign_in_problem(uri, user, password))
     if api.status_code == 403:
         raise TrackingUnavailableError(
             f"MLflow tracking server at {uri} refused the request ({api.text.strip()[:100]}): "
@@ -177,6 +189,20 @@ def check_server(uri: str, timeout: float = 3.0) -> None:
         raise TrackingUnavailableError(
             f"MLflow tracking server at {uri} is not reachable: HTTP {api.status_code}. {hint}"
         )
+
+
+def _sign_in_problem(uri: str, user: str | None, password: str | None) -> str:
+    """Why a server answered 401: no credentials, half of them, or credentials it rejected (a typo
+    in the password is not a missing one)."""
+    if user and password:
+        return (f"MLflow tracking server at {uri} rejected the credentials of user {user!r}: check "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if user or password:
+        given, absent = (("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if user
+                         else ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME"))
+        return f"MLflow tracking server at {uri} needs {absent} too: only {given} is set"
+    return (f"MLflow tracking server at {uri} needs credentials: set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD")
 
 
 def _client() -> MlflowClient:

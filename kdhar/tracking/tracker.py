@@ -25,12 +25,13 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from kdhar.disk import DiskFullError, disk_full
 from kdhar.tracking.liveness import Heartbeat, stamp_process_start
 from kdhar.tracking.models import LoggedModelRef, log_run_model
 from kdhar.tracking.project import get_or_create_experiment, check_project_experiment, project_run_id
 from kdhar.tracking.registry import promote_champion
 from kdhar.tracking.sender import MetricSender
-from kdhar.tracking.store import TrackingError, _client, tracking_uri
+from kdhar.tracking.store import TrackingError, _client, full_disk_at, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -155,19 +156,44 @@ class RunTracker:
             status = "FAILED" if status == "FINISHED" else status
         self._sender.stop()
         self._heartbeat.stop()
+        failure = exc if exc is not None else flush_error
+        try:
+            self._end(status)
+        except Exception as end_error:
+            raise self._not_ended(failure, end_error) from (failure or end_error)
+        finally:
+            self._restore_signal_handlers()
+        if failure is not None and disk_full(failure) and not isinstance(failure, DiskFullError):
+            # Said in one line with where and what to do, not as SQLite's or the copy's chain of tracebacks.
+            raise DiskFullError(f"disk full at {full_disk_at(failure)}: run {self.run_id} ended {status}; free "
+                                "space there and run the command again") from failure
+        if flush_error is not None:
+            if exc is None:
+                raise flush_error
+            if not disk_full(exc):  # a full disk is the body's own error already; otherwise keep the lost metrics visible
+                logger.error("%s (run %s ended %s)", flush_error, self.run_id, status)
+        if exc is None and self._signal is not None:
+            raise RunTerminated(self._signal)
+
+    def _end(self, status: str) -> None:
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status=status)
         else:
             self._client.set_terminated(self.run_id, status=status)
-        self._restore_signal_handlers()
-        if flush_error is not None:
-            if exc is None:
-                raise flush_error
-            # The body's own exception is the one to propagate; keep the lost metrics visible.
-            logger.error("%s (run %s ended %s)", flush_error, self.run_id, status)
-        if exc is None and self._signal is not None:
-            raise RunTerminated(self._signal)
+
+    def _not_ended(self, failure: BaseException | None, end_error: Exception) -> TrackingError | DiskFullError:
+        """The one-line error for a run whose final status could not be written (its store is on a full
+        disk, or gone): it stays RUNNING, so the line says how it gets ended once the store works."""
+        full = disk_full(end_error) is not None
+        reason = f"disk full at {full_disk_at(end_error)}" if full else str(end_error).strip().split("\n")[0][:200]
+        fix = (f"`kdhar runs reconcile --experiment {self.experiment}` ends it" if "pid" in self.tags
+               else "end it in the MLflow UI")
+        text = (f"run {self.run_id} could not be ended and stays RUNNING ({reason}); once the tracking store can be "
+                f"written again{' (free space)' if full else ''}, {fix}")
+        if isinstance(failure, DiskFullError):  # the body's own line says what else was lost, and where
+            text = f"{str(failure).rstrip('.')}; and {text}"
+        return DiskFullError(text) if full or disk_full(failure) else TrackingError(text)
 
     def _install_signal_handlers(self) -> None:
         # Python only lets the main thread install handlers; trackers opened in worker threads

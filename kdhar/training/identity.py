@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 # Knobs added after runs were already being identified by their hash: at these values they behave
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
-HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False}
+# The plateau threshold acts only under the plateau schedule: runs on another schedule keep their identity.
+HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False, "clip.normalize": "half",
+                "optim.plateau_threshold": 1e-4, "model.keep_time": 0}
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:
@@ -81,7 +83,7 @@ def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Spl
     if teacher is not None and cfg.task == "detection":
         text += f" Teacher: {teacher.arch or 'a'} detector {teacher.uri} (run {teacher.run_id})."
     elif teacher is not None:
-        weight = f"alpha {kd.alpha:g}" if kd.weighting == "mix" else f"lambda {kd.lam:g}"
+        weight = f"lambda {kd.lam:g}" if kd.weighting == "sum" else f"alpha {kd.alpha:g}"
         text += (f" Distilled from {teacher.arch or 'a'} teacher {teacher.uri} (run {teacher.run_id}) with logit KD, "
                  f"tau {kd.tau:g}, {kd.weighting} weighting, {weight}.")
     elif role == "student":
@@ -117,6 +119,8 @@ def run_tags(prep: Prepared, tags: dict[str, str] | None) -> dict[str, str]:
         "views": str(cfg.data.views),
         "torch_version": torch.__version__,
         "threads": str(cfg.optim.threads),
+        # MLflow never changes a logged param: the epochs a resume extended the run to are read here.
+        "epochs": str(cfg.optim.epochs),
         "modality": cfg.model.modality,
         **({"world_size": str(ddp.world)} if ddp else {}),
         **({"elastic_restarts": str(ddp.restarts)} if ddp and ddp.restarts else {}),

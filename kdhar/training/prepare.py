@@ -16,7 +16,7 @@ from kdhar.data.dataset import ReplayLoader, VideoClipDataset, make_loader
 from kdhar.engine import Plateau, make_scheduler, pick_device, set_determinism, set_rng_state
 from kdhar.models import build_model
 from kdhar.objectives import Objective, build_objective
-from kdhar.training.resume import checkpoint_to_resume, load_init_weights
+from kdhar.training.resume import checkpoint_to_resume, load_init_weights, run_identity
 from kdhar.training.scoring import ClipEvaluation
 from kdhar.training.splits import Splits, check_same_classes, load_splits
 
@@ -73,7 +73,7 @@ class Optimisers:
         else:
             net = torch.optim.SGD(net_params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         side = {name: step.pass_optimizer(name) for name in passes if name != "net"}
-        plateau = Plateau(optim.lr) if optim.schedule == "plateau" else None
+        plateau = Plateau(optim.lr, threshold=optim.plateau_threshold) if optim.schedule == "plateau" else None
         scheduler = make_scheduler(net, optim.schedule, optim.epochs * steps_per_epoch,
                                    round(optim.warmup * steps_per_epoch), plateau)
         return cls(net, side, scheduler, plateau)
@@ -85,6 +85,15 @@ class Optimisers:
             "scheduler": self.scheduler.state_dict(),
             **({"plateau": self.plateau.state_dict()} if self.plateau is not None else {}),
         }
+
+    def follow_schedule(self) -> None:
+        """Sets the "net" pass's lr to what the schedule gives at the step reached. A resume that
+        changed the number of epochs built the schedule for the new total, but the restored
+        optimiser holds the old schedule's last lr (0 at the end of a finished cosine run), which
+        the first resumed step would otherwise use."""
+        at = self.scheduler.last_epoch
+        for group, base, factor in zip(self.net.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(at)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["optimizer"])
@@ -148,7 +157,7 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
     if ddp is not None:
         dev = ddp.device(dev)
         progress = progress and ddp.main
-    resume, state, changed = checkpoint_to_resume(cfg, f"{role} {cfg.model.arch}", objective.teacher is not None,
+    resume, state, changed = checkpoint_to_resume(cfg, f"{role} {cfg.model.arch}", run_identity(role, objective),
                                                   ddp, resume, workdir, allow_config_change)
     torch.set_num_threads(cfg.optim.threads)
     det_note = set_determinism(cfg.optim.seed, cfg.optim.deterministic)
@@ -162,7 +171,7 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
         model = objective.make_model(len(splits.classes))
     else:
         model = build_model(cfg.model.arch, len(splits.classes), width=cfg.model.width, dropout=cfg.model.dropout,
-                            modality=cfg.model.modality)
+                            modality=cfg.model.modality, keep_time=cfg.model.keep_time)
     step = objective.make_step(model, len(view.train)).to(dev)  # moves a step's frozen teacher too
     model = step.model  # the network as trained and logged (a step may wrap the plain one with its own parts)
     if init_state is not None:  # after the wrapping, so the wrapper's own weights load too
@@ -205,5 +214,7 @@ def _restore(prep: Prepared, state: dict[str, Any]) -> None:
     prep.model.load_state_dict(state["model"])
     prep.step.load_state_dict(state.get("heads", {}), strict=False)
     prep.optimisers.load_state_dict(state)
+    if "optim.epochs" in prep.changed:  # the schedule runs over the new total from here on
+        prep.optimisers.follow_schedule()
     prep.start_epoch, prep.history, prep.run_id = state["epoch"], state["history"], state["run_id"]
     set_rng_state(state["rng"])

@@ -23,8 +23,12 @@ TAG_RETRY_OF = "optuna_retry_of"
 
 def create_parent(experiment: str, name: str, params: dict[str, Any]) -> str:
     """Starts and ends the study's parent run, its params and a description on it; returns its id."""
+    teacher = str(params.get("teacher", ""))
+    how = "trained from scratch" if teacher.lower() == "none" else f"distilled from {teacher}"
+    seeds = int(params.get("val_seeds", 1))
+    over = f"the mean over {seeds} seeds of the best {OBJECTIVE}" if seeds > 1 else OBJECTIVE
     description = (f"Optuna study '{name}': tunes {params.get('search_space', '')} of {params.get('student', '')} "
-                   f"distilled from {params.get('teacher', '')}, maximising {OBJECTIVE} on the validation split. "
+                   f"{how}, maximising {over} on the validation split. "
                    "Each trial is a child run (trial-N); the best value and the study's plots are logged here.")
     tags = {TAG_STUDY: name, "role": "tuning", "mlflow.note.content": description}
     with tracking.RunTracker(experiment, run_name=f"tune-{name}", tags=tags) as run:

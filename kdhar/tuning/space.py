@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from kdhar.config import RunConfig
+from kdhar.config import GKD_METHODS, RunConfig
 
 
 OBJECTIVE = "val_video_top1"  # per-epoch metric logged by kdhar.train for the held-out groups
@@ -31,6 +31,9 @@ class ParamRange:
 TUNABLE = ("tau", "alpha", "lam", "lr", "beta", "ramp", "rec_weight", "gd_weight")
 # The logit-KD knobs and GKD's, by the `--kd` methods they act in.
 LOGIT_KNOBS, GKD_KNOBS = ("tau", "alpha", "lam"), ("beta", "ramp", "rec_weight", "gd_weight")
+# Where each searched knob lives in a run's params.
+SEARCHED_KEYS = {"tau": "kd.tau", "alpha": "kd.alpha", "lam": "kd.lam", "lr": "optim.lr", "beta": "gkd.beta",
+                 "ramp": "gkd.ramp", "rec_weight": "gkd.rec_weight", "gd_weight": "gkd.gd_weight"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class SearchSpace:
       hardly count.
     - lam in [0.1, 2] (weighting "sum"): the paper's 1 sits inside.
     - lr in [0.005, 0.05], log scale: a factor 2.5 either side of the CPU preset's 0.02.
+    - Without a teacher (`--teacher none`, the scratch twin) only lr is searched, over the same range,
+      so a scratch run can be tuned on the same budget as its distilled twin.
     - GKD (`--kd gkd`, `gkd+logit`): beta, the attention-distillation weight, in [0.01, 1], log scale
       around the paper's 0.1; ramp, the share of the epochs over which the regeneration weight
       ramps up, in [0.05, 1] (the paper's 0.1 inside). rec_weight (regeneration, the paper's 0.5)
@@ -71,18 +76,21 @@ class SearchSpace:
         return [name for name in TUNABLE if getattr(self, name) is not None]
 
     @classmethod
-    def default(cls, weighting: str = "mix", method: str = "logit") -> SearchSpace:
-        """The default ranges for a KD weighting (alpha under "mix", lam under "sum") and `--kd`
-        method: GKD's beta and ramp for gkd and gkd+logit, no logit-KD knob for gkd alone."""
+    def default(cls, weighting: str = "mix", method: str = "logit", scratch: bool = False) -> SearchSpace:
+        """The default ranges for a KD weighting (alpha under "mix" and "balanced", lam under "sum")
+        and `--kd` method: GKD's beta and ramp for gkd and gkd+logit, no logit-KD knob for gkd or
+        feature KD alone; lr alone for a run without a teacher (`scratch`)."""
+        if scratch:
+            return cls(tau=None, alpha=None)
         space = cls(alpha=None, lam=ParamRange(0.1, 2.0)) if weighting == "sum" else cls()
-        if method != "logit":
+        if method in GKD_METHODS:
             space = dataclasses.replace(space, beta=ParamRange(0.01, 1.0, log=True), ramp=ParamRange(0.05, 1.0))
-        if method == "gkd":
+        if method in ("gkd", "feature"):
             space = dataclasses.replace(space, tau=None, alpha=None, lam=None)
         return space
 
     @classmethod
-    def parse(cls, text: str | None, weighting: str = "mix", method: str = "logit") -> SearchSpace:
+    def parse(cls, text: str | None, weighting: str = "mix", method: str = "logit", scratch: bool = False) -> SearchSpace:
         """Parses "tau=1:8:log,alpha=0.2:0.8,lr=none"; parameters left out keep their defaults for
         the weighting and method, and `none` leaves a parameter out of the search (fixed at the run's value).
 
@@ -90,7 +98,7 @@ class SearchSpace:
             ValueError: naming the part that is an unknown parameter, bad syntax, an empty range, or
                 a weight that does not act under `weighting`.
         """
-        space = cls.default(weighting, method)
+        space = cls.default(weighting, method, scratch)
         if text is None or not text.strip():
             return space
         seen: set[str] = set()
@@ -103,10 +111,13 @@ class SearchSpace:
                 raise ValueError(f"search space part '{part}': unknown parameter '{name}'; tunable: {', '.join(TUNABLE)}")
             if name in seen:
                 raise ValueError(f"search space part '{part}': {name} is given twice")
-            unused = {"mix": "lam", "sum": "alpha"}.get(weighting)
+            unused = {"mix": "lam", "balanced": "lam", "sum": "alpha"}.get(weighting)
             if name == unused:
                 raise ValueError(f"search space part '{part}': {name} does not act under --kd-weighting {weighting}")
-            if (name in GKD_KNOBS and method == "logit") or (name in LOGIT_KNOBS and method == "gkd"):
+            if scratch and name != "lr":
+                raise ValueError(f"search space part '{part}': {name} does not act without a teacher "
+                                 "(--teacher none tunes the lr of scratch runs)")
+            if (name in GKD_KNOBS and method not in GKD_METHODS) or (name in LOGIT_KNOBS and method in ("gkd", "feature")):
                 raise ValueError(f"search space part '{part}': {name} does not act under --kd {method}")
             seen.add(name)
             value = None if rng.strip() == "none" else _parse_range(name, rng.strip(), part)
@@ -156,11 +167,17 @@ def trial_config(cfg: RunConfig, values: dict[str, float]) -> RunConfig:
     return dataclasses.replace(cfg, kd=kd, gkd=gkd, optim=optim)
 
 
-def study_config(cfg, space: SearchSpace, teacher: str, fingerprint: str) -> dict[str, Any]:
-    """Everything that changes what a trial's score measures except the searched knobs: the run
-    configuration (epochs, fraction, widths, clips, PCL, ...), the teacher and the data's fingerprint."""
-    searched = {"tau": "kd.tau", "alpha": "kd.alpha", "lam": "kd.lam", "lr": "optim.lr", "beta": "gkd.beta",
-                "ramp": "gkd.ramp", "rec_weight": "gkd.rec_weight", "gd_weight": "gkd.gd_weight"}
-    skip = OPERATIONAL | {searched[n] for n in space.names()}
-    shared = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.params(kd=True).items() if k not in skip}
-    return {**shared, "teacher": teacher, "dataset_fingerprint": fingerprint}
+def study_config(cfg, space: SearchSpace | list[str], teacher: str, fingerprint: str, val_seeds: int = 1) -> dict[str, Any]:
+    """Everything that changes what a trial's score measures except the searched knobs (`space`, or
+    their names): the run configuration (student, epochs, fraction, widths, clips, PCL, ...; the KD
+    knobs only with a teacher), the teacher, the data's fingerprint and the seeds a trial averages.
+
+    A study records it when it is created: workers joining it must match it, and a grid's `tuned:`
+    applies the study only to cells it describes (`StudyRecord.differences`)."""
+    names = space.names() if isinstance(space, SearchSpace) else list(space)
+    skip = OPERATIONAL | {SEARCHED_KEYS[n] for n in names}
+    params = cfg.params(kd=teacher.lower() != "none")
+    shared = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if k not in skip}
+    # Recorded only when above 1, so the records of studies made before it existed still match.
+    seeds = {"val_seeds": val_seeds} if val_seeds != 1 else {}
+    return {**shared, "teacher": teacher, "dataset_fingerprint": fingerprint, **seeds}

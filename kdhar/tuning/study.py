@@ -8,6 +8,7 @@ import json
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -18,7 +19,7 @@ from optuna.trial import TrialState
 
 from kdhar import tracking
 from kdhar.tuning.runs import TAG_STATE, TAG_STUDY, create_parent, tag_run, trial_run_ids
-from kdhar.tuning.space import OBJECTIVE, SearchSpace
+from kdhar.tuning.space import OBJECTIVE, TUNABLE, SearchSpace, study_config
 from kdhar.tuning.storage import dashboard_command, make_storage, mask_url, storage_url
 
 
@@ -320,3 +321,60 @@ def best_settings(study_name: str, storage: str | None = None) -> dict[str, floa
     if not complete:
         raise ValueError(f"study '{study_name}' has no complete trial yet; run more trials with `kdhar tune`")
     return dict(max(complete, key=lambda t: t.value).params)
+
+
+# Keys of a study's record that a grid cell may differ in without the study having measured something
+# else: the cell's own seed (a study's trials use theirs), where the videos are (their fingerprint is
+# compared), how many seeds a trial averaged, and the teacher's spec (a grid distils from its own
+# teacher runs; whether the study tuned scratch or distilled runs is checked on its own).
+NOT_COMPARED = {"optim.seed", "data.root", "val_seeds", "teacher"}
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a finished study measured (its record, `study_config`), what it searched and its best values."""
+
+    name: str
+    config: dict[str, Any]
+    searched: list[str]
+    best: dict[str, float]
+
+    @property
+    def scratch(self) -> bool:
+        """Whether the study tuned runs without a teacher (`kdhar tune --teacher none`)."""
+        return str(self.config.get("teacher", "")).lower() == "none"
+
+    def differences(self, cfg, scratch: bool, fingerprint: str) -> list[str]:
+        """How a run of `cfg` (a scratch run if `scratch`) differs from the runs the study measured,
+        as "key study-value (cell: value)"; empty when the study's best settings are this run's to take."""
+        if scratch != self.scratch:  # a scratch study for distilled cells, or the other way round
+            return [f"teacher {self.config.get('teacher')!r} (cell: {'none' if scratch else 'a teacher'})"]
+        teacher = "none" if scratch else str(self.config.get("teacher"))
+        # Through JSON as the record went, so a tuple and the list it became compare equal.
+        now = json.loads(json.dumps(study_config(cfg, self.searched, teacher, fingerprint), default=str))
+        keys = sorted((set(self.config) | set(now)) - NOT_COMPARED)
+        return [f"{k} {self.config.get(k)!r} (cell: {now.get(k)!r})" for k in keys if self.config.get(k) != now.get(k)]
+
+
+def load_record(study_name: str, storage: str | None = None) -> StudyRecord:
+    """A study's record and best complete trial, for a grid's `tuned:`.
+
+    Raises:
+        ValueError: no such study, no record of what it measured (made by an older kdhar, or not by
+            `kdhar tune`), or no complete trial yet.
+    """
+    check_study_name(study_name)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+    except KeyError:
+        raise ValueError(f"no study '{study_name}' in {mask_url(storage_url(storage))}; run `kdhar tune` first") from None
+    attrs = study.user_attrs
+    if ATTR_CONFIG not in attrs or ATTR_SPACE not in attrs:
+        raise ValueError(f"study '{study_name}' does not record what its trials measured (not made by this kdhar's "
+                         "`kdhar tune`); tune a new study")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise ValueError(f"study '{study_name}' has no complete trial yet; run more trials with `kdhar tune`")
+    searched = [part.split("=", 1)[0] for part in attrs[ATTR_SPACE].split(",") if part]
+    return StudyRecord(study_name, json.loads(attrs[ATTR_CONFIG]), [n for n in searched if n in TUNABLE],
+                       dict(max(complete, key=lambda t: t.value).params))

@@ -12,6 +12,11 @@ from typing import Protocol
 from kdhar.experiments.plan import Cell
 
 
+class WorkerDied(RuntimeError):
+    """A process training cells died without a word (SIGKILL, the out-of-memory killer): the message
+    names its cells, says how their runs were ended and how to resume them."""
+
+
 @dataclass(frozen=True)
 class CellJob:
     """A claimed cell to train: `run_cell`'s arguments, less whether it shows progress bars (the
@@ -72,7 +77,9 @@ def run_cell(
         from kdhar.distill import distill
 
         res = distill(cell.cfg, teacher=teacher_uri or "none", experiment=experiment, device=device, extra_tags=tags,
-                      cache_teacher=cache_teacher and cell.teacher != "none" and not cell.cfg.gkd.attention,
+                      # the logit cache holds logits, which only logit KD reads
+                      cache_teacher=cache_teacher and cell.teacher != "none" and cell.cfg.gkd.method == "logit"
+                      and not cell.cfg.gkd.attention,
                       progress=progress, resume=resume)
     else:
         from kdhar.finetune import finetune

@@ -13,9 +13,10 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from kdhar.experiments.executors.base import CellJob, run_cell
+from kdhar.experiments.executors.base import CellJob, WorkerDied, run_cell
 from kdhar.experiments.grid import SpecError
 
 
@@ -53,6 +54,10 @@ class LocalExecutor:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     done(pending.pop(fut), *fut.result())  # a failed cell stops the grid; rerunning resumes
+        except BrokenProcessPool:
+            # A worker died without a word; the pool SIGTERMs the others, which end their runs KILLED.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise worker_died(jobs) from None
         except Exception:
             # A failed cell: start nothing more, let the cells in flight finish, then stop.
             pool.shutdown(wait=True, cancel_futures=True)
@@ -65,10 +70,32 @@ class LocalExecutor:
         pool.shutdown()
 
 
+def worker_died(jobs: list[CellJob]) -> WorkerDied:
+    """The one-line error for a pool worker killed outright (SIGKILL, the out-of-memory killer) during
+    a wave of `jobs`: the run it left RUNNING is ended KILLED here, as it could not end it itself, and
+    the message names its cell and how the next grid run resumes it."""
+    from kdhar.experiments.claims import end_orphaned_runs
+
+    killed = [f"{job.cell.label()} (run {run_id})" for job in jobs
+              for run_id in end_orphaned_runs(job.experiment, job.cell.role, job.key)]
+    if not killed:
+        return WorkerDied("a grid worker process was killed (kill -9 or out of memory) before its cell's run started; "
+                          "run the same `kdhar experiment run` again to train the cells left")
+    return WorkerDied(f"a grid worker process was killed (kill -9 or out of memory) while training {'; '.join(killed)}: "
+                      "its run was ended KILLED and the other cells in flight were stopped; run the same `kdhar "
+                      "experiment run` again to resume them from their last checkpoints")
+
+
 def _init_worker(threads: int, parent_pid: int) -> None:
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm's default lock is a named semaphore that a worker killed outright never releases, and the
+    # resource tracker then warns of a leak when the grid exits; workers show no bars, a thread lock will do.
+    tqdm.set_lock(threading.RLock())
     # Ctrl-C reaches the whole process group; the parent alone handles it (see _stop_workers),
     # so a worker waiting for its next cell does not die with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

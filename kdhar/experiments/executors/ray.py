@@ -162,14 +162,35 @@ def _train_cell(job: CellJob, device: str | None, tracking_uri: str, workdir: st
     return run_cell(*job.args(progress=False))
 
 
+# The HTTP/2 client preface and an empty SETTINGS frame: a Ray head's GCS is a gRPC server, which
+# answers them with a SETTINGS frame of its own at once.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 0x4  # the frame type byte of a SETTINGS frame (the 4th of its 9-byte header)
+GREETING_WAIT_S = 5.0  # a head answers in milliseconds; this is for a slow network
+
+
 def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
-    """Fails at once where a HOST:PORT address does not answer: Ray itself keeps trying for many
-    minutes. "auto" and other forms are left to Ray."""
+    """Fails within seconds where a HOST:PORT address does not answer as a Ray head (a gRPC server):
+    Ray itself keeps trying for many minutes, where nothing listens and where something else does
+    (a database, a web server, a port forward to nowhere). "auto" and other forms are left to Ray,
+    and so is a cluster with TLS (RAY_USE_TLS), which the plain-text greeting cannot reach."""
     host, _, port = (address or "").rpartition(":")
     if not host or not port.isdigit() or "://" in address:
         return
-    with socket.create_connection((host, int(port)), timeout=timeout_s):
-        pass
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        conn.settimeout(GREETING_WAIT_S)
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        try:
+            while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+                head += chunk
+        except TimeoutError:
+            pass
+    if len(head) < 9 or head[3] != _H2_SETTINGS:
+        raise ConnectionError(f"something listens at {host}:{port} but does not answer as a Ray head (a gRPC "
+                              f"server) within {GREETING_WAIT_S:g} s")
 
 
 def _catch_sigterm() -> tuple[list[int], Callable[[], None]]:

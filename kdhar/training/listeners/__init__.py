@@ -21,7 +21,7 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
     calls the epoch callback on rank 0's metrics, so all stop together."""
     main, objective = prep.main, prep.objective
     around_epochs = [
-        *([RunRecord()] if main and not prep.resume else []),
+        *([RunRecord()] if main else []),
         # every run with labels; label-free pretraining scores a pretext task of its own
         *([StuckWatch(prep.cfg.optim.epochs, objective.soft_term)] if objective.labels else []),
         *([AttentionHealth()] if hasattr(prep.step, "attention_std") else []),
@@ -29,10 +29,11 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
         *([ObjectiveValidation()] if main and prep.val_loader is not None else []),
         *([ShareMetrics()] if prep.ddp is not None else []),
         *([PlateauSchedule(prep.optimisers.plateau, objective.plateau_metric)] if prep.optimisers.plateau else []),
-        StageAccuracy(prep.cfg.optim.epochs, prep.evaluation.headline, prep.evaluation.stage_prefix),
+        StageAccuracy(prep.cfg.optim.epochs, objective.selection_metric, prep.evaluation.headline,
+                      prep.evaluation.stage_prefix),
         *([ProgressPrinter()] if prep.progress else []),
         MetricLogger(),
-        *([Checkpointer(workdir, f"val_{prep.evaluation.headline}")] if main else []),
+        *([Checkpointer(workdir, objective.selection_metric, f"val_{prep.evaluation.headline}")] if main else []),
         *([EpochCallback(epoch_callback)] if epoch_callback is not None else []),
     ]
     outcome = [

@@ -1,4 +1,5 @@
-"""The checkpoint listener: `last.pt` every epoch, `best.pt` on a new validation best."""
+"""The checkpoint listener: `last.pt` every epoch, `best.pt` on a new validation best (the objective's
+own selection metric where it has one: PCL's self-supervised validation loss)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ from typing import Any
 import torch
 
 from kdhar import distributed
-from kdhar.checkpoint import save_checkpoint
+from kdhar.checkpoint import remove_partial_writes, save_checkpoint
 from kdhar.engine import rng_state
 from kdhar.training.loop import Epoch, Listener, RunState
-from kdhar.training.resume import stored_config
+from kdhar.training.resume import run_identity, stored_config
 
 BEST_METRIC = "val_video_top1"  # what best.pt keeps the best of; never the test split
+BEST_KEYS = ("model", "epoch", "run_id", "classes", "arch", "config", "identity")  # what best.pt holds
+
+
+def best_so_far(history: list[dict[str, float]], metric: str, lowest: bool = False) -> dict[str, float] | None:
+    """The epoch of `history` with the best `metric` (the highest, or with `lowest` the lowest; the
+    first of equals), or None when no epoch logged it."""
+    logged = [h for h in history if metric in h and not math.isnan(h[metric])]
+    if not logged:
+        return None
+    sign = -1.0 if lowest else 1.0
+    return max(logged, key=lambda h: sign * h[metric])
 
 
 def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -27,12 +39,17 @@ def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Checkpointer(Listener):
     """Saves what a resume needs after every epoch under <workdir>/checkpoints/<run id>/; rank 0 only."""
 
-    def __init__(self, workdir: str | Path, best_metric: str = BEST_METRIC) -> None:
-        self.workdir, self.best_metric = workdir, best_metric
+    def __init__(self, workdir: str | Path, select: str | None = None, best_metric: str = BEST_METRIC) -> None:
+        """`select`: the objective's selection metric (lowest best) for `best.pt`; None: the highest
+        `best_metric` of the validation split (the video accuracy, or a detector's mAP)."""
+        self.workdir, self.select, self.best_metric = workdir, select, best_metric
         self.path: Path | None = None
 
     def on_run_start(self, run: RunState) -> None:
-        self.path = Path(self.workdir) / "checkpoints" / run.run_id / "last.pt"
+        self.path = checkpoint_dir(self.workdir, run.run_id) / "last.pt"
+        # A resumed run's earlier process may have been killed in the middle of a write.
+        for name in ("last.pt", "best.pt"):
+            remove_partial_writes(self.path.with_name(name))
 
     def on_epoch_end(self, run: RunState, epoch: Epoch) -> None:
         prep = run.prep
@@ -47,26 +64,32 @@ class Checkpointer(Listener):
             "classes": prep.splits.classes,
             "arch": prep.cfg.model.arch,
             "config": stored_config(prep.cfg, prep.objective.teacher is not None),
+            "identity": run_identity(prep.role, prep.objective),
         }
-        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None, self.best_metric)
+        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None, self.select,
+                   self.best_metric)
+
+
+def checkpoint_dir(workdir: str | Path, run_id: str) -> Path:
+    """The folder of a run's `last.pt` and `best.pt`."""
+    return Path(workdir) / "checkpoints" / run_id
 
 
 def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None,
-               metric: str = BEST_METRIC) -> None:
-    """The epoch's checkpoint (`last.pt`), `best.pt` when the validation score (`metric`: the video
-    accuracy, or a detector's mAP) reached a new best (weights only, loadable as a --teacher or
-    --init checkpoint; the logged model is the last epoch's), and for a torchrun job the record its
-    restart resumes from."""
-    save_checkpoint(path, state)
-    if _new_best(history, metric):
-        best = {k: state[k] for k in ("model", "epoch", "run_id", "classes", "arch", "config")}
+               select: str | None = None, best_metric: str = BEST_METRIC) -> None:
+    """`best.pt` when the validation score (`best_metric`: the video accuracy, or a detector's mAP)
+    or the lowest `select` reached a new best (weights only, loadable as a --teacher or --init
+    checkpoint; the logged model is the last epoch's), then the epoch's checkpoint (`last.pt`), and
+    for a torchrun job the record its restart resumes from.
+
+    best.pt goes first so that a process killed at any point leaves a pair a resume completes: killed
+    before last.pt is replaced, the resume trains the epoch again and finds the same new best; in the
+    other order, a kill between the two left last.pt past a best that best.pt never got (or no
+    best.pt at all), and the resumed run's history no longer saw that epoch as new."""
+    metric = select or best_metric
+    if history and metric in history[-1] and best_so_far(history, metric, lowest=select is not None) is history[-1]:
+        best = {k: state[k] for k in BEST_KEYS}
         save_checkpoint(path.with_name("best.pt"), {**best, metric: history[-1][metric]})
+    save_checkpoint(path, state)
     if elastic_dir is not None:
         distributed.record_checkpoint(elastic_dir, path)
-
-
-def _new_best(history: list[dict[str, float]], metric: str) -> bool:
-    """Whether the last epoch set a new maximum of `metric` (validation runs only)."""
-    if not history or metric not in history[-1]:
-        return False
-    return history[-1][metric] > max((h.get(metric, -math.inf) for h in history[:-1]), default=-math.inf)

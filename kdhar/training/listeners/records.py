@@ -12,9 +12,20 @@ from kdhar.training.loop import Epoch, Listener, RunState, StopTraining
 
 
 class RunRecord(Listener):
-    """Logs a new run's parameters, classes, data lineage and configuration (a resumed run has them)."""
+    """Logs a new run's parameters, classes, data lineage and configuration. A resumed run has them;
+    one that changed knobs on resume (`--allow-config-change`) gets its config.json again, with the
+    values it now trains with (its params keep the first ones: MLflow never changes a logged param,
+    and the tags `epochs`, `threads` and `resumed_with_changes` say what changed)."""
 
     def on_run_start(self, run: RunState) -> None:
+        prep = run.prep
+        if not prep.resume:
+            self._record_new(run)
+        if not prep.resume or prep.changed:
+            config = prep.cfg.params(kd=prep.objective.teacher is not None) | {"determinism": prep.det_note}
+            run.tracker.log_dict(config, "config.json")
+
+    def _record_new(self, run: RunState) -> None:
         prep, tracker = run.prep, run.tracker
         cfg, splits, teacher = prep.cfg, prep.splits, prep.objective.teacher
         params = {**cfg.params(kd=False), **prep.objective.params, "role": prep.role, "device": str(prep.device),
@@ -34,7 +45,6 @@ class RunRecord(Listener):
             if part is not None:
                 tracker.log_dataset(f"{cfg.data.dataset}-split{cfg.data.split}-{label}", part_fingerprint(part),
                                     cfg.data.root, label.split("-")[0])
-        tracker.log_dict(cfg.params(kd=teacher is not None) | {"determinism": prep.det_note}, "config.json")
         if splits.missing:
             tracker.log_metrics({"missing_videos": splits.missing}, step=0)
         if prep.view.too_short:

@@ -8,6 +8,7 @@ import sys
 from kdhar.engine import Plateau, evaluate_terms
 from kdhar.objectives.gkd import DEGENERATE_ATTENTION_STD
 from kdhar.objectives.stuck import is_stuck, stuck_reason, uniform_term
+from kdhar.training.listeners.checkpoints import best_so_far
 from kdhar.training.loop import Epoch, Listener, RunState
 from kdhar.training.scoring import split_metrics
 
@@ -139,19 +140,41 @@ class PlateauSchedule(Listener):
 
 class StageAccuracy(Listener):
     """The paper's stages: the test score at 25/75/100 % of the epochs (`acc_<stage>` of the video
-    accuracy; a detector's `map_<stage>` of `map_avg`) and the best one reached by then
-    (`best_acc_<stage>`, as the KD paper reads its stages)."""
+    accuracy; a detector's `map_<stage>` of `map_avg`), the best one reached by then
+    (`best_acc_<stage>`, as the KD paper reads its stages) and, with a selection metric (PCL's
+    self-supervised validation loss, which upstream selects its checkpoint by), the test score of the
+    epoch with its lowest value so far (`sel_acc_<stage>`, that epoch `sel_epoch_<stage>`): what a
+    checkpoint chosen without looking at the test split scores."""
 
-    def __init__(self, epochs: int, headline: str = "video_top1", prefix: str = "acc") -> None:
-        self.stages = stage_epochs(epochs)
+    def __init__(self, epochs: int, select: str | None = None, headline: str = "video_top1",
+                 prefix: str = "acc") -> None:
+        self.stages, self.select = stage_epochs(epochs), select
         self.metric, self.prefix = f"test_{headline}", prefix
+
+    def on_run_start(self, run: RunState) -> None:
+        """A run resumed with more epochs has new stages; those its history already passed are
+        logged again from it, at their new epoch (MLflow shows a metric's value at its last step)."""
+        if "optim.epochs" not in run.prep.changed:
+            return
+        before = stage_epochs(run.prep.changed["optim.epochs"][0])
+        key, prefix = self.metric, self.prefix
+        for stage, at in self.stages.items():
+            reached = run.history[:at]
+            if at != before[stage] and len(reached) == at and all(key in h for h in reached):
+                run.tracker.log_metrics({f"{prefix}_{stage}": reached[-1][key],
+                                         f"best_{prefix}_{stage}": max(h[key] for h in reached)}, step=at)
 
     def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
         m, key = epoch.metrics, self.metric
         if key not in m:
             return
-        best_test = max([h[key] for h in run.history] + [m[key]])
+        history = [*run.history, {"epoch": epoch.done, **m}]
+        best_test = max(h[key] for h in history)
+        chosen = best_so_far(history, self.select, lowest=True) if self.select else None
         for stage, at in self.stages.items():
             if epoch.done == at:
                 m[f"{self.prefix}_{stage}"] = m[key]
                 m[f"best_{self.prefix}_{stage}"] = best_test
+                if chosen is not None:
+                    m[f"sel_{self.prefix}_{stage}"] = chosen[key]
+                    m[f"sel_epoch_{stage}"] = float(chosen["epoch"])
