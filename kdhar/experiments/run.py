@@ -95,10 +95,10 @@ def grid_status(spec_path: str | Path, experiment: str | None = None) -> list[tu
     cells = tuned_plan(spec, str(spec_path))
     position = {id(c): i for i, c in enumerate(cells)}
     done: dict[int, str | None] = {}
-    teacher_runs: dict[tuple[str, int], str] = {}
+    teacher_runs: dict[str, str] = {}
     for i, cell in enumerate(cells):
         source_run = done.get(position[id(cell.source)]) if cell.source is not None else None
-        teacher_run = teacher_runs.get((cell.teacher, cell.teacher_seed)) if cell.wave == "kd" else None
+        teacher_run = teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
         if (cell.wave == "kd" and teacher_run is None) or (cell.role == "finetune" and source_run is None):
             done[i] = None
             continue
@@ -150,7 +150,7 @@ class _GridRun:
         self.finished_runs: dict[int, str] = {}  # plan position -> run id, so fine-tunes find their source
         # Distilled students learn from the exact teacher run this grid trained (or found finished),
         # never from whichever teacher is the registry's champion at the time.
-        self.teacher_runs: dict[tuple[str, int], str] = {}  # (arch, seed) -> run id
+        self.teacher_runs: dict[str, str] = {}  # teacher cell name -> run id
         self.claims = Claims(experiment)
 
     def report(self, i: int, outcome: CellOutcome) -> None:
@@ -194,7 +194,7 @@ class _GridRun:
             if i in self.finished_runs:
                 continue
             source_run = self.finished_runs.get(self.position[id(cell.source)]) if cell.source is not None else None
-            teacher_run = self.teacher_runs.get((cell.teacher, cell.teacher_seed)) if cell.wave == "kd" else None
+            teacher_run = self.teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
             if cell.wave == "kd" and teacher_run is None:
                 raise SpecError(f"{self.spec_path}: teacher {cell.teacher} is not among the spec's teachers")
             key = cell_hash(cell, source_run=source_run, teacher_run=teacher_run)
