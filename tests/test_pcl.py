@@ -142,7 +142,8 @@ def test_a_resumed_pcl_run_continues_with_the_memory_banks_it_checkpointed(tmp_p
 
     def prepared(step):
         return SimpleNamespace(model=step.model, step=step, optimisers=Optimisers.build(step, OptimConfig(), 1),
-                               cfg=RunConfig(pcl=PCLConfig(ssl="pcl")), objective=SimpleNamespace(teacher=None),
+                               cfg=RunConfig(pcl=PCLConfig(ssl="pcl")), role="student", changed={},
+                               objective=SimpleNamespace(teacher=None, name="pcl"),
                                splits=SimpleNamespace(classes=["a", "b", "c"]), ddp=None)
 
     trained = make_step()
@@ -322,7 +323,7 @@ def test_best_pt_of_a_pcl_run_is_the_epoch_of_lowest_ssl_validation_loss(tmp_pat
     for epoch, loss in enumerate([1.0, 0.7, 0.8, 0.7], start=1):
         history.append({"epoch": epoch, "ssl_val_pretext_loss": loss, "test_video_top1": 0.1 * epoch})
         state = {"model": {"w": torch.full((1,), float(epoch))}, "epoch": epoch, "run_id": "r", "classes": ["a"],
-                 "arch": "tiny3d", "config": {}}
+                 "arch": "tiny3d", "config": {}, "identity": {"role": "student", "method": "pcl"}}
         save_epoch(path, state, history, None, "ssl_val_pretext_loss")
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == 2 and best["ssl_val_pretext_loss"] == 0.7  # a tie later does not replace it
