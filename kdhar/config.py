@@ -41,6 +41,38 @@ class WindowConfig:
     train_empty: bool = False  # keep training windows without a segment (AFSD leaves them out)
 
 
+TASKS = ("recognition", "detection")
+DET_NMS = ("soft", "hard")
+DET_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """The temporal detector's head, its optimiser, how its outputs become segments, and GKD's
+    detection knob. Defaults follow GKD's detection code (after AFSD) where it has one."""
+
+    head_channels: int = 64  # width of the 1-D head (kdhar.models.detector)
+    reg_weight: float = 1.0  # weight of the 1-D GIoU loss beside the focal loss
+    # GKD's detection code trains with Adam (betas 0.9, 0.999), not the recognition code's SGD;
+    # every detection method of one comparison uses the same optimiser.
+    optimizer: str = "adam"
+    nms: str = "soft"  # soft: Gaussian soft-NMS, as GKD's and AFSD's THUMOS14 code; hard: NMS
+    sigma: float = 0.5  # soft-NMS's Gaussian width
+    iou_threshold: float = 0.5  # hard NMS only
+    score_threshold: float = 0.001  # (step, class) scores below it propose no segment
+    top_k: int = 200  # detections kept per video after suppression
+    # GKD's background branch: the head on F*(1-A)/sum(1-A) learns the gaps between the actions as
+    # background, weighted x35 in the detection code. Acts only with the attention module.
+    bg_weight: float = 35.0
+
+    def method_params(self, attention: bool) -> dict[str, Any]:
+        """The knobs that act (logged as det.*): the background weight only with attention."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "bg_weight"}
+        if attention:
+            out["bg_weight"] = self.bg_weight
+        return out
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, split and subset to use."""
@@ -315,6 +347,30 @@ GKD_MODULE_PRESET: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "cpu": {
 # A grid's `recipe`: "gkd" gives every cell GKD_RECIPE (the default of a grid with a GKD method);
 # "preset" gives none of them it, the size preset alone (the default otherwise).
 RECIPES = ("preset", "gkd")
+# Temporal detection at the paper's size: GKD's detection code (after AFSD): 256-frame windows of
+# 96x96 crops from frames resized to 112x112, stride 30 for training and 128 for testing, Adam at
+# lr 1e-6 with weight decay 1e-3, batch 1, 50 epochs, no schedule; GKD's beta is 10 there.
+DET_PAPER_PRESET: dict[str, dict[str, Any]] = {
+    "window": {"length": 256, "train_stride": 30, "test_stride": 128, "frame_interval": 1},
+    "clip": {"resize": (112, 112), "crop": 96},
+    "optim": {"lr": 1e-6, "weight_decay": 1e-3, "batch_size": 1, "epochs": 50, "schedule": "constant", "warmup": 0.0},
+    "gkd": {"beta": 10.0},
+}
+# On two cores: 128-step windows of 2 frames a step (the same 256 frames as the paper's windows), so
+# C3D's and the ResNets' taps keep 32 and 16 steps and tiny3d's 64 and 32; 48x48 crops of 55x73
+# frames (the synthetic videos' 4:3, as the CPU preset's rule for a crop gives), windows every 64 frames for training, width-8 trunks, a
+# 32-wide head, Adam at 1e-3 (1e-6 is for the paper's hundreds of thousands of steps). Measured on
+# the synthetic untrimmed set (README).
+DET_CPU_PRESET: dict[str, dict[str, Any]] = {
+    "window": {"length": 128, "train_stride": 64, "test_stride": 128, "frame_interval": 2},
+    "clip": {"resize": (55, 73), "crop": 48, "hflip": False, "augment": False},
+    "model": {"width": 8, "dropout": 0.0},
+    "optim": {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 4, "epochs": 12, "schedule": "cosine", "warmup": 0.0},
+    "det": {"head_channels": 32},
+    # GKD's detection beta; the CVAE's Adam at phase 1's 1e-3, as recognition's CPU preset (a CPU run
+    # makes tens of CVAE steps an epoch)
+    "gkd": {"beta": 10.0, "cvae_lr": 1e-3},
+}
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -402,6 +458,35 @@ def check_run_config(cfg: RunConfig) -> None:
         need(False, "kd", g.method, "needs the attention module (attention: true), which --kd gkd turns on")
     else:
         need(g.ablation == "none", "gkd_ablation", g.ablation, "turns off a term of GKD: use it with --kd gkd")
+    need(cfg.task in TASKS, "task", cfg.task, f"must be one of {', '.join(TASKS)}")
+    if cfg.task == "detection":
+        _check_detection(cfg, need, finite)
+
+
+def _check_detection(cfg: RunConfig, need: Any, finite: Any) -> None:
+    """The window and head knobs of a detection run, and what detection does not combine with."""
+    w, d, g = cfg.window, cfg.det, cfg.gkd
+    need(w.length >= 1, "window_length", w.length, "must be at least 1 step")
+    need(w.frame_interval >= 1, "frame_interval", w.frame_interval, "must be at least 1 frame per step")
+    extent = w.length * w.frame_interval
+    for name, stride in (("train_stride", w.train_stride), ("test_stride", w.test_stride)):
+        need(1 <= stride <= extent, name, stride,
+             f"must be between 1 and the window's {extent} frames, or frames fall between windows")
+    need(finite(w.min_inside) and 0 < w.min_inside <= 1, "min_inside", w.min_inside, "must be in (0, 1]")
+    need(d.head_channels >= 1, "head_channels", d.head_channels, "must be at least 1")
+    need(finite(d.reg_weight) and d.reg_weight >= 0, "reg_weight", d.reg_weight, "must be >= 0")
+    need(d.optimizer in DET_OPTIMIZERS, "det_optimizer", d.optimizer, f"must be one of {', '.join(DET_OPTIMIZERS)}")
+    need(d.nms in DET_NMS, "nms", d.nms, f"must be one of {', '.join(DET_NMS)}")
+    need(finite(d.sigma) and d.sigma > 0, "nms_sigma", d.sigma, "must be > 0 (soft-NMS's Gaussian width, e.g. 0.5)")
+    need(finite(d.iou_threshold) and 0 < d.iou_threshold <= 1, "nms_iou", d.iou_threshold, "must be in (0, 1]")
+    need(finite(d.score_threshold) and 0 <= d.score_threshold < 1, "score_threshold", d.score_threshold, "must be in [0, 1)")
+    need(d.top_k >= 1, "top_k", d.top_k, "must be at least 1")
+    need(finite(d.bg_weight) and d.bg_weight >= 0, "bg_weight", d.bg_weight, "must be >= 0 (GKD's detection code: 35)")
+    need(cfg.pcl.ssl == "none", "ssl", cfg.pcl.ssl, "PCL trains on clip tuples; a detector trains on windows")
+    need(g.method in ("logit", "gkd"), "kd", g.method, "detection distils with --kd logit (per-step scores) or gkd")
+    need(g.ablation == "none", "gkd_ablation", g.ablation, "is recognition's: detection's GKD keeps every term")
+    need(cfg.model.keep_time == 0, "keep_time", cfg.model.keep_time,
+         "is recognition's: a detector reads its trunk's taps, which keep their time axes")
 
 
 def with_overrides(obj: Any, **changes: Any) -> Any:
@@ -429,15 +514,28 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     pcl: PCLConfig = field(default_factory=PCLConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
+    # "recognition" (clips, a classifier) or "detection" (windows of untrimmed videos, a temporal
+    # detector); `window` and `det` act only for detection.
+    task: str = "recognition"
+    window: WindowConfig = field(default_factory=WindowConfig)
+    det: DetectionConfig = field(default_factory=DetectionConfig)
     feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
 
     def params(self, kd: bool = True) -> dict[str, Any]:
         """`section.field` -> value; kd=False leaves the distillation knobs out (runs without a teacher),
         and only the KD knobs that act under the chosen weighting are listed. PCL knobs appear only
-        for PCL runs, so the identity of every other run is unchanged."""
+        for PCL runs, and the task, window and detector knobs only for detection runs, so the
+        identity of every other run is unchanged."""
         out = to_params(data=self.data, clip=self.clip, model=self.model, optim=self.optim)
         out.update({f"pcl.{k}": v for k, v in self.pcl.method_params().items()})
         out.update({f"gkd.{k}": v for k, v in self.gkd.method_params(teacher=kd).items()})
+        if self.task == "detection":
+            out["task"] = self.task
+            out.update(to_params(window=self.window))
+            out.update({f"det.{k}": v for k, v in self.det.method_params(self.gkd.attention).items()})
+            if kd and self.gkd.method == "logit":  # score distillation: CE-free, so tau and lam only
+                out.update({"kd.tau": self.kd.tau, "kd.lam": self.kd.lam})
+            return out
         if kd and self.gkd.method in ("logit", "gkd+logit"):  # GKD and feature KD alone use no logit-KD knob
             out.update({f"kd.{k}": v for k, v in self.kd.method_params().items()})
         if kd and self.gkd.method == "feature":

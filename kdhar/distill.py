@@ -12,6 +12,7 @@ from kdhar import tracking
 from kdhar.checkpoint import load_checkpoint
 from kdhar.config import RunConfig
 from kdhar.data.index import fingerprint, load_index
+from kdhar.data.thumos14 import detection_fingerprint, load_detection_index
 from kdhar.models import MODELS, build_model
 from kdhar.objectives import build_objective
 from kdhar.train import RunResult, Teacher, check_same_classes, config_hash, pick_device, run_training
@@ -85,6 +86,54 @@ def resolve_teacher(spec: str, dataset_fingerprint: str, device: torch.device | 
     )
 
 
+def resolve_detection_teacher(spec: str, dataset_fingerprint: str, device: torch.device | str = "cpu",
+                              attention: bool = False) -> Teacher | None:
+    """A detection run's `teacher` parameter as a frozen detector: `none`, an architecture name (the
+    champion of its detection teachers for this dataset: among those with GKD's attention module when
+    `attention`, else a plain one, or failing that one with attention), or a `models:/` / `runs:/` URI
+    of a detection run. The detector is rebuilt from the state its run logged (`DETECTOR_STATE`), so
+    a student can reach its taps."""
+    from kdhar.objectives.detection_factory import DETECTOR_STATE
+    from kdhar.objectives.detection_gkd import load_detector_state
+    from kdhar.training.identity import registered_name
+
+    if spec.lower() == "none":
+        return None
+    command = f"kdhar detect train-teacher --arch {spec}{' --attention true' if attention else ''}"
+    if spec in MODELS:
+        kinds = ("det-attention",) if attention else ("det-scratch", "det-attention")
+        uri = next((u for u in (tracking.champion_uri(registered_name("teacher", kind, spec), dataset_fingerprint)
+                                for kind in kinds) if u is not None), None)
+        if uri is None:
+            what = "detection teacher with GKD's attention module" if attention else "detection teacher"
+            raise ValueError(f"no trained {spec} {what} found for this dataset (fingerprint {dataset_fingerprint}); "
+                             f"train one first: {command}")
+    elif spec.startswith(("models:/", "runs:/")):
+        uri = spec
+    else:
+        raise ValueError(f"detection teacher '{spec}' is not an architecture ({', '.join(MODELS)}), a models:/ or "
+                         "runs:/ URI of a detection run, or 'none'")
+    run_id = tracking.model_run_id(uri)
+    state = tracking.load_run_torch(run_id, DETECTOR_STATE)
+    if state is None:
+        raise ValueError(f"teacher {uri} is not a detector trained by kdhar (its run has no {DETECTOR_STATE}); "
+                         "train one with `kdhar detect train-teacher`")
+    model, _ = load_detector_state(state)
+    classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
+    return Teacher(model=model.to(pick_device(str(device))).eval(), uri=uri, classes=list(classes), arch=state["arch"],
+                   run_id=run_id, clip=(int(state["length"]), int(state["crop"])))
+
+
+def check_teacher_windows(teacher: Teacher, cfg: RunConfig) -> None:
+    """Refuses a detection teacher built for other windows than the student's (it sees the same ones)."""
+    student = (cfg.window.length, cfg.clip.crop)
+    if teacher.clip is not None and teacher.clip != student:
+        (t_len, t_crop), (s_len, s_crop) = teacher.clip, student
+        raise ValueError(
+            f"teacher {teacher.uri} was trained on {t_len}-step {t_crop}x{t_crop} windows but the student's are "
+            f"{s_len}-step {s_crop}x{s_crop}: pass --window-length {t_len} --crop {t_crop}")
+
+
 def _teacher_from_uri(uri: str, device) -> Teacher:
     model = tracking.load_model(uri, device)
     run_id = tracking.model_run_id(uri)
@@ -132,13 +181,20 @@ def distill(
     extra_tags: dict[str, str] | None = None,
     run_name: str | None = None,
 ) -> RunResult:
-    """One student run: KD from `teacher`, or from scratch when teacher is "none"."""
+    """One student run: KD from `teacher`, or from scratch when teacher is "none" (a detector when
+    `cfg.task` is "detection": score distillation with --kd logit, GKD with --kd gkd)."""
     d = cfg.data
-    train_index = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing, split_dir=d.split_dir or None)
-    t = resolve_teacher(teacher, fingerprint(train_index), attention=cfg.gkd.attention)
+    if cfg.task == "detection":
+        train_index = load_detection_index(d.root, "train", d.split_dir or None, on_missing=d.on_missing)
+        t = resolve_detection_teacher(teacher, detection_fingerprint(train_index), device or "cpu",
+                                      attention=cfg.gkd.attention)
+    else:
+        train_index = load_index(d.dataset, d.root, d.split, "train", on_missing=d.on_missing,
+                                 split_dir=d.split_dir or None)
+        t = resolve_teacher(teacher, fingerprint(train_index), attention=cfg.gkd.attention)
     if t is not None:  # refuse a mismatched teacher before any work (the logit cache included)
         check_same_classes(f"teacher {t.uri}", t.classes, train_index.classes)
-        check_teacher_clips(t, cfg)
+        (check_teacher_windows if cfg.task == "detection" else check_teacher_clips)(t, cfg)
     if init:
         check_init_modality(init, cfg.model.modality)
     init_state = load_init(init) if init else None
@@ -162,21 +218,22 @@ def distill(
         progress=progress,
     )
     if t is not None:
-        record_epochs_to_scratch(experiment, res, tags["pair_key"], cfg.optim.seed)
+        record_epochs_to_scratch(experiment, res, tags["pair_key"], cfg.optim.seed,
+                                 "map_avg" if cfg.task == "detection" else "video_top1")
     return res
 
 
-def record_epochs_to_scratch(experiment: str, res: RunResult, key: str, seed: int) -> None:
-    """Logs the first epoch at which a KD run reached its scratch twin's final accuracy (the twin of
-    its seed), if the twin exists."""
+def record_epochs_to_scratch(experiment: str, res: RunResult, key: str, seed: int, headline: str = "video_top1") -> None:
+    """Logs the first epoch at which a KD run reached its scratch twin's final test score (the twin
+    of its seed; `headline`: the video accuracy, or a detector's map_avg), if the twin exists."""
     twins = tracking.find_runs(experiment, f"tags.pair_key = '{key}' and tags.teacher_arch = 'none' and "
                                            f"tags.seed = '{seed}' and attributes.status = 'FINISHED'")
     if not twins:
         return
-    target = twins[0]["metrics"].get("final_test_video_top1")
+    target = twins[0]["metrics"].get(f"final_test_{headline}")
     if target is None:
         return
-    reached = next((h["epoch"] for h in res.history if h.get("test_video_top1", -1) >= target), None)
+    reached = next((h["epoch"] for h in res.history if h.get(f"test_{headline}", -1) >= target), None)
     tracking.log_metrics_to(res.run_id, {"scratch_final_acc": target, "epochs_to_scratch_acc": reached if reached is not None else -1})
 
 

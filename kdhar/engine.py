@@ -28,6 +28,9 @@ LogFn = Callable[[dict[str, float], int], None]
 # noisy curves, whose loss scale differs between objectives, below the accuracies.
 WINDOW = "window_"
 SCHEDULES = ("cosine", "step", "constant", "plateau")
+# What a window batch (`kdhar.data.window_dataset.collate_windows`) hands a detection step besides
+# the clips: per-window lists, kept on the CPU where the step builds its targets.
+WINDOW_FIELDS = ("segments", "labels", "ambiguous", "valid_steps")
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -68,10 +71,11 @@ def uses_channels_last(device: torch.device | str) -> bool:
 
 
 def _inputs(batch: Mapping[str, Any], device: torch.device,
-            channels_last: bool | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """The step's inputs: a clip batch (N, 3, T, H, W), or a tuple batch ("clips", (N, L, 3, T, H, W))
-    whose pretext labels and dataset indices go along as extras. `channels_last` None: the device's
-    default (`uses_channels_last`)."""
+            channels_last: bool | None = None) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """The step's inputs: a clip batch (N, 3, T, H, W), a tuple batch ("clips", (N, L, 3, T, H, W))
+    whose pretext labels and dataset indices go along as extras, or a window batch, which has no
+    labels (None) and hands its segments on as extras. `channels_last` None: the device's default
+    (`uses_channels_last`)."""
     # non_blocking only overlaps the copy when the loader pinned the memory; otherwise it is a no-op.
     tuples = "clips" in batch
     x = batch["clips" if tuples else "clip"].to(device, non_blocking=True)
@@ -79,6 +83,8 @@ def _inputs(batch: Mapping[str, Any], device: torch.device,
         channels_last = uses_channels_last(device)
     if channels_last and not tuples:
         x = x.contiguous(memory_format=torch.channels_last_3d)
+    if "segments" in batch:
+        return x, None, {name: batch[name] for name in WINDOW_FIELDS}
     y = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
     extra = {}
     for name in ("teacher_logits", *(("pretext", "index") if tuples else ())):
@@ -107,7 +113,9 @@ def train_step(
     Returns:
         The step's detached losses (every "*loss" entry), "correct" (top-1 hits of "output" against
         the step's "target", else the labels) and the step's own "*_correct" counts, as tensors
-        left on `device`, so that no GPU synchronisation happens here, and "clips" (an int).
+        left on `device`, so that no GPU synchronisation happens here, "clips" (an int) and
+        "scored" (how many predictions "correct" counts over: the clips, or a detection step's
+        positive steps).
     """
     device = torch.device(device)
     dtype = resolve_amp_dtype(device, amp_dtype)
@@ -124,8 +132,10 @@ def train_step(
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     result: dict[str, Tensor | int] = {k: v.detach() for k, v in out.items() if k.endswith(("loss", "_correct"))}
-    result["correct"] = (out["output"].detach().argmax(dim=1) == out.get("target", y)).sum()
-    result["clips"] = int(y.shape[0])
+    target = out.get("target", y)
+    result["correct"] = (out["output"].detach().argmax(dim=1) == target).sum()
+    result["clips"] = int(x.shape[0])
+    result["scored"] = int(target.shape[0])
     return result
 
 
@@ -210,7 +220,7 @@ def _accumulate(result: dict[str, Tensor | int], *sums: dict[str, Tensor | int])
     """Adds one step's results to each of `sums`: losses weighted by the step's clips (so the sums
     divide into clip-weighted means), "*correct" counts as they are, and the clips themselves."""
     clips = result.pop("clips")
-    weighted = {k: v if k.endswith("correct") else v * clips for k, v in result.items()}
+    weighted = {k: v if k.endswith("correct") or k == "scored" else v * clips for k, v in result.items()}
     weighted["clips"] = clips
     for acc in sums:
         for k, v in weighted.items():
@@ -224,7 +234,7 @@ def _epoch_summary(totals: dict[str, Tensor | int], first: dict[str, Tensor], ep
     n = int(totals["clips"])
     accs = {f"{k.removesuffix('_correct')}_acc": float(v) / n for k, v in totals.items() if k.endswith("_correct")}
     return means | {k: float(v) for k, v in first.items()} | accs | {
-        "acc": float(totals["correct"]) / n,
+        "acc": float(totals["correct"]) / max(1, int(totals.get("scored", n))),
         "clips": n,
         "clips_per_s": n / seconds,
         "seconds": seconds,
@@ -235,7 +245,7 @@ def _epoch_summary(totals: dict[str, Tensor | int], first: dict[str, Tensor], ep
 def _window_metrics(window: dict[str, Tensor | int], means: dict[str, float]) -> dict[str, float]:
     """The window's logged metrics: its accuracy first, as MLflow's compare page plots the first
     metric a run logged (on a SQLite store) by default, then its mean losses."""
-    accuracy = {f"{WINDOW}acc": float(window["correct"]) / float(window["clips"])}
+    accuracy = {f"{WINDOW}acc": float(window["correct"]) / max(1.0, float(window.get("scored", window["clips"])))}
     return accuracy | {f"{WINDOW}{k}": v for k, v in means.items()}
 
 

@@ -50,6 +50,8 @@ def evaluate_model(
     run_id = tracking.model_run_id(model_uri)
     label_free = _check_scorable(model_uri, run_id, retrieval)
     trained = tracking.load_run_dict(run_id, "config.json")
+    if trained.get("task") == "detection":
+        raise ValueError(f"model {model_uri} is a temporal detector: score it with `kdhar detect evaluate --model {model_uri}`")
     cfg = trained_clip(cfg, trained, explicit)
     modality = trained.get("model.modality", "rgb")
     if cfg.model.modality != modality:
@@ -136,3 +138,69 @@ def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes
     if skipped:
         raise ValueError(f"model {model_uri}: weights {', '.join(skipped[:3])} do not fit a {arch} rebuilt from its run")
     return retrieval_on_splits(encoder.to(dev), cfg, splits, dev, test_loader=test_loader)
+
+
+def evaluate_detector(
+    model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None, explicit: frozenset[str] = frozenset(),
+    parent_run_id: str | None = None,
+) -> dict[str, float]:
+    """Scores a logged detector on the test videos (mAP at THUMOS14's and GKD's tIoUs, per-class AP,
+    timelines) and records it as an `evaluation` run.
+
+    The windows (length, frames per step, test stride, resize, crop) come from the detector's own
+    run, except those named in `explicit` (a test stride given here); the decoding (NMS) is this
+    command's.
+
+    Raises:
+        ValueError: the model is no detector trained by kdhar, or its classes differ from the dataset's.
+    """
+    from kdhar.detector_eval import DetectionEvaluation, ap_table, timelines
+    from kdhar.objectives.detection_factory import DETECTOR_STATE
+
+    dev = pick_device(device)
+    run_id = tracking.model_run_id(model_uri)
+    trained = tracking.load_run_dict(run_id, "config.json")
+    if trained.get("task") != "detection" or tracking.load_run_torch(run_id, DETECTOR_STATE) is None:
+        raise ValueError(f"model {model_uri} is not a temporal detector trained by kdhar; score a recognition model "
+                         "with `kdhar evaluate`")
+    cfg = trained_windows(cfg, trained, explicit)
+    splits = load_splits(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=0.0)))
+    classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
+    check_same_classes(f"model {model_uri}", classes, splits.classes)
+    model = tracking.load_model(model_uri, dev)
+    scoring = DetectionEvaluation(cfg.clip, cfg.window, cfg.det)
+    data = scoring.datasets(splits)["test"]
+    loader = make_loader(data, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0,
+                         pin_memory=dev.type == "cuda", collate_fn=scoring.collate)
+    result = scoring.score(model, "test", loader, dev)
+    metrics = result.metrics("test", per_class=True)
+    arch = tracking.run_tags(run_id).get("arch", "model")
+    tags = {"role": "evaluation", "task": "detection", "source_model": model_uri, "source_run": run_id,
+            "dataset": cfg.data.dataset, "dataset_fingerprint": splits.fingerprint,
+            "mlflow.note.content": (f"Scores detector {model_uri} ({arch}, run {run_id}) on the test videos of "
+                                    f"{cfg.data.root} ({len(splits.test.videos)} videos), {cfg.det.nms} NMS.")}
+    with tracking.RunTracker(experiment, run_name=f"det-evaluate-{arch}-{run_id[:8]}", tags=tags,
+                             parent_run_id=parent_run_id) as tracker:
+        tracker.log_params({**cfg.params(kd=False), "model_uri": model_uri})
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_figure(timelines(result, data), "timelines.png")
+        tracker.log_dict(ap_table(result), "per_class_ap.json")
+    return metrics
+
+
+# How windows were cut for training: an exported detector takes only these sizes.
+TRAINED_WINDOW = {"window.length": ("window", "length"), "window.frame_interval": ("window", "frame_interval"),
+                  "window.test_stride": ("window", "test_stride"), "clip.crop": ("clip", "crop"),
+                  "clip.resize": ("clip", "resize"), "model.modality": ("model", "modality")}
+
+
+def trained_windows(cfg: RunConfig, trained: dict, explicit: frozenset[str] = frozenset()) -> RunConfig:
+    """`cfg` with the window length, frames per step, test stride, resize, crop and modality of the
+    detector's training run (`trained`: its config.json), except the options in `explicit`."""
+    sections: dict[str, dict] = {}
+    for key, (section, name) in TRAINED_WINDOW.items():
+        option = "window_length" if key == "window.length" else name
+        if key in trained and option not in explicit:
+            value = trained[key]
+            sections.setdefault(section, {})[name] = tuple(value) if name == "resize" else value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()})

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from kdhar import stats  # noqa: E402
+from kdhar.detection_report import detection_rows, format_detection, write_detection_csv  # noqa: E402
 from kdhar.methods import ATTENTION_METHODS, REPORT_MARKS  # noqa: E402
 from kdhar.stats import PairedTest  # noqa: E402
 
@@ -843,17 +844,28 @@ def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN)
         if "optuna_study" not in r["tags"]
     ]
     finetunes = tracking.find_runs(experiment, f"tags.role = 'finetune' and {finished}")
+    # Temporal detection students get a table of their own (mAP by method, `kdhar.detection_report`).
+    detectors = [r for r in students if r["tags"].get("task") == "detection"]
+    students = [r for r in students if r["tags"].get("task") != "detection"]
     rows = aggregate(students, finetunes, _teacher_accuracy(experiment, students), margin)
-    if not rows:
+    det_rows = detection_rows(detectors, margin)
+    if not rows and not det_rows:
         return Report(experiment, [], f"experiment '{experiment}' has no finished student runs yet; train some with "
                       "`kdhar distill` or `kdhar experiment run experiments/cpu.yaml`, then run the report again.\n")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = format_table(rows)
+    text = (format_table(rows) if rows else "") + (format_detection(det_rows, margin) if det_rows else "")
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
-    md.write_text(f"# Distillation report: {experiment}\n\n" + format_table(rows, markdown=True))
-    write_csv(rows, csv_path)
+    md.write_text(f"# Distillation report: {experiment}\n\n" + (format_table(rows, markdown=True) if rows else "")
+                  + (format_detection(det_rows, margin, markdown=True) if det_rows else ""))
+    files = [md]
+    if rows:
+        write_csv(rows, csv_path)
+        files.append(csv_path)
+    if det_rows:
+        write_detection_csv(det_rows, out_dir / "detection.csv")
+        files.append(out_dir / "detection.csv")
     figures: dict[str, Figure] = {}
     for (dataset, student), group in _by_student(rows).items():
         curves = {(r.fraction, _teacher_name(r)): mean_curve([tracking.metric_history(rid, CURVE_METRIC) for rid in r.run_ids])
@@ -864,7 +876,6 @@ def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN)
     for dataset in sorted({r.dataset for r in rows}):
         if any(r.teacher != SCRATCH for r in rows if r.dataset == dataset):
             figures[f"delta_{dataset}.png"] = delta_heatmap(rows, dataset)
-    files = [md, csv_path]
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -875,7 +886,8 @@ def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN)
     tags = {"role": "report", "source_experiment": experiment, "mlflow.note.content": description}
     with tracking.RunTracker(reports_experiment(experiment), run_name=f"report-{experiment}", tags=tags) as tracker:
         tracker.log_params({"student_runs": len(students), "finetune_runs": len(finetunes), "rows": len(rows),
-                            "margin": margin, "holm_family": _family(rows)})
+                            "margin": margin, "holm_family": _family(rows),
+                            **({"detection_runs": len(detectors), "detection_rows": len(det_rows)} if det_rows else {})})
         for path in files:
             tracker.log_artifact(path, "report")
         run_id = tracker.run_id

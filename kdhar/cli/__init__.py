@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from kdhar.cli import bench, data, evaluate, grid, runs, train, tune
+from kdhar.cli import bench, data, detect, evaluate, grid, runs, train, tune
 from kdhar.cli.data import ensure_data
 from kdhar.cli.errors import UserError, is_user_error, operational_error
 from kdhar.cli.options import (
@@ -76,7 +76,7 @@ def cli(debug: bool, verbose: bool) -> None:
         _quiet_third_parties()
 
 
-for _module in (data, train, evaluate, tune, grid, runs, bench):
+for _module in (data, train, evaluate, detect, tune, grid, runs, bench):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

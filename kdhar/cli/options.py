@@ -286,8 +286,10 @@ def gkd_options(fn=None, *, kd: bool = True):
     return add(fn) if fn is not None else add
 
 
-def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = None) -> C.RunConfig:
-    """Defaults -> size preset -> explicit options; checks what can be checked before any work."""
+def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = None,
+                 task: str = "recognition") -> C.RunConfig:
+    """Defaults -> size preset -> explicit options; checks what can be checked before any work.
+    `task` "detection" adds the detection preset of the size (`kdhar detect` commands)."""
     from kdhar import tracking
     from kdhar.models import MODELS
 
@@ -312,9 +314,9 @@ def build_config(arch: str, opts: dict[str, Any], kd: dict[str, Any] | None = No
     dataset = DatasetSpec(name=opts["dataset"], root=opts["root"], split=opts["split"], split_dir=text_or_none(opts.get("split_dir")) or "")
     cfg = build_run_config(
         arch, size=opts["size"], overrides=overrides, dataset=dataset, fraction=opts["fraction"],
-        seed=opts["seed"], kd=kd_cfg,
+        seed=opts["seed"], kd=kd_cfg, task=task,
     )
-    data = dataclasses.replace(cfg.data, on_missing=opts["on_missing"], on_bad=opts["on_bad"])
+    data = dataclasses.replace(cfg.data, on_missing=opts["on_missing"], on_bad=opts.get("on_bad", "error"))
     return dataclasses.replace(cfg, data=data)
 
 

@@ -22,10 +22,11 @@ steps out of the background.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdhar.data.index import VIDEO_EXTENSIONS, DatasetError, MissingVideosError, SplitFileError
+from kdhar.data.index import FINGERPRINT_BYTES, VIDEO_EXTENSIONS, DatasetError, MissingVideosError, SplitFileError
 
 AMBIGUOUS = "Ambiguous"
 CLASS_LIST = "detclasslist.txt"
@@ -87,6 +88,12 @@ class DetectionIndex:
     def background(self) -> int:
         return len(self.classes)
 
+    @property
+    def samples(self) -> list[UntrimmedVideo]:
+        """The videos, under the name a recognition index gives its samples, so that what counts a
+        run's training, validation and test videos reads either kind of index."""
+        return self.videos
+
     def ground_truth(self) -> tuple[dict[str, list[tuple[int, float, float]]], dict[str, list[tuple[float, float]]]]:
         """What `kdhar.detection.evaluate_detections` scores against: each video's (label, start, end)
         and its Ambiguous (start, end), in seconds, for every video of the subset."""
@@ -124,6 +131,25 @@ def load_detection_index(
             f"videos are missing); finish the download, or pass on_missing='skip' to use the videos that are there"
         )
     return DetectionIndex(present, classes, Path(root), subset, missing=len(absent))
+
+
+def detection_fingerprint(index: DetectionIndex) -> str:
+    """A short hash of the classes and of every video's relative path, size, content (its first
+    and last FINGERPRINT_BYTES), segments and Ambiguous spans: as `kdhar.data.index.fingerprint` for clips,
+    so two detection runs with one fingerprint saw the same files and the same annotations."""
+    digest = hashlib.sha256()
+    digest.update(("detection\n" + "\n".join(index.classes)).encode())
+    for video in sorted(index.videos, key=lambda v: str(v.path)):
+        rel = video.path.relative_to(index.root) if video.path.is_relative_to(index.root) else video.path
+        size = video.path.stat().st_size if video.path.is_file() else -1
+        digest.update(f"\n{rel.as_posix()}\t{size}\t{video.segments}\t{video.ambiguous}\t".encode())
+        if size > 0:
+            with video.path.open("rb") as f:
+                digest.update(f.read(FINGERPRINT_BYTES))
+                if size > FINGERPRINT_BYTES:
+                    f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                    digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:12]
 
 
 def read_annotations(

@@ -67,6 +67,7 @@ class WindowDataset(Dataset):
         info: list[tuple[int, float]] | None = None,
     ) -> None:
         info = info if info is not None else [video_info(v.path) for v in index.videos]
+        self.index = index
         self.videos = list(index.videos)
         self.timelines = [video_timeline(v, n, fps) for v, (n, fps) in zip(self.videos, info)]
         self.clip, self.window, self.train, self.seed = clip, window, train, seed

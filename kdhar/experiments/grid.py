@@ -70,7 +70,26 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "gkd_ablation": ("gkd", "ablation"),
     # Feature KD (`kd: feature`): the hint loss's weight
     "feature_weight": ("feature", "weight"),
+    # Temporal detection (`task: detection`): windows, the head and decoding. There, frame_interval
+    # is the window's frames per step (`DETECTION_KEYS`).
+    "window_length": ("window", "length"),
+    "train_stride": ("window", "train_stride"),
+    "test_stride": ("window", "test_stride"),
+    "min_inside": ("window", "min_inside"),
+    "train_empty": ("window", "train_empty"),
+    "head_channels": ("det", "head_channels"),
+    "reg_weight": ("det", "reg_weight"),
+    "det_optimizer": ("det", "optimizer"),
+    "nms": ("det", "nms"),
+    "nms_sigma": ("det", "sigma"),
+    "nms_iou": ("det", "iou_threshold"),
+    "score_threshold": ("det", "score_threshold"),
+    "top_k": ("det", "top_k"),
+    "bg_weight": ("det", "bg_weight"),
 }
+# Where a key lands in a detection run when it differs from OVERRIDES.
+DETECTION_KEYS: dict[str, tuple[str, str]] = {"frame_interval": ("window", "frame_interval")}
+TASKS = C.TASKS
 
 # A grid's `kd` methods: the `--kd` choices, and GKD with one of its ablations ("gkd-ad-only": `--kd gkd
 # --gkd-ablation ad-only`), each a row of its own.
@@ -93,14 +112,14 @@ def uses_attention(method: str) -> bool:
 # teacher, so teachers and students may differ in size and schedule but not in how clips are cut.
 MODEL_OVERRIDES = {
     "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
-    "modality", "keep_time",
+    "modality", "keep_time", "head_channels", "reg_weight", "det_optimizer",
 }
 
 SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "teacher_seeds", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
-    "fraction_overrides", "keep_checkpoints", "kd", "recipe",
+    "fraction_overrides", "keep_checkpoints", "kd", "recipe", "task",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
 # What `tuned:` may name besides a teacher's name: the studies of the scratch twins, and of every
@@ -185,6 +204,10 @@ class GridSpec:
     # GKD's attention module (all methods distil from them) and each scratch cell gets a twin with the
     # attention module and no teacher ("scratch + attention").
     kd_methods: list[str] = field(default_factory=lambda: ["logit"])
+    # "recognition" (clips) or "detection" (windows of untrimmed videos, `kdhar detect`'s runs): with
+    # detection every cell trains a temporal detector, the teachers with GKD's attention module when
+    # a KD method is gkd, and "logit" is the per-step score distillation.
+    task: str = "recognition"
     # What every cell trains with (kdhar.config.RECIPES): "gkd" is GKD's recipe for the size
     # (kdhar.config.GKD_RECIPE) for every cell, so that the rows are matched twins; None: "gkd" when
     # a method uses the attention module, else "preset".

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdhar import config as C
-from kdhar.experiments.grid import OVERRIDES, SIZES, DatasetSpec, GridSpec, SpecError, method_overrides
+from kdhar.experiments.grid import DETECTION_KEYS, OVERRIDES, SIZES, TASKS, DatasetSpec, GridSpec, SpecError, method_overrides
 
 WAVES = ("teacher", "scratch", "kd", "finetune")
 
 # What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
 # the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
 GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
-SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature")
+SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature", "window", "det")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ class Cell:
 
     def label(self) -> str:
         """The cell in a few words, for progress lines and run names."""
+        if self.cfg.task == "detection":
+            return "detection " + self._label()
+        return self._label()
+
+    def _label(self) -> str:
         if self.role == "teacher":
             return f"teacher {self.arch}" if self.teacher_id == self.arch else f"teacher {self.teacher_id} ({self.arch})"
         if self.role == "student":
@@ -83,22 +88,27 @@ def build_run_config(
     fraction: float,
     seed: int,
     kd: C.KDConfig | None = None,
+    task: str = "recognition",
     recipe: str | None = None,
 ) -> C.RunConfig:
-    """Defaults -> size preset -> overrides, the same order as the command line.
+    """Defaults -> size preset -> overrides, the same order as the command line. A detection run
+    (`task`) takes the detection preset of its size on top of the size's own.
 
     `recipe` is a grid's (`C.RECIPES`): "gkd" gives the cell GKD's recipe for its size (`C.GKD_RECIPE`)
     whether it has the attention module or not, "preset" gives it none; None (a single run) gives
     it to runs with the attention module only.
 
     Raises:
-        SpecError: an unknown override key or size, or a value of the wrong type or range.
+        SpecError: an unknown override key, size or task, or a value of the wrong type or range.
     """
     base = C.RunConfig()
+    if task not in TASKS:
+        raise SpecError(f"task {task!r} is not one of {', '.join(TASKS)}")
     _check_overrides(size, overrides, base)
-    sections = _preset_sections(size, overrides, recipe)
+    sections = _preset_sections(size, overrides, recipe, task)
+    keys = {**OVERRIDES, **(DETECTION_KEYS if task == "detection" else {})}
     for key, value in overrides.items():
-        section, name = OVERRIDES[key]
+        section, name = keys[key]
         sections[section][name] = tuple(value) if name == "resize" else value
     if size == "cpu" and "crop" in overrides and "resize" not in overrides:
         # The CPU preset's resize is 8/7 of its crop at the synthetic videos' 4:3 aspect; keep that
@@ -118,6 +128,9 @@ def build_run_config(
         pcl=dataclasses.replace(base.pcl, **sections["pcl"]),
         gkd=dataclasses.replace(base.gkd, **sections["gkd"]),
         feature=dataclasses.replace(base.feature, **sections["feature"]),
+        task=task,
+        window=dataclasses.replace(base.window, **sections["window"]),
+        det=dataclasses.replace(base.det, **sections["det"]),
     )
     try:
         C.check_run_config(cfg)
@@ -138,13 +151,17 @@ def _check_overrides(size: str, overrides: dict[str, Any], base: C.RunConfig) ->
         check_override(key, value, getattr(getattr(base, section), name))
 
 
-def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = None) -> dict[str, dict[str, Any]]:
-    """The size's preset, section by section, with the presets of PCL and GKD where the overrides
-    (or the grid's `recipe`) turn them on; the overrides themselves go on top."""
+def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = None,
+                     task: str = "recognition") -> dict[str, dict[str, Any]]:
+    """The size's preset, section by section, with the presets of detection, PCL and GKD where the
+    task and the overrides (or the grid's `recipe`) turn them on; the overrides themselves go on top."""
     if recipe is not None and recipe not in C.RECIPES:
         raise SpecError(f"recipe {recipe!r} is not one of {', '.join(C.RECIPES)}")
     preset = C.CPU_PRESET if size == "cpu" else {}
     sections: dict[str, dict[str, Any]] = {name: dict(preset.get(name, {})) for name in SECTIONS}
+    if task == "detection":
+        for name, values in (C.DET_CPU_PRESET if size == "cpu" else C.DET_PAPER_PRESET).items():
+            sections[name].update(values)
     if overrides.get("ssl") == "pcl":
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
         for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
@@ -152,6 +169,10 @@ def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = 
     if overrides.get("kd", "logit") in C.GKD_METHODS:
         sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
     attention = bool(overrides.get("attention") or sections["gkd"].get("attention"))
+    if task == "detection":
+        # A detection run keeps its own optimiser settings and the detection preset's GKD knobs:
+        # every detection method uses the same ones.
+        return sections
     if recipe == "gkd" or (recipe is None and attention):
         for name, values in C.GKD_RECIPE[size].items():
             sections[name].update(values)
@@ -199,7 +220,7 @@ def plan(spec: GridSpec) -> list[Cell]:
              build_run_config(t.arch, size=spec.size, dataset=spec.dataset, fraction=1.0, seed=seed,
                               overrides={**_shared(spec), **(GKD_TEACHER if spec.attention else {}), **spec.teacher_overrides,
                                          **t.overrides},
-                              recipe=spec.cell_recipe),
+                              recipe=spec.cell_recipe, task=spec.task),
              name=name)
         for t, seed, name in spec.teacher_runs()
     ]
@@ -232,7 +253,7 @@ def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: l
     def config(**method: Any) -> C.RunConfig:
         return build_run_config(arch, size=spec.size, dataset=spec.dataset, fraction=frac, seed=seed, kd=spec.kd,
                                 overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method},
-                                recipe=spec.cell_recipe)
+                                recipe=spec.cell_recipe, task=spec.task)
 
     scratch.append(Cell("student", arch, "none", frac, seed, config()))
     if spec.attention:  # the attention module without a teacher, GKD's own baseline

@@ -221,6 +221,7 @@ class _SpecReader:
             ssl=str(ssl),
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
+            task=self.task(ssl, kd_methods, finetune),
             recipe=self.recipe(),
         )
 
@@ -316,13 +317,32 @@ class _SpecReader:
             raise self.fail("kd: feature KD and GKD train on single clips; they do not combine with ssl: pcl")
         return methods
 
+    def task(self, ssl: str, kd_methods: list[str], finetune: bool) -> str:
+        task = self.raw.get("task", "recognition")
+        if task not in C.TASKS:
+            raise self.fail(f"task: {task!r} must be one of {', '.join(C.TASKS)}")
+        if task != "detection":
+            return task
+        dataset = (self.raw.get("dataset") or {}).get("name") if isinstance(self.raw.get("dataset"), dict) else None
+        if dataset != "thumos14":
+            raise self.fail(f"task: detection trains on untrimmed videos: give dataset {{name: thumos14, root: ...}}, "
+                            f"not {dataset!r}")
+        if ssl != "none" or finetune or self.raw.get("cache_teacher"):
+            raise self.fail("task: detection takes none of ssl, finetune and cache_teacher")
+        if self.raw.get("recipe") is not None:
+            raise self.fail("task: detection trains every cell with the detection preset of its size: leave recipe out")
+        other = [m for m in kd_methods if m not in ("logit", "gkd")]
+        if other:
+            raise self.fail(f"task: detection distils with kd: [logit, gkd] (logit: per-step scores); "
+                            f"{', '.join(other)} {'is' if len(other) == 1 else 'are'} recognition's")
+        return task
+
     def recipe(self) -> str | None:
         recipe = self.raw.get("recipe")
         if recipe is not None and recipe not in C.RECIPES:
             raise self.fail(f"recipe: {recipe!r} must be one of {', '.join(C.RECIPES)} (gkd: GKD's recipe for every "
                             "cell, the default with a GKD method; preset: the size preset alone)")
         return recipe
-
     def finetune(self) -> bool:
         finetune = self.flag("finetune")
         if finetune and "transfer" not in self.raw:

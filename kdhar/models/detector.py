@@ -44,6 +44,10 @@ class TemporalDetector(nn.Module):
 
     Inputs are (N, 3, L, H, W) windows. `head` returns `logits` (N, T_out, K), `distances`
     (N, T_out, 2) (to start, to end, in head steps, non-negative) and `stride` (window steps per head step).
+
+    `attention`, None by default, is a module that reweights the two taps before the head
+    (`forward(taps) -> taps`; GKD's attention module, `kdhar.objectives.detection_gkd.TapAttention`):
+    it is part of the model at inference, so a logged detector carries it.
     """
 
     def __init__(self, backbone: nn.Module, taps: tuple[str, str], tap_channels: tuple[int, int], num_classes: int,
@@ -59,6 +63,7 @@ class TemporalDetector(nn.Module):
         self.cls = nn.Conv1d(head_channels, num_classes, 3, padding=1)
         self.reg = nn.Conv1d(head_channels, 2, 3, padding=1)
         nn.init.constant_(self.cls.bias, -math.log((1 - PRIOR) / PRIOR))
+        self.attention: nn.Module | None = None
 
     def forward_taps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The middle and last feature maps, each (N, C, T', H', W')."""
@@ -84,7 +89,34 @@ class TemporalDetector(nn.Module):
         }
 
     def forward(self, x: Tensor) -> dict[str, Tensor | float]:
-        return self.head(self.forward_taps(x), x.shape[2])
+        taps = self.forward_taps(x)
+        return self.head(taps if self.attention is None else self.attention(taps), x.shape[2])
+
+
+class DetectorOutputs(nn.Module):
+    """A detector as one tensor in, one tensor out, the form a logged model takes: (N, T_out, K + 2),
+    the class logits, then the distances to start and to end. `split_outputs` reads it back."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.detector(x)
+        return torch.cat([out["logits"], out["distances"]], dim=-1)
+
+
+def split_outputs(packed: Tensor, window_steps: int) -> dict[str, Tensor | float]:
+    """`DetectorOutputs`' tensor as the detector's outputs for windows of `window_steps` steps."""
+    return {"logits": packed[..., :-2], "distances": packed[..., -2:], "stride": window_steps / packed.shape[1]}
+
+
+def tap_shapes(detector: TemporalDetector, length: int, crop: int) -> list[tuple[int, int, int, int]]:
+    """(C, T', H', W') of the detector's two taps for a (3, length, crop, crop) window."""
+    with torch.no_grad():
+        param = next(detector.parameters())
+        x = torch.zeros(1, 3, length, crop, crop, device=param.device, dtype=param.dtype)
+        return [tuple(t.shape[1:]) for t in detector.forward_taps(x)]
 
 
 def build_detector(arch: str, num_classes: int, width: int = 64, head_channels: int = 64,

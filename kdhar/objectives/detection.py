@@ -105,24 +105,73 @@ def detection_losses(logits: Tensor, distances: Tensor, targets: list[HeadTarget
     return {"cls_loss": cls_loss, "reg_loss": reg_loss, "num_positive": positive.sum()}
 
 
+def batch_targets(out: dict[str, Tensor | float], segments: list[Tensor], labels: list[Tensor],
+                  ambiguous: list[Tensor], valid_steps: Tensor) -> list[HeadTargets]:
+    """The targets of every window of a batch for the head outputs `out` (its steps and stride)."""
+    num_steps, num_classes = out["logits"].shape[1:]
+    return [head_targets(s, lab, a, int(v), num_steps, out["stride"], num_classes)
+            for s, lab, a, v in zip(segments, labels, ambiguous, valid_steps)]
+
+
+def gaps(segments: Tensor, valid_steps: int) -> Tensor:
+    """The stretches of a window's valid steps [0, valid_steps] that no segment covers, (G, 2): the
+    "complementary segments" GKD's background branch learns as background."""
+    segs = segments.float().reshape(-1, 2).clamp(0, valid_steps)
+    out, cursor = [], 0.0
+    for start, end in sorted(segs.tolist()):
+        if start > cursor:
+            out.append((cursor, start))
+        cursor = max(cursor, end)
+    if cursor < valid_steps:
+        out.append((cursor, float(valid_steps)))
+    return torch.tensor(out, dtype=torch.float32).reshape(-1, 2)
+
+
+def background_targets(out: dict[str, Tensor | float], segments: list[Tensor], ambiguous: list[Tensor],
+                       valid_steps: Tensor) -> list[HeadTargets]:
+    """Targets of the background branch: the gaps between a window's segments as segments to
+    regress, and every class target 0 (background) at every counted step."""
+    num_steps, num_classes = out["logits"].shape[1:]
+    found = []
+    for s, a, v in zip(segments, ambiguous, valid_steps):
+        between = gaps(s, int(v))
+        t = head_targets(between, torch.zeros(len(between), dtype=torch.long), a, int(v), num_steps, out["stride"],
+                         num_classes)
+        found.append(HeadTargets(torch.zeros_like(t.classes), t.distances, t.positive, t.counted))
+    return found
+
+
+def scored_steps(logits: Tensor, targets: list[HeadTargets]) -> tuple[Tensor, Tensor]:
+    """(logits (P, K), labels (P,)) of the positive steps: what a training epoch's accuracy counts
+    (the class the head ranks first where an action is)."""
+    positive = torch.stack([t.positive for t in targets]).to(logits.device)
+    labels = torch.stack([t.classes for t in targets]).to(logits.device).argmax(dim=-1)
+    return logits.detach()[positive], labels[positive]
+
+
+def supervised_terms(out: dict[str, Tensor | float], targets: list[HeadTargets], reg_weight: float) -> dict[str, Tensor]:
+    """{"loss" = cls + reg_weight x reg, "cls_loss", "reg_loss", "num_positive", "output", "target"}."""
+    losses = detection_losses(out["logits"], out["distances"], targets)
+    losses["loss"] = losses["cls_loss"] + reg_weight * losses["reg_loss"]
+    losses["output"], losses["target"] = scored_steps(out["logits"], targets)
+    return losses
+
+
 class DetectionStep(nn.Module):
     """One supervised detection step: the detector's outputs on a window batch and its losses.
 
-    `forward(clip, segments, labels, ambiguous, valid_steps)` takes a `collate_windows` batch's fields
-    and returns {"loss", "cls_loss", "reg_loss", "num_positive", "output"} with loss = cls + reg_weight · reg.
+    `forward(clip, y=None, *, segments, labels, ambiguous, valid_steps)` takes a `collate_windows`
+    batch's fields (the engine passes no labels `y`: a window's are its segments') and returns
+    {"loss", "cls_loss", "reg_loss", "num_positive", "output", "target"} with loss = cls +
+    reg_weight x reg; "output" and "target" are the positive steps' logits and classes, which the
+    engine's training accuracy counts.
     """
 
     def __init__(self, model: nn.Module, reg_weight: float = 1.0) -> None:
         super().__init__()
         self.model, self.reg_weight = model, reg_weight
 
-    def forward(self, clip: Tensor, segments: list[Tensor], labels: list[Tensor], ambiguous: list[Tensor],
-                valid_steps: Tensor) -> dict[str, Tensor]:
+    def forward(self, clip: Tensor, y: Tensor | None = None, *, segments: list[Tensor], labels: list[Tensor],
+                ambiguous: list[Tensor], valid_steps: Tensor) -> dict[str, Tensor]:
         out = self.model(clip)
-        num_steps, num_classes = out["logits"].shape[1:]
-        targets = [head_targets(s, lab, a, int(v), num_steps, out["stride"], num_classes)
-                   for s, lab, a, v in zip(segments, labels, ambiguous, valid_steps)]
-        losses = detection_losses(out["logits"], out["distances"], targets)
-        losses["loss"] = losses["cls_loss"] + self.reg_weight * losses["reg_loss"]
-        losses["output"] = out
-        return losses
+        return supervised_terms(out, batch_targets(out, segments, labels, ambiguous, valid_steps), self.reg_weight)

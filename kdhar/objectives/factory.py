@@ -1,7 +1,7 @@
 """One factory from method names to a built objective, so the training loop never learns a method.
 
-`build_objective` turns the run's configuration (`--ssl none|pcl`) and its teacher (or none) into an
-`Objective`: how to wrap the student into a step module, the data view it trains on (single clips,
+`build_objective` turns the run's configuration (`--ssl none|pcl`, or `task` "detection", whose
+objectives `detection_factory` builds) and its teacher (or none) into an `Objective`: how to wrap the student into a step module, the data view it trains on (single clips,
 or PCL's clip tuples), the knobs to log, the tags that say what the run is, and what each batch
 needs beyond the clip (cached teacher logits). Teacher handling, the logit cache and the views live
 here and in the step modules, not in `kdhar.train`.
@@ -11,101 +11,21 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdhar.config import RunConfig
-from kdhar.methods import REGISTRY_LABELS
 from kdhar.models.teacher import Teacher
 from kdhar.objectives.kd import KDStep, LogitKD, check_kd
+from kdhar.objectives.objective import METHOD_TERMS, Objective, teacher_tags
 from kdhar.objectives.supervised import SupervisedStep
+
+__all__ = ["GKD_STATE", "METHOD_TERMS", "Objective", "Teacher", "build_objective", "load_gkd_teacher"]
 
 # Where a GKD model keeps what its exported graph drops (the CVAE), so that it can teach.
 GKD_STATE = "gkd/state.pt"
-
-
-@dataclass
-class Objective:
-    """A training method, built: everything `run_training` needs to know about it.
-
-    Attributes:
-        name: "supervised", "kd-logit", "pcl" (PCL with action CE), "pcl+kd-logit" or "pcl-ssl"
-            (label-free PCL); the run's `method` tag.
-        make_step: `make_step(model, num_train)` wraps the network being trained into a step module
-            whose forward(x, y, **extra) returns {"loss", "output", ...named "*_loss" terms}, and
-            optionally "target" (what "output" is scored against, default the labels) and
-            "*_correct" counts (reported as "*_acc"); `num_train` is the training view's length.
-        view: "clip" (single clips, `VideoClipDataset`) or "tuple" (`make_data` builds it).
-        make_data: `make_data(index, seed, cache_bytes)`, the training dataset of a non-clip view;
-            it may have `too_short` (videos left out).
-        make_validation: `make_validation(index, seed)`, a fixed set that `step.validate` scores
-            each epoch (logged as `<validation_prefix>_*`), or None.
-        plateau_metric: the epoch metric the plateau schedule watches first (else the validation
-            split's loss, else the training loss).
-        selection_metric: the epoch metric, lowest best, that picks the run's best epoch (`best.pt`,
-            the `sel_acc_*` stages) in place of the validation split's accuracy, or None.
-        final_metrics: `final_metrics(model, cfg, splits, device)`, metrics of the trained model
-            logged at the end (PCL: clip retrieval), or None.
-        name_prefix, description: what run names and the run's description add for the method.
-        labels: whether the run learns the action labels (False: label-free pretraining, which
-            has no classifier to score).
-        logged_state: `logged_state(step)`, {artifact path: object} logged with the model (GKD:
-            the network and CVAE weights a teacher needs), or None.
-        params: the method's knobs, logged as MLflow params (only those that act in this run).
-        tags: what the run is (method, teacher run, cache key).
-        teacher: the frozen teacher, if any (its classes are checked against the dataset).
-        batch_extras: adds what a batch needs beyond the clip (cached teacher logits), or None.
-        soft_term: the soft loss to a teacher's logits ("kd_loss") whose uniform-student level the step
-            also reports (`kdhar.objectives.stuck.uniform_term`), or None; with it the stuck-run
-            check (`is_stuck`) judges a distilled run before half its epochs are done.
-    """
-
-    name: str
-    make_step: Callable[[nn.Module, int], nn.Module]
-    params: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    teacher: Teacher | None = None
-    batch_extras: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None
-    soft_term: str | None = None
-    view: str = "clip"
-    make_data: Callable[..., Any] | None = None
-    make_validation: Callable[..., Any] | None = None
-    validation_prefix: str = "ssl_val"
-    plateau_metric: str | None = None
-    selection_metric: str | None = None
-    final_metrics: Callable[..., dict[str, float]] | None = None
-    name_prefix: str = ""
-    description: str = ""
-    labels: bool = True
-    logged_state: Callable[[nn.Module], dict[str, Any]] | None = None
-
-    @property
-    def registry_label(self) -> str:
-        return REGISTRY_LABELS[self.name]
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        """The loss terms this method logs (train_<term>), for reports and the tuner."""
-        return METHOD_TERMS[self.name]
-
-
-METHOD_TERMS = {
-    "supervised": ("task_loss",),
-    "kd-logit": ("task_loss", "kd_loss"),
-    "pcl": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss", "task_loss"),
-    "pcl+kd-logit": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss", "task_loss", "kd_loss"),
-    "pcl-ssl": ("pretext_loss", "nce0_loss", "nce2_loss", "ntxent_loss"),
-    # GKD: the net pass's terms, then the CVAE pass's (logged with a cvae_ prefix)
-    "attention": ("task_loss", "rec_loss", "cvae_recon_loss", "cvae_kl_loss"),
-    "gkd": ("task_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss", "cvae_gd_loss"),
-    "gkd+kd-logit": ("task_loss", "kd_loss", "rec_loss", "ad_loss", "align_loss", "cvae_recon_loss", "cvae_kl_loss",
-                     "cvae_gd_loss"),
-    "kd-feature": ("task_loss", "hint_loss"),
-}
 
 
 def build_objective(
@@ -131,6 +51,13 @@ def build_objective(
         ValueError: unusable KD settings, a cache without replayed views or with PCL, or a
             label-free run that is not PCL or has a teacher.
     """
+    if cfg.task == "detection":
+        from kdhar.objectives.detection_factory import detection_objective
+
+        if cache_teacher or not labels:
+            raise ValueError("a detection run learns from its segments and runs its teacher on each window: "
+                             "leave --cache-teacher out")
+        return detection_objective(cfg, teacher)
     if cfg.pcl.ssl == "pcl":
         return _pcl_objective(cfg, teacher, cache_teacher, labels)
     if cfg.gkd.attention:
@@ -143,7 +70,7 @@ def build_objective(
         return _feature_objective(cfg, teacher, cache_teacher)
     kd = cfg.kd
     check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
-    tags = _teacher_tags("kd-logit", teacher)
+    tags = teacher_tags("kd-logit", teacher)
     extras = None
     if cache_teacher:
         if cfg.data.views < 1:
@@ -169,10 +96,6 @@ def build_objective(
     )
 
 
-def _teacher_tags(method: str, teacher: Teacher) -> dict[str, str]:
-    return {"method": method, "teacher_run_id": teacher.run_id or "", "teacher_uri": teacher.uri}
-
-
 def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool, labels: bool) -> Objective:
     """PCL on clip tuples: label-free (pretraining), with action CE (the scratch twin), or with logit
     KD from `teacher` on the action head (reading A of ../shared/methods/pcl.md)."""
@@ -191,7 +114,7 @@ def _pcl_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool,
     if teacher is not None:
         check_kd(kd.tau, kd.weighting, kd.alpha, kd.lam)
 
-    tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
+    tags = teacher_tags(name, teacher) if teacher is not None else {"method": name}
     tags["ssl"] = "pcl"
 
     def make_step(model: nn.Module, num_train: int) -> nn.Module:
@@ -326,7 +249,7 @@ def _feature_objective(cfg: RunConfig, teacher: Teacher, cache_teacher: bool) ->
 
     description = (f" Distilled with feature KD: CE + {weight:g} x the MSE between its last feature, mapped by a learned "
                    "1x1x1 regressor to the teacher's shape, and the teacher's last feature (FitNets-style hint).")
-    return Objective(name="kd-feature", make_step=make_step, params=params, tags=_teacher_tags("kd-feature", teacher),
+    return Objective(name="kd-feature", make_step=make_step, params=params, tags=teacher_tags("kd-feature", teacher),
                      teacher=teacher, name_prefix="feature-", description=description)
 
 
@@ -372,7 +295,7 @@ def _gkd_objective(cfg: RunConfig, teacher: Teacher | None, cache_teacher: bool)
     def logged_state(step: nn.Module) -> dict[str, Any]:
         return {GKD_STATE: gkd_state(step.model, step.cvae, built["meta"])}
 
-    tags = _teacher_tags(name, teacher) if teacher is not None else {"method": name}
+    tags = teacher_tags(name, teacher) if teacher is not None else {"method": name}
     tags["gkd_variant"] = g.variant
     ablation = "" if g.ablation == "none" else f"{g.ablation}-"
     if ablation:

@@ -6,7 +6,7 @@ feature with a teacher's of another shape.
 Shapes follow the feature F = (B, C, T', H', W') of any registry trunk (`forward_features`):
 
 - `AttentionHead`: F -> A, (B, C, T') in (0, 1). "faithful" is the paper's head scaled to C (a
-  (1, H', W') convolution to C/2 channels, time resized to L = C, a 1-D convolution to C channels,
+  (1, H', W') convolution to C/2 channels, time resized to L = max(C, T'), a 1-D convolution to C channels,
   GroupNorm, Linear(L -> T') over time, sigmoid); "light" pools space instead of the (1, H', W')
   convolution and uses 1 x 1 convolutions, for wide trunks and CPUs (a deviation, named in params).
 - `CVAE`: q(z | F, A) per time step (mu, log sigma^2 of size C each), p(F | z, A), prior N(A_t, I);
@@ -74,18 +74,21 @@ class AttentionHead(nn.Module):
             raise ValueError(f"GKD variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         half = max(1, channels // 2)
         self.variant, self.channels, self.time = variant, channels, time
+        # The resized axis: L = C, as the code (at its shapes C > T'); a window's T' can exceed a
+        # narrow trunk's C, where L = C would drop time steps before the Linear spread them back.
+        self.length = max(channels, time)
         kernel = (1, *space) if variant == "faithful" else (1, 1, 1)
         # Space is collapsed (or pooled) first, so each channel carries T' distinct values; the
         # resize of time to L = C below repeats them without adding any.
         self.collapse = nn.Sequential(nn.Conv3d(channels, half, kernel), _norm(half, time, norm), nn.ReLU())
         k = 3 if variant == "faithful" else 1
         self.mix = nn.Sequential(nn.Conv1d(half, channels, k, padding=k // 2), _norm(channels, time, norm), nn.ReLU())
-        self.to_time = nn.Linear(channels, time)  # from the resized axis L = C back to T'
+        self.to_time = nn.Linear(self.length, time)  # from the resized axis L back to T'
 
     def forward(self, feature: Tensor) -> Tensor:
         x = feature if self.variant == "faithful" else feature.mean(dim=(3, 4), keepdim=True)
         x = self.collapse(x).flatten(2)  # (B, C/2, T')
-        x = F.interpolate(x, size=self.channels, mode="nearest")  # time resized to L = C
+        x = F.interpolate(x, size=self.length, mode="nearest")  # time resized to L
         return torch.sigmoid(self.to_time(self.mix(x)))  # (B, C, T')
 
 

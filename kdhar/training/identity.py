@@ -41,6 +41,8 @@ def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None, method:
     (`method`: the objective's name prefix). MLflow's random names would repeat for every run of a
     seed, since they come from Python's seeded `random`."""
     arch, seed, frac = cfg.model.arch, cfg.optim.seed, f"f{cfg.data.fraction:g}"
+    if method.startswith("det-"):
+        return _detection_run_name(role, arch, seed, frac, teacher, method)
     if role == "teacher":
         return f"teacher-{method}{arch}-s{seed}"
     if role == "pretrain":
@@ -51,19 +53,36 @@ def default_run_name(cfg: RunConfig, role: str, teacher: Teacher | None, method:
     return f"{role}-{arch}-{cfg.data.dataset}-{frac}-s{seed}"
 
 
+def _detection_run_name(role: str, arch: str, seed: int, frac: str, teacher: Teacher | None, method: str) -> str:
+    """det-teacher-c3d-s0, det-teacher-att-c3d-s0, det-scratch-tiny3d-f1-s0, det-att-scratch-tiny3d-f1-s0,
+    det-kd-c3d→tiny3d-f1-s0, det-gkd-c3d→tiny3d-f1-s0 (`method`: "det-", "det-att-", "det-kd-" or "det-gkd-")."""
+    kind = method.removeprefix("det-")  # "", "att-", "kd-", "gkd-"
+    if role == "teacher":
+        return f"det-teacher-{kind}{arch}-s{seed}"
+    if role == "student" and teacher is not None:
+        return f"det-{kind}{teacher.arch or 'teacher'}→{arch}-{frac}-s{seed}"
+    if role == "student":
+        return f"det-{kind}scratch-{arch}-{frac}-s{seed}"
+    return f"det-{role}-{arch}-{frac}-s{seed}"
+
+
 def describe_run(cfg: RunConfig, role: str, teacher: Teacher | None, splits: Splits, method: str = "") -> str:
     """One paragraph saying what the run is, shown as its description in the MLflow UI (`method`:
     the objective's own sentence)."""
     o, c, kd = cfg.optim, cfg.clip, cfg.kd
     what = {"teacher": "Teacher", "student": "Student", "finetune": "Fine-tune",
             "pretrain": "Label-free pretraining of"}.get(role, role.capitalize())
+    inputs = (f"{c.clip_len}-frame {c.crop}x{c.crop} clips" if cfg.task != "detection"
+              else f"{cfg.window.length}-step {c.crop}x{c.crop} windows")
     text = (
         f"{what} {cfg.model.arch} (width {cfg.model.width}{', residual frames' if cfg.model.modality == 'res' else ''}) on {cfg.data.dataset} ({cfg.data.root}), "
         f"{cfg.data.fraction:g} of the training videos ({len(splits.train.samples)}), seed {o.seed}: "
-        f"{o.epochs} epochs, lr {o.lr:g}, batch {o.batch_size}, {c.clip_len}-frame {c.crop}x{c.crop} clips."
+        f"{o.epochs} epochs, lr {o.lr:g}, batch {o.batch_size}, {inputs}."
     )
     text += method
-    if teacher is not None:
+    if teacher is not None and cfg.task == "detection":
+        text += f" Teacher: {teacher.arch or 'a'} detector {teacher.uri} (run {teacher.run_id})."
+    elif teacher is not None:
         weight = f"lambda {kd.lam:g}" if kd.weighting == "sum" else f"alpha {kd.alpha:g}"
         text += (f" Distilled from {teacher.arch or 'a'} teacher {teacher.uri} (run {teacher.run_id}) with logit KD, "
                  f"tau {kd.tau:g}, {kd.weighting} weighting, {weight}.")
@@ -76,6 +95,8 @@ def registered_name(role: str, label: str, arch: str) -> str:
     """Registry name of a run's model: one per (method, architecture), so `@champion` compares like
     with like: kdhar-teacher-c3d, kdhar-scratch-r3d_18, kdhar-kd-r3d_18, kdhar-pcl-kd-r3d_18,
     kdhar-pretrain-c3d, kdhar-finetune-c3d, kdhar-teacher-<label>-c3d (a teacher of another method). `label`: the objective's `registry_label`."""
+    if label.startswith("det-"):  # temporal detectors: kdhar-det-teacher-c3d, kdhar-det-gkd-tiny3d, ...
+        return "kdhar-det-" + registered_name(role, label.removeprefix("det-"), arch).removeprefix("kdhar-")
     if role == "student":
         return f"kdhar-{label}-{arch}"
     if role == "teacher" and label != "scratch":  # a teacher trained with a method's own parts

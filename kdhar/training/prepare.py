@@ -17,6 +17,7 @@ from kdhar.engine import Plateau, make_scheduler, pick_device, set_determinism, 
 from kdhar.models import build_model
 from kdhar.objectives import Objective, build_objective
 from kdhar.training.resume import checkpoint_to_resume, load_init_weights, run_identity
+from kdhar.training.scoring import ClipEvaluation
 from kdhar.training.splits import Splits, check_same_classes, load_splits
 
 # Decoded evaluation clips kept in memory between epochs, per split (the CPU preset's test split is
@@ -59,14 +60,18 @@ class Optimisers:
     plateau: Plateau | None
 
     @classmethod
-    def build(cls, step: nn.Module, optim: OptimConfig, steps_per_epoch: int) -> Optimisers:
+    def build(cls, step: nn.Module, optim: OptimConfig, steps_per_epoch: int, kind: str = "sgd") -> Optimisers:
         """A step may train in several passes per epoch, each over the whole training set with its
-        own parameters (see the step's `passes`); "net" is the pass the configured SGD, schedule and
+        own parameters (see the step's `passes`); "net" is the pass the configured optimiser (`kind`:
+        SGD with momentum, or Adam with betas (0.9, 0.999) as GKD's detection code), schedule and
         warm-up drive, the others bring their optimiser."""
         passes = getattr(step, "passes", ("net",))
         net_params = step.pass_parameters("net") if len(passes) > 1 else step.parameters()
         # Over the step's parameters: the model's and any heads of the method's own.
-        net = torch.optim.SGD(net_params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        if kind == "adam":
+            net = torch.optim.Adam(net_params, lr=optim.lr, betas=(0.9, 0.999), weight_decay=optim.weight_decay)
+        else:
+            net = torch.optim.SGD(net_params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         side = {name: step.pass_optimizer(name) for name in passes if name != "net"}
         plateau = Plateau(optim.lr, threshold=optim.plateau_threshold) if optim.schedule == "plateau" else None
         scheduler = make_scheduler(net, optim.schedule, optim.epochs * steps_per_epoch,
@@ -114,6 +119,7 @@ class Prepared:
     model: nn.Module  # the network as trained and logged
     optimisers: Optimisers
     train_loader: Any
+    evaluation: Any  # how the model is scored (kdhar.training.scoring)
     eval_loaders: dict[str, ReplayLoader]  # scored each epoch as <name>_*: "test", "val"
     val_loader: ReplayLoader | None  # the objective's own validation set
     resume: str | None  # the checkpoint continued, if any
@@ -159,17 +165,21 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
     if objective.teacher is not None:
         check_same_classes(f"teacher {objective.teacher.uri}", objective.teacher.classes, splits.classes)
     view = TrainingView.build(objective, cfg, splits)
-    train_loader, eval_loaders, val_loader = _loaders(cfg, objective, splits, view, dev, ddp)
-    model = build_model(cfg.model.arch, len(splits.classes), width=cfg.model.width, dropout=cfg.model.dropout,
-                        modality=cfg.model.modality, keep_time=cfg.model.keep_time)
+    evaluation = objective.evaluation or ClipEvaluation(cfg, splits.classes)
+    train_loader, eval_loaders, val_loader = _loaders(cfg, objective, evaluation, splits, view, dev, ddp)
+    if objective.make_model is not None:
+        model = objective.make_model(len(splits.classes))
+    else:
+        model = build_model(cfg.model.arch, len(splits.classes), width=cfg.model.width, dropout=cfg.model.dropout,
+                            modality=cfg.model.modality, keep_time=cfg.model.keep_time)
     step = objective.make_step(model, len(view.train)).to(dev)  # moves a step's frozen teacher too
     model = step.model  # the network as trained and logged (a step may wrap the plain one with its own parts)
     if init_state is not None:  # after the wrapping, so the wrapper's own weights load too
         load_init_weights(model, init_state, init or "the initial weights")
     if ddp is not None and cfg.optim.sync_bn:
         distributed.sync_batchnorm(step, dev)
-    optimisers = Optimisers.build(step, cfg.optim, max(1, len(train_loader)))
-    prep = Prepared(cfg, role, objective, splits, view, dev, ddp, step, model, optimisers, train_loader,
+    optimisers = Optimisers.build(step, cfg.optim, max(1, len(train_loader)), objective.optimizer)
+    prep = Prepared(cfg, role, objective, splits, view, dev, ddp, step, model, optimisers, train_loader, evaluation,
                     eval_loaders, val_loader, resume, changed, det_note, progress, history=[], init=init)
     if state is not None:
         _restore(prep, state)
@@ -178,25 +188,24 @@ def prepare(cfg: RunConfig, *, role: str, objective: Objective | None = None,
     return prep
 
 
-def _loaders(cfg: RunConfig, objective: Objective, splits: Splits, view: TrainingView, dev: torch.device,
-             ddp: distributed.Distributed | None) -> tuple[Any, dict[str, ReplayLoader], ReplayLoader | None]:
+def _loaders(cfg: RunConfig, objective: Objective, evaluation: Any, splits: Splits, view: TrainingView,
+             dev: torch.device, ddp: distributed.Distributed | None
+             ) -> tuple[Any, dict[str, ReplayLoader], ReplayLoader | None]:
     """The training loader (this rank's share of each global batch), the evaluation loaders and the
     objective's validation loader; evaluation clips are decoded once and replayed from memory."""
     optim, workers, pin = cfg.optim, cfg.data.num_workers, dev.type == "cuda"
-    eval_sets = {}
-    if objective.labels:  # label-free pretraining has no classifier to score
-        eval_sets["test"] = VideoClipDataset(splits.test, cfg.clip, train=False, on_bad=cfg.data.on_bad)
-        if splits.val is not None:
-            eval_sets["val"] = VideoClipDataset(splits.val, cfg.clip, train=False, on_bad=cfg.data.on_bad)
+    # label-free pretraining has no classifier to score
+    eval_sets = evaluation.datasets(splits) if objective.labels else {}
     train_batch = ddp.per_rank_batch(optim.batch_size) if ddp else optim.batch_size
     train_loader = make_loader(view.train, train_batch, shuffle=True, num_workers=workers, seed=optim.seed,
-                               pin_memory=pin, shard=(ddp.rank, ddp.world) if ddp else None)
+                               pin_memory=pin, shard=(ddp.rank, ddp.world) if ddp else None,
+                               collate_fn=objective.collate)
 
-    def replay(ds) -> ReplayLoader:
+    def replay(ds, collate=None) -> ReplayLoader:
         return ReplayLoader(make_loader(ds, optim.batch_size, shuffle=False, num_workers=workers, seed=optim.seed,
-                                        pin_memory=pin), EVAL_REPLAY_BYTES)
+                                        pin_memory=pin, collate_fn=collate), EVAL_REPLAY_BYTES)
 
-    eval_loaders = {name: replay(ds) for name, ds in eval_sets.items()}
+    eval_loaders = {name: replay(ds, evaluation.collate) for name, ds in eval_sets.items()}
     return train_loader, eval_loaders, replay(view.validation) if view.validation is not None else None
 
 

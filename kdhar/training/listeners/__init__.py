@@ -29,10 +29,11 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
         *([ObjectiveValidation()] if main and prep.val_loader is not None else []),
         *([ShareMetrics()] if prep.ddp is not None else []),
         *([PlateauSchedule(prep.optimisers.plateau, objective.plateau_metric)] if prep.optimisers.plateau else []),
-        StageAccuracy(prep.cfg.optim.epochs, objective.selection_metric),
+        StageAccuracy(prep.cfg.optim.epochs, objective.selection_metric, prep.evaluation.headline,
+                      prep.evaluation.stage_prefix),
         *([ProgressPrinter()] if prep.progress else []),
         MetricLogger(),
-        *([Checkpointer(workdir, objective.selection_metric)] if main else []),
+        *([Checkpointer(workdir, objective.selection_metric, f"val_{prep.evaluation.headline}")] if main else []),
         *([EpochCallback(epoch_callback)] if epoch_callback is not None else []),
     ]
     outcome = [

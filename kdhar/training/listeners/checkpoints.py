@@ -39,10 +39,10 @@ def heads_state(step: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Checkpointer(Listener):
     """Saves what a resume needs after every epoch under <workdir>/checkpoints/<run id>/; rank 0 only."""
 
-    def __init__(self, workdir: str | Path, select: str | None = None) -> None:
-        """`select`: the objective's selection metric (lowest best) for `best.pt`; None: the
-        validation split's video accuracy."""
-        self.workdir, self.select = workdir, select
+    def __init__(self, workdir: str | Path, select: str | None = None, best_metric: str = BEST_METRIC) -> None:
+        """`select`: the objective's selection metric (lowest best) for `best.pt`; None: the highest
+        `best_metric` of the validation split (the video accuracy, or a detector's mAP)."""
+        self.workdir, self.select, self.best_metric = workdir, select, best_metric
         self.path: Path | None = None
 
     def on_run_start(self, run: RunState) -> None:
@@ -66,7 +66,8 @@ class Checkpointer(Listener):
             "config": stored_config(prep.cfg, prep.objective.teacher is not None),
             "identity": run_identity(prep.role, prep.objective),
         }
-        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None, self.select)
+        save_epoch(self.path, state, run.history, self.workdir if prep.ddp is not None else None, self.select,
+                   self.best_metric)
 
 
 def checkpoint_dir(workdir: str | Path, run_id: str) -> Path:
@@ -75,16 +76,17 @@ def checkpoint_dir(workdir: str | Path, run_id: str) -> Path:
 
 
 def save_epoch(path: Path, state: dict[str, Any], history: list[dict[str, float]], elastic_dir: Path | str | None,
-               select: str | None = None) -> None:
-    """`best.pt` when the validation accuracy (or the lowest `select`) reached a new best (weights
-    only, loadable as a --teacher or --init checkpoint; the logged model is the last epoch's), then
-    the epoch's checkpoint (`last.pt`), and for a torchrun job the record its restart resumes from.
+               select: str | None = None, best_metric: str = BEST_METRIC) -> None:
+    """`best.pt` when the validation score (`best_metric`: the video accuracy, or a detector's mAP)
+    or the lowest `select` reached a new best (weights only, loadable as a --teacher or --init
+    checkpoint; the logged model is the last epoch's), then the epoch's checkpoint (`last.pt`), and
+    for a torchrun job the record its restart resumes from.
 
     best.pt goes first so that a process killed at any point leaves a pair a resume completes: killed
     before last.pt is replaced, the resume trains the epoch again and finds the same new best; in the
     other order, a kill between the two left last.pt past a best that best.pt never got (or no
     best.pt at all), and the resumed run's history no longer saw that epoch as new."""
-    metric = select or BEST_METRIC
+    metric = select or best_metric
     if history and metric in history[-1] and best_so_far(history, metric, lowest=select is not None) is history[-1]:
         best = {k: state[k] for k in BEST_KEYS}
         save_checkpoint(path.with_name("best.pt"), {**best, metric: history[-1][metric]})

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from kdhar import tracking
-from kdhar.plots import confusion_figure, curves_figure
+from kdhar.plots import curves_figure
 from kdhar.training.identity import registered_name
-from kdhar.training.listeners.scores import split_metrics
 from kdhar.training.loop import Listener, RunState
 
 CHAMPION_METRIC = "val_video_top1"
@@ -26,32 +23,35 @@ class ObjectiveMetrics(Listener):
 
 class FinalReport(Listener):
     """Logs the final metrics (`final_test_*` from the last test scores, the objective's own,
-    `best_val_video_top1`), the confusion matrix, the per-class report and the learning curves."""
+    `best_val_<headline>`), the evaluation's own report (recognition: the confusion matrix and the
+    per-class report; detection: per-class APs, timelines and the AP table) and the learning curves."""
 
     def on_train_end(self, run: RunState) -> None:
-        result, history, tracker, classes = run.last_test, run.history, run.tracker, run.prep.splits.classes
-        final = split_metrics("final_test", result) if result is not None else {}
+        result, history, tracker, evaluation = run.last_test, run.history, run.tracker, run.prep.evaluation
+        final, figures, data = evaluation.report(result) if result is not None else ({}, {}, {})
         final.update(run.final)
-        best_val = max((h.get("val_video_top1", float("nan")) for h in history), default=float("nan"))
+        best_key = f"val_{evaluation.headline}"
+        best_val = max((h.get(best_key, float("nan")) for h in history), default=float("nan"))
         if not math.isnan(best_val):
-            final["best_val_video_top1"] = best_val
+            final[f"best_{best_key}"] = best_val
         run.final = final
         tracker.log_metrics(final, step=len(history))
-        if result is not None:
-            tracker.log_figure(confusion_figure(result["confusion"], classes), "confusion_matrix.png")
-            tracker.log_dict({"per_class": result["per_class"], "classes": classes}, "per_class_report.json")
+        for name, figure in figures.items():
+            tracker.log_figure(figure, name)
+        for name, value in data.items():
+            tracker.log_dict(value, name)
         tracker.log_figure(curves_figure(history), "learning_curves.png")
 
 
 class LoggedModel(Listener):
-    """Logs the last epoch's model (on the CPU, with an input example) and the objective's own
-    state beside it (GKD: its teacher-side parts)."""
+    """Logs the last epoch's model (on the CPU, with an input example, in the form its evaluation
+    gives it: a detector as one tensor out) and the objective's own state beside it (GKD, detectors:
+    their teacher-side parts)."""
 
     def on_train_end(self, run: RunState) -> None:
         prep, tracker = run.prep, run.tracker
-        model, clip = prep.model, prep.cfg.clip
-        model.eval().cpu()
-        example = np.zeros((2, 3, clip.clip_len, clip.crop, clip.crop), dtype=np.float32)
+        prep.model.eval().cpu()
+        model, example = prep.evaluation.loggable(prep.model), prep.evaluation.example()
         run.model_uri = tracker.log_model(model, tracking.model_name(tracker.run_name or "model"),
                                           input_example=example).model_uri
         logged_state = prep.objective.logged_state
@@ -70,4 +70,4 @@ class Registry(Listener):
         name = registered_name(prep.role, prep.objective.registry_label, prep.cfg.model.arch)
         version = tracking.register_model(run.model_uri, name, run.run_id)
         if prep.objective.labels and prep.splits.val is not None:
-            tracking.promote_champion(name, version, CHAMPION_METRIC, prep.splits.fingerprint)
+            tracking.promote_champion(name, version, f"val_{prep.evaluation.headline}", prep.splits.fingerprint)

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from kdhar.data.index import fingerprint
+from kdhar.data.splits import part_fingerprint
 from kdhar.training.loop import Epoch, Listener, RunState, StopTraining
 
 
@@ -43,7 +43,7 @@ class RunRecord(Listener):
         parts = {f"train{subset}": splits.train, "validation": splits.val, "test": splits.test}
         for label, part in parts.items():
             if part is not None:
-                tracker.log_dataset(f"{cfg.data.dataset}-split{cfg.data.split}-{label}", fingerprint(part),
+                tracker.log_dataset(f"{cfg.data.dataset}-split{cfg.data.split}-{label}", part_fingerprint(part),
                                     cfg.data.root, label.split("-")[0])
         if splits.missing:
             tracker.log_metrics({"missing_videos": splits.missing}, step=0)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
-
-from kdhar.engine import Plateau, evaluate, evaluate_terms
+from kdhar.engine import Plateau, evaluate_terms
 from kdhar.objectives.gkd import DEGENERATE_ATTENTION_STD
 from kdhar.objectives.stuck import is_stuck, stuck_reason, uniform_term
 from kdhar.training.listeners.checkpoints import best_so_far
 from kdhar.training.loop import Epoch, Listener, RunState
+from kdhar.training.scoring import split_metrics
+
+__all__ = ["STAGES", "AttentionHealth", "Evaluation", "ObjectiveValidation", "PlateauSchedule", "ShareMetrics",
+           "StageAccuracy", "StuckWatch", "plateau_loss", "split_metrics", "stage_epochs"]
 
 # The paper reports accuracy after 50, 150 and 200 of 200 epochs; we keep the same fractions of any run.
 STAGES = {"early": 0.25, "mid": 0.75, "late": 1.0}
@@ -20,12 +22,6 @@ STAGES = {"early": 0.25, "mid": 0.75, "late": 1.0}
 def stage_epochs(epochs: int) -> dict[str, int]:
     """1-based epoch at which each paper stage is read off (early/mid/late)."""
     return {name: max(1, math.ceil(frac * epochs)) for name, frac in STAGES.items()}
-
-
-def split_metrics(prefix: str, result: dict[str, Any]) -> dict[str, float]:
-    """The logged scores of one evaluation (`kdhar.engine.evaluate`), as <prefix>_<score>."""
-    keys = ("clip_top1", "clip_top5", "video_top1", "mean_class_acc", "loss")
-    return {f"{prefix}_{k}": float(result[k]) for k in keys if k in result}
 
 
 def plateau_loss(metrics: dict[str, float], first: str | None = None) -> float:
@@ -94,21 +90,22 @@ class AttentionHealth(Listener):
 
 
 class Evaluation(Listener):
-    """Scores the model on the evaluation splits each epoch (`test_*`, `val_*`) and keeps the test
-    scores for the final metrics; rank 0 only (the other ranks wait for its metrics)."""
+    """Scores the model on the evaluation splits each epoch (`test_*`, `val_*`, as the run's
+    evaluation reads them: accuracies, or a detector's mAPs) and keeps the test scores for the final
+    metrics; rank 0 only (the other ranks wait for its metrics)."""
 
     def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
         prep = run.prep
         for name, loader in prep.eval_loaders.items():
-            result = evaluate(prep.model, loader, prep.device, prep.num_classes)
-            epoch.metrics.update(split_metrics(name, result))
+            result = prep.evaluation.score(prep.model, name, loader, prep.device)
+            epoch.metrics.update(prep.evaluation.metrics(name, result))
             if name == "test":
                 run.last_test = result
 
     def on_train_end(self, run: RunState) -> None:
         prep = run.prep
         if run.last_test is None and "test" in prep.eval_loaders:  # a resumed run that had already trained every epoch
-            run.last_test = evaluate(prep.model, prep.eval_loaders["test"], prep.device, prep.num_classes)
+            run.last_test = prep.evaluation.score(prep.model, "test", prep.eval_loaders["test"], prep.device)
 
 
 class ObjectiveValidation(Listener):
@@ -142,14 +139,17 @@ class PlateauSchedule(Listener):
 
 
 class StageAccuracy(Listener):
-    """The paper's stages: test accuracy at 25/75/100 % of the epochs (`acc_<stage>`), the best test
-    accuracy reached by then (`best_acc_<stage>`, as the KD paper reads its stages) and, with a
-    selection metric (PCL's self-supervised validation loss, which upstream selects its checkpoint
-    by), the test accuracy of the epoch with its lowest value so far (`sel_acc_<stage>`, that
-    epoch `sel_epoch_<stage>`): what a checkpoint chosen without looking at the test split scores."""
+    """The paper's stages: the test score at 25/75/100 % of the epochs (`acc_<stage>` of the video
+    accuracy; a detector's `map_<stage>` of `map_avg`), the best one reached by then
+    (`best_acc_<stage>`, as the KD paper reads its stages) and, with a selection metric (PCL's
+    self-supervised validation loss, which upstream selects its checkpoint by), the test score of the
+    epoch with its lowest value so far (`sel_acc_<stage>`, that epoch `sel_epoch_<stage>`): what a
+    checkpoint chosen without looking at the test split scores."""
 
-    def __init__(self, epochs: int, select: str | None = None) -> None:
+    def __init__(self, epochs: int, select: str | None = None, headline: str = "video_top1",
+                 prefix: str = "acc") -> None:
         self.stages, self.select = stage_epochs(epochs), select
+        self.metric, self.prefix = f"test_{headline}", prefix
 
     def on_run_start(self, run: RunState) -> None:
         """A run resumed with more epochs has new stages; those its history already passed are
@@ -157,23 +157,24 @@ class StageAccuracy(Listener):
         if "optim.epochs" not in run.prep.changed:
             return
         before = stage_epochs(run.prep.changed["optim.epochs"][0])
+        key, prefix = self.metric, self.prefix
         for stage, at in self.stages.items():
             reached = run.history[:at]
-            if at != before[stage] and len(reached) == at and all("test_video_top1" in h for h in reached):
-                run.tracker.log_metrics({f"acc_{stage}": reached[-1]["test_video_top1"],
-                                         f"best_acc_{stage}": max(h["test_video_top1"] for h in reached)}, step=at)
+            if at != before[stage] and len(reached) == at and all(key in h for h in reached):
+                run.tracker.log_metrics({f"{prefix}_{stage}": reached[-1][key],
+                                         f"best_{prefix}_{stage}": max(h[key] for h in reached)}, step=at)
 
     def on_epoch_metrics(self, run: RunState, epoch: Epoch) -> None:
-        m = epoch.metrics
-        if "test_video_top1" not in m:
+        m, key = epoch.metrics, self.metric
+        if key not in m:
             return
         history = [*run.history, {"epoch": epoch.done, **m}]
-        best_test = max(h["test_video_top1"] for h in history)
+        best_test = max(h[key] for h in history)
         chosen = best_so_far(history, self.select, lowest=True) if self.select else None
         for stage, at in self.stages.items():
             if epoch.done == at:
-                m[f"acc_{stage}"] = m["test_video_top1"]
-                m[f"best_acc_{stage}"] = best_test
+                m[f"{self.prefix}_{stage}"] = m[key]
+                m[f"best_{self.prefix}_{stage}"] = best_test
                 if chosen is not None:
-                    m[f"sel_acc_{stage}"] = chosen["test_video_top1"]
+                    m[f"sel_{self.prefix}_{stage}"] = chosen[key]
                     m[f"sel_epoch_{stage}"] = float(chosen["epoch"])
