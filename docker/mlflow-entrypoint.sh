@@ -43,6 +43,9 @@ admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
+# MLflow's job runner (huey consumers for its GenAI jobs) is of no use to kdhar: off unless asked for,
+# which spares the server its worker processes.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 exec mlflow server --app-name basic-auth \
     --serve-artifacts --artifacts-destination "${MLFLOW_ARTIFACTS:-/mlartifacts}" \

@@ -128,9 +128,12 @@ def _run_mlflow_server(backend_uri: str, workdir: Path) -> Iterator[str]:
         proc = subprocess.Popen(
             mlflow_server_command(backend_uri, workdir / "artifacts", port),
             cwd=workdir,
+            # As the team stack's entrypoint runs it: without MLflow's job runner, whose worker
+            # processes kdhar never uses.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=log,
             stderr=subprocess.STDOUT,
-            # Its own process group: the server forks uvicorn and a job runner, and a hung
+            # Its own process group: the server forks uvicorn, and a hung
             # shutdown must take all of them down.
             start_new_session=True,
         )
