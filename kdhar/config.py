@@ -416,6 +416,16 @@ def check_run_config(cfg: RunConfig) -> None:
     need(d.num_workers >= 0, "num_workers", d.num_workers, "must be >= 0")
     need(d.views >= 0, "views", d.views, "must be >= 0 (0 = a new view every epoch)")
     need(finite(d.fraction) and 0 < d.fraction <= 1, "fraction", d.fraction, "must be in (0, 1]")
+    _check_pcl(cfg, need, finite)
+    _check_kd(cfg, need, finite)
+    need(cfg.task in TASKS, "task", cfg.task, f"must be one of {', '.join(TASKS)}")
+    if cfg.task == "detection":
+        _check_detection(cfg, need, finite)
+
+
+def _check_pcl(cfg: RunConfig, need: Any, finite: Any) -> None:
+    """The self-supervised knobs, and what PCL's pretext task asks of the clips."""
+    c = cfg.clip
     p = cfg.pcl
     need(p.ssl in SSL_METHODS, "ssl", p.ssl, f"must be one of {', '.join(SSL_METHODS)}")
     if p.ssl == "pcl":
@@ -434,6 +444,11 @@ def check_run_config(cfg: RunConfig) -> None:
         size = -(-c.clip_len // 4)
         need(-(-c.clip_len // size) == 4, "clip_len", c.clip_len,
              "torch.chunk must split it into 4 temporal chunks for PCL's chunk swap (e.g. 8, 10 or 16)")
+
+
+def _check_kd(cfg: RunConfig, need: Any, finite: Any) -> None:
+    """The distillation method's knobs: feature KD's, GKD's, and what each combines with."""
+    p = cfg.pcl
     g = cfg.gkd
     need(g.method in KD_METHODS, "kd", g.method, f"must be one of {', '.join(KD_METHODS)}")
     need(finite(cfg.feature.weight) and cfg.feature.weight >= 0, "feature_weight", cfg.feature.weight,
@@ -458,9 +473,6 @@ def check_run_config(cfg: RunConfig) -> None:
         need(False, "kd", g.method, "needs the attention module (attention: true), which --kd gkd turns on")
     else:
         need(g.ablation == "none", "gkd_ablation", g.ablation, "turns off a term of GKD: use it with --kd gkd")
-    need(cfg.task in TASKS, "task", cfg.task, f"must be one of {', '.join(TASKS)}")
-    if cfg.task == "detection":
-        _check_detection(cfg, need, finite)
 
 
 def _check_detection(cfg: RunConfig, need: Any, finite: Any) -> None:
