@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from kdhar import stats  # noqa: E402
+from kdhar.config import KDConfig  # noqa: E402
 from kdhar.detection_report import detection_rows, format_detection, write_detection_csv  # noqa: E402
 from kdhar.methods import ATTENTION_METHODS, REPORT_MARKS  # noqa: E402
 from kdhar.stats import PairedTest  # noqa: E402
@@ -246,6 +247,13 @@ def _views(run: dict[str, Any]) -> int:
     return int(run["tags"].get("views", "0"))
 
 
+def _loss_mark(run: dict[str, Any]) -> str:
+    # A KD run whose loss weighting is not the default one ("sum", "balanced") gets a row of its own:
+    # the weighting is left out of the pair key, so without the mark two losses would share a row.
+    weighting = run.get("params", {}).get("kd.weighting")
+    return weighting if weighting and weighting != KDConfig.weighting else ""
+
+
 def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
     tags = run["tags"]
     student = tags.get("student_arch") or tags.get("arch", "?")
@@ -254,7 +262,8 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
         # with the scratch runs of their own regime.
         student = f"{student} ({tags['ssl']})"
     teacher = tags.get("teacher_arch", SCRATCH)
-    marks = [REPORT_MARKS.get(tags.get("method", ""), ""), tags.get("gkd_ablation", ""), "init" if tags.get("init") else ""]
+    marks = [REPORT_MARKS.get(tags.get("method", ""), ""), tags.get("gkd_ablation", ""), _loss_mark(run),
+             "init" if tags.get("init") else ""]
     if any(marks):
         # Methods beyond logit KD (GKD's) and runs started from other weights (--init) get rows of
         # their own, e.g. "c3d [gkd]", "none [init]"; the scratch run with GKD's attention module is

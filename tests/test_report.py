@@ -492,3 +492,22 @@ def test_report_and_stats_import_without_torch():
             "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # the report loads torch (or MLflow) only when it reads a store
+
+
+def test_kd_runs_of_another_loss_weighting_get_a_row_of_their_own_paired_with_the_same_scratch_twins():
+    runs = [run("s0", "none", 0, 0.5), run("s1", "none", 1, 0.6),
+            run("m0", "c3d", 0, 0.6), run("m1", "c3d", 1, 0.7),
+            run("p0", "c3d", 0, 0.8), run("p1", "c3d", 1, 0.9)]
+    for r in runs[2:4]:
+        r["params"]["kd.weighting"] = "mix"
+    for r in runs[4:]:
+        r["params"]["kd.weighting"] = "sum"
+    rows = {r.teacher: r for r in aggregate(runs)}
+    default = report.KDConfig.weighting
+    other = "sum" if default == "mix" else "mix"
+    assert set(rows) == {"none", "c3d", f"c3d [{other}]"}
+    plain, marked = rows["c3d"], rows[f"c3d [{other}]"]
+    assert sorted(plain.run_ids + marked.run_ids) == ["m0", "m1", "p0", "p1"] and len(plain.run_ids) == 2
+    gain = {"mix": 0.1, "sum": 0.3}  # each KD run against its seed's scratch run
+    assert plain.tests["last"].mean == pytest.approx(gain[default])
+    assert marked.tests["last"].mean == pytest.approx(gain[other])
