@@ -61,6 +61,18 @@ def _own_environment() -> Iterator[None]:
     os.environ.update(saved)
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the test (as the grid's cells run), then as it was: tests that compare
+    two computations bit for bit, or time a step, need the same thread count on every machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

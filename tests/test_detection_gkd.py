@@ -22,12 +22,7 @@ WINDOW = (16, 32)  # (steps, crop)
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def detector(arch: str = "tiny3d", width: int = 2, seed: int = 0, attention: bool = True):

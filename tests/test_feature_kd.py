@@ -21,12 +21,7 @@ CLIP = (8, 56)
 DATA = DatasetSpec(name="ucf101", root="data/synthetic/ucf101")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(b: int = 2):

@@ -28,12 +28,7 @@ CLIP = (8, 56)  # (frames, crop): the CPU preset's clips
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gkd_parts(arch: str, width: int, seed: int, variant: str = "faithful"):
