@@ -73,6 +73,42 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def kdhar_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Runs the `kdhar` console entry point in this process, as `kdhar_cli(*args, cwd=..., env=...)`,
+    and returns what a subprocess would: a CompletedProcess with the exit status, stdout and stderr.
+
+    For tests about what a command does and says, not about processes (signals, kills, what `ps`
+    shows): a new interpreter costs 5-8 s of imports a command. An exception the entry point does
+    not turn into a one-line error propagates into the test and fails it. The environment, working
+    folder and torch's thread count are the test's own again afterwards."""
+    import torch
+
+    from kdhar.cli import main
+
+    def run(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        threads = torch.get_num_threads()
+        with monkeypatch.context() as patch:
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            if cwd is not None:
+                patch.chdir(cwd)
+            patch.setattr(sys, "argv", ["kdhar", *argv])
+            capsys.readouterr()
+            code = 0
+            try:
+                main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            finally:
+                torch.set_num_threads(threads)
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return run
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,6 @@ from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunCo
 from kdhar.data.synthetic import SynthSpec, generate
 from kdhar.train import run_training
 
-KDHAR = [sys.executable, "-m", "kdhar.cli"]
-
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory) -> Path:
@@ -24,7 +19,7 @@ def tiny_set(tmp_path_factory) -> Path:
     return root
 
 
-def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_set, tmp_path):
+def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_set, tmp_path, kdhar_cli):
     # Trained on 4-frame 32x32 clips; the evaluate command's size preset would cut 8-frame 56x56 ones.
     cfg = RunConfig(
         data=DataConfig(root=str(tiny_set), num_workers=0, val_fraction=0.0),
@@ -33,23 +28,22 @@ def test_evaluate_takes_clip_settings_from_the_models_run(local_tracking, tiny_s
         optim=OptimConfig(epochs=1, batch_size=8, threads=1),
     )
     res = run_training(cfg, role="teacher", experiment="eval", progress=False, register=False)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
-    base = [*KDHAR, "evaluate", "--model", f"runs:/{res.run_id}", "--root", str(tiny_set),
-            "--num-workers", "0", "--experiment", "eval"]
-    ok = subprocess.run(base, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    base = ["evaluate", "--model", f"runs:/{res.run_id}", "--root", str(tiny_set), "--num-workers", "0",
+            "--experiment", "eval"]
+    ok = kdhar_cli(*base, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "test_video_top1=" in ok.stdout
     client = MlflowClient(local_tracking)
     [evaluation] = client.search_runs([client.get_experiment_by_name("eval").experiment_id], "tags.role = 'evaluation'")
     assert evaluation.data.params["clip.crop"] == "32" and evaluation.data.params["clip.clip_len"] == "4"
 
-    bad = subprocess.run([*base, "--crop", "48"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    bad = kdhar_cli(*base, "--crop", "48", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("Error: model runs:/")
     assert "takes clips of 4x32x32" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_residual_modality_travels_with_the_logged_model(local_tracking, tiny_set, tmp_path):
+def test_residual_modality_travels_with_the_logged_model(local_tracking, tiny_set, tmp_path, kdhar_cli):
     import torch
 
     from kdhar import tracking
@@ -71,16 +65,15 @@ def test_residual_modality_travels_with_the_logged_model(local_tracking, tiny_se
     with torch.no_grad():
         assert torch.equal(model(still), model(torch.zeros_like(still)))
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
-    base = [*KDHAR, "evaluate", "--model", f"runs:/{res.run_id}", "--root", str(tiny_set),
-            "--num-workers", "0", "--experiment", "eval"]
-    ok = subprocess.run(base, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    base = ["evaluate", "--model", f"runs:/{res.run_id}", "--root", str(tiny_set), "--num-workers", "0",
+            "--experiment", "eval"]
+    ok = kdhar_cli(*base, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     client = MlflowClient(local_tracking)
     [evaluation] = client.search_runs([client.get_experiment_by_name("eval").experiment_id], "tags.role = 'evaluation'")
     assert evaluation.data.params["model.modality"] == "res"
 
-    bad = subprocess.run([*base, "--modality", "rgb"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    bad = kdhar_cli(*base, "--modality", "rgb", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith(f"Error: model runs:/{res.run_id} was trained on res input")
 

@@ -124,19 +124,19 @@ def test_killed_run_resumes_to_the_same_result(tiny_ucf, tmp_path):
         assert resumed_m[key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp_path):
+def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp_path, kdhar_cli):
     # Resuming used to reopen a finished run, train on with other settings (--lr ignored, half the
     # data) and leave params saying the old values.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--epochs", "2", *TINY_OPTS,
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = ["train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--epochs", "2", *TINY_OPTS,
             "--experiment", "resume"]
-    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    first = kdhar_cli(*args, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
     run_id = first.stdout.split("run ")[1].split(":")[0]
     ckpt = tmp_path / "runs" / "checkpoints" / run_id / "last.pt"
 
     def resume(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*args, "--resume", str(ckpt), *extra], cwd=tmp_path, env=env, capture_output=True, text=True)
+        return kdhar_cli(*args, "--resume", ckpt, *extra, cwd=tmp_path, env=env)
 
     changed = resume("--lr", "0.5", "--fraction", "0.5")
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
@@ -312,22 +312,20 @@ def test_bad_input_is_one_clear_line(extra, expected, tiny_ucf, tmp_path, monkey
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
-def test_unreachable_server_is_a_clear_error(tiny_ucf, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
-    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), *TINY_OPTS]
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+def test_unreachable_server_is_a_clear_error(tiny_ucf, tmp_path, kdhar_cli):
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    out = kdhar_cli("train-teacher", "--arch", "tiny3d", "--root", tiny_ucf, *TINY_OPTS, cwd=tmp_path, env=env)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "127.0.0.1:9" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_piped_run_prints_one_line_per_epoch_with_elapsed_and_remaining(tiny_ucf, tmp_path):
+def test_piped_run_prints_one_line_per_epoch_with_elapsed_and_remaining(tiny_ucf, tmp_path, kdhar_cli):
     # Output sent to a file or a pipe (a scheduler, `| tee`) gets no progress bar, so the epoch lines
     # alone tell how far the run is. `--augment` is given bare, followed by another option.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--augment", "--epochs", "3", *TINY_OPTS,
-            "--experiment", "piped"]
-    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = kdhar_cli("train-teacher", "--arch", "tiny3d", "--root", tiny_ucf, "--augment", "--epochs", "3", *TINY_OPTS,
+                    "--experiment", "piped", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("[teacher tiny3d] epoch ")]
     assert [line.split()[3].rstrip(":") for line in lines] == ["1/3", "2/3", "3/3"]
