@@ -121,6 +121,12 @@ class Row:
     att_delta: dict[str, float] = field(default_factory=dict)  # reading -> final mean - that row's final mean
     att_tests: dict[str, PairedTest] = field(default_factory=dict)
     att_verdict: str = ""  # its last-epoch verdict, or why there is no comparison; empty when not applicable
+    # A KD row under another loss weighting than the default (`loss`, e.g. "sum") against the same
+    # teacher run's row under the default one: which loss, paired by seed, in a Holm family of its own.
+    loss: str = ""
+    loss_delta: dict[str, float] = field(default_factory=dict)  # reading -> final mean - that row's final mean
+    loss_tests: dict[str, PairedTest] = field(default_factory=dict)
+    loss_verdict: str = ""
 
 
 @dataclass
@@ -365,6 +371,7 @@ def _row(key: tuple, members: Sequence[dict[str, Any]], transfer_by_source: Mapp
         method=members[0]["tags"].get("method", ""),
         recipe=_recipe(members[0]),
         init=bool(members[0]["tags"].get("init")),
+        loss=_loss_mark(members[0]),
     )
 
 
@@ -411,6 +418,39 @@ def _compare_with_attention(row: Row, twin: Row | None, kd_runs: Sequence[dict[s
     row.att_verdict = "" if row.att_tests else "no paired seeds"
 
 
+def _default_loss_partner(key: tuple, rows: Mapping[tuple, Row]) -> tuple | None:
+    """The row a KD row under another loss weighting is compared with: the same teacher run, student,
+    fraction, pair key and method under the default weighting."""
+    row = rows[key]
+    return next((k for k, r in rows.items() if k != key and not r.loss and r.teacher != SCRATCH
+                 and (k[0], k[1], k[3], k[4], k[5]) == (key[0], key[1], key[3], key[4], key[5])
+                 and r.method == row.method and r.init == row.init), None)
+
+
+def _compare_losses(row: Row, twin: Row | None, kd_runs: Sequence[dict[str, Any]],
+                    twin_runs: Sequence[dict[str, Any]], margin: float) -> None:
+    if twin is None:
+        row.loss_verdict = f"no {KDConfig.weighting} runs of this teacher run"
+        return
+    for reading, acc, twin_acc in (("last", row.acc, twin.acc), ("best", row.best, twin.best)):
+        if "final" in acc and "final" in twin_acc:
+            row.loss_delta[reading] = acc["final"].mean - twin_acc["final"].mean
+    row.loss_tests = compare_rows(kd_runs, twin_runs, margin)
+    row.loss_verdict = "" if row.loss_tests else "no paired seeds"
+
+
+def adjust_loss_family(rows: Sequence[Row]) -> int:
+    """Holm over the report's loss comparisons (both readings of every row under a non-default
+    weighting), a family of their own: which loss is a question apart from whether KD helps."""
+    members = [(row, reading) for row in rows for reading in READINGS if reading in row.loss_tests]
+    for (row, reading), test in zip(members, stats.adjust([row.loss_tests[r] for row, r in members])):
+        row.loss_tests[reading] = test
+    for row in rows:
+        if "last" in row.loss_tests:
+            row.loss_verdict = row.loss_tests["last"].verdict
+    return len(members)
+
+
 def aggregate(
     student_runs: Sequence[dict[str, Any]],
     finetune_runs: Sequence[dict[str, Any]] = (),
@@ -453,9 +493,13 @@ def aggregate(
         if row.method in ATTENTION_METHODS and not row.teacher.startswith(SCRATCH):
             twin = _closest(key, rows, ATTENTION)
             _compare_with_attention(row, rows.get(twin), groups[key], groups.get(twin, []), margin)
+        if row.loss and row.teacher != SCRATCH:
+            twin = _default_loss_partner(key, rows)
+            _compare_losses(row, rows.get(twin), groups[key], groups.get(twin, []), margin)
     out = sorted(rows.values(), key=lambda r: (r.dataset, r.student, r.teacher != SCRATCH, r.teacher,
                                                r.teacher_run, -r.fraction, r.pair_key))
     adjust_family(out)
+    adjust_loss_family(out)
     return out
 
 
@@ -554,7 +598,8 @@ def _acc_cells(row: Row, reading: str, attention: bool = False) -> list[str]:
 def _stat_cells(row: Row, against: str = "scratch") -> list[list[str]]:
     """Lines of the KD - scratch table for a KD row (`against` "attention": the KD - scratch +
     attention table): one per reading, or one saying why it has none."""
-    tests, why = (row.tests, row.verdict) if against == "scratch" else (row.att_tests, row.att_verdict)
+    tests, why = {"scratch": (row.tests, row.verdict), "attention": (row.att_tests, row.att_verdict),
+                  "loss": (row.loss_tests, row.loss_verdict)}[against]
     if not tests:
         return [[_teacher_label(row), f"{row.fraction:g}", "-", "0", "-", "-", "-", "-", "-", why or "-", "-"]]
     lines = []
@@ -648,7 +693,29 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
         if att:
             parts.append(_render(f"KD - scratch + attention, paired by seed: student {student} on {dataset}",
                                  _stat_headers(margin), att, markdown, level="###"))
-    return "\n\n".join(parts + [summary(rows), _note(margin)]) + "\n"
+        loss = [line for r in group if r.loss for line in _stat_cells(r, "loss")]
+        if loss:
+            parts.append(_render(f"KD under another loss - KD under {KDConfig.weighting} (the default), paired by seed: "
+                                 f"student {student} on {dataset}", _stat_headers(margin), loss, markdown, level="###"))
+    loss_note = [LOSS_NOTE] if any(r.loss for r in rows) else []
+    return "\n\n".join(parts + [summary(rows), *_loss_summary(rows), _note(margin), *loss_note]) + "\n"
+
+
+LOSS_NOTE = (f"[sum], [balanced], [mix]: KD under that loss weighting instead of the default ({KDConfig.weighting}). "
+             "KD under another loss - KD under the default: the same teacher run's two rows, final accuracy "
+             "paired by seed, tested as above but in a Holm family of their own (both readings of every such row).")
+
+
+def _loss_summary(rows: Sequence[Row]) -> list[str]:
+    counts = {r: Counter(row.loss_tests[r].verdict for row in rows if r in row.loss_tests) for r in READINGS}
+    family = sum(counts[r].total() for r in READINGS)
+    if not family:
+        return []
+    verdicts = (stats.HELPS, stats.HURTS, stats.EQUIVALENT, stats.INCONCLUSIVE)
+    parts = [f"{READING_NAMES[r]}: " + ", ".join(f"{counts[r][v]} {v}" for v in verdicts) for r in READINGS if counts[r]]
+    tests = "1 test in its own Holm family" if family == 1 else f"{family} tests in their own Holm family"
+    return [f"Loss verdicts, another loss against {KDConfig.weighting} ({tests}; helps: the other loss is ahead): "
+            + "; ".join(parts) + "."]
 
 
 def _by_student(rows: Sequence[Row]) -> dict[tuple[str, str], list[Row]]:
@@ -666,8 +733,9 @@ def _num(v: float | None) -> str:
     return "" if v is None or math.isnan(v) else f"{v:.6g}"
 
 
-def _test_values(row: Row, reading: str, attention: bool = False) -> list[Any]:
-    tests, why = (row.att_tests, row.att_verdict) if attention else (row.tests, row.verdict)
+def _test_values(row: Row, reading: str, against: str = "scratch") -> list[Any]:
+    tests, why = {"scratch": (row.tests, row.verdict), "attention": (row.att_tests, row.att_verdict),
+                  "loss": (row.loss_tests, row.loss_verdict)}[against]
     t = tests.get(reading)
     if t is None:
         # Why there is no test (no scratch twin, mismatched views or recipes) holds for both readings.
@@ -689,7 +757,9 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     best-so-far ones prefixed `best_`. `margin` is the equivalence margin, `holm_family` the number of
     tests Holm's correction ran over; `collapsed` counts the row's collapsed runs. The last columns
     compare a row whose student has GKD's attention module with "scratch + attention":
-    `delta_final_vs_attention` (and `best_`), and its last-epoch test as `att_<test column>`.
+    `delta_final_vs_attention` (and `best_`), and its last-epoch test as `att_<test column>`; then a
+    row under another loss weighting than the default (`loss`) with the same teacher run's row under
+    the default: `delta_final_vs_default_loss` (and `best_`) and `loss_<test column>`.
     """
     header = ["dataset", "student", "teacher", "teacher_run", "fraction", "n", "seeds"]
     for prefix in ("", "best_"):
@@ -699,6 +769,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     header += ["margin", "holm_family", "collapsed", "views"]
     header += ["transfer_n", "transfer_mean", "transfer_std", "delta_transfer", "epochs_to_scratch_mean", "run_ids"]
     header += ["delta_final_vs_attention", "best_delta_final_vs_attention"] + [f"att_{c}" for c in TEST_COLUMNS]
+    header += ["loss", "delta_final_vs_default_loss", "best_delta_final_vs_default_loss"] + [f"loss_{c}" for c in TEST_COLUMNS]
     family = _family(rows)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -716,7 +787,9 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             line += [t.n if t else 0, _num(t.mean if t else None), _num(t.std if t else None), _num(r.transfer_delta),
                      _num(e.mean if e else None), " ".join(r.run_ids)]
             line += [_num(r.att_delta.get("last")), _num(r.att_delta.get("best"))]
-            line += _test_values(r, "last", attention=True)
+            line += _test_values(r, "last", against="attention")
+            line += [r.loss, _num(r.loss_delta.get("last")), _num(r.loss_delta.get("best"))]
+            line += _test_values(r, "last", against="loss")
             w.writerow(line)
 
 

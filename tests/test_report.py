@@ -511,3 +511,25 @@ def test_kd_runs_of_another_loss_weighting_get_a_row_of_their_own_paired_with_th
     gain = {"mix": 0.1, "sum": 0.3}  # each KD run against its seed's scratch run
     assert plain.tests["last"].mean == pytest.approx(gain[default])
     assert marked.tests["last"].mean == pytest.approx(gain[other])
+    # Which loss: the marked row against the default one, seed by seed (0.8 - 0.6, 0.9 - 0.7), in a
+    # Holm family of its own; the KD-vs-scratch family keeps its 2 tests (one reading: no best_ metrics).
+    assert marked.loss == other and plain.loss == "" and plain.loss_tests == {}
+    assert marked.loss_delta["last"] == pytest.approx(gain[other] - gain[default])
+    assert (marked.loss_tests["last"].n, marked.loss_tests["last"].mean) == (2, pytest.approx(gain[other] - gain[default]))
+    assert report._family(list(rows.values())) == 2 and report.adjust_loss_family(list(rows.values())) == 1
+    text = format_table(list(rows.values()))
+    assert f"KD under another loss - KD under {default} (the default), paired by seed" in text
+    assert "Loss verdicts, another loss against" in text and "(1 test in its own Holm family;" in text
+
+
+def test_a_loss_row_without_a_default_twin_says_so_and_the_csv_carries_the_loss_columns(tmp_path):
+    other = "sum" if report.KDConfig.weighting == "mix" else "mix"
+    runs = [run("s0", "none", 0, 0.5), run("s1", "none", 1, 0.6), run("p0", "c3d", 0, 0.8), run("p1", "c3d", 1, 0.9)]
+    for r in runs[2:]:
+        r["params"]["kd.weighting"] = other
+    _scratch, marked = aggregate(runs)
+    assert marked.loss_verdict == f"no {report.KDConfig.weighting} runs of this teacher run"
+    write_csv([_scratch, marked], tmp_path / "r.csv")
+    with (tmp_path / "r.csv").open() as f:
+        line = list(csv.DictReader(f))[1]
+    assert (line["loss"], line["loss_verdict"]) == (other, marked.loss_verdict)
