@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -283,8 +284,28 @@ def test_pcl_and_fraction_spec_mistakes_name_the_key(changes, message):
         parse_spec(minimal(**changes))
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "smoke.yaml", "pcl-cpu.yaml", "pcl-paper.yaml",
-                                  "pcl-replication.yaml"])
+def test_the_loss_spec_shares_the_cpu_grids_teachers_and_scratch_twins_and_differs_in_the_loss_only():
+    # cpu-loss.yaml reruns cpu.yaml's RGB-teacher cells under the other weighting; run after
+    # cpu.yaml, its teachers and scratch twins are found finished (same config_hash) and skipped.
+    main, loss = (load_spec(REPO / "experiments" / n) for n in ("cpu.yaml", "cpu-loss.yaml"))
+    assert main.experiment == loss.experiment and {main.weighting, loss.weighting} == {"mix", "sum"}
+    main_cells, loss_cells = plan(main), plan(loss)
+
+    def hashes(cells, role, teacher=None):
+        return {cell_hash(c) for c in cells if c.role == role and (teacher is None or c.teacher == teacher)}
+
+    assert hashes(loss_cells, "teacher") == {cell_hash(c) for c in main_cells
+                                             if c.role == "teacher" and c.cfg.model.modality == "rgb"}
+    assert hashes(loss_cells, "student", "none") == hashes(main_cells, "student", "none")
+    main_kd = {(c.fraction, c.seed, c.teacher_id): c.cfg for c in main_cells if c.role == "student" and c.teacher != "none"}
+    loss_kd = {(c.fraction, c.seed, c.teacher_id): c.cfg for c in loss_cells if c.role == "student" and c.teacher != "none"}
+    assert loss_kd and set(loss_kd) <= set(main_kd)
+    for key, cfg in loss_kd.items():
+        assert dataclasses.replace(cfg, kd=main_kd[key].kd) == main_kd[key]  # the loss is the only difference
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "cpu-loss.yaml", "smoke.yaml", "pcl-cpu.yaml",
+                                  "pcl-paper.yaml", "pcl-replication.yaml"])
 def test_shipped_specs_parse(name):
     spec = load_spec(REPO / "experiments" / name)
     cells = plan(spec)
