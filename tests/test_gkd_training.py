@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ from kdhar.models import MODELS, build_model
 from kdhar.objectives.gkd import GKDStep, attend, build_gkd_net, cvae_loss, feature_shape, ramp_share
 from kdhar.objectives.kd import LogitKD, kd_term
 
-KDHAR = [sys.executable, "-m", "kdhar.cli"]
 CLIP = (8, 56)  # (frames, crop): the CPU preset's clips
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -274,9 +271,9 @@ def tiny_options(root: Path) -> list[str]:
             "--batch-size", "8", "--num-workers", "0", "--threads", "1", "--experiment", "gkd"]
 
 
-def kdhar(args: list[str], uri: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*KDHAR, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def kdhar(cli, args: list[str], uri: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A kdhar command in this process (`cli`: the kdhar_cli fixture), on the store at `uri`."""
+    return cli(*args, cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
@@ -284,10 +281,10 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> dict[int, float
 
 
 @pytest.mark.slow
-def test_attention_teacher_then_gkd_student_end_to_end(local_tracking, gkd_set, tmp_path):
+def test_attention_teacher_then_gkd_student_end_to_end(local_tracking, gkd_set, tmp_path, kdhar_cli):
     client = MlflowClient(local_tracking)
     common = tiny_options(gkd_set)
-    done = kdhar(["train-teacher", "--arch", "c3d", "--attention", "true", "--epochs", "2", "--width", "8", *common],
+    done = kdhar(kdhar_cli, ["train-teacher", "--arch", "c3d", "--attention", "true", "--epochs", "2", "--width", "8", *common],
                  local_tracking, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     [version] = client.search_model_versions("name = 'kdhar-teacher-attention-c3d'")
@@ -300,7 +297,7 @@ def test_attention_teacher_then_gkd_student_end_to_end(local_tracking, gkd_set, 
         assert sorted(metric_steps(client, teacher.info.run_id, key)) == [1, 2], key
 
     # The champion of kdhar-teacher-attention-c3d teaches a student of another architecture and width.
-    done = kdhar(["distill", "--teacher", "c3d", "--student", "r3d_18", "--width", "4", "--kd", "gkd", "--epochs", "2",
+    done = kdhar(kdhar_cli, ["distill", "--teacher", "c3d", "--student", "r3d_18", "--width", "4", "--kd", "gkd", "--epochs", "2",
                   *common], local_tracking, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     exp = client.get_experiment_by_name("gkd").experiment_id
@@ -319,7 +316,7 @@ def test_attention_teacher_then_gkd_student_end_to_end(local_tracking, gkd_set, 
     assert [a.path for a in client.list_artifacts(run_id, "gkd")] == ["gkd/state.pt"]  # it can teach in turn
 
     # The logged student is the attention network: it reloads and scores as it did at the end of training.
-    scored = kdhar(["evaluate", "--model", f"runs:/{run_id}", "--root", str(gkd_set), "--num-workers", "0",
+    scored = kdhar(kdhar_cli, ["evaluate", "--model", f"runs:/{run_id}", "--root", str(gkd_set), "--num-workers", "0",
                     "--threads", "1", "--experiment", "gkd"], local_tracking, tmp_path)
     assert scored.returncode == 0, scored.stderr[-3000:]
     shown = dict(item.split("=") for item in scored.stdout.strip().splitlines()[-1].split(", "))
@@ -339,7 +336,7 @@ def test_attention_teacher_then_gkd_student_end_to_end(local_tracking, gkd_set, 
 
 
 @pytest.mark.slow
-def test_gkd_from_a_teacher_without_attention_is_one_line_error_and_no_run(local_tracking, gkd_set, tmp_path):
+def test_gkd_from_a_teacher_without_attention_is_one_line_error_and_no_run(local_tracking, gkd_set, tmp_path, kdhar_cli):
     from kdhar.config import ClipConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
     from kdhar.train import run_training
 
@@ -353,7 +350,7 @@ def test_gkd_from_a_teacher_without_attention_is_one_line_error_and_no_run(local
     client = MlflowClient(local_tracking)
     exp = client.get_experiment_by_name("gkd").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp])}
-    done = kdhar(["distill", "--teacher", f"runs:/{plain.run_id}", "--student", "r3d_18", "--width", "4", "--kd", "gkd",
+    done = kdhar(kdhar_cli, ["distill", "--teacher", f"runs:/{plain.run_id}", "--student", "r3d_18", "--width", "4", "--kd", "gkd",
                   "--epochs", "1", *tiny_options(gkd_set)], local_tracking, tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
@@ -363,8 +360,8 @@ def test_gkd_from_a_teacher_without_attention_is_one_line_error_and_no_run(local
 
 
 @pytest.mark.slow
-def test_gkd_without_a_teacher_is_the_scratch_plus_attention_baseline(local_tracking, gkd_set, tmp_path):
-    done = kdhar(["distill", "--teacher", "none", "--student", "c3d", "--width", "4", "--kd", "gkd", "--epochs", "1",
+def test_gkd_without_a_teacher_is_the_scratch_plus_attention_baseline(local_tracking, gkd_set, tmp_path, kdhar_cli):
+    done = kdhar(kdhar_cli, ["distill", "--teacher", "none", "--student", "c3d", "--width", "4", "--kd", "gkd", "--epochs", "1",
                   *tiny_options(gkd_set)], local_tracking, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(local_tracking)
