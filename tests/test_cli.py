@@ -64,9 +64,8 @@ def test_boolean_options_take_a_bare_flag_or_a_value(argv, key, expected):
         assert params["epochs"] == 3
 
 
-def test_a_boolean_option_refuses_a_word_that_is_no_boolean_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "kdhar", "evaluate", "--model", "runs:/x/model", "--retrieval", "maybe"],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+def test_a_boolean_option_refuses_a_word_that_is_no_boolean_in_one_line(kdhar_cli):
+    out = kdhar_cli("evaluate", "--model", "runs:/x/model", "--retrieval", "maybe", cwd=ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "'maybe' is not a valid boolean" in out.stderr
 

@@ -109,17 +109,15 @@ def test_disk_filling_up_under_the_default_store_is_one_line_and_no_run_stays_ru
 
 
 @pytest.mark.slow
-def test_disk_full_while_logging_the_model_is_one_line_and_the_run_ends_failed(tiny_ucf, tmp_path):
+def test_disk_full_while_logging_the_model_is_one_line_and_the_run_ends_failed(tiny_ucf, tmp_path, kdhar_cli):
     # The logged model goes to a disk with no room for it (the store and the run's other files have
     # room): three chained tracebacks, and MLflow's own attempt to mark the model FAILED failed too.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store)
     client.create_experiment("model-full", artifact_location=str(tmp_path / "artifacts"))
     with small_disk(tmp_path / "artifacts" / "models", "8k") as models:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-        args = [*KDHAR, "train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--epochs", "1", *TINY_OPTS,
-                "--experiment", "model-full"]
-        out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        out = kdhar_cli("train-teacher", "--arch", "tiny3d", "--root", tiny_ucf, "--epochs", "1", *TINY_OPTS,
+                        "--experiment", "model-full", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": store})
         lines = error_lines(out.stderr)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert len(lines) == 1, out.stderr
