@@ -180,9 +180,11 @@ def distill(
     progress: bool = True,
     extra_tags: dict[str, str] | None = None,
     run_name: str | None = None,
+    stage_models: bool | None = None,
 ) -> RunResult:
     """One student run: KD from `teacher`, or from scratch when teacher is "none" (a detector when
-    `cfg.task` is "detection": score distillation with --kd logit, GKD with --kd gkd)."""
+    `cfg.task` is "detection": score distillation with --kd logit, GKD with --kd gkd). `stage_models`:
+    see `run_training`."""
     d = cfg.data
     if cfg.task == "detection":
         train_index = load_detection_index(d.root, "train", d.split_dir or None, on_missing=d.on_missing)
@@ -216,6 +218,7 @@ def distill(
         register=register,
         device=device,
         progress=progress,
+        stage_models=stage_models,
     )
     if t is not None:
         record_epochs_to_scratch(experiment, res, tags["pair_key"], cfg.optim.seed,
