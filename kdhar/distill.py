@@ -180,9 +180,13 @@ def distill(
     progress: bool = True,
     extra_tags: dict[str, str] | None = None,
     run_name: str | None = None,
+    stage_models: bool | None = None,
+    init_key: str | None = None,
 ) -> RunResult:
     """One student run: KD from `teacher`, or from scratch when teacher is "none" (a detector when
-    `cfg.task` is "detection": score distillation with --kd logit, GKD with --kd gkd)."""
+    `cfg.task` is "detection": score distillation with --kd logit, GKD with --kd gkd). `stage_models`:
+    see `run_training`. `init_key` stands for `init` in the pair key (and is tagged): what the weights
+    are, the same for every seed (a grid's pretraining configuration), where `init` is one run."""
     d = cfg.data
     if cfg.task == "detection":
         train_index = load_detection_index(d.root, "train", d.split_dir or None, on_missing=d.on_missing)
@@ -198,7 +202,8 @@ def distill(
     if init:
         check_init_modality(init, cfg.model.modality)
     init_state = load_init(init) if init else None
-    tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg, init), "teacher_spec": teacher, **(extra_tags or {})}
+    tags = {"student_arch": cfg.model.arch, "pair_key": pair_key(cfg, init_key or init), "teacher_spec": teacher,
+            **({"init_key": init_key} if init_key else {}), **(extra_tags or {})}
     objective = build_objective(cfg, t, cache_teacher=cache_teacher and t is not None, device=device)
     res = run_training(
         cfg,
@@ -216,6 +221,7 @@ def distill(
         register=register,
         device=device,
         progress=progress,
+        stage_models=stage_models,
     )
     if t is not None:
         record_epochs_to_scratch(experiment, res, tags["pair_key"], cfg.optim.seed,

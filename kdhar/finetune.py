@@ -38,11 +38,13 @@ def finetune(
     progress: bool = True,
     explicit: frozenset[str] = frozenset(),
     parent_run_id: str | None = None,
+    stage_models: bool | None = None,
 ) -> RunResult:
     """Fine-tunes `model_uri` on `cfg`'s dataset.
 
     The architecture and width come from the source model, and so do the clip settings (length,
-    interval, resize, crop) except those named in `explicit` (options the user gave).
+    interval, resize, crop) except those named in `explicit` (options the user gave). `stage_models`:
+    see `run_training` (a fine-tune is supervised, so off unless asked).
     """
     from kdhar.evaluation import trained_clip
 
@@ -80,4 +82,5 @@ def finetune(
         device=device,
         progress=progress,
         parent_run_id=parent_run_id,
+        stage_models=stage_models,
     )

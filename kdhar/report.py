@@ -263,17 +263,20 @@ def _loss_mark(run: dict[str, Any]) -> str:
 def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
     tags = run["tags"]
     student = tags.get("student_arch") or tags.get("arch", "?")
-    if tags.get("ssl", "none") != "none":
+    # A grid's `kd_stage: after_ssl` students train supervised from their PCL pretraining.
+    after_ssl = tags.get("kd_stage") == "after_ssl"
+    ssl = "pcl" if after_ssl else tags.get("ssl", "none")
+    if ssl != "none":
         # Students trained inside PCL get tables of their own, beside the supervised ones, and pair
         # with the scratch runs of their own regime.
-        student = f"{student} ({tags['ssl']})"
+        student = f"{student} ({ssl})"
     teacher = tags.get("teacher_arch", SCRATCH)
     marks = [REPORT_MARKS.get(tags.get("method", ""), ""), tags.get("gkd_ablation", ""), _loss_mark(run),
-             "init" if tags.get("init") else ""]
+             "after pcl" if after_ssl else "init" if tags.get("init") else ""]
     if any(marks):
-        # Methods beyond logit KD (GKD's) and runs started from other weights (--init) get rows of
-        # their own, e.g. "c3d [gkd]", "none [init]"; the scratch run with GKD's attention module is
-        # "none [attention]".
+        # Methods beyond logit KD (GKD's) and runs started from other weights (--init; "after pcl"
+        # for a PCL pretraining) get rows of their own, e.g. "c3d [gkd]", "none [init]"; the scratch
+        # run with GKD's attention module is "none [attention]".
         teacher = f"{teacher} [{', '.join(m for m in marks if m)}]"
     # Each teacher run is a row of its own: two teachers of one recipe can teach very differently.
     teacher_run = tags.get("teacher_run_id", "") if not teacher.startswith(SCRATCH) else ""
@@ -282,8 +285,11 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
 
 
 def _recipe(run: dict[str, Any]) -> dict[str, str]:
-    """The run's RECIPE values from its params (a default where it did not log one)."""
+    """The run's RECIPE values from its params (a default where it did not log one); the weights it
+    started from are their `init_key` where it has one (the same for every seed of a row)."""
     params = run.get("params", {})
+    if run["tags"].get("init_key"):
+        params = {**params, "init": run["tags"]["init_key"]}
     return {name: str(params.get(param, default)) for name, param, default in RECIPE
             if param in params or default is not None}
 

@@ -66,6 +66,7 @@ def run_training(
     objective: Objective | None = None,
     device: str | None = None,
     progress: bool = True,
+    stage_models: bool | None = None,
 ) -> RunResult:
     """Trains one model and logs everything to the tracking store.
 
@@ -83,6 +84,9 @@ def run_training(
             checkpoint's configuration must match `cfg` (see `check_resume`).
         allow_config_change: let a resumed run change the RESUME_ALLOWED knobs (tagged on the run).
         epoch_callback: called after each epoch with its metrics; may raise StopTraining.
+        stage_models: also log the model of each paper stage before the last epoch, as the run's
+            model `model-early` / `model-mid` (`runs:/<run id>/model-early`); None: for PCL runs only,
+            the others stay light (each is one more exported model in the store).
 
     Under torchrun (WORLD_SIZE > 1) the run is data-parallel (`kdhar.distributed`): every rank
     trains its share of each global batch, rank 0 alone tracks, evaluates, checkpoints and
@@ -90,7 +94,10 @@ def run_training(
     """
     prep = prepare(cfg, role=role, objective=objective, init_state=init_state, init=init, resume=resume,
                    allow_config_change=allow_config_change, workdir=workdir, device=device, progress=progress)
-    listeners = listeners_for(prep, workdir=workdir, register=register, epoch_callback=epoch_callback)
+    if stage_models is None:
+        stage_models = cfg.pcl.ssl == "pcl"
+    listeners = listeners_for(prep, workdir=workdir, register=register, epoch_callback=epoch_callback,
+                              stage_models=stage_models)
     tracker = open_tracker(prep, experiment, run_name, parent_run_id, tags)
     try:
         run = EpochLoop(prep, listeners).run(tracker)

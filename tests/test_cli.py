@@ -55,6 +55,8 @@ def test_version_and_help_load_no_training_stack(argv):
         (["distill", "--sync-bn", ""], "sync_bn", None),  # MLproject's empty parameter: the preset decides
         (["tune", "--augment", "0"], "augment", False),
         (["finetune", "--model", "runs:/x/model", "--allow-config-change"], "allow_config_change", True),
+        (["pretrain", "--stage-models", "false"], "stage_models", False),
+        (["distill", "--stage-models", ""], "stage_models", None),  # PCL runs keep them, the others not
     ],
 )
 def test_boolean_options_take_a_bare_flag_or_a_value(argv, key, expected):

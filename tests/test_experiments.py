@@ -278,6 +278,8 @@ def test_a_pcl_grid_distils_by_eq_7_and_its_teachers_and_fine_tunes_see_the_stud
     ({"overrides": {"ssl": "pcl"}}, "ssl goes at the top of the spec"),
     ({"fraction_overrides": {0.5: {"epochs": 2}}}, "fraction_overrides: 0.5 is not one of the fractions"),
     ({"fraction_overrides": {0.25: {"crop": 32}}}, "fraction_overrides.0.25 may not set crop"),
+    ({"ssl": "pcl", "kd_stage": "after"}, "kd_stage: 'after' must be one of during_ssl, after_ssl (during_ssl: KD"),
+    ({"kd_stage": "after_ssl"}, "kd_stage: after_ssl distils from an encoder pretrained inside PCL: add ssl: pcl"),
 ])
 def test_pcl_and_fraction_spec_mistakes_name_the_key(changes, message):
     with pytest.raises(SpecError, match=re.escape(message)):
@@ -302,6 +304,33 @@ def test_the_loss_spec_shares_the_cpu_grids_teachers_and_scratch_twins_and_diffe
     assert loss_kd and set(loss_kd) <= set(main_kd)
     for key, cfg in loss_kd.items():
         assert dataclasses.replace(cfg, kd=main_kd[key].kd) == main_kd[key]  # the loss is the only difference
+
+
+def test_kd_after_ssl_pretrains_each_student_inside_pcl_then_trains_it_supervised_from_that_encoder():
+    spec = parse_spec(minimal(seeds=[0, 1], fractions=[0.25], ssl="pcl", kd_stage="after_ssl", overrides={"epochs": 3},
+                              finetune=True, transfer={"name": "hmdb51", "root": "data/hmdb51"}))
+    cells = plan(spec)
+    waves = [c.wave for c in cells]
+    assert waves == sorted(waves, key=["teacher", "pretrain", "scratch", "kd", "finetune"].index)
+    pretrain = [c for c in cells if c.role == "pretrain"]
+    students = [c for c in cells if c.role == "student"]
+    assert len(pretrain) == 3 * 2 and all(c.cfg.pcl.ssl == "pcl" and c.teacher == "none" for c in pretrain)
+    assert (waves.count("scratch"), waves.count("kd")) == (6, 8)  # as reading A: c3d<-r3d_18, r3d_18<-c3d, tiny3d<-both
+    for c in students:  # scratch and KD alike start from their own pretraining, with its recipe, supervised
+        assert any(c.source is p for p in pretrain) and (c.source.arch, c.source.seed) == (c.arch, c.seed)
+        assert c.cfg.pcl.ssl == "none" and c.cfg.model.modality == "res"
+        assert (c.cfg.clip, c.cfg.optim, c.cfg.data) == (c.source.cfg.clip, c.source.cfg.optim, c.source.cfg.data)
+    assert all(c.source.role == "student" for c in cells if c.role == "finetune")  # fine-tunes start from the students
+    kd = next(c for c in students if c.teacher != "none")
+    assert kd.label() == "student c3d (from pcl) <- r3d_18 fraction=0.25 seed=0"
+    assert pretrain[0].label() == "pretrain c3d (pcl) fraction=0.25 seed=0"
+    # A KD cell's hash names its pretraining run as well as its teacher run.
+    assert cell_hash(kd, source_run="a", teacher_run="t") != cell_hash(kd, source_run="b", teacher_run="t")
+    with pytest.raises(ValueError, match="the run it starts from is needed"):
+        cell_hash(kd, teacher_run="t")
+    # KD inside PCL (reading A) stays the default: no pretraining cells.
+    assert parse_spec(minimal(ssl="pcl")).kd_stage == "during_ssl"
+    assert not [c for c in plan(parse_spec(minimal(ssl="pcl"))) if c.role == "pretrain"]
 
 
 @pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "cpu-loss.yaml", "smoke.yaml", "pcl-cpu.yaml",
@@ -442,6 +471,39 @@ def test_grid_runs_resumes_and_reports(store):
     assert not tracking.find_runs("grid", "tags.role = 'report'")  # reports have an experiment of their own
     (logged,) = tracking.find_runs("grid-reports", "tags.role = 'report'")
     assert logged["run_id"] == report.run_id and logged["status"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_kd_after_ssl_grid_distils_from_each_students_pcl_pretraining_and_reports_it_apart(store):
+    from kdhar import tracking
+    from kdhar.experiments import run_grid
+    from kdhar.report import build_report
+
+    from kdhar.data.synthetic import SynthSpec, generate
+
+    # Videos of 12 frames hold a tuple of three 4-frame clips; the teacher sees residual frames too.
+    root = store / "data-pcl" / "ucf101"
+    generate(root, layout="ucf101", spec=SynthSpec(num_classes=3, groups=6, clips_per_group=1, frames=12, size=(32, 48), seed=1))
+    overrides = {**TINY, "pcl_interval": 0, "negatives": 4, "modality": "res"}
+    path = write_spec(store, "after-ssl.yaml", experiment="after-ssl", students=["tiny3d"], ssl="pcl", kd_stage="after_ssl",
+                      overrides=overrides, dataset={"name": "ucf101", "root": str(root)})
+    done = run_grid(path, log=lambda line: None)
+    assert [(o.cell.wave, o.status) for o in done] == [("teacher", "done"), ("pretrain", "done"), ("scratch", "done"),
+                                                       ("kd", "done")]
+    runs = {r["run_id"]: r for r in tracking.find_runs("after-ssl")}
+    teacher, pretrain, scratch, kd = (runs[o.run_id] for o in done)
+    assert pretrain["tags"]["role"] == "pretrain" and pretrain["tags"]["method"] == "pcl-ssl"
+    for student in (scratch, kd):  # supervised from the pretraining run, its stages logged as models
+        assert student["params"]["init"] == f"runs:/{pretrain['run_id']}" == f"runs:/{student['tags']['source_run']}"
+        assert student["tags"]["kd_stage"] == "after_ssl" and student["tags"].get("ssl", "none") == "none"
+        assert student["tags"]["stage_model_late"] == student["tags"]["model_uri"]
+    assert kd["tags"]["teacher_run_id"] == teacher["run_id"] and kd["tags"]["pair_key"] == scratch["tags"]["pair_key"]
+    assert [run_id for _, run_id in grid_status(path)] == [o.run_id for o in done]  # a rerun would skip them all
+
+    rows = {(r.student, r.teacher): r for r in build_report("after-ssl", store / "report-after-ssl").rows}
+    assert set(rows) == {("tiny3d (pcl)", "none [after pcl]"), ("tiny3d (pcl)", "tiny3d [sum, after pcl]")}
+    kd_row, scratch_row = rows[("tiny3d (pcl)", "tiny3d [sum, after pcl]")], rows[("tiny3d (pcl)", "none [after pcl]")]
+    assert kd_row.delta["final"] == pytest.approx(kd_row.acc["final"].mean - scratch_row.acc["final"].mean)
 
 
 def _children(pid: int) -> list[int]:

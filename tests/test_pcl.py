@@ -462,3 +462,33 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
     assert "retrieval_top1" in metrics and not any(k.startswith("test_") for k in metrics)
     [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
     assert set(evaluation.data.metrics) == set(metrics)
+
+
+@pytest.mark.slow
+def test_a_pcl_run_keeps_the_model_and_retrieval_of_each_stage(local_tracking, pcl_set, tmp_path):
+    from kdhar import tracking
+    from kdhar.distill import load_init
+    from kdhar.evaluation import evaluate_model
+
+    cfg = pcl_config(pcl_set, epochs=4)  # stages after epochs 1, 3 and 4
+    pre = run_training(cfg, role="pretrain", experiment="pcl-stages", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False, register=False)
+    run = MlflowClient(local_tracking).get_run(pre.run_id)
+    tags, m = run.data.tags, run.data.metrics
+    # Early and mid are models of their own beside the run's; late is the run's model (its last epoch).
+    assert tags["stage_model_early"].startswith("models:/") and tags["stage_model_mid"].startswith("models:/")
+    assert tags["stage_model_late"] == tags[tracking.MODEL_URI_TAG] == pre.model_uri
+    assert len({tags[f"stage_model_{s}"] for s in ("early", "mid", "late")}) == 3
+    assert tracking.resolve_model_uri(f"runs:/{pre.run_id}") == pre.model_uri  # the run's model is still the last
+    early, last = load_init(f"runs:/{pre.run_id}/model-early"), load_init(f"runs:/{pre.run_id}")
+    assert early.keys() == last.keys() and any(not torch.equal(early[k], last[k]) for k in early)
+    assert load_init(f"runs:/{pre.run_id}/model-mid").keys() == last.keys()
+    # Retrieval is logged at each stage's epoch; the late one is the final retrieval.
+    history = {s: [(h.step, h.value) for h in MlflowClient(local_tracking).get_metric_history(pre.run_id, f"retrieval_top1_{s}")]
+               for s in ("early", "mid", "late")}
+    assert [h[0][0] for h in history.values()] == [1, 3, 4]
+    assert m["retrieval_top1_late"] == m["retrieval_top1"] and m["retrieval_top5_late"] == m["retrieval_top5"]
+    # The early model, scored by `kdhar evaluate --model runs:/<run>/model-early`, retrieves as logged at epoch 1.
+    scored = evaluate_model(f"runs:/{pre.run_id}/model-early", cfg, experiment="pcl-stages", retrieval=True)
+    assert {k: scored[k] for k in ("retrieval_top1", "retrieval_top5")} == {
+        "retrieval_top1": m["retrieval_top1_early"], "retrieval_top5": m["retrieval_top5_early"]}

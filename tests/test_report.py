@@ -533,3 +533,23 @@ def test_a_loss_row_without_a_default_twin_says_so_and_the_csv_carries_the_loss_
     with (tmp_path / "r.csv").open() as f:
         line = list(csv.DictReader(f))[1]
     assert (line["loss"], line["loss_verdict"]) == (other, marked.loss_verdict)
+
+
+def test_kd_after_pcl_rows_hold_every_seed_apart_from_kd_inside_pcl_and_pair_with_their_own_scratch_runs():
+    # Reading B: each seed starts from its own pretraining run (its own --init), the same recipe
+    # (`init_key`) for every seed; reading A's rows of the same student stay rows of their own.
+    def after(run_id, teacher, seed, final):
+        tags = {"kd_stage": "after_ssl", "init": f"runs:/pre{seed}", "init_key": "pretrain-k", "pair_key": "p"}
+        r = run(run_id, teacher, seed, final, tags=tags)
+        r["params"]["init"] = tags["init"]
+        return r
+
+    runs = [run("a0", "none", 0, 0.30, tags={"ssl": "pcl"}), run("b0", "c3d", 0, 0.40, tags={"ssl": "pcl"}),
+            after("s0", "none", 0, 0.5), after("k1", "c3d", 1, 0.8), after("s1", "none", 1, 0.6), after("k0", "c3d", 0, 0.7)]
+    rows = {(r.student, r.teacher): r for r in aggregate(runs)}
+    assert set(rows) == {("r3d_18 (pcl)", "none"), ("r3d_18 (pcl)", "c3d"), ("r3d_18 (pcl)", "none [after pcl]"),
+                         ("r3d_18 (pcl)", "c3d [after pcl]")}
+    after_kd = rows[("r3d_18 (pcl)", "c3d [after pcl]")]
+    assert sorted(after_kd.run_ids) == ["k0", "k1"] and not after_kd.verdict.startswith(("no ", "recipes differ"))
+    assert after_kd.delta["final"] == pytest.approx(0.2) and after_kd.tests["last"].mean == pytest.approx(0.2)
+    assert rows[("r3d_18 (pcl)", "c3d")].delta["final"] == pytest.approx(0.1)

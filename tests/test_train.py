@@ -128,11 +128,16 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
     # Resuming used to reopen a finished run, train on with other settings (--lr ignored, half the
     # data) and leave params saying the old values.
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # --stage-models: a supervised run keeps its stages' models only when asked.
     args = ["train-teacher", "--arch", "tiny3d", "--root", str(tiny_ucf), "--epochs", "2", *TINY_OPTS,
-            "--experiment", "resume"]
+            "--experiment", "resume", "--stage-models", "true"]
     first = kdhar_cli(*args, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
     run_id = first.stdout.split("run ")[1].split(":")[0]
+    tags = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.tags
+    # 2 epochs: early is epoch 1, a model of its own; mid and late are the last epoch, the run's model.
+    assert tags["stage_model_early"].startswith("models:/") and tags["stage_model_early"] != tags["model_uri"]
+    assert tags["stage_model_mid"] == tags["stage_model_late"] == tags["model_uri"]
     ckpt = tmp_path / "runs" / "checkpoints" / run_id / "last.pt"
 
     def resume(*extra: str) -> subprocess.CompletedProcess:
@@ -167,6 +172,10 @@ def test_resume_refuses_a_changed_configuration_and_a_finished_run(tiny_ucf, tmp
     # The early stage of 5 epochs is epoch 2, which the first attempt trained: logged again from its history.
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc_early")] == [(1, test_acc[1]), (2, test_acc[2])]
     assert run.data.metrics["acc_early"] == test_acc[2] and run.data.metrics["acc_late"] == test_acc[5]
+    # Early is now epoch 2, trained before the resume: no model of its own; mid (epoch 4) has one.
+    assert run.data.tags["stage_model_early"] == "none: epoch 2 was trained before the run was resumed with 5 epochs"
+    assert run.data.tags["stage_model_mid"].startswith("models:/") and run.data.tags["stage_model_mid"] != tags["model_uri"]
+    assert run.data.tags["stage_model_late"] == run.data.tags["model_uri"] != tags["model_uri"]
 
 
 def checkpointed_epoch(cfg: RunConfig, workdir: Path, role: str, teacher=None) -> Path:
@@ -335,7 +344,9 @@ def test_piped_run_prints_one_line_per_epoch_with_elapsed_and_remaining(tiny_ucf
     elapsed = [int(m) * 60 + int(s) for m, s in (re.search(r"elapsed (\d+):(\d\d)", line).groups() for line in lines)]
     assert elapsed == sorted(elapsed)
     run_id = out.stdout.split("run ")[1].split(":")[0]
-    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.params["clip.augment"] == "True"
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.data.params["clip.augment"] == "True"
+    assert not any(k.startswith("stage_model_") for k in run.data.tags)  # stage models are PCL runs' default only
 
 
 def test_clock_text_reads_minutes_then_hours():

@@ -144,6 +144,9 @@ RUN_OPTIONS = {
     "resume": click.option("--resume", default=None, help="checkpoint (runs/checkpoints/<run_id>/last.pt) to continue; the same MLflow run is reopened"),
     "allow_config_change": bool_option("--allow-config-change", default=False, show_default=True,
                                        help="with --resume: accept other --epochs/--threads than the checkpoint's"),
+    "stage_models": bool_option("--stage-models",
+                                help="also log the model at the early and mid stages (25/75 % of the epochs) as "
+                                     "runs:/<run>/model-early and model-mid (default: on for PCL runs, off otherwise)"),
 }
 # What scoring a model needs: where the data is and how to cut test clips, nothing about training.
 EVAL_OPTIONS = ("dataset", "root", "split", "split_dir", "size", "modality", "clip_len", "frame_interval", "crop", "test_clips",

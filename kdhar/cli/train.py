@@ -88,7 +88,8 @@ def train_teacher(arch: str, attention: bool, init, **opts) -> None:
     _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="teacher", experiment=opts["experiment"], resume=text_or_none(opts["resume"]),
                        init_state=load_init(text_or_none(init)) if text_or_none(init) else None, init=text_or_none(init),
-                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"])
+                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
+                       stage_models=opts["stage_models"])
     _print_result(res)
 
 
@@ -118,7 +119,7 @@ def distill(teacher: str, student: str, tau, kd_weighting, alpha, lam, init, cac
     res = D.distill(
         cfg, teacher=teacher, init=text_or_none(init), experiment=opts["experiment"], resume=text_or_none(opts["resume"]),
         allow_config_change=bool(opts["allow_config_change"]),
-        device=opts["device"], cache_teacher=bool(cache_teacher),
+        device=opts["device"], cache_teacher=bool(cache_teacher), stage_models=opts["stage_models"],
     )
     _print_result(res)
 
@@ -139,7 +140,7 @@ def pretrain_cmd(arch: str, **opts) -> None:
     _launch(opts, cfg.optim.batch_size)
     res = run_training(cfg, role="pretrain", experiment=opts["experiment"], objective=build_objective(cfg, labels=False),
                        resume=text_or_none(opts["resume"]), allow_config_change=bool(opts["allow_config_change"]),
-                       device=opts["device"])
+                       device=opts["device"], stage_models=opts["stage_models"])
     _print_result(res)
 
 
@@ -156,8 +157,8 @@ def finetune_cmd(model_uri: str, **opts) -> None:
     check_crop_fits(cfg, opts)
     _launch(opts, cfg.optim.batch_size)
     res = finetune(model_uri, cfg, experiment=opts["experiment"], resume=text_or_none(opts["resume"]),
-                       allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
-                   explicit=explicit_clip(opts))
+                   allow_config_change=bool(opts["allow_config_change"]), device=opts["device"],
+                   explicit=explicit_clip(opts), stage_models=opts["stage_models"])
     _print_result(res)
 
 

@@ -45,7 +45,7 @@ from kdhar.cli.options import (
               "(default twice the interval); a restarted single worker waits this long for its own dead trial")
 @pcl_options
 @gkd_options
-@run_options(exclude=("resume", "allow_config_change"))
+@run_options(exclude=("resume", "allow_config_change", "stage_models"))
 def tune_cmd(teacher, student, n_trials, study_name, storage, storage_file, tau, kd_weighting, alpha, lam, space, pruner,
              val_seeds, cache_teacher, dashboard, heartbeat_interval, grace_period, **opts) -> None:
     """Tune the KD temperature, weight and lr with Optuna (trials are nested MLflow runs); with --kd gkd

@@ -119,9 +119,14 @@ SPEC_KEYS = {
     "experiment", "dataset", "transfer", "size", "overrides", "teacher_overrides", "transfer_overrides",
     "teachers", "students", "self_distill", "fractions", "seeds", "teacher_seed", "teacher_seeds", "tau", "lam",
     "weighting", "alpha", "finetune", "cache_teacher", "tuned", "student_overrides", "ssl",
-    "fraction_overrides", "keep_checkpoints", "kd", "recipe", "task",
+    "fraction_overrides", "keep_checkpoints", "kd", "recipe", "task", "kd_stage",
 }
 DATASET_KEYS = {"name", "root", "split", "fraction", "split_dir"}
+# When a PCL grid (`ssl: pcl`) distils, the KD paper's two readings (../shared/methods/pcl.md §4):
+# during_ssl trains each student inside PCL with KD on its action head (reading A); after_ssl
+# pretrains each student inside PCL without labels or teacher, then trains it supervised, with KD
+# or from scratch, from that encoder (reading B).
+KD_STAGES = ("during_ssl", "after_ssl")
 # What `tuned:` may name besides a teacher's name: the studies of the scratch twins, and of every
 # distilled cell whose teacher has no studies of its own.
 TUNED_ARMS = ("scratch", "kd")
@@ -197,6 +202,8 @@ class GridSpec:
     tuned: dict[str, list[str]] = field(default_factory=dict)
     # "pcl": students (scratch and distilled) train inside PCL; teachers and fine-tunes stay supervised.
     ssl: str = "none"
+    # With ssl "pcl": "during_ssl", KD inside PCL, or "after_ssl", KD from a PCL-pretrained encoder (KD_STAGES).
+    kd_stage: str = "during_ssl"
     # A finished cell's model is in the tracking store; its checkpoint (optimizer state and all) is
     # deleted unless this is set (the paper's grid would otherwise leave ~18 GB behind).
     keep_checkpoints: bool = False

@@ -1,7 +1,8 @@
 """A grid's cells: `plan` turns a spec into every run it asks for, in run order, each with the
 `RunConfig` that `build_run_config` makes from its overrides, and `cell_hash` names each cell's run.
 
-Cells come in four waves, each run after the one it needs: teachers, scratch students, distilled
+Cells come in five waves, each run after the one it needs: teachers, PCL pretrainings (`kd_stage:
+after_ssl` only), scratch students (they start from the pretrainings' runs there), distilled
 students (they learn from the teachers' runs), fine-tunes on the transfer dataset (they start from
 the students' runs). Cells of one wave are independent and may train in parallel.
 """
@@ -15,7 +16,7 @@ from typing import Any
 from kdhar import config as C
 from kdhar.experiments.grid import DETECTION_KEYS, OVERRIDES, SIZES, TASKS, DatasetSpec, GridSpec, SpecError, method_overrides
 
-WAVES = ("teacher", "scratch", "kd", "finetune")
+WAVES = ("teacher", "pretrain", "scratch", "kd", "finetune")
 
 # What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
 # the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
@@ -29,10 +30,11 @@ class Cell:
 
     `teacher` is the teacher run's name of a distilled student (its architecture in a grid of one
     run per architecture), "none" for a scratch student and for a teacher cell itself; a teacher
-    cell's own name is `name`. A fine-tune cell carries the student cell whose model it starts from.
+    cell's own name is `name`. A cell that starts from another cell's model carries it as `source`:
+    a fine-tune its student, a student of `kd_stage: after_ssl` its PCL pretraining.
     """
 
-    role: str  # teacher | student | finetune
+    role: str  # teacher | pretrain | student | finetune
     arch: str
     teacher: str
     fraction: float
@@ -62,9 +64,11 @@ class Cell:
     def _label(self) -> str:
         if self.role == "teacher":
             return f"teacher {self.arch}" if self.teacher_id == self.arch else f"teacher {self.teacher_id} ({self.arch})"
+        if self.role == "pretrain":
+            return f"pretrain {self.arch} (pcl) fraction={self.fraction:g} seed={self.seed}"
         if self.role == "student":
             via = "scratch" if self.teacher == "none" else f"<- {self.teacher}"
-            pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else ""
+            pcl = " (pcl)" if self.cfg.pcl.ssl == "pcl" else " (from pcl)" if self.source is not None else ""
             g = self.cfg.gkd
             method = "" if not g.attention else (" [attention]" if self.teacher == "none" else f" [{g.method}]")
             if g.method == "feature":
@@ -210,7 +214,8 @@ def check_override(key: str, value: Any, default: Any) -> None:
 # ---------------------------------------------------------------- the grid's cells
 
 def plan(spec: GridSpec) -> list[Cell]:
-    """Every cell of the grid in run order: teachers, scratch students, distilled students, fine-tunes.
+    """Every cell of the grid in run order: teachers, PCL pretrainings, scratch students, distilled
+    students, fine-tunes.
 
     Raises:
         SpecError: an override that makes some cell's configuration invalid.
@@ -224,13 +229,14 @@ def plan(spec: GridSpec) -> list[Cell]:
              name=name)
         for t, seed, name in spec.teacher_runs()
     ]
+    pretrain: list[Cell] = []
     scratch: list[Cell] = []
     kd: list[Cell] = []
     for s in spec.students:
         for frac in spec.fractions:
             for seed in spec.seeds:
-                _student_cells(spec, s, frac, seed, scratch, kd)
-    return teachers + scratch + kd + _finetune_cells(spec, scratch + kd)
+                _student_cells(spec, s, frac, seed, pretrain, scratch, kd)
+    return teachers + pretrain + scratch + kd + _finetune_cells(spec, scratch + kd)
 
 
 def _shared(spec: GridSpec) -> dict[str, Any]:
@@ -242,10 +248,13 @@ def _shared(spec: GridSpec) -> dict[str, Any]:
     return {"normalize": C.PCL_PROTOCOL["clip"]["normalize"], **spec.overrides}
 
 
-def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: list[Cell], kd: list[Cell]) -> None:
+def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, pretrain: list[Cell], scratch: list[Cell],
+                   kd: list[Cell]) -> None:
     """Adds one student's cells at one fraction and seed: its scratch run (and, with GKD, its
     attention twin) to `scratch`, one distilled run per KD method and teacher run to `kd`. Every
-    cell takes the grid's recipe, so the rows differ in their method alone."""
+    cell takes the grid's recipe, so the rows differ in their method alone. With `kd_stage:
+    after_ssl`, its label-free PCL pretraining goes to `pretrain`, and the scratch and distilled
+    runs start from it, supervised, with the pretraining's recipe (clips, optimiser, schedule)."""
     overrides = {**spec.overrides, **spec.student_overrides.get(arch, {})}
     if spec.ssl != "none":
         overrides["ssl"] = spec.ssl
@@ -255,14 +264,23 @@ def _student_cells(spec: GridSpec, arch: str, frac: float, seed: int, scratch: l
                                 overrides={**overrides, **spec.fraction_overrides.get(frac, {}), **method},
                                 recipe=spec.cell_recipe, task=spec.task)
 
-    scratch.append(Cell("student", arch, "none", frac, seed, config()))
-    if spec.attention:  # the attention module without a teacher, GKD's own baseline
-        scratch.append(Cell("student", arch, "none", frac, seed, config(attention=True)))
-    for method in spec.kd_methods:
-        cfg = config(**method_overrides(method))
-        kd += [Cell("student", arch, name, frac, seed, cfg) for t, _, name in spec.teacher_runs()
-               if t.arch != arch or spec.self_distill]
+    source = None
+    if spec.kd_stage == "after_ssl":
+        source = Cell("pretrain", arch, "none", frac, seed, config())
+        pretrain.append(source)
 
+    def student(teacher: str, **method: Any) -> Cell:
+        cfg = config(**method)
+        if source is not None:  # supervised from the pretraining, with its recipe
+            cfg = dataclasses.replace(cfg, pcl=dataclasses.replace(cfg.pcl, ssl="none"))
+        return Cell("student", arch, teacher, frac, seed, cfg, source=source)
+
+    scratch.append(student("none"))
+    if spec.attention:  # the attention module without a teacher, GKD's own baseline
+        scratch.append(student("none", attention=True))
+    for method in spec.kd_methods:
+        kd += [student(name, **method_overrides(method)) for t, _, name in spec.teacher_runs()
+               if t.arch != arch or spec.self_distill]
 
 def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
     """One fine-tune on the transfer dataset per student cell, if the spec asks for them."""
@@ -283,17 +301,19 @@ def cell_hash(cell: Cell, *, source_run: str | None = None, teacher_run: str | N
 
     A distilled student's hash names the teacher architecture and the run of the teacher it is
     distilled from (`teacher_run`), so a retrained champion teacher makes its students run again.
-    A fine-tune's hash names the run it starts from (`source_run`).
+    A cell with a `source` (a fine-tune, a student of `kd_stage: after_ssl`) names the run it starts
+    from (`source_run`).
     """
     from kdhar.train import config_hash
 
-    if cell.role == "finetune":
+    init = None
+    if cell.source is not None:
         if source_run is None:
             raise ValueError(f"{cell.label()}: the run it starts from is needed for its hash")
-        return config_hash(cell.cfg, None, f"runs:/{source_run}")
+        init = f"runs:/{source_run}"
     if cell.role == "student" and cell.teacher != "none":
         if teacher_run is None:
             raise ValueError(f"{cell.label()}: the teacher's run id is needed for its hash")
-        return config_hash(cell.cfg, f"{cell.teacher}@{teacher_run}", None)
-    # Teachers and scratch students share this form; the role tag tells them apart.
-    return config_hash(cell.cfg, None, None)
+        return config_hash(cell.cfg, f"{cell.teacher}@{teacher_run}", init)
+    # Teachers, pretrainings and scratch students share this form; the role tag tells them apart.
+    return config_hash(cell.cfg, None, init)

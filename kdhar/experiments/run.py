@@ -87,8 +87,8 @@ def run_grid(
 def grid_status(spec_path: str | Path, experiment: str | None = None) -> list[tuple[Cell, str | None]]:
     """Every cell of a spec in run order with the FINISHED run that already covers it (or None).
 
-    What `run_grid` would skip; a distilled cell whose teacher has not finished yet, or a fine-tune
-    whose source has not, counts as not done.
+    What `run_grid` would skip; a distilled cell whose teacher has not finished yet, or a cell whose
+    source (a fine-tune's student, a student's pretraining) has not, counts as not done.
     """
     spec = load_spec(spec_path)
     exp = experiment or spec.experiment
@@ -99,7 +99,7 @@ def grid_status(spec_path: str | Path, experiment: str | None = None) -> list[tu
     for i, cell in enumerate(cells):
         source_run = done.get(position[id(cell.source)]) if cell.source is not None else None
         teacher_run = teacher_runs.get(cell.teacher) if cell.wave == "kd" else None
-        if (cell.wave == "kd" and teacher_run is None) or (cell.role == "finetune" and source_run is None):
+        if (cell.wave == "kd" and teacher_run is None) or (cell.source is not None and source_run is None):
             done[i] = None
             continue
         done[i] = finished_run(exp, cell.role, cell_hash(cell, source_run=source_run, teacher_run=teacher_run))
@@ -225,11 +225,18 @@ class _GridRun:
 
 def _cell_tags(cell: Cell, source_run: str | None) -> dict[str, str]:
     """A fine-tune's tags naming the student run it starts from; a distilled cell's teacher name in the
-    spec (`grid_teacher`, e.g. c3d-res-s1), which says which recipe and seed taught it; none for others."""
-    if cell.wave == "kd":
-        return {"grid_teacher": cell.teacher}
+    spec (`grid_teacher`, e.g. c3d-res-s1), which says which recipe and seed taught it; a student of
+    `kd_stage: after_ssl` its pretraining run (`source_run`) and that run's configuration without
+    the seed (`init_key`: so its row holds every seed, paired with the scratch run of its own seed);
+    none for others."""
+    tags = {"grid_teacher": cell.teacher} if cell.wave == "kd" else {}
+    if cell.role == "student" and cell.source is not None:
+        from kdhar.distill import pair_key
+
+        return {**tags, "source_run": source_run or "", "kd_stage": "after_ssl",
+                "init_key": f"pretrain-{pair_key(cell.source.cfg)}"}
     if cell.role != "finetune":
-        return {}
+        return tags
     src = cell.source
     return {
         "source_run": source_run or "",

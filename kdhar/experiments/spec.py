@@ -21,6 +21,7 @@ from kdhar import config as C
 from kdhar.experiments.grid import (
     DATASET_KEYS,
     GRID_METHODS,
+    KD_STAGES,
     MODEL_OVERRIDES,
     SPEC_KEYS,
     TUNED_ARMS,
@@ -219,6 +220,7 @@ class _SpecReader:
             cache_teacher=self.flag("cache_teacher"),
             tuned=tuned,
             ssl=str(ssl),
+            kd_stage=self.kd_stage(ssl),
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
             task=self.task(ssl, kd_methods, finetune),
@@ -302,6 +304,15 @@ class _SpecReader:
             raise self.fail("ssl goes at the top of the spec (ssl: pcl), where it applies to the students only; "
                             "teachers and fine-tunes stay supervised")
         return ssl
+
+    def kd_stage(self, ssl: str) -> str:
+        stage = self.raw.get("kd_stage", "during_ssl")
+        if stage not in KD_STAGES:
+            raise self.fail(f"kd_stage: {stage!r} must be one of {', '.join(KD_STAGES)} (during_ssl: KD inside PCL; "
+                            "after_ssl: KD from an encoder pretrained inside PCL)")
+        if stage == "after_ssl" and ssl != "pcl":
+            raise self.fail("kd_stage: after_ssl distils from an encoder pretrained inside PCL: add ssl: pcl")
+        return stage
 
     def kd_methods(self, ssl: str) -> list[str]:
         methods = self.raw.get("kd", ["logit"])

@@ -45,13 +45,16 @@ def log_run_model(
     name: str,
     input_example: np.ndarray,
     registered_name: str | None = None,
+    run_model: bool = True,
 ) -> LoggedModelRef:
     """Logs `model` as a LoggedModel of run `run_id`, optionally as a new registry version.
 
     The model is exported with torch.export on the CPU in eval mode, so it loads on any
     machine and behaves as at evaluation time. `input_example` must hold a batch of at least
     2 so the exported graph keeps the batch size free (other dimensions are fixed).
-    The version gets the run's standard tags, which `promote_champion` relies on.
+    The version gets the run's standard tags, which `promote_champion` relies on. `run_model`
+    makes it the run's own model (`runs:/<run_id>` resolves to it); off for a model the run keeps
+    beside it (a stage's, `runs:/<run_id>/<name>`).
 
     Raises:
         TrackingError: `run_id` is not the innermost run open in this thread (MLflow logs there).
@@ -98,7 +101,8 @@ def log_run_model(
         tag_version(client, registered_name, version, run_tags)
     # The run names its model, so `runs:/<run_id>` (and the grid's teacher lookups) need not
     # know the model's name.
-    client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+    if run_model:
+        client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
     return LoggedModelRef(
         model_uri=info.model_uri,
         model_id=info.model_id,

@@ -337,10 +337,11 @@ class RunTracker:
         name: str,
         input_example: np.ndarray,
         registered_name: str | None = None,
+        run_model: bool = True,
     ) -> LoggedModelRef:
         """Sends pending metrics, then logs `model` as a LoggedModel of this run (see `log_run_model`)."""
         self.flush()
-        return log_run_model(self._client, self.run_id, model, name, input_example, registered_name)
+        return log_run_model(self._client, self.run_id, model, name, input_example, registered_name, run_model)
 
     def promote_champion(
         self,

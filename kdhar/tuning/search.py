@@ -273,6 +273,7 @@ class TrialObjective:
                 teacher=self.teacher, experiment=self.experiment, parent_run_id=self.parent_id,
                 epoch_callback=on_epoch if k == 0 else None, register=False, cache_teacher=self.cache_teacher,
                 progress=False, extra_tags=self._tags(trial), device=self.device, run_name=name,
+                stage_models=False,  # a trial's models are never scored or fine-tuned
             )
         except BaseException:
             for run_id in trial_run_ids(self.experiment, self.study.study_name, trial.number):

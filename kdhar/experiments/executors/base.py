@@ -73,14 +73,22 @@ def run_cell(
 
         res = run_training(cell.cfg, role="teacher", experiment=experiment, tags=tags, device=device,
                            progress=progress, resume=resume)
+    elif cell.role == "pretrain":
+        from kdhar.objectives import build_objective
+        from kdhar.train import run_training
+
+        res = run_training(cell.cfg, role="pretrain", experiment=experiment, objective=build_objective(cell.cfg, labels=False),
+                           tags=tags, device=device, progress=progress, resume=resume)
     elif cell.role == "student":
         from kdhar.distill import distill
 
+        after_ssl = cell.source is not None  # starts from its PCL pretraining; its stages are this run's
         res = distill(cell.cfg, teacher=teacher_uri or "none", experiment=experiment, device=device, extra_tags=tags,
                       # the logit cache holds logits, which only logit KD reads
                       cache_teacher=cache_teacher and cell.teacher != "none" and cell.cfg.gkd.method == "logit"
                       and not cell.cfg.gkd.attention,
-                      progress=progress, resume=resume)
+                      progress=progress, resume=resume, init=f"runs:/{tags['source_run']}" if after_ssl else None,
+                      init_key=tags.get("init_key"), stage_models=True if after_ssl else None)
     else:
         from kdhar.finetune import finetune
 

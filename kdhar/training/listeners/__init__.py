@@ -10,16 +10,19 @@ from kdhar.training.listeners.outcome import FinalReport, LoggedModel, Objective
 from kdhar.training.listeners.records import EpochCallback, MetricLogger, ProgressPrinter, RunRecord
 from kdhar.training.listeners.scores import (AttentionHealth, Evaluation, ObjectiveValidation, PlateauSchedule,
                                              ShareMetrics, StageAccuracy, StuckWatch)
+from kdhar.training.listeners.stages import StageModels, StageRetrieval
 from kdhar.training.loop import Listener
 from kdhar.training.prepare import Prepared
 
 
 def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
-                  epoch_callback: Callable[[int, dict[str, float]], None] | None) -> list[Listener]:
+                  epoch_callback: Callable[[int, dict[str, float]], None] | None,
+                  stage_models: bool = False) -> list[Listener]:
     """The listeners of one run, in the order each event reaches them. Under torchrun, rank 0 alone
     scores, checkpoints, logs the model and registers; every rank steps the plateau schedule and
-    calls the epoch callback on rank 0's metrics, so all stop together."""
-    main, objective = prep.main, prep.objective
+    calls the epoch callback on rank 0's metrics, so all stop together. `stage_models`: also log
+    each stage's model (`StageModels`)."""
+    main, objective, epochs = prep.main, prep.objective, prep.cfg.optim.epochs
     around_epochs = [
         *([RunRecord()] if main else []),
         # every run with labels; label-free pretraining scores a pretext task of its own
@@ -37,9 +40,10 @@ def listeners_for(prep: Prepared, *, workdir: str | Path, register: bool,
         *([EpochCallback(epoch_callback)] if epoch_callback is not None else []),
     ]
     outcome = [
-        *([ObjectiveMetrics()] if objective.final_metrics else []),
+        *([ObjectiveMetrics(), StageRetrieval(epochs)] if objective.final_metrics else []),
         FinalReport(),
         LoggedModel(),
+        *([StageModels(epochs)] if stage_models else []),
         *([Registry()] if register else []),
     ]
     return around_epochs + (outcome if main else [])
