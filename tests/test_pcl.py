@@ -441,7 +441,8 @@ def test_videos_too_short_for_any_tuple_are_one_clear_error(local_tracking, pcl_
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval(local_tracking, pcl_set, tmp_path):
+def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval_and_probe(local_tracking, pcl_set,
+                                                                                           tmp_path):
     # One epoch of label-free pretraining makes a real encoder whose classifier never saw a label.
     from kdhar.evaluation import evaluate_model
 
@@ -451,7 +452,7 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
     uri = f"runs:/{pre.run_id}"
     scoring = RunConfig(data=cfg.data, clip=cfg.clip, optim=cfg.optim)
     with pytest.raises(ValueError, match=rf"model {uri} is a label-free \(self-supervised\) encoder: its classifier "
-                                         r"was never trained.*--retrieval.*kdhar finetune --model"):
+                                         r"was never trained.*--retrieval or --probe.*kdhar finetune --model"):
         evaluate_model(uri, scoring, experiment="pcl-eval")
     client = MlflowClient(local_tracking)
     exp = client.get_experiment_by_name("pcl-eval").experiment_id
@@ -459,6 +460,16 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
 
     # Its features are what it learned: --retrieval scores them, and nothing of the untrained head.
     metrics = evaluate_model(uri, scoring, experiment="pcl-eval", retrieval=True)
-    assert "retrieval_top1" in metrics and not any(k.startswith("test_") for k in metrics)
+    assert "retrieval_top1" in metrics and not any(k.startswith(("test_", "probe_")) for k in metrics)
     [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
     assert set(evaluation.data.metrics) == set(metrics)
+
+    # --probe fits a linear classifier on the frozen features of every video of the training list
+    # (the short one included) and scores the test videos with it.
+    probed = evaluate_model(uri, scoring, experiment="pcl-eval", probe=True)
+    listed = len(load_index("ucf101", str(pcl_set), 1, "train").samples)
+    assert probed["probe_train_videos"] == listed and 0.0 <= probed["probe_top1"] <= 1.0
+    assert "probe_top5" not in probed  # 3 classes: every video would be a hit
+    assert not any(k.startswith(("test_", "retrieval_")) for k in probed)
+    run = next(r for r in client.search_runs([exp], "tags.role = 'evaluation'") if r.data.tags["scored"] == "probe")
+    assert run.data.metrics["probe_top1"] == probed["probe_top1"] and run.info.status == "FINISHED"
