@@ -473,3 +473,45 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
     assert not any(k.startswith(("test_", "retrieval_")) for k in probed)
     run = next(r for r in client.search_runs([exp], "tags.role = 'evaluation'") if r.data.tags["scored"] == "probe")
     assert run.data.metrics["probe_top1"] == probed["probe_top1"] and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_pcl_model_fine_tunes_as_pcls_code_by_default_and_plain_when_told(local_tracking, pcl_set, tmp_path):
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.experiments import DatasetSpec, build_run_config
+    from kdhar.finetune import finetune
+
+    cfg = pcl_config(pcl_set, epochs=1)
+    pre = run_training(cfg, role="pretrain", experiment="pcl-ft", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False, register=False)
+    hmdb = tmp_path / "hmdb51"
+    generate(hmdb, "hmdb51", SynthSpec(num_classes=3, groups=6, clips_per_group=2, frames=16, size=(48, 64), seed=6))
+    common = ["--dataset", "hmdb51", "--root", str(hmdb), "--epochs", "2", "--val-fraction", "0.3", "--test-clips", "1",
+              "--batch-size", "8", "--num-workers", "0", "--threads", "1", "--experiment", "pcl-ft"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
+    done = subprocess.run([*KDHAR, "finetune", "--model", f"runs:/{pre.run_id}", *common], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(local_tracking)
+    [ft] = client.search_runs([client.get_experiment_by_name("pcl-ft").experiment_id], "tags.role = 'finetune'")
+    p, m = ft.data.params, ft.data.metrics
+    # PCL's ft_classify.py: lr x0.1 on a validation-loss plateau, no warm-up, no colour augmentation,
+    # and the test accuracy of the epoch of lowest validation loss, the weights best.pt keeps.
+    assert (p["finetune.protocol"], ft.data.tags["finetune_protocol"]) == ("pcl", "pcl")
+    assert (p["optim.schedule"], p["optim.plateau_patience"], p["optim.warmup"], p["clip.augment"]) == (
+        "plateau", "2", "0.0", "False")
+    assert {"plateau_scale", "sel_acc_late", "sel_epoch_late", "val_loss"} <= set(m)
+    history = client.get_metric_history(ft.info.run_id, "val_loss")
+    lowest = min(history, key=lambda h: (h.value, h.step))
+    assert m["sel_epoch_late"] == lowest.step
+    best = load_checkpoint(tmp_path / "runs" / "checkpoints" / ft.info.run_id / "best.pt")
+    assert best["epoch"] == lowest.step and best["val_loss"] == pytest.approx(lowest.value)
+
+    # Told plain, it trains as any supervised run of its size and selects by validation accuracy.
+    plain_cfg = build_run_config("tiny3d", size="cpu", dataset=DatasetSpec("hmdb51", str(hmdb)), fraction=1.0, seed=0,
+                                 overrides={"epochs": 2, "val_fraction": 0.3, "test_clips": 1, "batch_size": 8,
+                                            "num_workers": 0, "threads": 1, "finetune_protocol": "plain"})
+    plain = finetune(f"runs:/{pre.run_id}", plain_cfg, experiment="pcl-ft", progress=False)
+    run = client.get_run(plain.run_id)
+    assert "finetune.protocol" not in run.data.params and run.data.tags["finetune_protocol"] == "plain"
+    assert run.data.params["optim.schedule"] == "cosine" and "sel_acc_late" not in run.data.metrics
