@@ -104,7 +104,7 @@ def tiny_hmdb(tmp_path_factory) -> Path:
 
 
 def test_a_ucf101_model_is_scored_on_hmdb51_by_retrieval_and_probe_but_never_by_accuracy(
-        local_tracking, tiny_set, tiny_hmdb, tmp_path):
+        local_tracking, tiny_set, tiny_hmdb, tmp_path, kdhar_cli):
     from kdhar.data.index import load_index
     from kdhar.evaluation import evaluate_model
 
@@ -127,10 +127,8 @@ def test_a_ucf101_model_is_scored_on_hmdb51_by_retrieval_and_probe_but_never_by_
     assert not client.search_runs([exp], "tags.role = 'evaluation'")
 
     # Its features are scored: HMDB51's test videos against HMDB51's whole training list.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
-    done = subprocess.run([*KDHAR, "evaluate", "--model", uri, "--dataset", "hmdb51", "--root", str(tiny_hmdb),
-                           "--retrieval", "true", "--probe", "true", "--num-workers", "0", "--experiment", "eval"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = kdhar_cli("evaluate", "--model", uri, "--dataset", "hmdb51", "--root", tiny_hmdb, "--retrieval", "true",
+                     "--probe", "true", "--num-workers", "0", "--experiment", "eval", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     printed = dict(item.split("=") for item in done.stdout.strip().split(", "))
     assert "retrieval_top1" in printed and "probe_top1" in printed and not any(k.startswith("test_") for k in printed)

@@ -476,7 +476,8 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
 
 
 @pytest.mark.slow
-def test_a_pcl_model_fine_tunes_as_pcls_code_by_default_and_plain_when_told(local_tracking, pcl_set, tmp_path):
+def test_a_pcl_model_fine_tunes_as_pcls_code_by_default_and_plain_when_told(local_tracking, pcl_set, tmp_path,
+                                                                           kdhar_cli):
     from kdhar.checkpoint import load_checkpoint
     from kdhar.experiments import DatasetSpec, build_run_config
     from kdhar.finetune import finetune
@@ -488,9 +489,7 @@ def test_a_pcl_model_fine_tunes_as_pcls_code_by_default_and_plain_when_told(loca
     generate(hmdb, "hmdb51", SynthSpec(num_classes=3, groups=6, clips_per_group=2, frames=16, size=(48, 64), seed=6))
     common = ["--dataset", "hmdb51", "--root", str(hmdb), "--epochs", "2", "--val-fraction", "0.3", "--test-clips", "1",
               "--batch-size", "8", "--num-workers", "0", "--threads", "1", "--experiment", "pcl-ft"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": local_tracking}
-    done = subprocess.run([*KDHAR, "finetune", "--model", f"runs:/{pre.run_id}", *common], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    done = kdhar_cli("finetune", "--model", f"runs:/{pre.run_id}", *common, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(local_tracking)
     [ft] = client.search_runs([client.get_experiment_by_name("pcl-ft").experiment_id], "tags.role = 'finetune'")
