@@ -137,6 +137,9 @@ class OptimConfig:
     # schedule "plateau": a new minimum must beat the best by this share (ReduceLROnPlateau's default
     # relative threshold, which PCL's code keeps); 0 counts any decrease.
     plateau_threshold: float = 1e-4
+    # schedule "plateau": epochs without a new minimum before the lr drops x0.1 (PCL's Table 1: 50;
+    # its fine-tuning code: 30)
+    plateau_patience: int = 50
 
 
 KD_WEIGHTINGS = ("mix", "sum", "balanced")
@@ -215,6 +218,29 @@ class PCLConfig:
         if self.contrast == "nce":
             out.update(negatives=self.negatives, momentum=self.momentum)
         return out
+
+
+FINETUNE_PROTOCOLS = ("plain", "pcl")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How a fine-tune trains and which of its epochs it reports (`kdhar finetune --protocol`).
+
+    "plain": as any supervised run of its size (its schedule, augmentation and warm-up), the last
+    epoch reported. "pcl": the public PCL code's `ft_classify.py` (../shared/methods/pcl.md §5.3), the
+    default for a model trained inside PCL: `PCL_FINETUNE_PRESET` on top of the size preset
+    (no colour augmentation or flip, no warm-up, ReduceLROnPlateau on the validation loss with
+    patience 30; at the paper's size also SGD at lr 1e-3, batch 8, 150 epochs), and the epoch of
+    lowest validation loss selects (`best.pt`, `sel_acc_*`: that epoch's test accuracy, what
+    upstream reports), beside the last epoch's (`final_test_*`).
+    """
+
+    protocol: str = "plain"
+
+    def method_params(self) -> dict[str, Any]:
+        """What a fine-tune logs as finetune.*: nothing for "plain", so other runs keep their identity."""
+        return {} if self.protocol == "plain" else {"protocol": self.protocol}
 
 
 KD_METHODS = ("logit", "feature", "gkd", "gkd+logit")
@@ -328,6 +354,20 @@ PCL_CPU_PRESET: dict[str, dict[str, Any]] = {
     "optim": PCL_PROTOCOL["optim"],
     "pcl": {"interval": 2},
 }
+# PCL's fine-tuning (`FinetuneConfig` "pcl"; its code's ft_classify.py), on top of the size preset:
+# one random crop per video with no colour augmentation and no flip, no warm-up, the lr x0.1 after
+# 30 epochs without a lower validation loss (min 1e-5). At the paper's size also its SGD: lr 1e-3,
+# momentum 0.9, weight decay 5e-4, batch 8, 150 epochs. At size cpu the CPU preset's lr, batch and
+# epochs stay (1e-3 leaves a 12-epoch run near chance) and the patience keeps upstream's share of
+# the epochs (30 of 150: 2 of 12).
+_PCL_FINETUNE: dict[str, dict[str, Any]] = {"clip": {"augment": False, "hflip": False},
+                                             "optim": {"schedule": "plateau", "warmup": 0.0}}
+PCL_FINETUNE_PRESET: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"clip": _PCL_FINETUNE["clip"],
+              "optim": {**_PCL_FINETUNE["optim"], "plateau_patience": 30, "lr": 1e-3, "momentum": 0.9,
+                        "weight_decay": 5e-4, "batch_size": 8, "epochs": 150}},
+    "cpu": {"clip": _PCL_FINETUNE["clip"], "optim": {**_PCL_FINETUNE["optim"], "plateau_patience": 2}},
+}
 # GKD's recipe, per size: what every student of a grid with `recipe: gkd` trains with (scratch,
 # scratch + attention, logit KD, feature KD and GKD alike, so that they are matched twins), its
 # teachers too, and any single run with the attention module. At the paper's size it is the
@@ -400,6 +440,8 @@ def check_run_config(cfg: RunConfig) -> None:
     need(finite(o.grad_clip) and o.grad_clip >= 0, "grad_clip", o.grad_clip, "must be >= 0 (0 turns clipping off)")
     need(finite(o.plateau_threshold) and 0 <= o.plateau_threshold < 1, "plateau_threshold", o.plateau_threshold,
          "must be in [0, 1) (ReduceLROnPlateau's default: 1e-4)")
+    need(isinstance(o.plateau_patience, int) and o.plateau_patience >= 0, "plateau_patience", o.plateau_patience,
+         "must be a whole number of epochs >= 0")
     need(o.threads >= 1, "threads", o.threads, "must be at least 1")
     need(m.width >= 1, "width", m.width, "must be at least 1")
     need(finite(m.dropout) and 0 <= m.dropout < 1, "dropout", m.dropout, "must be in [0, 1)")
@@ -418,6 +460,7 @@ def check_run_config(cfg: RunConfig) -> None:
     need(finite(d.fraction) and 0 < d.fraction <= 1, "fraction", d.fraction, "must be in (0, 1]")
     _check_pcl(cfg, need, finite)
     _check_kd(cfg, need, finite)
+    _check_finetune(cfg, need)
     need(cfg.task in TASKS, "task", cfg.task, f"must be one of {', '.join(TASKS)}")
     if cfg.task == "detection":
         _check_detection(cfg, need, finite)
@@ -444,6 +487,17 @@ def _check_pcl(cfg: RunConfig, need: Any, finite: Any) -> None:
         size = -(-c.clip_len // 4)
         need(-(-c.clip_len // size) == 4, "clip_len", c.clip_len,
              "torch.chunk must split it into 4 temporal chunks for PCL's chunk swap (e.g. 8, 10 or 16)")
+
+
+def _check_finetune(cfg: RunConfig, need: Any) -> None:
+    """The fine-tuning protocol, and the validation split PCL's one selects and schedules by."""
+    f = cfg.finetune
+    need(f.protocol in FINETUNE_PROTOCOLS, "protocol", f.protocol, f"must be one of {', '.join(FINETUNE_PROTOCOLS)}")
+    if f.protocol == "pcl":
+        need(cfg.data.val_fraction > 0, "val_fraction", cfg.data.val_fraction,
+             "PCL's fine-tuning drops its lr and picks its epoch by the validation loss: give --val-fraction > 0 "
+             "(default 0.1), or --protocol plain")
+        need(cfg.pcl.ssl == "none", "ssl", cfg.pcl.ssl, "a fine-tune is supervised: leave --ssl pcl out")
 
 
 def _check_kd(cfg: RunConfig, need: Any, finite: Any) -> None:
@@ -532,6 +586,7 @@ class RunConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     det: DetectionConfig = field(default_factory=DetectionConfig)
     feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # acts for fine-tunes only
 
     def params(self, kd: bool = True) -> dict[str, Any]:
         """`section.field` -> value; kd=False leaves the distillation knobs out (runs without a teacher),
@@ -541,6 +596,7 @@ class RunConfig:
         out = to_params(data=self.data, clip=self.clip, model=self.model, optim=self.optim)
         out.update({f"pcl.{k}": v for k, v in self.pcl.method_params().items()})
         out.update({f"gkd.{k}": v for k, v in self.gkd.method_params(teacher=kd).items()})
+        out.update({f"finetune.{k}": v for k, v in self.finetune.method_params().items()})
         if self.task == "detection":
             out["task"] = self.task
             out.update(to_params(window=self.window))

@@ -33,22 +33,27 @@ def trained_clip(cfg: RunConfig, trained: dict, explicit: frozenset[str] = froze
 
 def evaluate_model(
     model_uri: str, cfg: RunConfig, *, experiment: str, device: str | None = None, explicit: frozenset[str] = frozenset(),
-    parent_run_id: str | None = None, retrieval: bool = False,
+    parent_run_id: str | None = None, retrieval: bool = False, probe: bool = False,
 ) -> dict[str, float]:
     """Evaluates a logged model on the test split and records the result as an `evaluation` run.
 
     Clip length, frame interval, resize and crop come from the model's training run, except the
     ones named in `explicit` (options the user gave). `retrieval`: also top-k clip retrieval of the
-    test videos against the whole training list (`kdhar.retrieval`). A label-free encoder (PCL
-    pretraining) has an untrained classifier, so only its retrieval is scored.
+    test videos against the whole training list (`kdhar.retrieval`); `probe`: also a linear probe
+    fitted on the frozen features of the whole training list and scored on the test videos
+    (`kdhar.probe`). Both read the trunk's features only, so they score a label-free encoder (PCL
+    pretraining, whose classifier is untrained) and a model of another class set (a UCF101 model
+    on HMDB51); neither has its accuracy scored.
 
     Raises:
-        ValueError: the model's classes differ from the dataset's, explicit clip settings the
-            exported model cannot take, or a label-free encoder without `retrieval`.
+        ValueError: the model's classes differ from the dataset's and no feature score is asked,
+            explicit clip settings the exported model cannot take, or a label-free encoder without
+            `retrieval` or `probe`.
     """
     dev = pick_device(device)
     run_id = tracking.model_run_id(model_uri)
-    label_free = _check_scorable(model_uri, run_id, retrieval)
+    features = retrieval or probe
+    label_free = _check_scorable(model_uri, run_id, features)
     trained = tracking.load_run_dict(run_id, "config.json")
     if trained.get("task") == "detection":
         raise ValueError(f"model {model_uri} is a temporal detector: score it with `kdhar detect evaluate --model {model_uri}`")
@@ -60,35 +65,53 @@ def evaluate_model(
                          f"--modality {cfg.model.modality} cannot apply to it: leave --modality out")
     splits = load_splits(cfg)
     classes = tracking.load_run_dict(run_id, "classes.json")["classes"]
+    classify = not label_free and _classes_fit(model_uri, classes, splits.classes, features)
     ds = VideoClipDataset(splits.test, cfg.clip, train=False, on_bad=cfg.data.on_bad)
     loader = make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=0, pin_memory=dev.type == "cuda")
     result, metrics = None, {}
-    if not label_free:
-        result, metrics = _score_classifier(model_uri, trained, cfg, splits, classes, loader, dev)
-    if retrieval:
-        metrics.update(_retrieval(model_uri, run_id, trained, cfg, splits, loader, len(classes), dev))
-    _log_evaluation(model_uri, run_id, cfg, splits, metrics, result, classes, experiment, parent_run_id, retrieval)
+    if classify:
+        result, metrics = _score_classifier(model_uri, trained, cfg, classes, loader, dev)
+    if features:
+        encoder = _encoder(model_uri, run_id, trained, len(classes), dev)
+        metrics.update(feature_scores(encoder, cfg, splits, dev, loader, retrieval=retrieval, probe=probe))
+    scored = [name for name, on in (("accuracy", classify), ("clip retrieval", retrieval), ("linear probe", probe)) if on]
+    _log_evaluation(model_uri, run_id, cfg, splits, metrics, result, classes, experiment, parent_run_id, scored)
     return metrics
 
 
-def _check_scorable(model_uri: str, run_id: str, retrieval: bool) -> bool:
+def _check_scorable(model_uri: str, run_id: str, features: bool) -> bool:
     """Whether the model is a label-free encoder; refuses to score one's accuracy, since its classifier
     never saw a label and its accuracy would be chance that reads as a result."""
     tags = tracking.run_tags(run_id)
     label_free = tags.get("role") == "pretrain" or tags.get("method") == "pcl-ssl"
-    if label_free and not retrieval:
+    if label_free and not features:
         raise ValueError(
             f"model {model_uri} is a label-free (self-supervised) encoder: its classifier was never trained, so "
-            f"accuracy would score chance; score its features with --retrieval, or fine-tune it first "
+            f"accuracy would score chance; score its features with --retrieval or --probe, or fine-tune it first "
             f"(kdhar finetune --model {model_uri}) and evaluate that model"
         )
     return label_free
 
 
-def _score_classifier(model_uri, trained, cfg, splits, classes, loader, dev) -> tuple[dict, dict[str, float]]:
+def _classes_fit(model_uri: str, classes: list[str], dataset_classes: list[str], features: bool) -> bool:
+    """Whether the model's classifier can be scored on the dataset: its classes are the dataset's.
+    Another class set (a UCF101 model on HMDB51) is refused unless only its features are scored,
+    which read no classifier."""
+    if list(classes) == list(dataset_classes):
+        return True
+    if features:
+        return False
+    raise ValueError(
+        f"model {model_uri} was trained on {len(classes)} classes ({', '.join(classes[:3])}, ...) but the dataset "
+        f"has {len(dataset_classes)} ({', '.join(dataset_classes[:3])}, ...): its accuracy here would mean nothing; "
+        f"score its features on this dataset with --retrieval true or --probe true, or fine-tune it first "
+        f"(kdhar finetune --model {model_uri})"
+    )
+
+
+def _score_classifier(model_uri, trained, cfg, classes, loader, dev) -> tuple[dict, dict[str, float]]:
     """Clip and video accuracy of the logged model on the test split, once the model takes the clips."""
     model = tracking.load_model(model_uri, dev)
-    check_same_classes(f"model {model_uri}", classes, splits.classes)
     shape = f"{cfg.clip.clip_len}x{cfg.clip.crop}x{cfg.clip.crop}"
     try:
         with torch.no_grad():
@@ -105,14 +128,13 @@ def _score_classifier(model_uri, trained, cfg, splits, classes, loader, dev) -> 
 
 
 def _log_evaluation(model_uri, run_id, cfg, splits, metrics, result, classes, experiment, parent_run_id,
-                    retrieval) -> None:
+                    scored: list[str]) -> None:
     """The `evaluation` run: what was scored on which data, its metrics and, for a classifier, its confusion."""
     tags = {"role": "evaluation", "source_model": model_uri, "source_run": run_id, "dataset": cfg.data.dataset,
-            "dataset_fingerprint": splits.fingerprint}
+            "dataset_fingerprint": splits.fingerprint, "scored": ",".join(s.split()[-1] for s in scored)}
     arch = tracking.run_tags(run_id).get("arch", "model")
-    what = "clip retrieval" if result is None else ("accuracy and clip retrieval" if retrieval else "accuracy")
     tags["mlflow.note.content"] = (f"Scores {model_uri} ({arch}, run {run_id}) on the {cfg.data.dataset} test split "
-                                   f"({cfg.data.root}, {len(splits.test.samples)} videos): {what}.")
+                                   f"({cfg.data.root}, {len(splits.test.samples)} videos): {' and '.join(scored)}.")
     name = f"evaluate-{arch}-{run_id[:8]}-{cfg.data.dataset}"  # which model, which data
     with tracking.RunTracker(experiment, run_name=name, tags=tags, parent_run_id=parent_run_id) as tracker:
         tracker.log_params({**cfg.params(kd=False), "model_uri": model_uri})
@@ -122,12 +144,11 @@ def _log_evaluation(model_uri, run_id, cfg, splits, metrics, result, classes, ex
             tracker.log_dict({"per_class": result["per_class"], "classes": classes}, "per_class_report.json")
 
 
-def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes, dev) -> dict[str, float]:
-    """Retrieval needs the trunk's feature maps, which an exported model does not expose: the
-    architecture is rebuilt from the model's run and given the logged weights."""
+def _encoder(model_uri, run_id, trained, num_classes, dev) -> torch.nn.Module:
+    """The logged model's network with its trunk's feature maps exposed, which an exported model
+    does not: the architecture is rebuilt from the model's run and given the logged weights."""
     from kdhar.distill import load_init
     from kdhar.models import build_model
-    from kdhar.retrieval import retrieval_on_splits
     from kdhar.train import load_compatible
 
     arch = tracking.run_tags(run_id).get("arch")
@@ -137,7 +158,22 @@ def _retrieval(model_uri, run_id, trained, cfg, splits, test_loader, num_classes
     skipped = load_compatible(encoder, load_init(model_uri))
     if skipped:
         raise ValueError(f"model {model_uri}: weights {', '.join(skipped[:3])} do not fit a {arch} rebuilt from its run")
-    return retrieval_on_splits(encoder.to(dev), cfg, splits, dev, test_loader=test_loader)
+    return encoder.to(dev)
+
+
+def feature_scores(encoder: torch.nn.Module, cfg: RunConfig, splits, dev, test_loader=None, *, retrieval: bool = True,
+                   probe: bool = True) -> dict[str, float]:
+    """Label-free retrieval and the linear probe of the encoder's frozen video features: the whole
+    training list (whatever the run's fraction and hold-out) against the test videos, the features
+    extracted once for both (`kdhar.retrieval.split_features`); the probe's seed is the run's."""
+    from kdhar.probe import probe_scores
+    from kdhar.retrieval import retrieval_scores, split_features
+
+    train, test = split_features(encoder, cfg, splits, dev, test_loader=test_loader)
+    out = retrieval_scores(train, test) if retrieval else {}
+    if probe:
+        out.update(probe_scores(*train, *test, seed=cfg.optim.seed))
+    return out
 
 
 def evaluate_detector(

@@ -7,6 +7,7 @@ import dataclasses
 from kdhar import tracking
 from kdhar.config import RunConfig
 from kdhar.distill import load_init
+from kdhar.objectives import Objective, build_objective
 from kdhar.train import RunResult, run_training
 
 
@@ -23,7 +24,27 @@ def source_info(model_uri: str) -> dict[str, str]:
         "width": params.get("model.width", "64"),
         "teacher_arch": tags.get("teacher_arch", "none"),
         "role": tags.get("role", ""),
+        "ssl": params.get("pcl.ssl", "none"),
     }
+
+
+def default_protocol(model_uri: str) -> str:
+    """The fine-tuning protocol a model gets unless told: PCL's code's ("pcl") for a model trained
+    inside PCL (a PCL student or a label-free PCL encoder), else "plain"."""
+    return "pcl" if source_info(model_uri)["ssl"] == "pcl" else "plain"
+
+
+def protocol_objective(cfg: RunConfig) -> Objective | None:
+    """The objective of a fine-tune under PCL's protocol: the run's own, with the epoch of lowest
+    validation loss selecting (`best.pt`, `sel_acc_*`), as PCL's code tests its best-validation
+    checkpoint; None (the run's own, selecting by validation accuracy) for "plain"."""
+    if cfg.finetune.protocol != "pcl":
+        return None
+    objective = build_objective(cfg)
+    note = (" Fine-tuned as PCL's code does: the lr x0.1 after "
+            f"{cfg.optim.plateau_patience} epochs without a lower validation loss, the epoch of lowest validation "
+            "loss selected (sel_acc_*).")
+    return dataclasses.replace(objective, selection_metric="val_loss", description=objective.description + note)
 
 
 def finetune(
@@ -43,8 +64,10 @@ def finetune(
     """Fine-tunes `model_uri` on `cfg`'s dataset.
 
     The architecture and width come from the source model, and so do the clip settings (length,
-    interval, resize, crop) except those named in `explicit` (options the user gave). `stage_models`:
-    see `run_training` (a fine-tune is supervised, so off unless asked).
+    interval, resize, crop) except those named in `explicit` (options the user gave). How it trains
+    and which epoch it reports is `cfg.finetune.protocol`'s (`protocol_objective`; the CLI and grids
+    default to `default_protocol`). `stage_models`: see `run_training` (a fine-tune is supervised, so
+    off unless asked).
     """
     from kdhar.evaluation import trained_clip
 
@@ -69,6 +92,7 @@ def finetune(
         "source_role": src["role"],
         "source_teacher_arch": src["teacher_arch"],
         "student_arch": src["arch"],
+        "finetune_protocol": cfg.finetune.protocol,
         **(tags or {}),
     }
     return run_training(
@@ -76,6 +100,7 @@ def finetune(
         role="finetune",
         experiment=experiment,
         init_state=load_init(model_uri),
+        objective=protocol_objective(cfg),
         resume=resume,
         allow_config_change=allow_config_change,
         tags=run_tags,

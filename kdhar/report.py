@@ -487,7 +487,7 @@ def aggregate(
         groups[_key(run)].append(run)
     transfer_by_source: dict[str, list[float]] = defaultdict(list)
     for ft in finetune_runs:
-        value = ft["metrics"].get(ACC_METRICS["final"])
+        value = transfer_accuracy(ft)
         if ft.get("status", "FINISHED") == "FINISHED" and value is not None and ft["tags"].get("source_run"):
             transfer_by_source[ft["tags"]["source_run"]].append(float(value))
 
@@ -507,6 +507,14 @@ def aggregate(
     adjust_family(out)
     adjust_loss_family(out)
     return out
+
+
+def transfer_accuracy(finetune_run: Mapping[str, Any]) -> float | None:
+    """A fine-tune's test video accuracy: under PCL's protocol (tag `finetune_protocol` pcl) that of
+    its epoch of lowest validation loss (`sel_acc_late`), the checkpoint PCL's code tests; else
+    its last epoch's."""
+    pcl = finetune_run["tags"].get("finetune_protocol") == "pcl"
+    return finetune_run["metrics"].get("sel_acc_late" if pcl else ACC_METRICS["final"])
 
 
 def _join(values: Iterable[int]) -> str:
@@ -658,7 +666,7 @@ def _note(margin: float) -> str:
         "the best final accuracy is the best of the whole run). Teacher: one row per teacher run, with its "
         "run id and final accuracy. collapsed: stuck runs, of n: train accuracy at most 1.5x chance after "
         "half the epochs (scratch runs too), whatever the loss did. Δ: distilled minus scratch at the same fraction (difference of means). "
-        "early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the transfer dataset. "
+        "early/mid/late: after 25/75/100 % of the epochs. transfer: after fine-tuning on the transfer dataset (under PCL's fine-tuning protocol, at its epoch of lowest validation loss). "
         "KD - scratch: the final accuracy compared seed by seed over the seeds both rows ran (pairs). "
         "Δ final [95 % CI]: mean of the differences with a Student-t interval, mean ± t(0.975, n-1)·sd/√n. "
         "p sign-flip: two-sided paired permutation test, exact over all 2^n sign flips up to 16 pairs, "

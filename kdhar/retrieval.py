@@ -74,30 +74,44 @@ def topk_hits(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, 
     return {f"retrieval_top{k}": float(same[:, :k].any(axis=1).mean()) for k in ks if k < len(gallery)}
 
 
+Features = tuple[np.ndarray, np.ndarray]  # (videos, D) features and the videos' labels
+
+
 def retrieval(model: nn.Module, train_loader, test_loader, device: torch.device | str,
               ks: Sequence[int] = TOP_K, pool: str = "floor") -> dict[str, float]:
     """Top-k retrieval of the test videos against the training videos (see the module docstring),
     with the number of videos on each side (`retrieval_gallery_videos`, `retrieval_query_videos`):
     top-k over a gallery of 30 and one of 9,000 are different measures."""
-    gallery, gallery_labels = video_features(model, train_loader, device, pool)
-    query, query_labels = video_features(model, test_loader, device, pool)
-    hits = topk_hits(query, query_labels, gallery, gallery_labels, ks)
-    return {**hits, "retrieval_gallery_videos": float(len(gallery)), "retrieval_query_videos": float(len(query))}
+    gallery = video_features(model, train_loader, device, pool)
+    query = video_features(model, test_loader, device, pool)
+    return retrieval_scores(gallery, query, ks)
 
 
-def retrieval_on_splits(model: nn.Module, cfg, splits, device: torch.device | str, test_loader=None) -> dict[str, float]:
-    """`retrieval` of a run's test videos against its whole training list (every video of it, as
-    upstream, whatever the run's fraction and hold-out), clips cut as `cfg.clip` says, pooled as
-    `cfg.pcl.retrieval_pool`; `test_loader` reuses a loader of the test videos."""
+def retrieval_scores(gallery: Features, query: Features, ks: Sequence[int] = TOP_K) -> dict[str, float]:
+    """`topk_hits` of features already extracted, with the number of videos on each side."""
+    hits = topk_hits(query[0], query[1], gallery[0], gallery[1], ks)
+    return {**hits, "retrieval_gallery_videos": float(len(gallery[0])), "retrieval_query_videos": float(len(query[0]))}
+
+
+def split_features(model: nn.Module, cfg, splits, device: torch.device | str, test_loader=None) -> tuple[Features, Features]:
+    """The video features of a run's whole training list (every video of it, as upstream, whatever
+    the run's fraction and hold-out) and of its test videos, clips cut as `cfg.clip` says, pooled
+    as `cfg.pcl.retrieval_pool`; `test_loader` reuses a loader of the test videos."""
     from kdhar.data.dataset import VideoClipDataset, make_loader
-
-    gallery = splits.train_list
 
     def loader(index):
         ds = VideoClipDataset(index, cfg.clip, train=False, on_bad=cfg.data.on_bad)
         return make_loader(ds, cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
-    return retrieval(model, loader(gallery), test_loader or loader(splits.test), device, pool=cfg.pcl.retrieval_pool)
+    pool = cfg.pcl.retrieval_pool
+    train = video_features(model, loader(splits.train_list), device, pool)
+    return train, video_features(model, test_loader or loader(splits.test), device, pool)
 
 
-__all__ = ["TOP_K", "clip_feature", "video_features", "topk_hits", "retrieval", "retrieval_on_splits"]
+def retrieval_on_splits(model: nn.Module, cfg, splits, device: torch.device | str, test_loader=None) -> dict[str, float]:
+    """`retrieval` of a run's test videos against its whole training list (`split_features`)."""
+    return retrieval_scores(*split_features(model, cfg, splits, device, test_loader))
+
+
+__all__ = ["TOP_K", "Features", "clip_feature", "video_features", "topk_hits", "retrieval", "retrieval_scores",
+           "split_features", "retrieval_on_splits"]

@@ -50,6 +50,8 @@ def test_version_and_help_load_no_training_stack(argv):
         (["evaluate", "--retrieval", "--model", "runs:/x/model"], "retrieval", True),
         (["evaluate", "--model", "runs:/x/model", "--retrieval", "true"], "retrieval", True),
         (["evaluate", "--model", "runs:/x/model", "--retrieval", "no"], "retrieval", False),
+        (["evaluate", "--model", "runs:/x/model", "--probe"], "probe", True),
+        (["evaluate", "--model", "runs:/x/model"], "probe", False),
         (["distill", "--cache-teacher", "--views", "2"], "cache_teacher", True),
         (["distill", "--sync-bn"], "sync_bn", True),
         (["distill", "--sync-bn", ""], "sync_bn", None),  # MLproject's empty parameter: the preset decides

@@ -93,3 +93,51 @@ def test_residual_modality_travels_with_the_logged_model(local_tracking, tiny_se
                                          r"cannot apply to it; leave --modality out"):
         finetune(f"runs:/{res.run_id}", rgb, experiment="eval", progress=False, explicit=frozenset({"modality"}))
     assert len(client.search_runs([client.get_experiment_by_name("eval").experiment_id])) == runs_before
+
+
+@pytest.fixture(scope="module")
+def tiny_hmdb(tmp_path_factory) -> Path:
+    """An HMDB51-layout set: other class names (and count) than `tiny_set`'s UCF101 layout."""
+    root = tmp_path_factory.mktemp("evaluate") / "hmdb51"
+    generate(root, "hmdb51", SynthSpec(num_classes=4, groups=4, clips_per_group=2, frames=12, size=(48, 64), seed=5))
+    return root
+
+
+def test_a_ucf101_model_is_scored_on_hmdb51_by_retrieval_and_probe_but_never_by_accuracy(
+        local_tracking, tiny_set, tiny_hmdb, tmp_path, kdhar_cli):
+    from kdhar.data.index import load_index
+    from kdhar.evaluation import evaluate_model
+
+    cfg = RunConfig(
+        data=DataConfig(root=str(tiny_set), num_workers=0, val_fraction=0.0),
+        clip=ClipConfig(clip_len=4, frame_interval=2, test_clips=1, resize=(40, 53), crop=32),
+        model=ModelConfig(arch="tiny3d", width=4),
+        optim=OptimConfig(epochs=1, batch_size=8, threads=1),
+    )
+    uri = f"runs:/{run_training(cfg, role='teacher', experiment='eval', progress=False, register=False).run_id}"
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("eval").experiment_id
+    # Its 3-way classifier means nothing on HMDB51's 4 classes: accuracy alone is refused, naming the way out.
+    hmdb = RunConfig(data=DataConfig(dataset="hmdb51", root=str(tiny_hmdb), num_workers=0),
+                     optim=OptimConfig(batch_size=8, threads=1))
+    with pytest.raises(ValueError, match=rf"model {uri} was trained on 3 classes .* but the dataset has 4 .*: its "
+                                         r"accuracy here would mean nothing; score its features on this dataset with "
+                                         r"--retrieval true or --probe true"):
+        evaluate_model(uri, hmdb, experiment="eval")
+    assert not client.search_runs([exp], "tags.role = 'evaluation'")
+
+    # Its features are scored: HMDB51's test videos against HMDB51's whole training list.
+    done = kdhar_cli("evaluate", "--model", uri, "--dataset", "hmdb51", "--root", tiny_hmdb, "--retrieval", "true",
+                     "--probe", "true", "--num-workers", "0", "--experiment", "eval", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = dict(item.split("=") for item in done.stdout.strip().split(", "))
+    assert "retrieval_top1" in printed and "probe_top1" in printed and not any(k.startswith("test_") for k in printed)
+    [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
+    m = evaluation.data.metrics
+    listed = len(load_index("hmdb51", str(tiny_hmdb), 1, "train").samples)
+    tested = len(load_index("hmdb51", str(tiny_hmdb), 1, "test").samples)
+    assert m["retrieval_gallery_videos"] == m["probe_train_videos"] == listed
+    assert m["retrieval_query_videos"] == m["probe_test_videos"] == tested
+    assert not any(k.startswith("test_") for k in m)  # no accuracy of the UCF101 head
+    assert evaluation.data.tags["dataset"] == "hmdb51" and evaluation.data.tags["scored"] == "retrieval,probe"
+    assert not [a for a in client.list_artifacts(evaluation.info.run_id) if a.path == "confusion_matrix.png"]

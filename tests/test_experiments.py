@@ -263,6 +263,54 @@ def test_pcl_runs_take_the_pcl_codes_protocol_by_default(size):
     assert (plain.data.val_fraction, plain.clip.normalize) == (0.1, "half")
 
 
+def test_pcl_fine_tuning_protocol_takes_the_pcl_codes_ft_classify_at_each_size():
+    from kdhar.experiments import DatasetSpec
+
+    def cfg(size, **overrides):
+        return build_run_config("r3d_10", size=size, overrides=overrides, dataset=DatasetSpec("hmdb51", "h"),
+                                fraction=1.0, seed=0)
+
+    paper = cfg("paper", finetune_protocol="pcl")
+    o = paper.optim
+    assert (o.lr, o.momentum, o.weight_decay, o.batch_size, o.epochs) == (1e-3, 0.9, 5e-4, 8, 150)
+    assert (o.schedule, o.plateau_patience, o.warmup) == ("plateau", 30, 0.0)
+    assert (paper.clip.augment, paper.clip.hflip, paper.finetune.protocol) == (False, False, "pcl")
+    assert paper.params()["finetune.protocol"] == "pcl"
+    plain = cfg("paper")  # the size preset's supervised run, which logs no protocol
+    assert (plain.optim.schedule, plain.clip.augment, plain.finetune.protocol) == ("cosine", True, "plain")
+    assert "finetune.protocol" not in plain.params()
+    # At size cpu the CPU preset's lr, batch and epochs stay, the patience keeps upstream's share.
+    small = cfg("cpu", finetune_protocol="pcl")
+    assert (small.optim.lr, small.optim.epochs, small.optim.schedule, small.optim.plateau_patience) == (0.02, 12, "plateau", 2)
+    assert cfg("cpu", finetune_protocol="pcl", plateau_patience=5).optim.plateau_patience == 5  # options go on top
+    # It selects and schedules by the validation loss, so it needs a validation split.
+    with pytest.raises(SpecError, match=r"val_fraction=0.0: PCL's fine-tuning drops its lr and picks its epoch by the "
+                                        r"validation loss: give --val-fraction > 0 \(default 0.1\), or --protocol plain"):
+        cfg("cpu", finetune_protocol="pcl", val_fraction=0.0)
+
+
+def test_a_pcl_grid_fine_tunes_its_students_as_pcls_code_unless_transfer_overrides_say_plain():
+    import torch
+
+    from kdhar.config import OptimConfig
+    from kdhar.training.prepare import Optimisers
+
+    transfer = {"name": "hmdb51", "root": "data/hmdb51"}
+    pcl = plan(parse_spec(minimal(seeds=[0], fractions=[0.25], ssl="pcl", finetune=True, transfer=transfer)))
+    fts = [c for c in pcl if c.role == "finetune"]
+    assert fts and {(c.cfg.finetune.protocol, c.cfg.optim.schedule) for c in fts} == {("pcl", "plateau")}
+    plain = plan(parse_spec(minimal(seeds=[0], fractions=[0.25], ssl="pcl", finetune=True, transfer=transfer,
+                                    transfer_overrides={"finetune_protocol": "plain"})))
+    assert {c.cfg.finetune.protocol for c in plain if c.role == "finetune"} == {"plain"}
+    supervised = plan(parse_spec(minimal(seeds=[0], fractions=[0.25], finetune=True, transfer=transfer)))
+    assert {c.cfg.finetune.protocol for c in supervised if c.role == "finetune"} == {"plain"}
+    with pytest.raises(SpecError, match="finetune_protocol goes in transfer_overrides"):
+        parse_spec(minimal(finetune=True, transfer=transfer, overrides={"finetune_protocol": "pcl"}))
+    # The patience reaches the schedule the run steps.
+    optimisers = Optimisers.build(torch.nn.Linear(2, 2), OptimConfig(schedule="plateau", plateau_patience=30), 1)
+    assert optimisers.plateau.patience == 30
+
+
 def test_a_pcl_grid_distils_by_eq_7_and_its_teachers_and_fine_tunes_see_the_students_normalisation():
     spec = parse_spec(minimal(seeds=[0], fractions=[0.25], ssl="pcl", overrides={"epochs": 3}, finetune=True,
                               transfer={"name": "hmdb51", "root": "data/hmdb51"}))

@@ -441,7 +441,8 @@ def test_videos_too_short_for_any_tuple_are_one_clear_error(local_tracking, pcl_
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval(local_tracking, pcl_set, tmp_path):
+def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieval_and_probe(local_tracking, pcl_set,
+                                                                                           tmp_path):
     # One epoch of label-free pretraining makes a real encoder whose classifier never saw a label.
     from kdhar.evaluation import evaluate_model
 
@@ -451,7 +452,7 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
     uri = f"runs:/{pre.run_id}"
     scoring = RunConfig(data=cfg.data, clip=cfg.clip, optim=cfg.optim)
     with pytest.raises(ValueError, match=rf"model {uri} is a label-free \(self-supervised\) encoder: its classifier "
-                                         r"was never trained.*--retrieval.*kdhar finetune --model"):
+                                         r"was never trained.*--retrieval or --probe.*kdhar finetune --model"):
         evaluate_model(uri, scoring, experiment="pcl-eval")
     client = MlflowClient(local_tracking)
     exp = client.get_experiment_by_name("pcl-eval").experiment_id
@@ -459,9 +460,19 @@ def test_evaluate_refuses_a_label_free_encoders_accuracy_and_scores_its_retrieva
 
     # Its features are what it learned: --retrieval scores them, and nothing of the untrained head.
     metrics = evaluate_model(uri, scoring, experiment="pcl-eval", retrieval=True)
-    assert "retrieval_top1" in metrics and not any(k.startswith("test_") for k in metrics)
+    assert "retrieval_top1" in metrics and not any(k.startswith(("test_", "probe_")) for k in metrics)
     [evaluation] = client.search_runs([exp], "tags.role = 'evaluation'")
     assert set(evaluation.data.metrics) == set(metrics)
+
+    # --probe fits a linear classifier on the frozen features of every video of the training list
+    # (the short one included) and scores the test videos with it.
+    probed = evaluate_model(uri, scoring, experiment="pcl-eval", probe=True)
+    listed = len(load_index("ucf101", str(pcl_set), 1, "train").samples)
+    assert probed["probe_train_videos"] == listed and 0.0 <= probed["probe_top1"] <= 1.0
+    assert "probe_top5" not in probed  # 3 classes: every video would be a hit
+    assert not any(k.startswith(("test_", "retrieval_")) for k in probed)
+    run = next(r for r in client.search_runs([exp], "tags.role = 'evaluation'") if r.data.tags["scored"] == "probe")
+    assert run.data.metrics["probe_top1"] == probed["probe_top1"] and run.info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -492,3 +503,43 @@ def test_a_pcl_run_keeps_the_model_and_retrieval_of_each_stage(local_tracking, p
     scored = evaluate_model(f"runs:/{pre.run_id}/model-early", cfg, experiment="pcl-stages", retrieval=True)
     assert {k: scored[k] for k in ("retrieval_top1", "retrieval_top5")} == {
         "retrieval_top1": m["retrieval_top1_early"], "retrieval_top5": m["retrieval_top5_early"]}
+
+@pytest.mark.slow
+def test_a_pcl_model_fine_tunes_as_pcls_code_by_default_and_plain_when_told(local_tracking, pcl_set, tmp_path,
+                                                                           kdhar_cli):
+    from kdhar.checkpoint import load_checkpoint
+    from kdhar.experiments import DatasetSpec, build_run_config
+    from kdhar.finetune import finetune
+
+    cfg = pcl_config(pcl_set, epochs=1)
+    pre = run_training(cfg, role="pretrain", experiment="pcl-ft", objective=build_objective(cfg, labels=False),
+                       workdir=tmp_path, progress=False, register=False)
+    hmdb = tmp_path / "hmdb51"
+    generate(hmdb, "hmdb51", SynthSpec(num_classes=3, groups=6, clips_per_group=2, frames=16, size=(48, 64), seed=6))
+    common = ["--dataset", "hmdb51", "--root", str(hmdb), "--epochs", "2", "--val-fraction", "0.3", "--test-clips", "1",
+              "--batch-size", "8", "--num-workers", "0", "--threads", "1", "--experiment", "pcl-ft"]
+    done = kdhar_cli("finetune", "--model", f"runs:/{pre.run_id}", *common, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(local_tracking)
+    [ft] = client.search_runs([client.get_experiment_by_name("pcl-ft").experiment_id], "tags.role = 'finetune'")
+    p, m = ft.data.params, ft.data.metrics
+    # PCL's ft_classify.py: lr x0.1 on a validation-loss plateau, no warm-up, no colour augmentation,
+    # and the test accuracy of the epoch of lowest validation loss, the weights best.pt keeps.
+    assert (p["finetune.protocol"], ft.data.tags["finetune_protocol"]) == ("pcl", "pcl")
+    assert (p["optim.schedule"], p["optim.plateau_patience"], p["optim.warmup"], p["clip.augment"]) == (
+        "plateau", "2", "0.0", "False")
+    assert {"plateau_scale", "sel_acc_late", "sel_epoch_late", "val_loss"} <= set(m)
+    history = client.get_metric_history(ft.info.run_id, "val_loss")
+    lowest = min(history, key=lambda h: (h.value, h.step))
+    assert m["sel_epoch_late"] == lowest.step
+    best = load_checkpoint(tmp_path / "runs" / "checkpoints" / ft.info.run_id / "best.pt")
+    assert best["epoch"] == lowest.step and best["val_loss"] == pytest.approx(lowest.value)
+
+    # Told plain, it trains as any supervised run of its size and selects by validation accuracy.
+    plain_cfg = build_run_config("tiny3d", size="cpu", dataset=DatasetSpec("hmdb51", str(hmdb)), fraction=1.0, seed=0,
+                                 overrides={"epochs": 2, "val_fraction": 0.3, "test_clips": 1, "batch_size": 8,
+                                            "num_workers": 0, "threads": 1, "finetune_protocol": "plain"})
+    plain = finetune(f"runs:/{pre.run_id}", plain_cfg, experiment="pcl-ft", progress=False)
+    run = client.get_run(plain.run_id)
+    assert "finetune.protocol" not in run.data.params and run.data.tags["finetune_protocol"] == "plain"
+    assert run.data.params["optim.schedule"] == "cosine" and "sel_acc_late" not in run.data.metrics

@@ -332,6 +332,18 @@ def test_transfer_column_joins_finetunes_by_source_run():
     assert rows[("c3d", 1.0)].transfer is None
 
 
+def test_a_pcl_protocol_fine_tune_transfers_at_its_lowest_validation_loss_epoch():
+    # PCL's code tests the checkpoint of lowest validation loss: under its protocol that epoch's test
+    # accuracy (sel_acc_late) is the transfer accuracy, not the last epoch's.
+    pcl = finetune_run("f0", "s0", 0.30)
+    pcl["tags"]["finetune_protocol"] = "pcl"
+    pcl["metrics"]["sel_acc_late"] = 0.42
+    plain = finetune_run("f1", "s1", 0.40)
+    plain["metrics"]["sel_acc_late"] = 0.10  # a plain fine-tune reports its last epoch, whatever else it logged
+    rows = {(r.teacher, r.fraction): r for r in aggregate(STUDENTS, [pcl, plain])}
+    assert rows[("none", 0.5)].transfer.mean == pytest.approx((0.42 + 0.40) / 2)
+
+
 def test_table_shows_percent_mean_std_and_signed_delta():
     rows = aggregate(STUDENTS)
     text = format_table(rows)

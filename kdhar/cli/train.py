@@ -9,9 +9,11 @@ from typing import Any
 
 import click
 
+from kdhar import config as C
 from kdhar.cli.data import ensure_data
 from kdhar.cli.errors import UserError
 from kdhar.cli.options import (
+    _OptionalChoice,
     bool_option,
     build_config,
     check_crop_fits,
@@ -146,13 +148,24 @@ def pretrain_cmd(arch: str, **opts) -> None:
 
 @click.command("finetune")
 @click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI of the model to transfer")
+@click.option("--protocol", type=_OptionalChoice(C.FINETUNE_PROTOCOLS), default=None,
+              help="pcl: PCL's code's fine-tuning (no colour augmentation or flip, lr x0.1 after 30 epochs without a "
+                   "lower validation loss, the lowest-validation-loss epoch's test accuracy as sel_acc_late; at size "
+                   "paper lr 1e-3, batch 8, 150 epochs); plain: as any supervised run (default: pcl for a model "
+                   "trained inside PCL, else plain)")
 @launch_options
 @run_options
-def finetune_cmd(model_uri: str, **opts) -> None:
+def finetune_cmd(model_uri: str, protocol: str | None, **opts) -> None:
     """Fine-tune a logged model on another dataset (its classifier is replaced)."""
-    from kdhar.finetune import finetune
+    from kdhar.finetune import default_protocol, finetune
 
-    cfg = build_config("c3d", opts)  # the architecture and width come from the source model
+    if protocol is None:
+        from kdhar import tracking
+
+        tracking.check_server(tracking.tracking_uri())  # one line now, rather than MLflow's retries
+        protocol = default_protocol(model_uri)
+    # the architecture and width come from the source model
+    cfg = build_config("c3d", {**opts, "finetune_protocol": protocol})
     ensure_data(cfg.data.root)
     check_crop_fits(cfg, opts)
     _launch(opts, cfg.optim.batch_size)

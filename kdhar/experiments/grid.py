@@ -42,6 +42,9 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "threads": ("optim", "threads"),
     "sync_bn": ("optim", "sync_bn"),
     "plateau_threshold": ("optim", "plateau_threshold"),
+    "plateau_patience": ("optim", "plateau_patience"),
+    # Fine-tunes (`transfer_overrides`): plain, or PCL's code's protocol (`C.PCL_FINETUNE_PRESET`)
+    "finetune_protocol": ("finetune", "protocol"),
     # PCL (`ssl: pcl`): the tuple view and the self-supervised terms
     "ssl": ("pcl", "ssl"),
     "pcl_interval": ("pcl", "interval"),

@@ -21,7 +21,7 @@ WAVES = ("teacher", "pretrain", "scratch", "kd", "finetune")
 # What a teacher of a grid with GKD cells trains with: GKD's phase 1 (its attention module and CVAE,
 # the regeneration weight ramped over the whole run, the CVAE's Adam at 1e-3).
 GKD_TEACHER = {"attention": True, "gkd_ramp": 1.0, "cvae_lr": 1e-3}
-SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature", "window", "det")
+SECTIONS = ("data", "clip", "model", "optim", "pcl", "gkd", "feature", "window", "det", "finetune")
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ def build_run_config(
         task=task,
         window=dataclasses.replace(base.window, **sections["window"]),
         det=dataclasses.replace(base.det, **sections["det"]),
+        finetune=dataclasses.replace(base.finetune, **sections["finetune"]),
     )
     try:
         C.check_run_config(cfg)
@@ -157,8 +158,9 @@ def _check_overrides(size: str, overrides: dict[str, Any], base: C.RunConfig) ->
 
 def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = None,
                      task: str = "recognition") -> dict[str, dict[str, Any]]:
-    """The size's preset, section by section, with the presets of detection, PCL and GKD where the
-    task and the overrides (or the grid's `recipe`) turn them on; the overrides themselves go on top."""
+    """The size's preset, section by section, with the presets of detection, PCL, PCL's fine-tuning
+    and GKD where the task and the overrides (or the grid's `recipe`) turn them on; the overrides
+    themselves go on top."""
     if recipe is not None and recipe not in C.RECIPES:
         raise SpecError(f"recipe {recipe!r} is not one of {', '.join(C.RECIPES)}")
     preset = C.CPU_PRESET if size == "cpu" else {}
@@ -169,6 +171,9 @@ def _preset_sections(size: str, overrides: dict[str, Any], recipe: str | None = 
     if overrides.get("ssl") == "pcl":
         sections["model"]["modality"] = "res"  # PCL's input, unless the overrides say otherwise
         for name, values in (C.PCL_CPU_PRESET if size == "cpu" else C.PCL_PAPER_PRESET).items():
+            sections[name].update(values)
+    if overrides.get("finetune_protocol") == "pcl":
+        for name, values in C.PCL_FINETUNE_PRESET[size].items():
             sections[name].update(values)
     if overrides.get("kd", "logit") in C.GKD_METHODS:
         sections["gkd"]["attention"] = True  # GKD distils the attention module's outputs
@@ -290,6 +295,8 @@ def _finetune_cells(spec: GridSpec, students: list[Cell]) -> list[Cell]:
     for src in students:
         overrides = {**_shared(spec), **spec.student_overrides.get(src.arch, {}), **spec.transfer_overrides}
         overrides.pop("ssl", None)  # a fine-tune is supervised, whatever its source was trained with
+        if src.cfg.pcl.ssl == "pcl":  # PCL's code's fine-tuning, unless transfer_overrides say otherwise
+            overrides.setdefault("finetune_protocol", "pcl")
         cfg = build_run_config(src.arch, size=spec.size, overrides=overrides, recipe=spec.cell_recipe,
                                dataset=spec.transfer, fraction=spec.transfer.fraction, seed=src.seed)
         cells.append(Cell("finetune", src.arch, "none", spec.transfer.fraction, src.seed, cfg, source=src))

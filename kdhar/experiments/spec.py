@@ -233,6 +233,9 @@ class _SpecReader:
             raise self.fail("cache_teacher replays fixed views: add e.g. 'views: 4' to overrides, so scratch and "
                             "KD students see the same number of augmented views")
         self.model_keys_only("teacher_overrides", spec.teacher_overrides, "students feed their own clips to the teacher")
+        if "finetune_protocol" in spec.overrides:
+            raise self.fail("finetune_protocol goes in transfer_overrides, where it shapes the fine-tunes only "
+                            "(the default: pcl for students trained inside PCL, else plain)")
         from kdhar.objectives.kd import check_kd
 
         try:

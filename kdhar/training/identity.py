@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 # Knobs added after runs were already being identified by their hash: at these values they behave
 # as before the knob existed, so they are left out of the hash and earlier runs keep their identity.
-# The plateau threshold acts only under the plateau schedule: runs on another schedule keep their identity.
+# The plateau threshold and patience act only under the plateau schedule: runs on another schedule keep their identity.
 HASH_NEUTRAL = {"model.modality": "rgb", "optim.sync_bn": False, "clip.normalize": "half",
-                "optim.plateau_threshold": 1e-4, "model.keep_time": 0}
+                "optim.plateau_threshold": 1e-4, "optim.plateau_patience": 50, "model.keep_time": 0}
 
 
 def config_hash(cfg: RunConfig, teacher: str | None, init: str | None) -> str:

@@ -73,7 +73,8 @@ class Optimisers:
         else:
             net = torch.optim.SGD(net_params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         side = {name: step.pass_optimizer(name) for name in passes if name != "net"}
-        plateau = Plateau(optim.lr, threshold=optim.plateau_threshold) if optim.schedule == "plateau" else None
+        plateau = (Plateau(optim.lr, patience=optim.plateau_patience, threshold=optim.plateau_threshold)
+                   if optim.schedule == "plateau" else None)
         scheduler = make_scheduler(net, optim.schedule, optim.epochs * steps_per_epoch,
                                    round(optim.warmup * steps_per_epoch), plateau)
         return cls(net, side, scheduler, plateau)
