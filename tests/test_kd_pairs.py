@@ -226,8 +226,9 @@ def test_default_kd_loss_comes_down_where_the_papers_form_collapses(local_tracki
     assert uniform > 1.0
     assert default.history[-1]["train_kd_loss"] < 0.8 * uniform and default.history[-1]["train_acc"] >= 0.6
     assert default.history[-1]["collapsed"] == 0.0
-    # Stuck: at chance, its soft loss where a uniform student's is (2.21 against 2.23 on one CPU).
-    assert paper.history[-1]["train_kd_loss"] > 0.95 * paper.history[-1]["train_kd_uniform_loss"]
+    # Stuck: its soft loss near a uniform student's (2.21 against 2.23 on one CPU, 1.92 against 2.03
+    # on another, whose kernels round differently), where the default's fell below 0.8 of it.
+    assert paper.history[-1]["train_kd_loss"] > 0.9 * paper.history[-1]["train_kd_uniform_loss"]
     assert paper.history[-1]["collapsed"] == 1.0
 
 
