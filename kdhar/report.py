@@ -111,6 +111,7 @@ class Row:
     teacher_run: str = ""  # `teacher_run_id` tag of the KD runs; empty for scratch and untagged runs
     init: bool = False  # the runs started from other weights (--init)
     teacher_acc: float | None = None  # that teacher run's final accuracy, when known
+    grid_teacher: str = ""  # the grid's name for that teacher run (`grid_teacher` tag, e.g. "c3d-res-s0"), if any
     tests: dict[str, PairedTest] = field(default_factory=dict)  # reading -> final accuracy, KD - scratch
     verdict: str = ""  # the last-epoch reading's verdict, or why there is no comparison; empty for scratch
     pair_key: str = ""  # the runs' `pair_key` tag: a KD row is compared only with scratch runs sharing it
@@ -374,6 +375,7 @@ def _row(key: tuple, members: Sequence[dict[str, Any]], transfer_by_source: Mapp
         views=sorted({_views(m) for m in members}),
         teacher_run=key[5],
         teacher_acc=float(teacher_acc[key[5]]) if key[5] in teacher_acc else None,
+        grid_teacher=members[0]["tags"].get("grid_teacher", "") if key[5] else "",
         method=members[0]["tags"].get("method", ""),
         recipe=_recipe(members[0]),
         init=bool(members[0]["tags"].get("init")),
@@ -577,7 +579,9 @@ def _teacher_label(row: Row) -> str:
     if not row.teacher_run:
         return row.teacher
     acc = "?" if row.teacher_acc is None else f"{100 * row.teacher_acc:.1f} %"
-    return f"{row.teacher} ({_short(row.teacher_run)}, {acc})"
+    # A grid names its teacher runs (two recipes of one architecture, e.g. on RGB and residual frames).
+    name = row.grid_teacher + row.teacher[len(row.teacher.split(" [")[0]):] if row.grid_teacher else row.teacher
+    return f"{name} ({_short(row.teacher_run)}, {acc})"
 
 
 def _margin(rows: Sequence[Row]) -> float:
@@ -773,7 +777,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     compare a row whose student has GKD's attention module with "scratch + attention":
     `delta_final_vs_attention` (and `best_`), and its last-epoch test as `att_<test column>`; then a
     row under another loss weighting than the default (`loss`) with the same teacher run's row under
-    the default: `delta_final_vs_default_loss` (and `best_`) and `loss_<test column>`.
+    the default: `delta_final_vs_default_loss` (and `best_`) and `loss_<test column>`; last, the
+    grid's name of the teacher run (`grid_teacher`), if any.
     """
     header = ["dataset", "student", "teacher", "teacher_run", "fraction", "n", "seeds"]
     for prefix in ("", "best_"):
@@ -784,6 +789,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     header += ["transfer_n", "transfer_mean", "transfer_std", "delta_transfer", "epochs_to_scratch_mean", "run_ids"]
     header += ["delta_final_vs_attention", "best_delta_final_vs_attention"] + [f"att_{c}" for c in TEST_COLUMNS]
     header += ["loss", "delta_final_vs_default_loss", "best_delta_final_vs_default_loss"] + [f"loss_{c}" for c in TEST_COLUMNS]
+    header += ["grid_teacher"]
     family = _family(rows)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -804,6 +810,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             line += _test_values(r, "last", against="attention")
             line += [r.loss, _num(r.loss_delta.get("last")), _num(r.loss_delta.get("best"))]
             line += _test_values(r, "last", against="loss")
+            line += [r.grid_teacher]
             w.writerow(line)
 
 

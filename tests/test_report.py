@@ -294,6 +294,14 @@ def test_each_teacher_run_is_a_row_of_its_own_labelled_with_its_accuracy():
     assert (second.tests["last"].n, second.tests["last"].mean) == (2, pytest.approx(0.05))
     text = format_table([scratch, first, second])
     assert "c3d (t1aaaaaa, 83.9 %)" in text and "c3d (t2bbbbbb, ?)" in text
+    # A grid's teacher runs are labelled with the grid's name for them (two recipes of one architecture).
+    for r in runs[2:]:
+        r["tags"]["grid_teacher"] = "c3d-res-s1" if r["tags"]["teacher_run_id"] == "t2bbbbbbbbbb" else "c3d-rgb-s0"
+    for r in runs[2:]:
+        r["params"]["kd.weighting"] = "sum" if report.KDConfig.weighting != "sum" else "mix"
+    labels = [report._teacher_label(r) for r in aggregate(runs)[1:]]
+    mark = runs[2]["params"]["kd.weighting"]
+    assert labels == [f"c3d-rgb-s0 [{mark}] (t1aaaaaa, ?)", f"c3d-res-s1 [{mark}] (t2bbbbbb, ?)"]
 
 
 def test_teacher_accuracy_is_read_for_the_named_teacher_runs_only(local_tracking):
