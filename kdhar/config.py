@@ -157,7 +157,9 @@ class KDConfig:
     "balanced": "mix" with the soft term rescaled, per batch, so that its gradient at the student's
     logits is as large as CE's (`objectives.kd.balance_scale`, kept between 1/tau^2 and 1); at alpha
     0.5 the step is then about plain CE's. Which weighting is the default is decided by measured runs,
-    not by this argument: `--kd-weighting sum --warmup 0` is the paper's recipe.
+    not by this argument: on the CPU grid (experiments/cpu.yaml and cpu-loss.yaml, 20 paired seeds,
+    docs/cpu_grid_report.md) "sum" ended 15-31 points below "mix" in all four cells and stalled in 69
+    of its 160 runs, so "mix" is the default. `--kd-weighting sum --warmup 0` is the paper's recipe.
     """
 
     tau: float = 4.0  # the paper's temperature
