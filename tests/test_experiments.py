@@ -597,10 +597,13 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
     from kdhar.experiments import run_grid
 
     exp = "killed"
-    # Students train for 300 tiny epochs (~40 s idle, minutes on a loaded machine, where 120 epochs
-    # once ended before the test saw them running) so the signal reaches them mid-training.
+    EPOCHS = 200  # noqa: N806
+    # Students train for 200 tiny epochs (~25 s idle, minutes on a loaded machine) so the signal
+    # reaches them mid-training; the test polls their checkpoints every 0.5 s. No validation split:
+    # an epoch is then one training pass and one test pass, and the rerun's remainder costs less.
     spec = write_spec(store, "k.yaml", experiment=exp, teachers=["tiny3d"], students=["tiny3d"], self_distill=False,
-                      seeds=[0, 1], overrides={**TINY, "epochs": 300}, teacher_overrides={"epochs": 1})
+                      seeds=[0, 1], overrides={**TINY, "epochs": EPOCHS, "val_fraction": 0.0},
+                      teacher_overrides={"epochs": 1})
 
     def students(status: str) -> list[dict]:
         return tracking.find_runs(exp, f"tags.role = 'student' and attributes.status = '{status}'")
@@ -614,7 +617,7 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
                 state = load_checkpoint(path)
             except Exception:
                 continue
-            if state["config"].get("optim.epochs") == 300:
+            if state["config"].get("optim.epochs") == EPOCHS:
                 found[path.parent.name] = state["epoch"]
         return found
 
@@ -630,7 +633,7 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
             # continues the same two runs: no third run appears).
             def progressed():
                 now = student_epochs()
-                moving = {k: v for k, v in now.items() if 0 < v < 300 and v > reached.get(k, 0)}
+                moving = {k: v for k, v in now.items() if 0 < v < EPOCHS and v > reached.get(k, 0)}
                 return now if len(moving) == 2 else None
 
             now = _wait_for(progressed, 180, "both student runs in flight")
@@ -662,7 +665,7 @@ def test_killed_grid_ends_its_runs_and_resumes_them_from_their_checkpoints(store
     assert sorted(r["tags"]["seed"] for r in finished) == ["0", "1"]
     assert {r["run_id"] for r in finished} == set(reached) == {o.run_id for o in outcomes[1:]}
     for run_id in reached:  # every epoch trained once: resumed where the checkpoint was, not from 0
-        assert sorted({step for step, _ in tracking.metric_history(run_id, "train_loss")}) == list(range(1, 301))
+        assert sorted({step for step, _ in tracking.metric_history(run_id, "train_loss")}) == list(range(1, EPOCHS + 1))
     assert students("KILLED") == students("RUNNING") == students("FAILED") == []
 
 
