@@ -406,6 +406,13 @@ def _compare_with_scratch(row: Row, scratch: Row | None, kd_runs: Sequence[dict[
     row.verdict = "" if row.tests else "no paired seeds"
 
 
+def _final_deltas(row: Row, twin: Row) -> dict[str, float]:
+    """Per reading, `row`'s mean final accuracy minus `twin`'s (a difference of means)."""
+    pairs = (("last", row.acc, twin.acc), ("best", row.best, twin.best))
+    return {reading: acc["final"].mean - other["final"].mean for reading, acc, other in pairs
+            if "final" in acc and "final" in other}
+
+
 def _compare_with_attention(row: Row, twin: Row | None, kd_runs: Sequence[dict[str, Any]],
                             twin_runs: Sequence[dict[str, Any]], margin: float) -> None:
     """The final accuracy of a distilled row whose student has GKD's attention module against the
@@ -419,9 +426,7 @@ def _compare_with_attention(row: Row, twin: Row | None, kd_runs: Sequence[dict[s
     if differ:
         row.att_verdict = "recipes differ (kd vs scratch + attention): " + ", ".join(differ)
         return
-    for reading, acc, twin_acc in (("last", row.acc, twin.acc), ("best", row.best, twin.best)):
-        if "final" in acc and "final" in twin_acc:
-            row.att_delta[reading] = acc["final"].mean - twin_acc["final"].mean
+    row.att_delta = _final_deltas(row, twin)
     row.att_tests = compare_rows(kd_runs, twin_runs, margin)
     row.att_verdict = "" if row.att_tests else "no paired seeds"
 
@@ -440,9 +445,7 @@ def _compare_losses(row: Row, twin: Row | None, kd_runs: Sequence[dict[str, Any]
     if twin is None:
         row.loss_verdict = f"no {KDConfig.weighting} runs of this teacher run"
         return
-    for reading, acc, twin_acc in (("last", row.acc, twin.acc), ("best", row.best, twin.best)):
-        if "final" in acc and "final" in twin_acc:
-            row.loss_delta[reading] = acc["final"].mean - twin_acc["final"].mean
+    row.loss_delta = _final_deltas(row, twin)
     row.loss_tests = compare_rows(kd_runs, twin_runs, margin)
     row.loss_verdict = "" if row.loss_tests else "no paired seeds"
 
