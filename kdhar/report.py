@@ -616,11 +616,16 @@ def _acc_cells(row: Row, reading: str, attention: bool = False) -> list[str]:
             *(_signed(delta.get(c)) for c in ("final", *STAGES)), *transfer, *att]
 
 
+def _comparison(row: Row, against: str) -> tuple[dict[str, PairedTest], str]:
+    """A row's tests and verdict against scratch, "scratch + attention" or the default loss."""
+    return {"scratch": (row.tests, row.verdict), "attention": (row.att_tests, row.att_verdict),
+            "loss": (row.loss_tests, row.loss_verdict)}[against]
+
+
 def _stat_cells(row: Row, against: str = "scratch") -> list[list[str]]:
     """Lines of the KD - scratch table for a KD row (`against` "attention": the KD - scratch +
     attention table): one per reading, or one saying why it has none."""
-    tests, why = {"scratch": (row.tests, row.verdict), "attention": (row.att_tests, row.att_verdict),
-                  "loss": (row.loss_tests, row.loss_verdict)}[against]
+    tests, why = _comparison(row, against)
     if not tests:
         return [[_teacher_label(row), f"{row.fraction:g}", "-", "0", "-", "-", "-", "-", "-", why or "-", "-"]]
     lines = []
@@ -755,8 +760,7 @@ def _num(v: float | None) -> str:
 
 
 def _test_values(row: Row, reading: str, against: str = "scratch") -> list[Any]:
-    tests, why = {"scratch": (row.tests, row.verdict), "attention": (row.att_tests, row.att_verdict),
-                  "loss": (row.loss_tests, row.loss_verdict)}[against]
+    tests, why = _comparison(row, against)
     t = tests.get(reading)
     if t is None:
         # Why there is no test (no scratch twin, mismatched views or recipes) holds for both readings.
