@@ -400,6 +400,8 @@ def test_shipped_specs_parse(name):
     if name == "pcl-replication.yaml":
         assert {(c.arch, c.cfg.model.width, c.fraction, c.cfg.pcl.ssl) for c in students} == {("c3d", 4, 0.25, "pcl")}
         assert len(spec.seeds) >= 15 and len(students) == 2 * len(spec.seeds)
+    if name == "pcl-cpu.yaml":
+        assert {(c.arch, c.cfg.model.width) for c in students} == {("c3d", 4), ("r3d_10", 8)}
     if name == "paper.yaml":
         assert spec.students == ["c3d", "r3d_18", "r2plus1d_18"] and spec.fractions == [1.0, 0.5, 0.25, 0.02]
         assert spec.finetune and spec.transfer.name == "hmdb51"
@@ -408,6 +410,24 @@ def test_shipped_specs_parse(name):
         cfg = cells[0].cfg
         assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.model.width) == (200, 16, 0.01, 64)
 
+
+
+def test_pcl_replication_shares_the_pcl_grid():
+    """pcl-replication.yaml adds seeds to pcl-cpu.yaml's C3D 25 % cell in the same experiment: the
+    teacher and that cell's seeds 0-2 carry the same config_hash in both, so they train once."""
+    grid, rep = (load_spec(REPO / "experiments" / n) for n in ("pcl-cpu.yaml", "pcl-replication.yaml"))
+    assert grid.experiment == rep.experiment
+
+    def hashes(spec):
+        out = {}
+        for c in plan(spec):
+            if c.role in ("teacher", "student") and c.arch == "c3d" and c.fraction in (1.0, 0.25):
+                out[(c.role, c.teacher, c.seed)] = cell_hash(c, teacher_run="t0")
+        return out
+
+    shared = hashes(grid)
+    assert {k: v for k, v in hashes(rep).items() if k in shared} == shared
+    assert len([k for k in shared if k[0] == "student"]) == 6
 
 # ---------------------------------------------------------------- end to end, real runs
 
