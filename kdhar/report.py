@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from kdhar import stats  # noqa: E402
-from kdhar.config import KDConfig  # noqa: E402
+from kdhar.config import PCL_KD_WEIGHTING, KDConfig  # noqa: E402
 from kdhar.detection_report import detection_rows, format_detection, write_detection_csv  # noqa: E402
 from kdhar.methods import ATTENTION_METHODS, REPORT_MARKS  # noqa: E402
 from kdhar.stats import PairedTest  # noqa: E402
@@ -125,6 +125,7 @@ class Row:
     # A KD row under another loss weighting than the default (`loss`, e.g. "sum") against the same
     # teacher run's row under the default one: which loss, paired by seed, in a Holm family of its own.
     loss: str = ""
+    loss_default: str = KDConfig.weighting  # the weighting `loss` is compared with: its regime's default
     loss_delta: dict[str, float] = field(default_factory=dict)  # reading -> final mean - that row's final mean
     loss_tests: dict[str, PairedTest] = field(default_factory=dict)
     loss_verdict: str = ""
@@ -254,11 +255,20 @@ def _views(run: dict[str, Any]) -> int:
     return int(run["tags"].get("views", "0"))
 
 
+def default_weighting(run: dict[str, Any]) -> str:
+    """The KD weighting a run gets unless told: the paper's Eq. 7 (sum) inside PCL, else mix. A
+    `kd_stage: after_ssl` student distils supervised, from its PCL pretraining, so it takes mix."""
+    tags = run["tags"]
+    inside_pcl = tags.get("ssl") == "pcl" and tags.get("kd_stage") != "after_ssl"
+    return PCL_KD_WEIGHTING if inside_pcl else KDConfig.weighting
+
+
 def _loss_mark(run: dict[str, Any]) -> str:
-    # A KD run whose loss weighting is not the default one ("sum", "balanced") gets a row of its own:
-    # the weighting is left out of the pair key, so without the mark two losses would share a row.
+    # A KD run whose loss weighting is not its regime's default ("sum" or "balanced" where mix is the
+    # default, "mix" inside PCL) gets a row of its own: the weighting is left out of the pair key, so
+    # without the mark two losses would share a row.
     weighting = run.get("params", {}).get("kd.weighting")
-    return weighting if weighting and weighting != KDConfig.weighting else ""
+    return weighting if weighting and weighting != default_weighting(run) else ""
 
 
 def _key(run: dict[str, Any]) -> tuple[str, str, str, float, str, str]:
@@ -380,6 +390,7 @@ def _row(key: tuple, members: Sequence[dict[str, Any]], transfer_by_source: Mapp
         recipe=_recipe(members[0]),
         init=bool(members[0]["tags"].get("init")),
         loss=_loss_mark(members[0]),
+        loss_default=default_weighting(members[0]),
     )
 
 
@@ -443,7 +454,7 @@ def _default_loss_partner(key: tuple, rows: Mapping[tuple, Row]) -> tuple | None
 def _compare_losses(row: Row, twin: Row | None, kd_runs: Sequence[dict[str, Any]],
                     twin_runs: Sequence[dict[str, Any]], margin: float) -> None:
     if twin is None:
-        row.loss_verdict = f"no {KDConfig.weighting} runs of this teacher run"
+        row.loss_verdict = f"no {row.loss_default} runs of this teacher run"
         return
     row.loss_delta = _final_deltas(row, twin)
     row.loss_tests = compare_rows(kd_runs, twin_runs, margin)
@@ -721,13 +732,15 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
                                  _stat_headers(margin), att, markdown, level="###"))
         loss = [line for r in group if r.loss for line in _stat_cells(r, "loss")]
         if loss:
-            parts.append(_render(f"KD under another loss - KD under {KDConfig.weighting} (the default), paired by seed: "
+            default = next(r.loss_default for r in group if r.loss)
+            parts.append(_render(f"KD under another loss - KD under {default} (the default), paired by seed: "
                                  f"student {student} on {dataset}", _stat_headers(margin), loss, markdown, level="###"))
     loss_note = [LOSS_NOTE] if any(r.loss for r in rows) else []
     return "\n\n".join(parts + [summary(rows), *_loss_summary(rows), _note(margin), *loss_note]) + "\n"
 
 
-LOSS_NOTE = (f"[sum], [balanced], [mix]: KD under that loss weighting instead of the default ({KDConfig.weighting}). "
+LOSS_NOTE = (f"[sum], [balanced], [mix]: KD under that loss weighting instead of the default ({KDConfig.weighting}; "
+             f"{PCL_KD_WEIGHTING}, the paper's Eq. 7, for students trained inside PCL). "
              "KD under another loss - KD under the default: the same teacher run's two rows, final accuracy "
              "paired by seed, tested as above but in a Holm family of their own (both readings of every such row).")
 
@@ -740,7 +753,8 @@ def _loss_summary(rows: Sequence[Row]) -> list[str]:
     verdicts = (stats.HELPS, stats.HURTS, stats.EQUIVALENT, stats.INCONCLUSIVE)
     parts = [f"{READING_NAMES[r]}: " + ", ".join(f"{counts[r][v]} {v}" for v in verdicts) for r in READINGS if counts[r]]
     tests = "1 test in its own Holm family" if family == 1 else f"{family} tests in their own Holm family"
-    return [f"Loss verdicts, another loss against {KDConfig.weighting} ({tests}; helps: the other loss is ahead): "
+    defaults = " or ".join(sorted({row.loss_default for row in rows if row.loss_tests}))
+    return [f"Loss verdicts, another loss against {defaults} ({tests}; helps: the other loss is ahead): "
             + "; ".join(parts) + "."]
 
 

@@ -555,6 +555,28 @@ def test_a_loss_row_without_a_default_twin_says_so_and_the_csv_carries_the_loss_
     assert (line["loss"], line["loss_verdict"]) == (other, marked.loss_verdict)
 
 
+
+def test_inside_pcl_the_papers_sum_is_the_default_loss_and_mix_is_the_marked_one():
+    # A PCL student distils under Eq. 7 (sum) unless told: its sum runs are the plain row, with no
+    # loss comparison to ask for; a mix run inside PCL is the marked one, compared with sum.
+    pcl = {"ssl": "pcl"}
+    runs = [run("s0", "none", 0, 0.5, tags=pcl), run("s1", "none", 1, 0.6, tags=pcl),
+            run("p0", "c3d", 0, 0.8, tags=pcl), run("p1", "c3d", 1, 0.9, tags=pcl)]
+    for r in runs[2:]:
+        r["params"]["kd.weighting"] = "sum"
+    rows = aggregate(runs)
+    assert [(r.teacher, r.loss, r.loss_verdict) for r in rows] == [("none", "", ""), ("c3d", "", "")]
+    assert "KD under another loss" not in format_table(rows)
+    mixed = [run("m0", "c3d", 0, 0.7, tags=pcl), run("m1", "c3d", 1, 0.7, tags=pcl)]
+    for r in mixed:
+        r["params"]["kd.weighting"] = "mix"
+    marked = {r.teacher: r for r in aggregate(runs + mixed)}["c3d [mix]"]
+    assert (marked.loss, marked.loss_default, marked.loss_tests["last"].mean) == ("mix", "sum", pytest.approx(-0.15))
+    assert "KD under another loss - KD under sum (the default)" in format_table(list(aggregate(runs + mixed)))
+    # A kd_stage: after_ssl student distils supervised, where mix is the default.
+    after = {"ssl": "pcl", "kd_stage": "after_ssl"}
+    assert report.default_weighting({"tags": after}) == report.KDConfig.weighting
+
 def test_kd_after_pcl_rows_hold_every_seed_apart_from_kd_inside_pcl_and_pair_with_their_own_scratch_runs():
     # Reading B: each seed starts from its own pretraining run (its own --init), the same recipe
     # (`init_key`) for every seed; reading A's rows of the same student stay rows of their own.
