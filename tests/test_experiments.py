@@ -382,7 +382,7 @@ def test_kd_after_ssl_pretrains_each_student_inside_pcl_then_trains_it_supervise
 
 
 @pytest.mark.parametrize("name", ["paper.yaml", "cpu.yaml", "cpu-loss.yaml", "smoke.yaml", "pcl-cpu.yaml",
-                                  "pcl-paper.yaml", "pcl-replication.yaml"])
+                                  "pcl-paper.yaml", "pcl-replication.yaml", "pcl-r3d.yaml"])
 def test_shipped_specs_parse(name):
     spec = load_spec(REPO / "experiments" / name)
     cells = plan(spec)
@@ -400,6 +400,9 @@ def test_shipped_specs_parse(name):
     if name == "pcl-replication.yaml":
         assert {(c.arch, c.cfg.model.width, c.fraction, c.cfg.pcl.ssl) for c in students} == {("c3d", 4, 0.25, "pcl")}
         assert len(spec.seeds) >= 15 and len(students) == 2 * len(spec.seeds)
+    if name == "pcl-r3d.yaml":
+        assert {(c.arch, c.cfg.model.width, c.fraction, c.cfg.pcl.ssl) for c in students} == {("r3d_10", 8, 0.25, "pcl")}
+        assert len(spec.seeds) >= 9 and len(students) == 2 * len(spec.seeds)
     if name == "pcl-cpu.yaml":
         assert {(c.arch, c.cfg.model.width) for c in students} == {("c3d", 4), ("r3d_10", 8)}
     if name == "paper.yaml":
@@ -413,21 +416,24 @@ def test_shipped_specs_parse(name):
 
 
 def test_pcl_replication_shares_the_pcl_grid():
-    """pcl-replication.yaml adds seeds to pcl-cpu.yaml's C3D 25 % cell in the same experiment: the
-    teacher and that cell's seeds 0-2 carry the same config_hash in both, so they train once."""
-    grid, rep = (load_spec(REPO / "experiments" / n) for n in ("pcl-cpu.yaml", "pcl-replication.yaml"))
-    assert grid.experiment == rep.experiment
+    """pcl-replication.yaml and pcl-r3d.yaml add seeds to pcl-cpu.yaml's 25 % cells (C3D, R3D-10) in
+    the same experiment: the teacher and each cell's seeds 0-2 carry the same config_hash in both,
+    so they train once."""
+    grid = load_spec(REPO / "experiments" / "pcl-cpu.yaml")
 
-    def hashes(spec):
+    def hashes(spec, arch):
         out = {}
         for c in plan(spec):
-            if c.role in ("teacher", "student") and c.arch == "c3d" and c.fraction in (1.0, 0.25):
-                out[(c.role, c.teacher, c.seed)] = cell_hash(c, teacher_run="t0")
+            if c.role == "teacher" or c.role == "student" and c.arch == arch and c.fraction == 0.25:
+                out[(c.role, c.arch, c.teacher, c.seed)] = cell_hash(c, teacher_run="t0")
         return out
 
-    shared = hashes(grid)
-    assert {k: v for k, v in hashes(rep).items() if k in shared} == shared
-    assert len([k for k in shared if k[0] == "student"]) == 6
+    for name, arch in (("pcl-replication.yaml", "c3d"), ("pcl-r3d.yaml", "r3d_10")):
+        more = load_spec(REPO / "experiments" / name)
+        assert more.experiment == grid.experiment
+        shared = hashes(grid, arch)
+        assert {k: v for k, v in hashes(more, arch).items() if k in shared} == shared
+        assert len([k for k in shared if k[0] == "student"]) == 6
 
 # ---------------------------------------------------------------- end to end, real runs
 
