@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from kdhar import stats  # noqa: E402
-from kdhar.config import PCL_KD_WEIGHTING, KDConfig  # noqa: E402
+from kdhar.config import PCL_KD_WEIGHTING, KDConfig, default_kd_weighting  # noqa: E402
 from kdhar.detection_report import detection_rows, format_detection, write_detection_csv  # noqa: E402
 from kdhar.methods import ATTENTION_METHODS, REPORT_MARKS  # noqa: E402
 from kdhar.stats import PairedTest  # noqa: E402
@@ -259,8 +259,7 @@ def default_weighting(run: dict[str, Any]) -> str:
     """The KD weighting a run gets unless told: the paper's Eq. 7 (sum) inside PCL, else mix. A
     `kd_stage: after_ssl` student distils supervised, from its PCL pretraining, so it takes mix."""
     tags = run["tags"]
-    inside_pcl = tags.get("ssl") == "pcl" and tags.get("kd_stage") != "after_ssl"
-    return PCL_KD_WEIGHTING if inside_pcl else KDConfig.weighting
+    return default_kd_weighting(tags.get("ssl", "none"), tags.get("kd_stage", "during_ssl"))
 
 
 def _loss_mark(run: dict[str, Any]) -> str:

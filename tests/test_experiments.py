@@ -318,6 +318,8 @@ def test_a_pcl_grid_distils_by_eq_7_and_its_teachers_and_fine_tunes_see_the_stud
     assert {c.cfg.clip.normalize for c in plan(spec)} == {"imagenet"}  # teachers, students, fine-tunes
     assert parse_spec(minimal(ssl="pcl", weighting="mix")).weighting == "mix"
     assert parse_spec(minimal()).weighting == "mix"  # plain KD grids keep theirs
+    # A kd_stage: after_ssl student distils supervised, from its pretraining: mix, as the report reads it.
+    assert parse_spec(minimal(ssl="pcl", kd_stage="after_ssl")).weighting == "mix"
     assert {c.cfg.clip.normalize for c in plan(parse_spec(minimal()))} == {"half"}
 
 
@@ -575,8 +577,9 @@ def test_a_kd_after_ssl_grid_distils_from_each_students_pcl_pretraining_and_repo
     assert [run_id for _, run_id in grid_status(path)] == [o.run_id for o in done]  # a rerun would skip them all
 
     rows = {(r.student, r.teacher): r for r in build_report("after-ssl", store / "report-after-ssl").rows}
-    assert set(rows) == {("tiny3d (pcl)", "none [after pcl]"), ("tiny3d (pcl)", "tiny3d [sum, after pcl]")}
-    kd_row, scratch_row = rows[("tiny3d (pcl)", "tiny3d [sum, after pcl]")], rows[("tiny3d (pcl)", "none [after pcl]")]
+    # Supervised KD after the pretraining takes mix, the supervised default, so its row carries no loss mark.
+    assert set(rows) == {("tiny3d (pcl)", "none [after pcl]"), ("tiny3d (pcl)", "tiny3d [after pcl]")}
+    kd_row, scratch_row = rows[("tiny3d (pcl)", "tiny3d [after pcl]")], rows[("tiny3d (pcl)", "none [after pcl]")]
     assert kd_row.delta["final"] == pytest.approx(kd_row.acc["final"].mean - scratch_row.acc["final"].mean)
 
 

@@ -188,7 +188,7 @@ KD_PRESETS = {"sskd": {"weighting": "mix", "alpha": 0.9}}
 def kd_settings(tau, weighting, alpha, lam, ssl: str = "none") -> dict[str, Any]:
     """The KD knobs as given, with a named preset (--kd-weighting sskd) spelled out; without a
     weighting, PCL runs (`ssl` "pcl") take the paper's Eq. 7 (sum) and the others mix."""
-    weighting = weighting or (C.PCL_KD_WEIGHTING if ssl == "pcl" else C.KDConfig.weighting)
+    weighting = weighting or C.default_kd_weighting(ssl)
     preset = KD_PRESETS.get(weighting)
     if preset is None:
         return dict(tau=tau, weighting=weighting, alpha=alpha, lam=lam)

@@ -195,7 +195,7 @@ class _SpecReader:
         fractions = self.fractions()
         teachers, teacher_seeds = self.teachers(), self.teacher_seeds()
         tuned, ssl = self.tuned(teachers, teacher_seeds), self.ssl()
-        kd_methods, finetune = self.kd_methods(ssl), self.finetune()
+        kd_methods, finetune, kd_stage = self.kd_methods(ssl), self.finetune(), self.kd_stage(ssl)
         return GridSpec(
             experiment=str(raw["experiment"]),
             dataset=self.dataset("dataset"),
@@ -214,13 +214,13 @@ class _SpecReader:
             teacher_seeds=teacher_seeds,
             tau=self.number("tau", C.KDConfig.tau),
             lam=self.number("lam", C.KDConfig.lam),
-            weighting=str(raw.get("weighting", C.PCL_KD_WEIGHTING if ssl == "pcl" else C.KDConfig.weighting)),
+            weighting=str(raw.get("weighting", C.default_kd_weighting(ssl, kd_stage))),
             alpha=self.number("alpha", C.KDConfig.alpha),
             finetune=finetune,
             cache_teacher=self.flag("cache_teacher"),
             tuned=tuned,
             ssl=str(ssl),
-            kd_stage=self.kd_stage(ssl),
+            kd_stage=kd_stage,
             keep_checkpoints=self.flag("keep_checkpoints"),
             kd_methods=[str(m) for m in dict.fromkeys(kd_methods)],
             task=self.task(ssl, kd_methods, finetune),
