@@ -261,9 +261,12 @@ def check_init_modality(spec: str, modality: str) -> None:
 def load_init(spec: str) -> dict[str, torch.Tensor]:
     """Weights to start from: a kdhar checkpoint or a logged model URI."""
     if spec.startswith(("models:/", "runs:/")):
-        # Logged models are exported graphs whose parameters sit under "graph."
-        state = tracking.load_model(spec, "cpu").state_dict()
-        return {k.removeprefix("graph."): v for k, v in state.items()}
+        # Logged models are exported graphs whose parameters sit under "graph."; a logged detector's
+        # under "graph.detector." (its graph is `DetectorOutputs` around the detector).
+        state = {k.removeprefix("graph."): v for k, v in tracking.load_model(spec, "cpu").state_dict().items()}
+        if state and all(k.startswith("detector.") for k in state):
+            state = {k.removeprefix("detector."): v for k, v in state.items()}
+        return state
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--init {spec}: no such checkpoint or model URI")

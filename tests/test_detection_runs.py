@@ -222,3 +222,37 @@ def test_detect_teacher_then_gkd_student_then_evaluate_through_the_cli(local_tra
         kdhar("evaluate", "--model", f"runs:/{student.info.run_id}", "--root", str(tiny_set), "--experiment", "det")
     report = build_report("det", Path(local_tracking.removeprefix("sqlite:///")).parent / "reports")
     assert "Detection: student tiny3d on thumos14" in report.text
+
+
+
+@pytest.mark.slow
+def test_an_attention_teacher_starts_from_a_plain_detection_teachers_logged_weights(local_tracking, tiny_set):
+    """GKD's teacher phase on a trained detector: `--init runs:/<plain teacher>` fills the trunk and
+    head (the logged graph keeps them under `detector.`), and only the attention module and CVAEs
+    start from random weights."""
+    from mlflow import MlflowClient
+
+    from kdhar.cli import cli
+    from kdhar.distill import load_init
+    from kdhar.tracking import load_model
+
+    common = ["--root", str(tiny_set), "--window-length", "16", "--frame-interval", "4", "--train-stride", "16",
+              "--test-stride", "32", "--crop", "32", "--width", "2", "--head-channels", "8", "--batch-size", "2",
+              "--epochs", "1", "--num-workers", "0", "--threads", "1", "--experiment", "det-init"]
+    cli.main(["detect", "train-teacher", "--arch", "c3d", *common], standalone_mode=False)
+    client = MlflowClient(local_tracking)
+    exp = client.get_experiment_by_name("det-init").experiment_id
+    [plain] = client.search_runs([exp], "tags.role = 'teacher'")
+    init = f"runs:/{plain.info.run_id}"
+    plain_state = load_init(init)
+    assert plain_state and not any(k.startswith(("graph.", "detector.")) for k in plain_state)
+
+    # An lr of 1e-12 leaves every loaded weight where the plain teacher left it (Adam steps by about lr).
+    cli.main(["detect", "train-teacher", "--arch", "c3d", "--attention", "true", "--init", init, "--lr", "1e-12",
+              *common], standalone_mode=False)
+    [attention] = client.search_runs([exp], f"tags.role = 'teacher' and params.init = '{init}'")
+    trained = load_init(f"runs:/{attention.info.run_id}")
+    assert len(trained) > len(plain_state)  # the attention module's weights besides the plain ones
+    weights = [k for k in plain_state if k.endswith(".weight") and plain_state[k].dim() > 1]  # convolutions, linear
+    assert {k.split(".")[0] for k in weights} >= {"backbone", "cls", "reg"}  # the trunk and the 1-D head
+    assert all(torch.allclose(trained[k], plain_state[k], atol=1e-8) for k in weights)
