@@ -87,6 +87,10 @@ def test_the_detection_grids_plan_teacher_scratch_attention_score_kd_and_gkd_ove
         students = [c for c in cells if c.role == "student"]
         assert len(students) == 4 * len(spec.seeds) and all(c.cfg.task == "detection" for c in students)
         assert {c.cfg.det.optimizer for c in cells} == {"adam"}  # every method, one optimiser
+    # A teacher may train under its own background weight (a loss weight, not how clips are cut): the
+    # CPU teacher's x1, while its students keep GKD's x35.
+    cells = plan(load_spec(ROOT / "experiments" / "tad-cpu.yaml"))
+    assert {(c.role, c.cfg.det.bg_weight) for c in cells} == {("teacher", 1.0), ("student", 35.0)}
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -112,10 +112,11 @@ def uses_attention(method: str) -> bool:
     return method_overrides(method).get("kd") in C.GKD_METHODS
 
 # What teacher_overrides and student_overrides may set. A distilled student feeds its own clips to the
-# teacher, so teachers and students may differ in size and schedule but not in how clips are cut.
+# teacher, so teachers and students may differ in size, schedule and loss weights but not in how clips
+# are cut.
 MODEL_OVERRIDES = {
     "epochs", "lr", "batch_size", "schedule", "momentum", "weight_decay", "width", "dropout", "warmup", "grad_clip",
-    "modality", "keep_time", "head_channels", "reg_weight", "det_optimizer",
+    "modality", "keep_time", "head_channels", "reg_weight", "bg_weight", "det_optimizer",
 }
 
 SPEC_KEYS = {
