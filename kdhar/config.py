@@ -182,6 +182,8 @@ def default_kd_weighting(ssl: str = "none", kd_stage: str = "during_ssl") -> str
     """The KD weighting a run takes unless told: Eq. 7 (sum) for a student distilled inside PCL,
     mix for every other (a `kd_stage` "after_ssl" student distils supervised, from its pretraining)."""
     return PCL_KD_WEIGHTING if ssl == "pcl" and kd_stage != "after_ssl" else KDConfig.weighting
+
+
 CONTRASTS = ("nce", "ntxent")
 # PCL's choices. The data and model code that acts on them imports them from here, so checking a
 # configuration needs nothing above this module.
