@@ -1,15 +1,15 @@
 """The detection table of `kdhar report`: temporal detection students (`task=detection`) by method,
 compared with their scratch twins seed by seed, as the recognition tables compare KD with scratch.
 
-Rows are (dataset, student, method, teacher run, fraction): scratch, scratch + attention (GKD's
-attention module and CVAEs, no teacher), score KD (KL of the per-step class scores) and GKD. Each
-shows mean ± sd over seeds of the test mAP averaged over tIoU 0.3-0.7 under THUMOS14's toolkit
-(`map_avg`), at tIoU 0.5, averaged over 0.1-0.5 as GKD's code reads it (`gkd_map_avg`), and at 25 %
-and 75 % of the epochs. Every method is compared with plain scratch on `final_test_map_avg`, and
-GKD also with scratch + attention (what the teacher adds to the attention module): per-seed
-differences, a t-interval, the sign-flip p, Holm over every comparison of the table, TOST against
-the margin, a verdict, and the seeds the margin calls for (`kdhar.stats`). Pure functions of run
-dicts (run_id, tags, metrics); no torch.
+Rows are (dataset, student, method, teacher run, fraction): the teacher runs the students name,
+scratch, scratch + attention (GKD's attention module and CVAEs, no teacher), score KD (KL of the
+per-step class scores) and GKD. Each shows mean ± sd over seeds of the test mAP averaged over tIoU
+0.3-0.7 under THUMOS14's toolkit (`map_avg`), at tIoU 0.5, averaged over 0.1-0.5 as GKD's code reads
+it (`gkd_map_avg`), and at 25 % and 75 % of the epochs. Every method is compared with plain scratch,
+and GKD also with scratch + attention (what the teacher adds to the attention module), on both
+readings (`map_avg` and `gkd_map_avg`): per-seed differences, a t-interval, the sign-flip p, Holm
+over every comparison of the table, TOST against the margin, a verdict, and the seeds the margin
+calls for (`kdhar.stats`). Pure functions of run dicts (run_id, tags, metrics); no torch.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from kdhar import stats
 from kdhar.stats import PairedTest
 
 # Method tag -> the row's label (teacher-less rows) or its prefix before the teacher.
-METHODS = {"det-supervised": "scratch", "det-attention": "scratch + attention", "det-kd-logit": "score KD",
+METHODS = {"det-teacher": "teacher", "det-supervised": "scratch", "det-attention": "scratch + attention", "det-kd-logit": "score KD",
            "det-gkd": "GKD"}
 ORDER = list(METHODS)
 COLUMNS = {"map_avg": "final_test_map_avg", "map@0.5": "final_test_map_0.5", "gkd_map_avg": "final_test_gkd_map_avg",
            "early": "map_early", "mid": "map_mid"}
-COMPARED = "final_test_map_avg"
+# The readings every comparison is made on: THUMOS14's toolkit at tIoU 0.3-0.7 and GKD's code at 0.1-0.5.
+READINGS = {"map_avg": "final_test_map_avg", "gkd_map_avg": "final_test_gkd_map_avg"}
 # Which row each method is compared with, in order: plain scratch always, GKD also its attention twin.
 BASELINES = {"det-attention": ("det-supervised",), "det-kd-logit": ("det-supervised",),
              "det-gkd": ("det-supervised", "det-attention")}
@@ -49,11 +50,13 @@ class DetRow:
     teacher_run: str
     runs: dict[int, dict[str, float]]  # seed -> metrics
     collapsed: int = 0
-    tests: dict[str, PairedTest] = field(default_factory=dict)  # baseline method -> test on COMPARED
+    tests: dict[tuple[str, str], PairedTest] = field(default_factory=dict)  # (baseline method, reading) -> test
 
     @property
     def label(self) -> str:
         name = METHODS.get(self.method, self.method)
+        if self.method == "det-teacher":
+            return f"{name} {self.teacher} ({self.teacher_run[:8]})"
         return name if self.teacher == "none" else f"{name} <- {self.teacher} ({self.teacher_run[:8]})"
 
     def stat(self, metric: str) -> tuple[float, float, int]:
@@ -66,9 +69,12 @@ class DetRow:
         return mean, sd, len(values)
 
 
-def detection_rows(runs: Sequence[dict[str, Any]], margin: float) -> list[DetRow]:
+def detection_rows(runs: Sequence[dict[str, Any]], margin: float,
+                   teachers: Sequence[dict[str, Any]] = ()) -> list[DetRow]:
     """Rows of FINISHED detection student runs (newest first: a repeated seed counts once, its
-    latest run), each compared with its baselines; one Holm family over all comparisons."""
+    latest run), each compared with its baselines; one Holm family over all comparisons. Each of
+    `teachers` (teacher run dicts) that a row's students name gets a row of its own in their table,
+    so that a reader sees what the students were taught by."""
     grouped: dict[tuple, DetRow] = {}
     for run in runs:
         tags = run["tags"]
@@ -82,6 +88,14 @@ def detection_rows(runs: Sequence[dict[str, Any]], margin: float) -> list[DetRow
         if seed not in row.runs:
             row.runs[seed] = run["metrics"]
             row.collapsed += tags.get("collapsed", "").lower() == "true"
+    named = {r.teacher_run: r for r in grouped.values() if r.teacher_run}
+    for t in teachers:
+        if t["run_id"] in named and t["tags"].get("task") == "detection":
+            student = named[t["run_id"]]
+            key = (student.dataset, student.student, "det-teacher", student.fraction, t["tags"].get("arch", "?"),
+                   t["run_id"])
+            grouped[key] = DetRow(*key, runs={int(float(t["tags"].get("seed", 0))): t["metrics"]},
+                                  collapsed=int(t["tags"].get("collapsed", "").lower() == "true"))
     rows = sorted(grouped.values(), key=lambda r: (r.dataset, r.student, -r.fraction,
                                                    ORDER.index(r.method) if r.method in ORDER else 99, r.teacher_run))
     _compare(rows, margin)
@@ -89,7 +103,8 @@ def detection_rows(runs: Sequence[dict[str, Any]], margin: float) -> list[DetRow
 
 
 def _compare(rows: list[DetRow], margin: float) -> None:
-    """Each row against its baselines' rows (same dataset, student and fraction), paired by seed."""
+    """Each row against its baselines' rows (same dataset, student and fraction), paired by seed,
+    on each reading."""
     members = []
     for row in rows:
         for base in BASELINES.get(row.method, ()):
@@ -97,13 +112,15 @@ def _compare(rows: list[DetRow], margin: float) -> None:
                          == (row.dataset, row.student, row.fraction)), None)
             if twin is None:
                 continue
-            seeds = sorted(s for s in row.runs.keys() & twin.runs.keys()
-                           if COMPARED in row.runs[s] and COMPARED in twin.runs[s])
-            if seeds:
-                row.tests[base] = stats.compare([row.runs[s][COMPARED] - twin.runs[s][COMPARED] for s in seeds], margin)
-                members.append((row, base))
-    for (row, base), test in zip(members, stats.adjust([row.tests[b] for row, b in members])):
-        row.tests[base] = test
+            for reading, metric in READINGS.items():
+                seeds = sorted(s for s in row.runs.keys() & twin.runs.keys()
+                               if metric in row.runs[s] and metric in twin.runs[s])
+                if seeds:
+                    diffs = [row.runs[s][metric] - twin.runs[s][metric] for s in seeds]
+                    row.tests[(base, reading)] = stats.compare(diffs, margin)
+                    members.append((row, (base, reading)))
+    for (row, key), test in zip(members, stats.adjust([row.tests[k] for row, k in members])):
+        row.tests[key] = test
 
 
 def _pct(mean: float, sd: float) -> str:
@@ -141,22 +158,23 @@ def format_detection(rows: Sequence[DetRow], margin: float, markdown: bool = Fal
                  *(_pct(*r.stat(metric)[:2]) for metric in COLUMNS.values())] for r in group]
         parts.append(_render(f"Detection: student {student} on {dataset} (test mAP, %)",
                              ["method", "fraction", "n", "collapsed", *COLUMNS], body, markdown))
-        tests = [[r.label, f"{r.fraction:g}", METHODS.get(base, base), str(t.n),
+        tests = [[r.label, f"{r.fraction:g}", METHODS.get(base, base), reading, str(t.n),
                   f"{_signed(t.mean)} [{_signed(t.low)}, {_signed(t.high)}]" if t.n > 1 else _signed(t.mean),
                   _p(t.p_perm), _p(t.p_holm), _p(t.p_tost_holm), t.verdict or "-",
                   "-" if t.seeds_for_margin is None else str(t.seeds_for_margin)]
-                 for r in group for base, t in r.tests.items()]
+                 for r in group for (base, reading), t in r.tests.items()]
         if tests:
-            parts.append(_render(f"Detection, paired by seed: map_avg minus the baseline's, student {student} on {dataset}",
-                                 ["method", "fraction", "baseline", "pairs", "Δ map_avg [95 % CI]", "p sign-flip",
+            parts.append(_render(f"Detection, paired by seed: test mAP minus the baseline's, student {student} on {dataset}",
+                                 ["method", "fraction", "baseline", "reading", "pairs", "Δ mAP [95 % CI]", "p sign-flip",
                                   "p Holm", f"TOST ±{m} Holm", "verdict", f"seeds for ±{m}"], tests, markdown))
     parts.append(
         "mAP: test mAP in %, mean ± sd over n seeds. map_avg: THUMOS14's toolkit averaged over tIoU 0.3-0.7; "
         "map@0.5: at tIoU 0.5; gkd_map_avg: the ActivityNet code GKD's eval.py uses, averaged over tIoU 0.1-0.5; "
-        "early/mid: map_avg after 25/75 % of the epochs. scratch + attention: GKD's attention module and CVAEs "
-        "without a teacher; score KD: KL of the per-step class scores to the teacher's. Every method is compared with "
-        "plain scratch and GKD also with scratch + attention, seed by seed on map_avg; Holm runs over every comparison "
-        f"of this table; TOST: equivalence within ±{m} points; verdict: helps / hurts when p Holm < 0.05, "
+        "early/mid: map_avg after 25/75 % of the epochs. teacher: the teacher run the rows below it name (its own "
+        "seed). scratch + attention: GKD's attention module and CVAEs without a teacher; score KD: KL of the per-step "
+        "class scores to the teacher's. Every method is compared with plain scratch and GKD also with scratch + "
+        "attention, seed by seed on both readings (map_avg and gkd_map_avg); Holm runs over every comparison "
+        f"of this table, both readings; TOST: equivalence within ±{m} points; verdict: helps / hurts when p Holm < 0.05, "
         "equivalent when TOST Holm < 0.05, else inconclusive. The detector is kdhar's anchor-free 1-D head on "
         "two taps of a registry trunk, not AFSD: these numbers are not comparable with the GKD paper's.")
     return "\n\n".join(parts) + "\n"
@@ -167,7 +185,7 @@ def write_detection_csv(rows: Sequence[DetRow], path: Path) -> None:
     header = ["dataset", "student", "method", "teacher", "teacher_run", "fraction", "n", "seeds", "collapsed"]
     for name in COLUMNS:
         header += [f"{name}_mean", f"{name}_sd"]
-    header += ["baseline", "pairs", "delta_map_avg", "delta_low", "delta_high", "p_perm", "p_holm", "p_tost_holm",
+    header += ["baseline", "reading", "pairs", "delta_map", "delta_low", "delta_high", "p_perm", "p_holm", "p_tost_holm",
                "verdict", "seeds_for_margin"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -178,9 +196,9 @@ def write_detection_csv(rows: Sequence[DetRow], path: Path) -> None:
             for metric in COLUMNS.values():
                 mean, sd, _ = r.stat(metric)
                 own += [_num(mean), _num(sd)]
-            for base, t in (r.tests.items() or [("", None)]):
-                tail = ([base, t.n, _num(t.mean), _num(t.low), _num(t.high), _num(t.p_perm), _num(t.p_holm),
-                         _num(t.p_tost_holm), t.verdict, t.seeds_for_margin or ""] if t else [""] * 10)
+            for (base, reading), t in (r.tests.items() or [(("", ""), None)]):
+                tail = ([base, reading, t.n, _num(t.mean), _num(t.low), _num(t.high), _num(t.p_perm), _num(t.p_holm),
+                         _num(t.p_tost_holm), t.verdict, t.seeds_for_margin or ""] if t else [""] * 11)
                 w.writerow(own + tail)
 
 

@@ -971,7 +971,9 @@ def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN)
     detectors = [r for r in students if r["tags"].get("task") == "detection"]
     students = [r for r in students if r["tags"].get("task") != "detection"]
     rows = aggregate(students, finetunes, _teacher_accuracy(experiment, students), margin)
-    det_rows = detection_rows(detectors, margin)
+    det_teachers = tracking.find_runs(experiment, f"tags.role = 'teacher' and tags.task = 'detection' and {finished}") \
+        if detectors else []
+    det_rows = detection_rows(detectors, margin, det_teachers)
     if not rows and not det_rows:
         return Report(experiment, [], f"experiment '{experiment}' has no finished student runs yet; train some with "
                       "`kdhar distill` or `kdhar experiment run experiments/cpu.yaml`, then run the report again.\n")

@@ -150,21 +150,32 @@ def test_the_detection_table_pairs_each_method_with_scratch_by_seed_and_gkd_with
     runs += [run("det-kd-logit", s, v + 0.03, "c3d") for s, v in enumerate(scratch)]
     runs += [run("det-gkd", s, v + 0.05 + 0.01 * s, "c3d") for s, v in enumerate(scratch)]
     runs.append(run("det-supervised", 0, 0.99) | {"status": "FAILED"})
-    rows = detection_rows(runs, margin=0.05)
-    assert [r.method for r in rows] == ["det-supervised", "det-attention", "det-kd-logit", "det-gkd"]
-    scratch_row, attention, kd, gkd = rows
+    # The teacher the students name gets a row; a teacher no student names does not.
+    teacher = {"run_id": "t" * 32, "tags": {"task": "detection", "role": "teacher", "arch": "c3d", "seed": "0"},
+               "metrics": {"final_test_map_avg": 0.4, "final_test_gkd_map_avg": 0.5}}
+    other = teacher | {"run_id": "u" * 32}
+    rows = detection_rows(runs, margin=0.05, teachers=[teacher, other])
+    assert [r.method for r in rows] == ["det-teacher", "det-supervised", "det-attention", "det-kd-logit", "det-gkd"]
+    teacher_row, scratch_row, attention, kd, gkd = rows
+    assert teacher_row.label == "teacher c3d (tttttttt)" and not teacher_row.tests
+    assert teacher_row.stat("final_test_map_avg")[0::2] == (0.4, 1)  # its mean over its one run
     assert scratch_row.stat("final_test_map_avg")[0] == pytest.approx(sum(scratch) / 5) and not scratch_row.tests
-    assert set(gkd.tests) == {"det-supervised", "det-attention"} and set(kd.tests) == {"det-supervised"}
-    t = gkd.tests["det-supervised"]
+    # Each comparison on both readings: THUMOS14's toolkit (map_avg) and GKD's code (gkd_map_avg).
+    assert set(gkd.tests) == {(b, r) for b in ("det-supervised", "det-attention") for r in ("map_avg", "gkd_map_avg")}
+    assert set(kd.tests) == {("det-supervised", "map_avg"), ("det-supervised", "gkd_map_avg")}
+    t = gkd.tests[("det-supervised", "map_avg")]
     assert t.n == 5 and t.mean == pytest.approx(0.07) and t.low < 0.07 < t.high
+    assert gkd.tests[("det-supervised", "gkd_map_avg")].mean == pytest.approx(0.07)  # the fixture's gkd reading is map + 0.1
     assert t.p_perm == pytest.approx(2 / 32)  # all five differences positive: 2 of the 32 sign flips are as extreme
-    # One Holm family of 4 comparisons: the three all-positive ones have the smallest p.
-    family = [attention.tests["det-supervised"], kd.tests["det-supervised"], t, gkd.tests["det-attention"]]
-    assert sorted(x.p_holm for x in family)[0] == pytest.approx(min(1.0, 4 * 2 / 32))
+    # One Holm family of 8 comparisons (4 pairs x 2 readings): the six all-positive ones have the smallest p.
+    family = [x for r in (attention, kd, gkd) for x in r.tests.values()]
+    assert len(family) == 8
+    assert sorted(x.p_holm for x in family)[0] == pytest.approx(min(1.0, 8 * 2 / 32))
     assert all(x.verdict for x in family)
     text = format_detection(rows, 0.05)
     assert "Detection: student tiny3d on thumos14" in text and "GKD <- c3d (tttttttt)" in text
-    assert "+7.0 [" in text and "scratch + attention" in text
+    assert "+7.0 [" in text and "scratch + attention" in text and "teacher c3d (tttttttt)" in text
+    assert "gkd_map_avg" in text and "40.0" in text
 
 
 # ---------------------------------------------------------------- the command line, end to end
@@ -226,6 +237,7 @@ def test_detect_teacher_then_gkd_student_then_evaluate_through_the_cli(local_tra
         kdhar("evaluate", "--model", f"runs:/{student.info.run_id}", "--root", str(tiny_set), "--experiment", "det")
     report = build_report("det", Path(local_tracking.removeprefix("sqlite:///")).parent / "reports")
     assert "Detection: student tiny3d on thumos14" in report.text
+    assert f"teacher c3d ({teacher.info.run_id[:8]})" in report.text  # found among the experiment's teacher runs
 
 
 
