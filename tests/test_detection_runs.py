@@ -14,7 +14,7 @@ import torch
 from kdhar import config as C
 from kdhar.data import untrimmed
 from kdhar.data.splits import load_splits
-from kdhar.detection_report import detection_rows, format_detection
+from kdhar.detection_report import BASELINES, detection_rows, format_detection
 from kdhar.engine import train_step
 from kdhar.experiments import DatasetSpec, SpecError, build_run_config, load_spec, plan
 from kdhar.models.detector import build_detector
@@ -80,6 +80,10 @@ def test_the_detection_grids_plan_teacher_scratch_attention_score_kd_and_gkd_ove
         spec = load_spec(ROOT / "experiments" / f"{name}.yaml")
         cells = plan(spec)
         assert spec.task == "detection" and spec.size == size and len(spec.seeds) >= 5
+        # Enough seeds that a method whose every pair differs one way can pass Holm: the exact sign-flip
+        # p of n pairs is at least 2 / 2^n, and the report corrects over 4 comparisons x 2 readings.
+        family = 2 * sum(len(b) for b in BASELINES.values())
+        assert family == 8 and family * 2 / 2 ** len(spec.seeds) < 0.05, name
         [teacher] = [c for c in cells if c.role == "teacher"]
         assert teacher.cfg.task == "detection" and teacher.cfg.gkd.attention  # GKD needs an attention teacher
         kinds = {(c.teacher != "none", c.cfg.gkd.attention, c.cfg.gkd.method) for c in cells if c.role == "student"}
