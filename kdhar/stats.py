@@ -97,6 +97,23 @@ def sign_flip_p(diffs: Sequence[float], exact_max: int = EXACT_MAX_PAIRS, draws:
     return (1 + hits) / (1 + draws), "monte carlo"
 
 
+def smallest_sign_flip_p(pairs: int) -> float:
+    """The smallest two-sided p the exact sign-flip test can give with `pairs` pairs (every
+    difference of one sign): 2 of the 2^n sign assignments are as extreme as the observed one."""
+    return min(1.0, 2.0 / 2 ** pairs)
+
+
+def seeds_note(pairs: int, alpha: float = ALPHA) -> str | None:
+    """A warning when `pairs` paired seeds are too few for any verdict but "inconclusive" or
+    "equivalent"; None when the sign-flip test can reach `alpha` (before any correction)."""
+    p = smallest_sign_flip_p(pairs)
+    if p < alpha:
+        return None
+    least = next(n for n in range(1, 64) if smallest_sign_flip_p(n) < alpha)
+    return (f"{pairs} paired seed{'s' if pairs != 1 else ''}: the report's sign-flip test cannot go below p = {p:.3g}, "
+            f"so no row can read helps or hurts; list at least {least} seeds (more when Holm corrects over many rows)")
+
+
 def tost_p(diffs: Sequence[float], margin: float) -> float:
     """Equivalence p-value: the larger of the two one-sided paired t-tests against -margin and +margin.
 

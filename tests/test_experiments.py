@@ -900,3 +900,19 @@ def test_a_run_beats_while_it_trains_and_a_silent_claim_of_another_machine_is_ta
     finally:
         claims.stop()
         claims.release_all()
+
+
+def test_a_grid_of_too_few_seeds_says_so_before_it_trains(store):
+    from click.testing import CliRunner
+
+    from kdhar.cli import cli
+
+    few = CliRunner().invoke(cli, ["experiment", "run", str(write_spec(store, "few.yaml", seeds=[0, 1, 2])), "--dry-run"])
+    assert few.exit_code == 0, few.output
+    assert "few.yaml: 3 paired seeds: the report's sign-flip test cannot go below p = 0.25" in few.stderr
+    assert few.stdout.strip().splitlines()[-1].endswith("to train")  # a note, not a refusal
+    enough = CliRunner().invoke(cli, ["experiment", "run", str(write_spec(store, "six.yaml", seeds=list(range(6)))),
+                                      "--dry-run"])
+    assert enough.exit_code == 0 and "paired seed" not in enough.stderr
+    smoke = CliRunner().invoke(cli, ["experiment", "run", str(write_spec(store, "one.yaml", seeds=[0])), "--dry-run"])
+    assert smoke.exit_code == 0 and "paired seed" not in smoke.stderr  # one seed is a smoke run, not a comparison

@@ -18,7 +18,9 @@ from kdhar.stats import (
     holm,
     seeds_for_halfwidth,
     seeds_for_power,
+    seeds_note,
     sign_flip_p,
+    smallest_sign_flip_p,
     t_interval,
     tost_p,
 )
@@ -139,3 +141,12 @@ def test_compare_and_adjust_give_each_cell_its_verdict():
     assert adjust([gain, flat, noisy, noisy])[0].verdict != HELPS
     with pytest.raises(ValueError):
         compare([], 0.05)
+
+
+def test_too_few_seeds_are_named_before_a_grid_spends_them():
+    # With n pairs all of one sign, 2 of the 2^n sign flips are as extreme: the test's floor.
+    for n in (3, 5, 6):
+        assert smallest_sign_flip_p(n) == sign_flip_p([1.0] * n)[0] == 2 / 2 ** n
+    assert seeds_note(5) == ("5 paired seeds: the report's sign-flip test cannot go below p = 0.0625, so no row "
+                                   "can read helps or hurts; list at least 6 seeds (more when Holm corrects over many rows)")
+    assert seeds_note(1).startswith("1 paired seed: ") and seeds_note(6) is None

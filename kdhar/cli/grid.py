@@ -39,11 +39,14 @@ def experiment_run(spec, workers, experiment_name, device, executor, address, dr
     if not spec.exists():
         raise UserError(f"experiment spec {spec} does not exist (see experiments/*.yaml)")
     if dry_run:
+        _seeds_note(spec, load_spec(spec).seeds)
         _print_status(spec, text_or_none(experiment_name))
         return
     grid_executor = _ray_executor(address) if executor == "ray" else None
-    for root in _spec_roots(load_spec(spec)):
+    loaded = load_spec(spec)
+    for root in _spec_roots(loaded):
         ensure_data(root)
+    _seeds_note(spec, loaded.seeds)
     from kdhar import tracking
 
     tracking.release_project_run({"role": "grid", "spec": str(spec)}, name=f"grid-{spec.stem}",
@@ -52,6 +55,16 @@ def experiment_run(spec, workers, experiment_name, device, executor, address, dr
                         executor=grid_executor)
     done = sum(o.status == "done" for o in outcomes)
     click.echo(f"{done} trained, {len(outcomes) - done} already finished")
+
+
+def _seeds_note(spec: Path, seeds: list[int]) -> None:
+    """Says so, on stderr, when a spec pairs several seeds but too few for the report to decide
+    anything (one seed is a smoke run, not a comparison)."""
+    from kdhar import stats
+
+    note = stats.seeds_note(len(seeds)) if len(seeds) > 1 else None
+    if note:
+        click.echo(f"note: {spec}: {note}", err=True)
 
 
 def _print_status(spec: Path, experiment: str | None) -> None:
