@@ -108,6 +108,27 @@ def test_disk_filling_up_under_the_default_store_is_one_line_and_no_run_stays_ru
             assert client.get_run(run_id).info.status == "FAILED" and f"run {run_id} ended FAILED" in lines[0]
 
 
+def test_a_checkpoint_the_full_disk_refused_ends_the_run_failed_and_the_line_names_it(tmp_path, local_tracking):
+    # Which write meets the full disk first is a race in the test above: when it is the checkpoint,
+    # the line said what was lost and how to resume, but not which run ended, nor how.
+    import torch
+
+    from kdhar.checkpoint import save_checkpoint
+    from kdhar.disk import DiskFullError
+    from kdhar.tracking import RunTracker
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        path = disk / "run" / "last.pt"
+        save_checkpoint(path, {"epoch": 1})
+        fill(disk)
+        with pytest.raises(DiskFullError) as caught, RunTracker("full", run_name="r") as run:
+            save_checkpoint(path, {"epoch": 2, "w": torch.ones(1 << 16)})
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith(f"disk full at {path.parent}: checkpoint not written")
+    assert f"--resume {path}" in line and line.endswith(f"; run {run.run_id} ended FAILED")
+    assert MlflowClient(local_tracking).get_run(run.run_id).info.status == "FAILED"
+
+
 @pytest.mark.slow
 def test_disk_full_while_logging_the_model_is_one_line_and_the_run_ends_failed(tiny_ucf, tmp_path, kdhar_cli):
     # The logged model goes to a disk with no room for it (the store and the run's other files have

@@ -167,6 +167,9 @@ class RunTracker:
             # Said in one line with where and what to do, not as SQLite's or the copy's chain of tracebacks.
             raise DiskFullError(f"disk full at {full_disk_at(failure)}: run {self.run_id} ended {status}; free "
                                 "space there and run the command again") from failure
+        if isinstance(failure, DiskFullError) and f"run {self.run_id}" not in str(failure):
+            # The body's own line (a checkpoint not written, say) names what was lost; add which run ended how.
+            raise type(failure)(f"{str(failure).rstrip('.')}; run {self.run_id} ended {status}") from failure
         if flush_error is not None:
             if exc is None:
                 raise flush_error
