@@ -26,8 +26,8 @@ from kdhar import stats
 from kdhar.stats import PairedTest
 
 # Method tag -> the row's label (teacher-less rows) or its prefix before the teacher.
-METHODS = {"det-teacher": "teacher", "det-supervised": "scratch", "det-attention": "scratch + attention", "det-kd-logit": "score KD",
-           "det-gkd": "GKD"}
+METHODS = {"det-teacher": "teacher", "det-supervised": "scratch", "det-attention": "scratch + attention",
+           "det-kd-logit": "score KD", "det-gkd": "GKD"}
 ORDER = list(METHODS)
 COLUMNS = {"map_avg": "final_test_map_avg", "map@0.5": "final_test_map_0.5", "gkd_map_avg": "final_test_gkd_map_avg",
            "early": "map_early", "mid": "map_mid"}
@@ -84,22 +84,29 @@ def detection_rows(runs: Sequence[dict[str, Any]], margin: float,
         key = (tags.get("dataset", "?"), tags.get("student_arch") or tags.get("arch", "?"), tags.get("method", "?"),
                float(tags.get("fraction", "1.0")), teacher, tags.get("teacher_run_id", "") if teacher != "none" else "")
         row = grouped.setdefault(key, DetRow(*key, runs={}))
-        seed = int(float(tags.get("seed", 0)))
+        seed = _seed(tags)
         if seed not in row.runs:
             row.runs[seed] = run["metrics"]
-            row.collapsed += tags.get("collapsed", "").lower() == "true"
+            row.collapsed += _collapsed(tags)
     named = {r.teacher_run: r for r in grouped.values() if r.teacher_run}
     for t in teachers:
         if t["run_id"] in named and t["tags"].get("task") == "detection":
             student = named[t["run_id"]]
             key = (student.dataset, student.student, "det-teacher", student.fraction, t["tags"].get("arch", "?"),
                    t["run_id"])
-            grouped[key] = DetRow(*key, runs={int(float(t["tags"].get("seed", 0))): t["metrics"]},
-                                  collapsed=int(t["tags"].get("collapsed", "").lower() == "true"))
+            grouped[key] = DetRow(*key, runs={_seed(t["tags"]): t["metrics"]}, collapsed=_collapsed(t["tags"]))
     rows = sorted(grouped.values(), key=lambda r: (r.dataset, r.student, -r.fraction,
                                                    ORDER.index(r.method) if r.method in ORDER else 99, r.teacher_run))
     _compare(rows, margin)
     return rows
+
+
+def _seed(tags: dict[str, str]) -> int:
+    return int(float(tags.get("seed", 0)))
+
+
+def _collapsed(tags: dict[str, str]) -> int:
+    return int(tags.get("collapsed", "").lower() == "true")
 
 
 def _compare(rows: list[DetRow], margin: float) -> None:

@@ -971,8 +971,9 @@ def build_report(experiment: str, out_dir: Path, margin: float = DEFAULT_MARGIN)
     detectors = [r for r in students if r["tags"].get("task") == "detection"]
     students = [r for r in students if r["tags"].get("task") != "detection"]
     rows = aggregate(students, finetunes, _teacher_accuracy(experiment, students), margin)
-    det_teachers = tracking.find_runs(experiment, f"tags.role = 'teacher' and tags.task = 'detection' and {finished}") \
-        if detectors else []
+    det_teachers = []
+    if detectors:  # the teacher runs the detection table's students name, for its teacher rows
+        det_teachers = tracking.find_runs(experiment, f"tags.role = 'teacher' and tags.task = 'detection' and {finished}")
     det_rows = detection_rows(detectors, margin, det_teachers)
     if not rows and not det_rows:
         return Report(experiment, [], f"experiment '{experiment}' has no finished student runs yet; train some with "
